@@ -1,0 +1,24 @@
+# The README's two commands: `make demo` and `make test`. Both install first, with the pip of the
+# active interpreter (so an active virtualenv is respected).
+PYTHON ?= python
+PIP := $(PYTHON) -m pip
+DEMO_OUT ?= runs/demo
+
+.PHONY: install demo test test-all
+
+install:
+	$(PIP) install "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -e ".[test]"
+	# torchscale 0.3.0 pins timm==0.6.13 / fairscale==0.4.0, which clash with open_clip 3.x;
+	# it runs on timm 1.x, so install fairscale normally and torchscale without its pins.
+	$(PIP) install fairscale
+	$(PIP) install --no-deps "torchscale==0.3.0"
+
+demo: install
+	$(PYTHON) -m vlm run configs/demo/llava_shapes.yaml --out $(DEMO_OUT)
+
+test: install
+	$(PYTHON) -m pytest
+
+test-all: install
+	$(PYTHON) -m pytest -m ""

@@ -1,0 +1,478 @@
+"""Readers that turn dataset files into `Sample`s: LLaVA JSON / JSONL, COCO captions, VQAv2.
+
+Every reader validates its input and raises `DataFormatError` naming the file, the record
+(``path#index`` for JSON lists, ``path:line`` for JSONL) and the offending field. Image paths are
+joined to `image_root` (absolute paths are kept); images are not opened here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+
+from vlm.data.types import IMAGE_TOKEN, Sample, Turn
+from vlm.registry import Registry
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+CAPTION_PROMPT = "Describe the image briefly."
+VQA_PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
+KARPATHY_SPLITS = ("train", "val", "test", "restval")
+_SPEAKERS = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+READERS: Registry[Callable[..., List[Sample]]] = Registry("dataset format")
+
+
+class DataFormatError(ValueError):
+    """A dataset file is malformed; the message names the file, the record and the field."""
+
+
+def read_dataset(format: str, **kwargs: Any) -> List[Sample]:
+    """Read a dataset with the reader registered under `format` (see `READERS.names()`)."""
+    return READERS.get(format)(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _load_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(
+                f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})"
+            ) from None
+
+
+def _resolve(image: str, image_root: Optional[PathLike]) -> str:
+    if image_root is None or os.path.isabs(image):
+        return image
+    return os.path.join(os.fspath(image_root), image)
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _require(record: Any, key: str, types: Any, where: str, field: str) -> Any:
+    """Return record[key], raising a DataFormatError naming `where` and `field` if bad."""
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{where}: expected an object, got {_type_name(record)}")
+    if key not in record:
+        raise DataFormatError(f"{where}: missing field '{field}'")
+    value = record[key]
+    # bool is an int subclass, but never a valid id or text
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise DataFormatError(
+            f"{where}: field '{field}' has type {_type_name(value)}, expected "
+            + " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        )
+    return value
+
+
+def _require_list(data: Any, key: str, path: str) -> list:
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        found = sorted(data) if isinstance(data, dict) else _type_name(data)
+        raise DataFormatError(f"{path}: expected an object with a list '{key}'; found {found}")
+    return data[key]
+
+
+def _check_roles(turns: List[Turn], where: str) -> None:
+    """System turns only first; then user/assistant alternate, starting with user, ending
+    with assistant."""
+    start = 0
+    while start < len(turns) and turns[start].role == "system":
+        start += 1
+    if start == len(turns):
+        raise DataFormatError(f"{where}: field 'conversations' has no user or assistant turn")
+    for i in range(start, len(turns)):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if turns[i].role != expected:
+            raise DataFormatError(
+                f"{where}: field 'conversations[{i}].from': expected role '{expected}', got "
+                f"'{turns[i].role}' (after leading system turns, user and assistant alternate, "
+                "starting with user)"
+            )
+    if turns[-1].role != "assistant":
+        raise DataFormatError(
+            f"{where}: field 'conversations[{len(turns) - 1}]': the conversation ends with a "
+            "user turn; training conversations must end with an assistant answer"
+        )
+
+
+def _llava_sample(
+    record: Any, where: str, image_root: Optional[PathLike], default_id: str
+) -> Sample:
+    """Build a Sample from one LLaVA record ({id, image?, conversations})."""
+    conversations = _require(record, "conversations", list, where, "conversations")
+    if not conversations:
+        raise DataFormatError(f"{where}: field 'conversations' is empty")
+    turns = []
+    for i, turn in enumerate(conversations):
+        speaker = _require(turn, "from", str, where, f"conversations[{i}].from")
+        if speaker not in _SPEAKERS:
+            raise DataFormatError(
+                f"{where}: field 'conversations[{i}].from': unknown speaker '{speaker}'; "
+                f"expected one of {', '.join(_SPEAKERS)}"
+            )
+        value = _require(turn, "value", str, where, f"conversations[{i}].value")
+        turns.append(Turn(_SPEAKERS[speaker], value))
+    _check_roles(turns, where)
+
+    image = record.get("image")
+    if image is None:
+        names = []
+    elif isinstance(image, str):
+        names = [image]
+    elif isinstance(image, list) and all(isinstance(n, str) for n in image):
+        names = image
+    else:
+        raise DataFormatError(
+            f"{where}: field 'image' must be a string or a list of strings, got {_type_name(image)}"
+        )
+    images = [_resolve(n, image_root) for n in names]
+
+    markers = sum(t.content.count(IMAGE_TOKEN) for t in turns)
+    if images and markers == 0:
+        # LLaVA convention: an image record without markers shows its image(s) before the
+        # first user message.
+        first = next(i for i, t in enumerate(turns) if t.role == "user")
+        turns[first] = Turn("user", f"{IMAGE_TOKEN}\n" * len(images) + turns[first].content)
+    elif markers != len(images):
+        raise DataFormatError(
+            f"{where}: field 'conversations' has {markers} '{IMAGE_TOKEN}' marker(s) but field "
+            f"'image' names {len(images)} image(s)"
+        )
+    sample_id = record.get("id", default_id)
+    return Sample(id=str(sample_id), turns=turns, images=images, meta={"source": where})
+
+
+# --------------------------------------------------------------------------------------------
+# LLaVA JSON / JSONL
+
+
+@READERS.register("llava_json")
+def read_llava_json(path: PathLike, image_root: Optional[PathLike] = None) -> List[Sample]:
+    """Read a LLaVA conversation file: a JSON list of ``{id, image?, conversations}``.
+
+    ``image`` is a path, a list of paths, or absent (text-only). Speakers human/gpt/system (or
+    user/assistant) map to user/assistant/system. A record with image(s) but no ``<image>``
+    marker gets ``"<image>\\n"`` (one per image) prepended to its first user turn. Conversations
+    must alternate user/assistant after optional leading system turns and end with assistant.
+    """
+    path = os.fspath(path)
+    records = _load_json(path)
+    if not isinstance(records, list):
+        raise DataFormatError(f"{path}: expected a JSON list of records, got {_type_name(records)}")
+    name = os.path.basename(path)
+    return [
+        _llava_sample(rec, f"{path}#{i}", image_root, default_id=f"{name}#{i}")
+        for i, rec in enumerate(records)
+    ]
+
+
+@READERS.register("jsonl")
+def read_jsonl(path: PathLike, image_root: Optional[PathLike] = None) -> List[Sample]:
+    """Read one record per line: a LLaVA record (as in `read_llava_json`) or ``{"text": ...}``.
+
+    A ``{"text"}`` line is text-only language-modelling data: it becomes a Sample with a single
+    assistant turn holding the text, no user turn and no images (``meta["text_only"] = True``).
+    Blank lines are skipped; ``meta["source"]`` is ``"path:line"``.
+    """
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(
+                    f"{where}: invalid JSON: {e.msg} (column {e.colno})"
+                ) from None
+            if isinstance(record, dict) and "conversations" not in record and "text" in record:
+                text = _require(record, "text", str, where, "text")
+                samples.append(
+                    Sample(
+                        id=str(record.get("id", f"{name}:{lineno}")),
+                        turns=[Turn("assistant", text)],
+                        meta={"source": where, "text_only": True},
+                    )
+                )
+            elif isinstance(record, dict) and "conversations" not in record:
+                raise DataFormatError(
+                    f"{where}: expected field 'conversations' (LLaVA record) or 'text' "
+                    f"(text-only record); found {sorted(record)}"
+                )
+            else:
+                samples.append(_llava_sample(record, where, image_root, f"{name}:{lineno}"))
+    return samples
+
+
+# --------------------------------------------------------------------------------------------
+# COCO captions (official and Karpathy)
+
+
+def _coco_images(data: dict, path: str) -> List[tuple]:
+    """(image_id, file, [(caption_id, caption, source)], source) from an official COCO file."""
+    images, by_id = [], {}
+    for i, img in enumerate(data["images"]):
+        where = f"{path}#{i}"
+        image_id = _require(img, "id", (int, str), where, f"images[{i}].id")
+        file_name = _require(img, "file_name", str, where, f"images[{i}].file_name")
+        if image_id in by_id:
+            raise DataFormatError(f"{where}: field 'images[{i}].id': duplicate image id {image_id}")
+        by_id[image_id] = (image_id, file_name, [], where)
+        images.append(by_id[image_id])
+    for j, ann in enumerate(data["annotations"]):
+        where = f"{path}#{j}"
+        image_id = _require(ann, "image_id", (int, str), where, f"annotations[{j}].image_id")
+        caption = _require(ann, "caption", str, where, f"annotations[{j}].caption")
+        if image_id not in by_id:
+            raise DataFormatError(
+                f"{where}: field 'annotations[{j}].image_id': image id {image_id} is not in 'images'"
+            )
+        by_id[image_id][2].append((ann.get("id", j), caption.strip(), where))
+    return images
+
+
+def _karpathy_images(data: dict, path: str, split: Optional[Iterable[str]]) -> List[tuple]:
+    """(image_id, file, [(caption_id, caption, source)], source) from a Karpathy split file."""
+    images = []
+    for i, img in enumerate(data["images"]):
+        where = f"{path}#{i}"
+        if split is not None:
+            img_split = _require(img, "split", str, where, f"images[{i}].split")
+            if img_split not in split:
+                continue
+        file_name = _require(img, "filename", str, where, f"images[{i}].filename")
+        folder = img.get("filepath") or ""
+        key = "cocoid" if "cocoid" in img else "imgid"
+        image_id = _require(img, key, (int, str), where, f"images[{i}].{key} (or cocoid)")
+        captions = []
+        for k, sentence in enumerate(
+            _require(img, "sentences", list, where, f"images[{i}].sentences")
+        ):
+            raw = _require(sentence, "raw", str, where, f"images[{i}].sentences[{k}].raw")
+            captions.append((sentence.get("sentid", f"{image_id}_{k}"), raw.strip(), where))
+        images.append((image_id, os.path.join(folder, file_name), captions, where))
+    return images
+
+
+@READERS.register("coco_captions")
+def read_coco_captions(
+    path: PathLike,
+    image_root: Optional[PathLike] = None,
+    *,
+    prompt: str = CAPTION_PROMPT,
+    per: str = "caption",
+    split: Union[str, Iterable[str], None] = None,
+) -> List[Sample]:
+    """Read captions from an official COCO ``captions_*.json`` or a Karpathy ``dataset_*.json``.
+
+    The format is detected from the keys (official: ``images`` + ``annotations``; Karpathy:
+    ``images`` whose records have ``sentences``). `split` (a name or several of train / val /
+    test / restval) filters Karpathy images; it is an error for the official format.
+    ``per="caption"``: one sample per caption, ``[user: "<image>\\n"+prompt, assistant: caption]``.
+    ``per="image"``: one sample per image answered with its first caption, all captions in
+    ``meta["references"]`` (an image without captions gives a user-only, inference sample).
+    ``meta["image_id"]`` is the COCO id (Karpathy: ``cocoid``, else ``imgid``). Samples follow
+    the order of the images.
+    """
+    path = os.fspath(path)
+    if per not in ("caption", "image"):
+        raise ValueError(f"per must be 'caption' or 'image', got {per!r}")
+    if isinstance(split, str):
+        split = (split,)
+    if split is not None:
+        split = tuple(split)
+        unknown = [s for s in split if s not in KARPATHY_SPLITS]
+        if unknown:
+            raise ValueError(f"unknown Karpathy split(s) {unknown}; expected {KARPATHY_SPLITS}")
+
+    data = _load_json(path)
+    keys = sorted(data) if isinstance(data, dict) else _type_name(data)
+    has_images = isinstance(data, dict) and isinstance(data.get("images"), list)
+    if has_images and isinstance(data.get("annotations"), list):
+        if split is not None:
+            raise ValueError(
+                f"{path}: split={list(split)} was given but this is an official COCO captions "
+                "file, which has no splits (read the captions file of the split you want)"
+            )
+        images = _coco_images(data, path)
+    elif has_images and all(isinstance(i, dict) and "sentences" in i for i in data["images"]):
+        images = _karpathy_images(data, path, split)
+    else:
+        raise DataFormatError(
+            f"{path}: neither an official COCO captions file ('images' and 'annotations' lists) "
+            f"nor a Karpathy split file ('images' with 'sentences'); found keys {keys}"
+        )
+
+    user = f"{IMAGE_TOKEN}\n{prompt}"
+    samples = []
+    for image_id, file_name, captions, where in images:
+        image = _resolve(file_name, image_root)
+        if per == "image":
+            turns = [Turn("user", user)] + [Turn("assistant", c) for _, c, _ in captions[:1]]
+            meta = {
+                "source": where,
+                "image_id": image_id,
+                "references": [c for _, c, _ in captions],
+            }
+            samples.append(Sample(id=str(image_id), turns=turns, images=[image], meta=meta))
+            continue
+        for caption_id, caption, source in captions:
+            samples.append(
+                Sample(
+                    id=str(caption_id),
+                    turns=[Turn("user", user), Turn("assistant", caption)],
+                    images=[image],
+                    meta={"source": source, "image_id": image_id, "caption_id": caption_id},
+                )
+            )
+    return samples
+
+
+# --------------------------------------------------------------------------------------------
+# VQAv2
+
+
+def _pattern_fields(pattern: str) -> set:
+    return {
+        name.split(".")[0].split("[")[0]
+        for _, name, _, _ in string.Formatter().parse(pattern)
+        if name is not None
+    }
+
+
+@READERS.register("vqav2")
+def read_vqav2(
+    questions_path: PathLike,
+    annotations_path: Optional[PathLike] = None,
+    image_root: Optional[PathLike] = None,
+    *,
+    image_pattern: str = "COCO_{subset}_{image_id:012d}.jpg",
+    prompt_suffix: str = VQA_PROMPT_SUFFIX,
+) -> List[Sample]:
+    """Read VQAv2 questions (and optionally their annotations): one sample per question.
+
+    The image file is ``image_pattern`` formatted with ``subset`` (the questions file's
+    ``data_subtype``), ``image_id`` and ``question_id``, joined to `image_root`. The user turn is
+    ``"<image>\\n" + question + prompt_suffix``. With annotations, the assistant turn is the
+    ``multiple_choice_answer`` and ``meta`` holds ``answers`` (the 10 annotator strings),
+    ``answer_type`` and ``question_type``; without them the sample has only the user turn (an
+    inference-only sample) and no answer fields. ``meta`` always has ``question_id``,
+    ``image_id`` and ``question``. Every question must have exactly one annotation and vice versa.
+    """
+    qpath = os.fspath(questions_path)
+    qdata = _load_json(qpath)
+    questions = _require_list(qdata, "questions", qpath)
+    subset = qdata.get("data_subtype")
+    fields = _pattern_fields(image_pattern)
+    unknown = fields - {"subset", "image_id", "question_id"}
+    if unknown:
+        raise ValueError(
+            f"image_pattern {image_pattern!r} uses unknown field(s) {sorted(unknown)}; "
+            "available: subset, image_id, question_id"
+        )
+    if "subset" in fields and not isinstance(subset, str):
+        raise DataFormatError(
+            f"{qpath}: image_pattern {image_pattern!r} needs {{subset}} but the file has no "
+            "'data_subtype' string"
+        )
+
+    parsed, index = [], {}
+    for i, q in enumerate(questions):
+        where = f"{qpath}#{i}"
+        qid = _require(q, "question_id", (int, str), where, f"questions[{i}].question_id")
+        image_id = _require(q, "image_id", (int, str), where, f"questions[{i}].image_id")
+        text = _require(q, "question", str, where, f"questions[{i}].question")
+        if qid in index:
+            raise DataFormatError(
+                f"{where}: field 'questions[{i}].question_id': duplicate question_id {qid}"
+            )
+        index[qid] = i
+        parsed.append((qid, image_id, text, where))
+
+    annotations: Optional[Dict[Any, dict]] = None
+    if annotations_path is not None:
+        apath = os.fspath(annotations_path)
+        annotations = {}
+        for j, ann in enumerate(_require_list(_load_json(apath), "annotations", apath)):
+            where = f"{apath}#{j}"
+            qid = _require(ann, "question_id", (int, str), where, f"annotations[{j}].question_id")
+            if qid not in index:
+                raise DataFormatError(
+                    f"{where}: question_id {qid} of {apath} is not among the questions of {qpath}"
+                )
+            if qid in annotations:
+                raise DataFormatError(f"{where}: duplicate annotation for question_id {qid}")
+            image_id = _require(ann, "image_id", (int, str), where, f"annotations[{j}].image_id")
+            if image_id != parsed[index[qid]][1]:
+                raise DataFormatError(
+                    f"{where}: field 'annotations[{j}].image_id' is {image_id} but question_id "
+                    f"{qid} in {qpath} refers to image {parsed[index[qid]][1]}"
+                )
+            answers = []
+            for k, a in enumerate(
+                _require(ann, "answers", list, where, f"annotations[{j}].answers")
+            ):
+                answers.append(
+                    _require(a, "answer", str, where, f"annotations[{j}].answers[{k}].answer")
+                )
+            annotations[qid] = {
+                "answer": _require(
+                    ann,
+                    "multiple_choice_answer",
+                    str,
+                    where,
+                    f"annotations[{j}].multiple_choice_answer",
+                ),
+                "answers": answers,
+                "answer_type": _require(
+                    ann, "answer_type", str, where, f"annotations[{j}].answer_type"
+                ),
+                "question_type": ann.get("question_type"),
+            }
+        missing = [qid for qid, _, _, _ in parsed if qid not in annotations]
+        if missing:
+            raise DataFormatError(
+                f"{qpath}#{index[missing[0]]}: question_id {missing[0]} of {qpath} has no "
+                f"annotation in {apath} ({len(missing)} question(s) unannotated)"
+            )
+
+    samples = []
+    for qid, image_id, text, where in parsed:
+        image = image_pattern.format(subset=subset, image_id=image_id, question_id=qid)
+        turns = [Turn("user", f"{IMAGE_TOKEN}\n{text}{prompt_suffix}")]
+        meta: Dict[str, Any] = {
+            "source": where,
+            "question_id": qid,
+            "image_id": image_id,
+            "question": text,
+        }
+        if annotations is not None:
+            ann = annotations[qid]
+            turns.append(Turn("assistant", ann["answer"]))
+            meta.update(
+                answers=ann["answers"],
+                answer_type=ann["answer_type"],
+                question_type=ann["question_type"],
+            )
+        samples.append(
+            Sample(id=str(qid), turns=turns, images=[_resolve(image, image_root)], meta=meta)
+        )
+    return samples

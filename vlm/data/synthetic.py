@@ -1,0 +1,352 @@
+"""The synthetic "shapes" dataset: one coloured shape per image, with captions, VQA and chat data.
+
+Small enough to generate in seconds and learnable by tiny models trained from scratch on CPU,
+yet not trivial: four independent attributes (colour, shape, size, position), jittered
+geometry, a slightly noisy background, and captions phrased several ways.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from vlm.data.formats import CAPTION_PROMPT, VQA_PROMPT_SUFFIX
+from vlm.data.types import IMAGE_TOKEN
+
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (40, 170, 50),
+    "blue": (40, 70, 220),
+    "yellow": (240, 210, 20),
+    "purple": (140, 50, 190),
+    "orange": (250, 135, 20),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
+BACKGROUNDS = ((245, 245, 245), (228, 228, 228), (242, 236, 222), (224, 232, 240))
+SPLITS = ("train", "test")
+IMAGE_PATTERN = "{image_id:012d}.png"
+
+# Shape centre (fraction of the image side) and radius (fraction of the side) before jitter.
+_CENTERS = {
+    "top left": (0.28, 0.28),
+    "top right": (0.72, 0.28),
+    "bottom left": (0.28, 0.72),
+    "bottom right": (0.72, 0.72),
+    "center": (0.5, 0.5),
+}
+_RADII = {"small": 0.09, "large": 0.19}
+_POSITION_JITTER = 0.05  # max centre offset, fraction of the side
+_SIZE_JITTER = 0.1  # radius scaled by 1 +- this
+_NOISE = 4  # background/shape pixel noise, +- this per channel
+
+_SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
+_CORNER_PHRASES = ("in the {p} corner", "at the {p}", "in the {p} of the image")
+_CENTER_PHRASES = ("in the center", "in the middle", "in the center of the image")
+_TEMPLATES = (
+    "a {size} {color} {shape} {loc}",
+    "there is a {size} {color} {shape} {loc}",
+    "{loc} there is a {size} {color} {shape}",
+    "the image shows a {size} {color} {shape} {loc}",
+    "a {size} {shape} colored {color} {loc}",
+    "a {size} {color} {shape} on a plain background {loc}",
+)
+QUESTION_KINDS = ("color", "shape", "size", "position", "is_color", "is_shape")
+_QUESTIONS_PER_IMAGE = 3
+
+
+def _choice(rng: np.random.Generator, options) -> Any:
+    return options[int(rng.integers(len(options)))]
+
+
+def _sample_attributes(rng: np.random.Generator) -> Dict[str, Any]:
+    """Attributes of one image, each drawn independently, plus its jittered geometry."""
+    a = {
+        "color": _choice(rng, list(COLORS)),
+        "shape": _choice(rng, SHAPES),
+        "size": _choice(rng, SIZES),
+        "position": _choice(rng, POSITIONS),
+        "background": int(rng.integers(len(BACKGROUNDS))),
+    }
+    cx, cy = _CENTERS[a["position"]]
+    dx, dy = rng.uniform(-_POSITION_JITTER, _POSITION_JITTER, size=2)
+    a["center"] = [round(cx + dx, 4), round(cy + dy, 4)]
+    a["radius"] = round(_RADII[a["size"]] * rng.uniform(1 - _SIZE_JITTER, 1 + _SIZE_JITTER), 4)
+    return a
+
+
+def draw_shape(
+    attributes: Dict[str, Any], image_size: int, rng: np.random.Generator
+) -> Image.Image:
+    """Render one image from `attributes` (as stored in ``attributes_{split}.json``)."""
+    s = image_size
+    image = Image.new("RGB", (s, s), BACKGROUNDS[attributes["background"]])
+    draw = ImageDraw.Draw(image)
+    cx, cy = attributes["center"][0] * s, attributes["center"][1] * s
+    r = attributes["radius"] * s
+    fill = COLORS[attributes["color"]]
+    shape = attributes["shape"]
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        h = 0.85 * r  # a square as wide as the circle looks bigger; shrink to similar area
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape == "triangle":
+        # equilateral, pointing up, inscribed in the circle of radius r
+        draw.polygon(
+            [(cx, cy - r), (cx - 0.866 * r, cy + 0.5 * r), (cx + 0.866 * r, cy + 0.5 * r)],
+            fill=fill,
+        )
+    elif shape == "cross":
+        # PIL rectangles include both edges (+1 px), which would make small crosses blobby
+        w = 0.3 * r - 0.5
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    else:
+        raise ValueError(f"unknown shape '{shape}'")
+    pixels = np.asarray(image, dtype=np.int16)
+    pixels = pixels + rng.integers(-_NOISE, _NOISE + 1, size=pixels.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _captions(a: Dict[str, Any], n: int, rng: np.random.Generator) -> List[str]:
+    """`n` captions, each naming size, colour, shape and position, from distinct templates
+    while there are enough of them."""
+    order = list(rng.permutation(len(_TEMPLATES)))
+    while len(order) < n:
+        order += list(rng.permutation(len(_TEMPLATES)))
+    phrases = _CENTER_PHRASES if a["position"] == "center" else _CORNER_PHRASES
+    captions = []
+    for t in order[:n]:
+        loc = _choice(rng, phrases).format(p=a["position"])
+        size = _choice(rng, _SIZE_WORDS[a["size"]])
+        captions.append(
+            _TEMPLATES[t].format(size=size, color=a["color"], shape=a["shape"], loc=loc).strip()
+        )
+    return captions
+
+
+def _question(kind: str, a: Dict[str, Any], rng: np.random.Generator) -> Dict[str, Any]:
+    """One question of `kind` about `a`: text, answer, answer type, question type and the
+    plausible wrong answers (used for annotator noise)."""
+    if kind in ("is_color", "is_shape"):
+        key, values = ("color", list(COLORS)) if kind == "is_color" else ("shape", list(SHAPES))
+        yes = bool(rng.random() < 0.5)
+        asked = a[key] if yes else _choice(rng, [v for v in values if v != a[key]])
+        text = (
+            f"is the shape {asked}?" if kind == "is_color" else f"is there a {asked} in the image?"
+        )
+        qtype = "is the" if kind == "is_color" else "is there a"
+        answer = "yes" if yes else "no"
+        return dict(
+            question=text,
+            answer=answer,
+            answer_type="yes/no",
+            question_type=qtype,
+            wrong=["no" if yes else "yes"],
+        )
+    text, qtype, values = {
+        "color": ("what color is the shape?", "what color is the", list(COLORS)),
+        "shape": ("what shape is in the image?", "what shape is", list(SHAPES)),
+        "size": ("is the shape large or small?", "is the", list(SIZES)),
+        "position": ("where is the shape?", "where is the", list(POSITIONS)),
+    }[kind]
+    answer = a[kind]
+    return dict(
+        question=text,
+        answer=answer,
+        answer_type="other",
+        question_type=qtype,
+        wrong=[v for v in values if v != answer],
+    )
+
+
+def _annotator_answers(answer: str, wrong: List[str], rng: np.random.Generator) -> List[dict]:
+    """10 VQA answers: mostly `answer`, 0-2 spelling variants that normalise to it ("Red",
+    "red."), and rarely one wrong answer, so `answer` always scores 100% (>= 3 matches)."""
+    answers = [answer] * 10
+    n_variants = int(rng.integers(0, 3))
+    slots = rng.choice(10, size=n_variants + 1, replace=False)
+    for slot in slots[:n_variants]:
+        answers[slot] = _choice(rng, (answer.capitalize(), answer + "."))
+    confidence = ["yes"] * 10
+    if rng.random() < 0.15:
+        answers[slots[-1]] = _choice(rng, wrong)
+        confidence[slots[-1]] = "maybe"
+    return [
+        {"answer": ans, "answer_confidence": conf, "answer_id": i + 1}
+        for i, (ans, conf) in enumerate(zip(answers, confidence))
+    ]
+
+
+def _conversation(a: Dict[str, Any], captions: List[str], rng: np.random.Generator) -> List[dict]:
+    """A LLaVA conversation of 2-4 rounds: one "describe" round and distinct question kinds,
+    in random order. Short-answer questions carry the VQA prompt suffix (as in LLaVA-1.5)."""
+    n_rounds = int(rng.integers(2, 5))
+    kinds = ["caption"] + [str(k) for k in rng.choice(QUESTION_KINDS, n_rounds - 1, replace=False)]
+    kinds = [kinds[i] for i in rng.permutation(len(kinds))]
+    turns = []
+    for kind in kinds:
+        if kind == "caption":
+            prompt, answer = CAPTION_PROMPT, _choice(rng, captions)
+        else:
+            q = _question(kind, a, rng)
+            prompt, answer = q["question"] + VQA_PROMPT_SUFFIX, q["answer"]
+        turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+    turns[0]["value"] = f"{IMAGE_TOKEN}\n" + turns[0]["value"]
+    return turns
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj))  # dumps uses the C encoder; dump would stream in Python
+
+
+def _generate_split(
+    out_dir: str,
+    split: str,
+    first_id: int,
+    n: int,
+    image_size: int,
+    rng: np.random.Generator,
+    captions_per_image: int,
+    progress: bool,
+) -> Dict[str, str]:
+    image_root = os.path.join(out_dir, "images", split)
+    os.makedirs(image_root, exist_ok=True)
+    subtype = f"shapes_{split}"
+    images, captions, attributes, conversations = [], [], [], []
+    questions, answers, texts = [], [], []
+    for image_id in tqdm(
+        range(first_id, first_id + n), desc=f"shapes {split}", disable=not progress
+    ):
+        a = _sample_attributes(rng)
+        file_name = IMAGE_PATTERN.format(image_id=image_id)
+        draw_shape(a, image_size, rng).save(os.path.join(image_root, file_name), compress_level=1)
+        attributes.append({"image_id": image_id, "file_name": file_name, **a})
+        images.append(
+            {"id": image_id, "file_name": file_name, "width": image_size, "height": image_size}
+        )
+
+        caps = _captions(a, captions_per_image, rng)
+        for caption in caps:
+            captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": caption})
+            texts.append({"text": caption})
+
+        for k, kind in enumerate(rng.choice(QUESTION_KINDS, _QUESTIONS_PER_IMAGE, replace=False)):
+            q = _question(str(kind), a, rng)
+            qid = image_id * 1000 + k  # the VQAv2 convention
+            questions.append({"image_id": image_id, "question": q["question"], "question_id": qid})
+            answers.append(
+                {
+                    "question_id": qid,
+                    "image_id": image_id,
+                    "question_type": q["question_type"],
+                    "answer_type": q["answer_type"],
+                    "multiple_choice_answer": q["answer"],
+                    "answers": _annotator_answers(q["answer"], q["wrong"], rng),
+                }
+            )
+            texts.append({"text": f"{q['question']} {q['answer']}"})
+
+        conversations.append(
+            {"id": str(image_id), "image": file_name, "conversations": _conversation(a, caps, rng)}
+        )
+
+    info = {"description": f"synthetic shapes dataset ({split} split)", "version": "1.0"}
+    paths = {
+        "image_root": image_root,
+        "captions": os.path.join(out_dir, f"captions_{split}.json"),
+        "questions": os.path.join(out_dir, f"questions_{split}.json"),
+        "annotations": os.path.join(out_dir, f"annotations_{split}.json"),
+        "conversations": os.path.join(out_dir, f"conversations_{split}.json"),
+        "text": os.path.join(out_dir, f"text_{split}.jsonl"),
+        "attributes": os.path.join(out_dir, f"attributes_{split}.json"),
+        "image_pattern": IMAGE_PATTERN,
+    }
+    _write_json(
+        paths["captions"],
+        {
+            "info": info,
+            "licenses": [],
+            "type": "captions",
+            "images": images,
+            "annotations": captions,
+        },
+    )
+    common = {
+        "info": info,
+        "license": {"name": "synthetic"},
+        "data_type": "shapes",
+        "data_subtype": subtype,
+    }
+    _write_json(paths["questions"], {**common, "task_type": "Open-Ended", "questions": questions})
+    _write_json(paths["annotations"], {**common, "annotations": answers})
+    _write_json(paths["conversations"], conversations)
+    _write_json(paths["attributes"], attributes)
+    with open(paths["text"], "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(t) + "\n" for t in texts)
+    return paths
+
+
+def generate_shapes(
+    out_dir: str,
+    *,
+    num_train: int = 2000,
+    num_test: int = 200,
+    image_size: int = 64,
+    seed: int = 0,
+    captions_per_image: int = 5,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Write the shapes dataset under `out_dir` and return the paths written.
+
+    Layout, for each split in (train, test)::
+
+        images/{split}/{image_id:012d}.png   image ids 1..num_train (train), then test's
+        captions_{split}.json       official COCO captions format (file_name relative to
+                                    images/{split})
+        questions_{split}.json      official VQAv2 questions (data_subtype "shapes_{split}")
+        annotations_{split}.json    official VQAv2 annotations, 10 answers per question
+        conversations_{split}.json  LLaVA conversations (image relative to images/{split})
+        text_{split}.jsonl          text-only {"text": ...} lines (captions, "question answer")
+        attributes_{split}.json     ground-truth attributes and geometry of every image
+
+    Read them back with::
+
+        read_coco_captions(p["train"]["captions"], p["train"]["image_root"])
+        read_vqav2(p["test"]["questions"], p["test"]["annotations"], p["test"]["image_root"],
+                   image_pattern=p["image_pattern"])          # "{image_id:012d}.png"
+        read_llava_json(p["train"]["conversations"], p["train"]["image_root"])
+        read_jsonl(p["train"]["text"])
+
+    Returns ``{"out_dir", "image_pattern", "train": {...}, "test": {...}}`` where each split
+    maps image_root, captions, questions, annotations, conversations, text, attributes and
+    image_pattern to paths. The same seed gives identical files; the test split draws from a
+    different random stream than train.
+    """
+    if num_train < 0 or num_test < 0:
+        raise ValueError("num_train and num_test must be >= 0")
+    if image_size < 32:
+        raise ValueError(
+            f"image_size must be >= 32 for the shapes to stay recognisable, got {image_size}"
+        )
+    if captions_per_image < 1:
+        raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    result: Dict[str, Any] = {"out_dir": out_dir, "image_pattern": IMAGE_PATTERN}
+    first_id = 1
+    for split_index, (split, n) in enumerate(zip(SPLITS, (num_train, num_test))):
+        rng = np.random.default_rng([seed, split_index])
+        result[split] = _generate_split(
+            out_dir, split, first_id, n, image_size, rng, captions_per_image, progress
+        )
+        first_id += n
+    return result

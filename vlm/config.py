@@ -1,0 +1,360 @@
+"""Structured configs: OmegaConf dataclasses, YAML loading, dotted overrides and validation.
+
+A run config (a *recipe*) is a tree of the dataclasses below. Loading merges the YAML and the
+command-line overrides into the schema, so an unknown key or a wrong type fails before any model
+is built, with the full dotted key and the closest valid name. Component-specific ``options``
+(free-form in the schema) are checked against the component's own options dataclass by
+:func:`validate` once the registries are populated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from vlm.registry import closest
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and, where possible, a fix."""
+
+
+class Train(str, enum.Enum):
+    """How a component is trained in a stage."""
+
+    frozen = "frozen"
+    lora = "lora"
+    full = "full"
+
+
+class Precision(str, enum.Enum):
+    """Numeric precision of a training stage (autocast for bf16 / fp16)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class VisionConfig:
+    """A vision encoder: registry name, weights (local path or hub id) or inline architecture."""
+
+    name: str = "hf_clip"
+    pretrained: Optional[str] = None
+    arch: Dict[str, Any] = field(default_factory=dict)
+    feature_layer: int = -2
+    keep_cls: bool = False
+    preprocess: str = "resize_center_crop"
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ConnectorConfig:
+    """A connector from vision features to LLM-width visual tokens."""
+
+    name: str = "mlp2x_gelu"
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LLMConfig:
+    """An HF causal LM: a local path / hub id, or an inline config (``arch.model_type`` + fields)."""
+
+    name_or_path: Optional[str] = None
+    arch: Dict[str, Any] = field(default_factory=dict)
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+    attn_implementation: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """The whole vision-language model and its default chat template."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    image_token: str = "<image>"
+    template: str = "vicuna_v1"
+    system_prompt: Optional[str] = None
+
+
+@dataclass
+class LoraConfig:
+    """PEFT LoRA settings; ``target_modules`` None means every linear layer except lm_head."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Optional[List[str]] = None
+
+
+@dataclass
+class DataConfig:
+    """One dataset: a reader name from ``vlm.data.formats.READERS`` and that reader's arguments."""
+
+    format: str = "llava_json"
+    args: Dict[str, Any] = field(default_factory=dict)
+    max_samples: Optional[int] = None
+
+
+@dataclass
+class TrainModes:
+    """What trains in a stage, per component."""
+
+    vision: Train = Train.frozen
+    connector: Train = Train.full
+    llm: Train = Train.frozen
+
+
+@dataclass
+class LearningRates:
+    """Per-component learning rates; None falls back to the stage's ``learning_rate``."""
+
+    vision: Optional[float] = None
+    connector: Optional[float] = None
+    llm: Optional[float] = None
+
+
+@dataclass
+class StageConfig:
+    """One training stage: what trains, on which data, with which schedule."""
+
+    train: TrainModes = field(default_factory=TrainModes)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    learning_rate: float = 1e-3
+    lr: LearningRates = field(default_factory=LearningRates)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    epochs: float = 1.0
+    max_steps: Optional[int] = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    precision: Precision = Precision.fp32
+    seed: int = 42
+    data: List[DataConfig] = field(default_factory=list)
+    template: Optional[str] = None
+    max_length: int = 512
+    init_from: Optional[str] = None
+    save_every: Optional[int] = None
+    log_every: int = 10
+    num_workers: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation: ``caption`` (COCO captions file) or ``vqa`` (VQAv2 questions/annotations)."""
+
+    task: str = "caption"
+    data: DataConfig = field(default_factory=DataConfig)
+    template: Optional[str] = None
+    prompt: Optional[str] = None
+    max_new_tokens: int = 24
+    num_beams: int = 1
+    batch_size: int = 16
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class ShapesDataConfig:
+    """Synthetic shapes data written by the ``prepare`` step."""
+
+    out: str = "data/shapes"
+    num_train: int = 2000
+    num_test: int = 200
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """A tokenizer trained from scratch on text files (for demos without hub access)."""
+
+    out: str = "tokenizer"
+    files: List[str] = field(default_factory=list)
+    vocab_size: int = 512
+    min_frequency: int = 1
+
+
+@dataclass
+class PrepareConfig:
+    """Steps a recipe runs before its stages; each is skipped when left unset."""
+
+    shapes: Optional[ShapesDataConfig] = None
+    tokenizer: Optional[TokenizerTrainConfig] = None
+
+
+@dataclass
+class RunConfig:
+    """A recipe: preparation, a model, ordered stages and evaluations, all under ``out_dir``."""
+
+    out_dir: str = "runs/default"
+    seed: int = 0
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: Dict[str, StageConfig] = field(default_factory=dict)
+    evals: Dict[str, EvalConfig] = field(default_factory=dict)
+
+
+def _schema_fields(node_type) -> list[str]:
+    return [f.name for f in dataclasses.fields(node_type)] if dataclasses.is_dataclass(node_type) else []
+
+
+def _unwrap(tp) -> tuple[Any, bool]:
+    """(inner type, whether `tp` was a container) for Optional / List / Dict annotations."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    origin = typing.get_origin(tp)
+    if origin in (list, dict):
+        return args[-1], True
+    if origin is typing.Union and len(args) == 1:
+        return _unwrap(args[0])
+    return tp, False
+
+
+def _dataclass_at(path: str):
+    """The dataclass that holds the last key of a dotted `path` (for suggestions)."""
+    node: Any = RunConfig
+    skip_next = False
+    for part in [p for p in path.split(".") if p][:-1]:
+        if skip_next:  # a dict key or list index
+            skip_next = False
+            continue
+        if not dataclasses.is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None
+        node, skip_next = _unwrap(hints[part])
+    return node if dataclasses.is_dataclass(node) else None
+
+
+def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).splitlines()[0]
+    hint = ""
+    if isinstance(exc, ConfigKeyError) and key:
+        holder = _dataclass_at(key)
+        if holder is not None:
+            hint = closest(key.split(".")[-1], _schema_fields(holder))
+    return ConfigError(f"{origin}: invalid config key '{key}': {msg}{hint}")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), **defaults) -> DictConfig:
+    """Load a recipe YAML (or none), apply dotted ``key=value`` overrides, validate the schema.
+
+    ``defaults`` are set before the file (``out_dir=...`` from the command line, for instance).
+    """
+    schema = OmegaConf.structured(RunConfig)
+    origin = str(path) if path else "<defaults>"
+    try:
+        if defaults:
+            schema = OmegaConf.merge(schema, OmegaConf.create(defaults))
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            schema = OmegaConf.merge(schema, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' must look like key=value")
+        if overrides:
+            origin = f"{origin} with overrides {list(overrides)}"
+            schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(overrides)))
+        if defaults:  # command-line values win over the file
+            schema = OmegaConf.merge(schema, OmegaConf.create(defaults))
+    except (ConfigKeyError, ValidationError, OmegaConfBaseException) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise _explain(exc, origin) from None
+    validate(schema)
+    return schema
+
+
+def _check_options(options: Dict[str, Any], options_type, where: str) -> None:
+    if options_type is None:
+        if options:
+            raise ConfigError(f"{where}: this component takes no options, got {sorted(options)}")
+        return
+    try:
+        OmegaConf.merge(OmegaConf.structured(options_type), OmegaConf.create(dict(options)))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "key", None) or getattr(exc, "full_key", "") or ""
+        hint = closest(str(key), _schema_fields(options_type)) if isinstance(exc, ConfigKeyError) else ""
+        raise ConfigError(f"{where}.{key}: {str(exc).splitlines()[0]}{hint}") from None
+
+
+def _check_kwargs(args: Dict[str, Any], fn, where: str) -> None:
+    params = inspect.signature(fn).parameters
+    for key in args:
+        if key not in params:
+            raise ConfigError(f"{where}.{key}: not an argument of {fn.__name__}{closest(key, params)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check registry names, component options and reader arguments, without building anything."""
+    from vlm.data.formats import READERS
+    from vlm.data.templates import TEMPLATES
+    from vlm.modeling.connectors import CONNECTORS
+    from vlm.modeling.vision import VISION_ENCODERS
+
+    def lookup(registry, name, where):
+        try:
+            return registry.get(name)
+        except KeyError as exc:
+            raise ConfigError(f"{where}: {exc.args[0]}") from None
+
+    model = cfg.model
+    encoder_cls = lookup(VISION_ENCODERS, model.vision.name, "model.vision.name")
+    _check_options(model.vision.options, encoder_cls.Options, "model.vision.options")
+    encoder_cls.check_arch(dict(model.vision.arch), "model.vision.arch")
+    connector_cls = lookup(CONNECTORS, model.connector.name, "model.connector.name")
+    _check_options(model.connector.options, connector_cls.Options, "model.connector.options")
+    if model.template != "tokenizer":
+        lookup(TEMPLATES, model.template, "model.template")
+    if model.llm.name_or_path is None and "model_type" not in model.llm.arch:
+        raise ConfigError("model.llm: give name_or_path, or arch with a model_type")
+
+    def check_data(data, where):
+        reader = lookup(READERS, data.format, f"{where}.format")
+        _check_kwargs(data.args, reader, f"{where}.args")
+
+    for name, stage in cfg.stages.items():
+        where = f"stages.{name}"
+        if stage.template is not None and stage.template != "tokenizer":
+            lookup(TEMPLATES, stage.template, f"{where}.template")
+        if not stage.data:
+            raise ConfigError(f"{where}.data: a stage needs at least one dataset")
+        for i, data in enumerate(stage.data):
+            check_data(data, f"{where}.data.{i}")
+        if any(getattr(stage.train, c) == Train.lora for c in ("vision", "connector")):
+            raise ConfigError(f"{where}.train: LoRA is supported for the llm only")
+    for name, ev in cfg.evals.items():
+        where = f"evals.{name}"
+        expected = {"caption": "coco_captions", "vqa": "vqav2"}
+        if ev.task not in expected:
+            raise ConfigError(f"{where}.task: unknown task '{ev.task}'{closest(ev.task, expected)}")
+        if ev.data.format != expected[ev.task]:
+            raise ConfigError(f"{where}.data.format: task '{ev.task}' reads '{expected[ev.task]}' data")
+        check_data(ev.data, f"{where}.data")
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """A plain resolved dict of `cfg` (enums as their names), for saving beside a run."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(to_container(cfg))))

@@ -1,0 +1,68 @@
+"""A map-style dataset of pre-tokenised conversations whose images load lazily.
+
+Tokenising everything up front validates the data before training starts and finds the
+samples that cannot be trained on: those whose labels are all masked and those whose image
+placeholders do not fit in ``max_length``. Both are left out, counted and reported, never
+silently trained on. An image that fails to load at training time is logged with its path and
+the sample is dropped from its batch (and counted) instead of killing the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Dict, List, Optional, Sequence
+
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from vlm.data.processor import IGNORE_INDEX, ImageLoadError, VLMProcessor
+from vlm.data.types import Sample
+
+logger = logging.getLogger(__name__)
+
+
+class ConversationDataset(Dataset):
+    """Samples tokenised by a processor; ``stats`` counts what was left out and why."""
+
+    def __init__(self, samples: Sequence[Sample], processor: VLMProcessor, name: str = "data", progress: bool = True):
+        self.processor = processor
+        self.name = name
+        self.stats: Counter = Counter()
+        self.left_out: Dict[str, List[str]] = {}
+        self.entries: List[tuple] = []
+        for sample in tqdm(samples, desc=f"tokenizing {name}", disable=not progress, leave=False):
+            ids, labels = processor.tokenize(sample.turns)
+            reason = None
+            if len(ids) > processor.max_length:
+                if processor.image_token_id in ids[processor.max_length:]:
+                    reason = "too_long"
+                else:
+                    ids, labels = ids[: processor.max_length], labels[: processor.max_length]
+                    self.stats["truncated"] += 1
+            if reason is None and all(label == IGNORE_INDEX for label in labels):
+                reason = "fully_masked"
+            if reason:
+                self.stats[reason] += 1
+                self.left_out.setdefault(reason, []).append(sample.meta.get("source", sample.id))
+                continue
+            self.entries.append((sample, ids, labels))
+        self.stats["kept"] = len(self.entries)
+        for reason, sources in self.left_out.items():
+            logger.warning(
+                "%s: %d sample(s) left out (%s), e.g. %s", name, len(sources), reason, ", ".join(sources[:3])
+            )
+        self.image_failures = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> Optional[Dict]:
+        sample, ids, labels = self.entries[index]
+        try:
+            pixels = [self.processor.load_image(path) for path in sample.images]
+        except ImageLoadError as exc:
+            self.image_failures += 1
+            logger.warning("%s: skipping sample %s: %s", self.name, sample.meta.get("source", sample.id), exc)
+            return None
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixels}

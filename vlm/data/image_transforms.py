@@ -1,0 +1,85 @@
+"""Image preprocessing strategies shared by every vision encoder.
+
+Each strategy turns a PIL image of any mode (L, RGBA, P, ...) into a normalised
+``(3, size, size)`` float tensor:
+
+- ``resize``: bicubic resize to a square, aspect ratio not kept (BEiT3-style);
+- ``pad``: pad to a square with the mean colour, then resize (LLaVA's "pad");
+- ``resize_center_crop``: resize the short side, then center crop (CLIP's default).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from vlm.registry import Registry
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ImageTransform = Callable[[Image.Image], torch.Tensor]
+PREPROCESSING: Registry = Registry("preprocessing strategy")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparent pixels become white, as on a page."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    return TF.normalize(TF.to_tensor(image), list(mean), list(std))
+
+
+@PREPROCESSING.register("resize")
+def resize(size: int, mean: Sequence[float], std: Sequence[float]) -> ImageTransform:
+    """Bicubic resize to ``size x size`` (aspect ratio not kept)."""
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        image = TF.resize(to_rgb(image), [size, size], InterpolationMode.BICUBIC, antialias=True)
+        return _normalize(image, mean, std)
+
+    return transform
+
+
+@PREPROCESSING.register("pad")
+def pad_to_square(size: int, mean: Sequence[float], std: Sequence[float]) -> ImageTransform:
+    """Pad to a square with the normalisation mean colour (so padding becomes zeros), then resize."""
+    fill = tuple(int(round(m * 255)) for m in mean)
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        image = to_rgb(image)
+        w, h = image.size
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), fill)
+        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+        canvas = TF.resize(canvas, [size, size], InterpolationMode.BICUBIC, antialias=True)
+        return _normalize(canvas, mean, std)
+
+    return transform
+
+
+@PREPROCESSING.register("resize_center_crop")
+def resize_center_crop(size: int, mean: Sequence[float], std: Sequence[float]) -> ImageTransform:
+    """Resize the short side to ``size`` (bicubic), then center crop ``size x size``."""
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        image = TF.resize(to_rgb(image), size, InterpolationMode.BICUBIC, antialias=True)
+        return _normalize(TF.center_crop(image, [size, size]), mean, std)
+
+    return transform
+
+
+def build_transform(strategy: str, size: int, mean: Sequence[float], std: Sequence[float]) -> ImageTransform:
+    """The transform for a registered strategy name."""
+    return PREPROCESSING.get(strategy)(size, mean, std)

@@ -1,0 +1,123 @@
+"""Turn Samples into model inputs: template -> segments -> token ids, labels and pixels.
+
+Each ``<image>`` in the text becomes K copies of the image placeholder id, K being what the
+model's connector produces per image. Labels are -100 everywhere but on the template's trainable
+segments, so they follow turn boundaries exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from PIL import Image
+
+from vlm.data.image_transforms import ImageTransform
+from vlm.data.templates import ChatTemplate
+from vlm.data.types import IMAGE_TOKEN, Sample, Turn
+
+IGNORE_INDEX = -100
+
+
+class ImageLoadError(OSError):
+    """An image that cannot be opened or decoded; the message names the file."""
+
+
+class VLMProcessor:
+    """Tokenises conversations with a chat template and loads and transforms their images."""
+
+    def __init__(
+        self,
+        tokenizer,
+        template: ChatTemplate,
+        image_transform: ImageTransform,
+        num_image_tokens: int,
+        image_token: str = IMAGE_TOKEN,
+        max_length: int = 2048,
+    ):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_transform = image_transform
+        self.num_image_tokens = num_image_tokens
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.max_length = max_length
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no '{image_token}' token; add it (vlm.modeling.llm.load_tokenizer)")
+
+    def _encode_text(self, text: str) -> List[int]:
+        ids: List[int] = []
+        for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+            if i:
+                ids.extend([self.image_token_id] * self.num_image_tokens)
+            if piece:
+                ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
+        return ids
+
+    def tokenize(self, turns: Sequence[Turn], add_generation_prompt: bool = False) -> Tuple[List[int], List[int]]:
+        """``(input_ids, labels)`` for a conversation, labels -100 outside trained segments."""
+        input_ids: List[int] = []
+        labels: List[int] = []
+        bos = self.tokenizer.bos_token_id
+        if self.template.add_bos and bos is not None:
+            input_ids.append(bos)
+            labels.append(IGNORE_INDEX)
+        for segment in self.template.segments(turns, add_generation_prompt=add_generation_prompt):
+            ids = self._encode_text(segment.text)
+            input_ids.extend(ids)
+            if segment.trainable:
+                labels.extend(IGNORE_INDEX if t == self.image_token_id else t for t in ids)
+            else:
+                labels.extend([IGNORE_INDEX] * len(ids))
+        return input_ids, labels
+
+    @staticmethod
+    def prompt_turns(turns: Sequence[Turn]) -> List[Turn]:
+        """The turns up to the last user turn: what a model is asked to answer."""
+        turns = list(turns)
+        while turns and turns[-1].role == "assistant":
+            turns.pop()
+        if not turns or turns[-1].role != "user":
+            raise ValueError("a generation prompt needs a user turn")
+        return turns
+
+    def load_image(self, path: str) -> torch.Tensor:
+        """Open and transform one image; ImageLoadError names the file on any failure."""
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return self.image_transform(image)
+        except Exception as exc:  # PIL raises many types for corrupt files
+            raise ImageLoadError(f"cannot load image {path}: {exc}") from exc
+
+    def encode(self, sample: Sample, for_generation: bool = False) -> Dict:
+        """Token ids, labels and pixel tensors for one sample (images loaded here)."""
+        turns = self.prompt_turns(sample.turns) if for_generation else sample.turns
+        input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation)
+        pixels = [self.load_image(p) for p in sample.images]
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels}
+
+    def collate(self, items: Sequence[Optional[Dict]], padding_side: str = "right") -> Dict[str, torch.Tensor]:
+        """Pad a list of encoded samples into a batch; ``None`` items (failed samples) are dropped."""
+        items = [it for it in items if it is not None]
+        return pad_batch(items, self.tokenizer.pad_token_id, padding_side)
+
+
+def pad_batch(items: Sequence[Dict], pad_id: int, padding_side: str = "right") -> Dict[str, torch.Tensor]:
+    """Stack encoded samples: pad ids with ``pad_id``, labels with -100, images concatenated."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got '{padding_side}'")
+    longest = max((len(it["input_ids"]) for it in items), default=0)
+    ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), longest), dtype=torch.long)
+    for row, it in enumerate(items):
+        n = len(it["input_ids"])
+        span = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
+        ids[row, span] = torch.tensor(it["input_ids"], dtype=torch.long)
+        labels[row, span] = torch.tensor(it["labels"], dtype=torch.long)
+        mask[row, span] = 1
+    images = [p for it in items for p in it["pixel_values"]]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch["pixel_values"] = torch.stack(images) if images else None
+    return batch

@@ -1,0 +1,192 @@
+"""Chat templates: a conversation -> text segments, each marked trainable or not.
+
+Labels are built from these segments turn by turn, never by re-tokenising the whole prompt and
+counting. Templates:
+
+- ``plain``: LLaVA's alignment format. A user turn contributes only its ``<image>`` markers (its
+  text is dropped); an assistant turn is trained together with a trailing newline.
+- ``vicuna_v1``: ``SYSTEM USER: q ASSISTANT: a</s>USER: ...`` (LLaVA-1.5).
+- ``chatml``: ``<|im_start|>role\\n...<|im_end|>\\n`` (Qwen and others).
+- ``tokenizer``: the tokenizer's own ``chat_template`` (Jinja), split by rendering prefixes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+from vlm.data.types import IMAGE_TOKEN, Turn
+from vlm.registry import Registry
+
+TEMPLATES: Registry = Registry("chat template")
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of rendered text; ``trainable`` pieces get labels, the rest get -100."""
+
+    text: str
+    trainable: bool
+
+
+class TemplateError(ValueError):
+    """A conversation the template cannot render."""
+
+
+class ChatTemplate(ABC):
+    """Renders conversations into segments and knows how generation should start and stop."""
+
+    add_bos: bool = True
+
+    def __init__(self, tokenizer, system_prompt: Optional[str] = None):
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+
+    @abstractmethod
+    def segments(self, turns: Sequence[Turn], add_generation_prompt: bool = False) -> List[Segment]:
+        """Segments for ``turns``; with ``add_generation_prompt`` they end where the answer starts."""
+
+    def stop_strings(self) -> List[str]:
+        """Strings that end an assistant answer (besides the tokenizer's eos token)."""
+        return []
+
+    @staticmethod
+    def split_system(turns: Sequence[Turn]):
+        """(system text or None, the other turns), checking alternation user/assistant."""
+        system = None
+        rest = list(turns)
+        if rest and rest[0].role == "system":
+            system, rest = rest[0].content, rest[1:]
+        for i, turn in enumerate(rest):
+            if turn.role == "system":
+                raise TemplateError("a system turn may only come first")
+        return system, rest
+
+
+@TEMPLATES.register("plain")
+class PlainTemplate(ChatTemplate):
+    """LLaVA's ``plain`` alignment format: image markers, then the trained answer and a newline."""
+
+    def segments(self, turns, add_generation_prompt=False):
+        _, turns = self.split_system(turns)
+        out: List[Segment] = []
+        for turn in turns:
+            if turn.role == "user":
+                out.append(Segment(IMAGE_TOKEN * turn.content.count(IMAGE_TOKEN), False))
+            else:
+                out.append(Segment(turn.content + "\n", True))
+        return [s for s in out if s.text]
+
+    def stop_strings(self):
+        return ["\n"]
+
+
+@TEMPLATES.register("vicuna_v1")
+class VicunaTemplate(ChatTemplate):
+    """``SYSTEM USER: q ASSISTANT: a</s>`` as in LLaVA-1.5's ``conv_vicuna_v1``."""
+
+    def segments(self, turns, add_generation_prompt=False):
+        system, turns = self.split_system(turns)
+        eos = self.tokenizer.eos_token
+        text = (system or self.system_prompt or VICUNA_SYSTEM) + " "
+        out: List[Segment] = []
+        for turn in turns:
+            if turn.role == "user":
+                text += f"USER: {turn.content} ASSISTANT:"
+            else:
+                out.append(Segment(text, False))
+                out.append(Segment(f" {turn.content}{eos}", True))
+                text = ""
+        if text:
+            out.append(Segment(text, False))
+        return out
+
+
+@TEMPLATES.register("chatml")
+class ChatMLTemplate(ChatTemplate):
+    """``<|im_start|>role\\ncontent<|im_end|>\\n``; the answer and its ``<|im_end|>`` are trained."""
+
+    add_bos = False
+
+    def segments(self, turns, add_generation_prompt=False):
+        system, turns = self.split_system(turns)
+        system = system or self.system_prompt
+        text = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        out: List[Segment] = []
+        for turn in turns:
+            if turn.role == "user":
+                text += f"<|im_start|>user\n{turn.content}<|im_end|>\n<|im_start|>assistant\n"
+            else:
+                out.append(Segment(text, False))
+                out.append(Segment(f"{turn.content}<|im_end|>", True))
+                text = "\n"
+        if add_generation_prompt and text == "\n":
+            text = ""
+        if text:
+            out.append(Segment(text, False))
+        return out
+
+    def stop_strings(self):
+        return ["<|im_end|>"]
+
+
+@TEMPLATES.register("tokenizer")
+class TokenizerChatTemplate(ChatTemplate):
+    """The tokenizer's own Jinja ``chat_template``, split into turns by rendering prefixes.
+
+    The assistant span of turn i is the text between the rendering of turns[:i] with the
+    generation prompt and the rendering of turns[:i+1]; a template whose renderings are not
+    prefixes of each other is refused with a clear error.
+    """
+
+    add_bos = False  # chat templates write their own bos
+
+    def __init__(self, tokenizer, system_prompt=None):
+        super().__init__(tokenizer, system_prompt)
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError("template 'tokenizer': this tokenizer has no chat_template")
+
+    def _render(self, turns, add_generation_prompt):
+        messages = [{"role": t.role, "content": t.content} for t in turns]
+        if not turns:
+            return ""
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def segments(self, turns, add_generation_prompt=False):
+        turns = list(turns)
+        if self.system_prompt and (not turns or turns[0].role != "system"):
+            turns = [Turn("system", self.system_prompt)] + turns
+        out: List[Segment] = []
+        done = ""
+        for i, turn in enumerate(turns):
+            if turn.role != "assistant":
+                continue
+            prompt = self._render(turns[:i], add_generation_prompt=True)
+            full = self._render(turns[: i + 1], add_generation_prompt=False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise TemplateError(
+                    "template 'tokenizer': the chat_template's renderings of successive turns are "
+                    "not prefixes of each other, so labels cannot be split by turn"
+                )
+            out.append(Segment(prompt[len(done):], False))
+            out.append(Segment(full[len(prompt):], True))
+            done = full
+        final = self._render(turns, add_generation_prompt=add_generation_prompt)
+        if not final.startswith(done):
+            raise TemplateError("template 'tokenizer': final rendering does not extend the turns")
+        if final[len(done):]:
+            out.append(Segment(final[len(done):], False))
+        return [s for s in out if s.text]
+
+
+def build_template(name: str, tokenizer, system_prompt: Optional[str] = None) -> ChatTemplate:
+    """The template registered as ``name``, bound to ``tokenizer``."""
+    return TEMPLATES.get(name)(tokenizer, system_prompt)

@@ -1,0 +1,1 @@
+"""Model components: vision encoders, connectors, the LLM wrapper and the full VLM."""

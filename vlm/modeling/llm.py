@@ -1,0 +1,81 @@
+"""The language model: any transformers causal LM and its tokenizer, frozen, LoRA or full."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+
+from vlm.config import ConfigError, LLMConfig, LoraConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``'bfloat16'`` -> ``torch.bfloat16``; a clear error for unknown names."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"model.llm.dtype: unknown dtype '{name}'; use one of {sorted(DTYPES)}") from None
+
+
+def load_tokenizer(cfg: LLMConfig, image_token: str) -> PreTrainedTokenizerBase:
+    """Load the tokenizer (``cfg.tokenizer``, else ``cfg.name_or_path``) and add the image token.
+
+    A tokenizer without a pad token pads with its unk (else eos) token, as LLaVA does.
+    """
+    source = cfg.tokenizer or cfg.name_or_path
+    if source is None:
+        raise ConfigError("model.llm.tokenizer: an inline LLM needs a tokenizer path")
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Load the causal LM from ``name_or_path`` or build it from ``arch``.
+
+    An inline ``arch`` without ``vocab_size`` takes the tokenizer's size, and its special token
+    ids from the tokenizer. The embeddings grow to fit the tokenizer when it is larger.
+    """
+    dtype = torch_dtype(cfg.dtype)
+    if cfg.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    else:
+        arch = dict(cfg.arch)
+        model_type = arch.pop("model_type")
+        arch.setdefault("vocab_size", len(tokenizer))
+        for name in ("pad", "bos", "eos"):
+            token_id = getattr(tokenizer, f"{name}_token_id")
+            if token_id is not None:
+                arch.setdefault(f"{name}_token_id", token_id)
+        try:
+            config = AutoConfig.for_model(model_type, **arch)
+        except ValueError as exc:
+            raise ConfigError(f"model.llm.arch.model_type: {exc}") from None
+        if cfg.attn_implementation:
+            config._attn_implementation = cfg.attn_implementation
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return model
+
+
+def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters; by default on every linear layer except lm_head."""
+    target = list(cfg.target_modules) if cfg.target_modules else "all-linear"
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)

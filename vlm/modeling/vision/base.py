@@ -1,0 +1,75 @@
+"""The VisionEncoder interface every image backbone implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from vlm.config import ConfigError, VisionConfig
+from vlm.data.image_transforms import CLIP_MEAN, CLIP_STD, ImageTransform, build_transform
+
+
+class VisionEncoder(nn.Module, ABC):
+    """Images ``(B, 3, S, S)`` -> patch features ``(B, N, D)`` from one chosen layer.
+
+    Subclasses set ``embed_dim``, ``image_size``, ``num_patches`` (tokens returned, after the
+    CLS policy) and may declare an ``Options`` dataclass for their own config options.
+    """
+
+    Options: ClassVar[Optional[type]] = None
+    mean: Sequence[float] = CLIP_MEAN
+    std: Sequence[float] = CLIP_STD
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_dim: int = 0
+        self.image_size: int = 0
+        self.num_patches: int = 0
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: VisionConfig) -> "VisionEncoder":
+        """Load weights from ``cfg.pretrained`` (path or hub id), else build from ``cfg.arch``."""
+
+    @classmethod
+    def check_arch(cls, arch: Dict[str, Any], where: str) -> None:
+        """Raise ConfigError when ``arch`` has a key the backbone's config does not know."""
+        known = cls.arch_keys()
+        if known is None:
+            return
+        from vlm.registry import closest
+
+        for key in arch:
+            if key not in known:
+                raise ConfigError(f"{where}.{key}: unknown architecture field{closest(key, known)}")
+
+    @classmethod
+    def arch_keys(cls) -> Optional[set]:
+        """Names accepted in ``arch``; None when the backbone validates them itself."""
+        return None
+
+    @abstractmethod
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch features ``(B, num_patches, embed_dim)``."""
+
+    def image_transform(self, strategy: Optional[str] = None) -> ImageTransform:
+        """PIL image -> normalised tensor, by ``strategy`` (default: the config's ``preprocess``)."""
+        return build_transform(strategy or self.cfg.preprocess, self.image_size, self.mean, self.std)
+
+
+def layer_count(feature_layer: int, num_layers: int) -> int:
+    """How many transformer blocks produce hidden state ``feature_layer``.
+
+    Hidden states are indexed as in transformers: 0 is the embedding output, ``i`` the output
+    of block ``i``, negative values count from the end (``-1`` = last block).
+    """
+    index = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+    if not 0 <= index <= num_layers:
+        raise ConfigError(
+            f"model.vision.feature_layer={feature_layer} is out of range for {num_layers} layers"
+        )
+    return index

@@ -1,0 +1,116 @@
+"""VisionLanguageModel: vision encoder -> connector -> visual tokens scattered into a causal LM.
+
+The image-token contract is transformers' Llava one: the processor expands every ``<image>``
+into K copies of one placeholder id (K = ``connector.num_tokens(vision.num_patches)``) and the
+model replaces those positions' embeddings with the visual tokens, in order. The sequence
+length never changes inside the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from vlm.config import ModelConfig
+
+
+class ImageTokenMismatch(ValueError):
+    """The number of image placeholders and of visual tokens differ."""
+
+
+@dataclass
+class VLMOutput:
+    """What a forward pass returns: loss (when labels are given), logits, visual tokens."""
+
+    loss: Optional[torch.Tensor]
+    logits: torch.Tensor
+    vision_hidden_states: Optional[torch.Tensor] = None
+    past_key_values: Any = None
+
+
+class VisionLanguageModel(nn.Module):
+    """A vision encoder, a connector and an HF causal LM joined by image placeholder tokens."""
+
+    def __init__(self, vision: nn.Module, connector: nn.Module, llm: nn.Module, image_token_id: int):
+        super().__init__()
+        self.vision = vision
+        self.connector = connector
+        self.llm = llm
+        self.image_token_id = image_token_id
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, tokenizer) -> "VisionLanguageModel":
+        """Build every component from a model config; the tokenizer must hold the image token."""
+        from vlm.modeling.connectors import build_connector
+        from vlm.modeling.llm import build_llm
+        from vlm.modeling.vision import build_vision_encoder
+
+        vision = build_vision_encoder(cfg.vision)
+        llm = build_llm(cfg.llm, tokenizer)
+        connector = build_connector(cfg.connector, vision.embed_dim, llm.config.get_text_config().hidden_size)
+        return cls(vision, connector, llm, tokenizer.convert_tokens_to_ids(cfg.image_token))
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholders per image (K)."""
+        return self.connector.num_tokens(self.vision.num_patches)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images ``(n, 3, S, S)`` -> visual tokens ``(n, K, H_llm)``."""
+        return self.connector(self.vision(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None):
+        """Token embeddings with visual tokens scattered into the placeholder positions.
+
+        Returns ``(inputs_embeds, visual_tokens or None)``.
+        """
+        embeddings = self.llm.get_input_embeddings()
+        placeholders = input_ids == self.image_token_id
+        inputs_embeds = embeddings(input_ids)
+        n_placeholders = int(placeholders.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if n_placeholders:
+                raise ImageTokenMismatch(f"input has {n_placeholders} image placeholder tokens but no images")
+            return inputs_embeds, None
+        visual = self.encode_images(pixel_values)
+        if n_placeholders != visual.shape[0] * visual.shape[1]:
+            raise ImageTokenMismatch(
+                f"input has {n_placeholders} image placeholder tokens but {visual.shape[0]} image(s) "
+                f"give {visual.shape[0]} x {visual.shape[1]} = {visual.shape[0] * visual.shape[1]} "
+                "visual tokens; expand each <image> with the processor of this model"
+            )
+        mask = placeholders.unsqueeze(-1).expand_as(inputs_embeds)
+        inputs_embeds = inputs_embeds.masked_scatter(mask, visual.to(inputs_embeds.dtype))
+        return inputs_embeds, visual
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        **llm_kwargs,
+    ) -> VLMOutput:
+        """Logits for every position, and the shifted next-token loss when ``labels`` are given
+        (positions labelled -100 are ignored)."""
+        inputs_embeds, visual = self.embed(input_ids, pixel_values)
+        out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+        return VLMOutput(out.loss, out.logits, visual, getattr(out, "past_key_values", None))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        **generation_kwargs,
+    ) -> torch.Tensor:
+        """New token ids only, ``(B, T_new)``, by transformers' generation (greedy, beam search or
+        sampling, KV cache on by default). Batches must be left-padded."""
+        if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate() needs left padding: the last position is padding in some rows")
+        inputs_embeds, _ = self.embed(input_ids, pixel_values)
+        return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generation_kwargs)

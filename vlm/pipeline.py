@@ -1,0 +1,92 @@
+"""Glue between configs and components: build or load a model, its processor, and run a stage."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer, set_seed
+
+from vlm.config import ModelConfig, save_config
+from vlm.data.dataset import ConversationDataset
+from vlm.data.formats import read_dataset
+from vlm.data.processor import VLMProcessor
+from vlm.data.templates import build_template
+from vlm.data.types import Sample
+from vlm.modeling.llm import load_tokenizer
+from vlm.modeling.vlm import VisionLanguageModel
+from vlm.training import checkpoint as ckpt
+from vlm.training.stages import apply_stage
+from vlm.training.trainer import Trainer, make_accelerator
+
+logger = logging.getLogger(__name__)
+
+
+def load_stage_tokenizer(model_cfg, init_from: Optional[str]):
+    """The tokenizer saved with ``init_from`` when given, else the one the model config names."""
+    if init_from:
+        return AutoTokenizer.from_pretrained(str(Path(init_from) / "tokenizer"))
+    return load_tokenizer(model_cfg.llm, model_cfg.image_token)
+
+
+def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: Optional[str] = None,
+                    max_length: int = 2048) -> VLMProcessor:
+    """A processor matching ``model``: its image transform and its number of image tokens."""
+    return VLMProcessor(
+        tokenizer,
+        build_template(template or model_cfg.template, tokenizer, model_cfg.system_prompt),
+        model.vision.image_transform(),
+        model.num_image_tokens,
+        image_token=model_cfg.image_token,
+        max_length=max_length,
+    )
+
+
+def load_pretrained(folder: str | Path) -> Tuple[VisionLanguageModel, object, DictConfig]:
+    """Rebuild a trained model from a stage output folder: ``(model, tokenizer, model_cfg)``."""
+    folder = Path(folder)
+    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(folder / "model.yaml"))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    model = VisionLanguageModel.from_config(model_cfg, tokenizer)
+    ckpt.load_model_state(model, folder)
+    return model.eval(), tokenizer, model_cfg
+
+
+def read_samples(data_cfgs) -> List[Sample]:
+    """Read and concatenate every dataset of a stage (``max_samples`` applied per dataset)."""
+    samples: List[Sample] = []
+    for data in data_cfgs:
+        part = read_dataset(data.format, **dict(data.args))
+        samples.extend(part[: data.max_samples] if data.max_samples else part)
+    return samples
+
+
+def run_stage(cfg: DictConfig, name: str, resume: bool = False) -> Path:
+    """Train stage ``name`` of a run config; returns its ``final`` folder."""
+    stage = cfg.stages[name]
+    out_dir = Path(cfg.out_dir) / name
+    accelerator = make_accelerator(stage.precision)
+    if accelerator.is_main_process:
+        save_config(cfg, out_dir / "config.yaml")
+    set_seed(stage.seed)
+    tokenizer = load_stage_tokenizer(cfg.model, stage.init_from)
+    model = VisionLanguageModel.from_config(cfg.model, tokenizer)
+    prior = None
+    if stage.init_from:
+        ckpt.load_model_state(model, stage.init_from)
+        prior = ckpt.read_manifest(stage.init_from)
+    apply_stage(model, stage)
+    processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length)
+    dataset = ConversationDataset(read_samples(stage.data), processor, name=name,
+                                  progress=accelerator.is_main_process)
+
+    def save_state(trained_model, folder):
+        ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior)
+
+    trainer = Trainer(model, dataset, processor.collate, stage, out_dir, save_state, accelerator, name)
+    final = trainer.train(resume=resume)
+    if dataset.image_failures:
+        logger.warning("stage %s: %d sample(s) skipped for unreadable images", name, dataset.image_failures)
+    return final

@@ -1,0 +1,1 @@
+"""Stages, checkpoints and the accelerate-based trainer."""

@@ -1,0 +1,78 @@
+"""Apply a stage: set what trains per component, add LoRA, build optimizer parameter groups."""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List
+
+from vlm.config import StageConfig, Train
+from vlm.modeling.llm import add_lora
+from vlm.modeling.vlm import VisionLanguageModel
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("vision", "connector", "llm")
+
+
+def train_mode(stage: StageConfig, component: str) -> Train:
+    """The stage's mode for a component, as a ``Train`` member."""
+    return Train(getattr(stage.train, component))
+
+
+def apply_stage(model: VisionLanguageModel, stage: StageConfig) -> Dict[str, int]:
+    """Freeze / unfreeze / LoRA-wrap each component as the stage says.
+
+    Returns (and logs) the trainable parameter count per component.
+    """
+    for component in COMPONENTS:
+        mode = train_mode(stage, component)
+        module = getattr(model, component)
+        if mode is Train.lora:
+            module.requires_grad_(False)
+            setattr(model, component, add_lora(module, stage.lora))  # adapters are trainable
+        else:
+            module.requires_grad_(mode is Train.full)
+    counts = trainable_counts(model)
+    logger.info(
+        "trainable parameters: %s",
+        ", ".join(f"{c}={counts[c]:,} ({train_mode(stage, c).value})" for c in COMPONENTS),
+    )
+    return counts
+
+
+def trainable_counts(model: VisionLanguageModel) -> Dict[str, int]:
+    """Number of trainable parameters per component."""
+    return {
+        c: sum(p.numel() for p in getattr(model, c).parameters() if p.requires_grad) for c in COMPONENTS
+    }
+
+
+def trainable_names(model: VisionLanguageModel) -> Dict[str, List[str]]:
+    """Names of trainable parameters per component (relative to the component)."""
+    return {
+        c: [n for n, p in getattr(model, c).named_parameters() if p.requires_grad] for c in COMPONENTS
+    }
+
+
+def set_train_modes(model: VisionLanguageModel, stage: StageConfig) -> None:
+    """``train()`` for components that train, ``eval()`` for frozen ones (no dropout there)."""
+    for component in COMPONENTS:
+        getattr(model, component).train(train_mode(stage, component) is not Train.frozen)
+
+
+def parameter_groups(model: VisionLanguageModel, stage: StageConfig) -> List[dict]:
+    """AdamW groups per component: its own learning rate; no weight decay on biases and norms."""
+    groups = []
+    for component in COMPONENTS:
+        lr = getattr(stage.lr, component)
+        lr = stage.learning_rate if lr is None else lr
+        decay, no_decay = [], []
+        for name, param in getattr(model, component).named_parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        for params, wd, suffix in ((decay, stage.weight_decay, ""), (no_decay, 0.0, "_no_decay")):
+            if params:
+                groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": component + suffix})
+    if not groups:
+        raise ValueError("this stage trains nothing: every component is frozen")
+    return groups

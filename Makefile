@@ -4,7 +4,7 @@ PYTHON ?= python
 PIP := $(PYTHON) -m pip
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-all
+.PHONY: install demo test test-all reference-impls
 
 install:
 	$(PIP) install "torch==2.14.1" "torchvision==0.29.1"
@@ -17,8 +17,19 @@ install:
 demo: install
 	$(PYTHON) -m vlm run configs/demo/llava_shapes.yaml --out $(DEMO_OUT)
 
-test: install
+test: install reference-impls
 	$(PYTHON) -m pytest
 
 test-all: install
 	$(PYTHON) -m pytest -m ""
+
+# Official reference implementations (VQAEval, EvalAIAnswerProcessor) that the metric tests compare
+# against. Installed without dependencies: the tests load single files from them by path.
+REFERENCE_DIR := build/reference
+reference-impls:
+	@if [ -f $(REFERENCE_DIR)/lavis/common/vqa_tools/vqa_eval.py ] && \
+	    [ -f $(REFERENCE_DIR)/mmf/utils/m4c_evaluators.py ]; then \
+		echo "reference implementations already in $(REFERENCE_DIR)"; \
+	else \
+		$(PIP) install --no-deps --target $(REFERENCE_DIR) "salesforce-lavis==1.0.2" "mmf==1.0.0rc10"; \
+	fi

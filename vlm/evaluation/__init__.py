@@ -1,0 +1,1 @@
+"""Evaluation: official VQAv2 accuracy and COCO caption metrics."""

@@ -23,8 +23,15 @@ TEMPLATE_TEXT = [VICUNA_SYSTEM, "USER: ASSISTANT:", "system user assistant"]
 
 
 def iter_text(paths: Sequence[str | Path]) -> Iterator[str]:
-    """Text from ``.txt`` files (one line each) and ``.jsonl`` files (``text`` or conversation values)."""
+    """Text from ``.txt`` files (one line each), ``.jsonl`` files (``text`` or conversation
+    values) and LLaVA conversation ``.json`` files (every turn)."""
+    from vlm.data.formats import read_llava_json
+
     for path in map(Path, paths):
+        if path.suffix == ".json":
+            for sample in read_llava_json(path):
+                yield from (turn.content.replace("<image>", "").strip() for turn in sample.turns)
+            continue
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 line = line.strip()

@@ -1,0 +1,46 @@
+"""Chat with a trained model about one image, from the command line or Python."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from vlm.data.types import IMAGE_TOKEN, Sample, Turn
+
+
+def answer(model, processor, image: str, turns: List[Turn], max_new_tokens: int = 64,
+           temperature: float = 0.0) -> str:
+    """The model's reply to a conversation whose first user turn refers to ``image``."""
+    from vlm.evaluation.generation import generate_answers
+
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
+    sample = Sample(id="chat", turns=turns, images=[image])
+    return generate_answers(model, processor, [sample], batch_size=1, max_new_tokens=max_new_tokens,
+                            desc="chat", **sampling)[0]
+
+
+def chat(checkpoint: str, image: str, prompt: Optional[str] = None, max_new_tokens: int = 64,
+         temperature: float = 0.0, template: Optional[str] = None) -> None:
+    """Answer ``prompt`` about ``image``, or loop over questions read from stdin."""
+    from vlm.pipeline import build_processor, load_pretrained
+
+    model, tokenizer, model_cfg = load_pretrained(checkpoint)
+    processor = build_processor(model, tokenizer, model_cfg, template)
+    turns: List[Turn] = []
+    questions = [prompt] if prompt else None
+    while True:
+        if questions is not None:
+            if not questions:
+                return
+            question = questions.pop(0)
+        else:
+            try:
+                question = input("you> ").strip()
+            except EOFError:
+                return
+            if question in ("", "exit", "quit"):
+                return
+        content = f"{IMAGE_TOKEN}\n{question}" if not turns else question
+        turns.append(Turn("user", content))
+        reply = answer(model, processor, image, turns, max_new_tokens, temperature)
+        turns.append(Turn("assistant", reply))
+        print(reply if prompt else f"vlm> {reply}", flush=True)

@@ -1,0 +1,166 @@
+"""The ``vlm`` command: train, run recipes, evaluate, score, generate data, chat, list models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional
+
+from vlm.config import ConfigError
+
+
+def _load(args, out_required: bool = False):
+    from vlm.config import load_config
+
+    defaults = {"out_dir": args.out} if getattr(args, "out", None) else {}
+    if out_required and not defaults:
+        raise ConfigError("--out DIR is required")
+    return load_config(args.config, args.overrides, **defaults)
+
+
+def cmd_train(args) -> None:
+    """Train the config's stages (or one, with --stage) without running its evaluations."""
+    from vlm.pipeline import run_stage
+
+    cfg = _load(args)
+    names = [args.stage] if args.stage else list(cfg.stages)
+    for name in names:
+        if name not in cfg.stages:
+            raise ConfigError(f"--stage: no stage '{name}' in {args.config}; stages: {list(cfg.stages)}")
+        print(f"{name}: {run_stage(cfg, name, resume=args.resume)}")
+
+
+def cmd_run(args) -> None:
+    """Run a recipe end to end and write OUT/metrics.json."""
+    from vlm.recipes import run_recipe
+
+    run_recipe(_load(args, out_required=True), resume=args.resume)
+
+
+def cmd_eval(args) -> None:
+    """Run the config's evaluations on a checkpoint."""
+    from vlm.recipes import format_table, run_evals
+
+    cfg = _load(args)
+    metrics = run_evals(cfg, checkpoint=args.checkpoint)
+    print(format_table(metrics))
+    print(json.dumps(metrics))
+
+
+def cmd_score(args) -> None:
+    """Score official-format result files and print one JSON object."""
+    if args.task == "caption":
+        from vlm.evaluation.caption_metric import score_captions
+
+        scores = score_captions(args.annotations, args.results, spice=args.spice)
+    else:
+        from vlm.evaluation.vqa_metric import score_vqa
+
+        if not args.questions:
+            raise ConfigError("vlm score vqa needs --questions")
+        scores = score_vqa(args.questions, args.annotations, args.results)
+    print(json.dumps(scores))
+
+
+def cmd_data_shapes(args) -> None:
+    """Write the synthetic shapes dataset."""
+    from vlm.data.synthetic import generate_shapes
+
+    paths = generate_shapes(args.out, num_train=args.num_train, num_test=args.num_test,
+                            image_size=args.image_size, seed=args.seed)
+    print(json.dumps(paths, indent=2, default=str))
+
+
+def cmd_chat(args) -> None:
+    """Ask a trained model about an image: one prompt, or an interactive loop."""
+    from vlm.chat import chat
+
+    chat(args.checkpoint, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+         temperature=args.temperature, template=args.template)
+
+
+def cmd_models(args) -> None:
+    """List the registered vision encoders, connectors, templates and data formats."""
+    from vlm.catalog import catalog
+
+    entries = catalog()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return
+    for kind, names in entries.items():
+        print(f"{kind}: {', '.join(names)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``vlm`` command."""
+    parser = argparse.ArgumentParser(prog="vlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p, out_help="output folder (sets out_dir)"):
+        p.add_argument("config", help="YAML config")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.align.batch_size=16")
+        p.add_argument("--out", help=out_help)
+
+    p = sub.add_parser("train", help=cmd_train.__doc__)
+    with_config(p)
+    p.add_argument("--stage", help="train only this stage")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help=cmd_run.__doc__)
+    with_config(p)
+    p.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help=cmd_eval.__doc__)
+    with_config(p)
+    p.add_argument("--checkpoint", help="stage output folder to evaluate (default: the last stage's final)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", help=cmd_score.__doc__)
+    p.add_argument("task", choices=["caption", "vqa"])
+    p.add_argument("--annotations", required=True, help="COCO captions JSON, or VQAv2 annotations JSON")
+    p.add_argument("--results", required=True, help="results JSON in the official format")
+    p.add_argument("--questions", help="VQAv2 questions JSON (vqa only)")
+    p.add_argument("--spice", action="store_true", help="also compute SPICE (needs CoreNLP; not offline)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("data", help="generate datasets")
+    data_sub = p.add_subparsers(dest="dataset", required=True)
+    s = data_sub.add_parser("shapes", help=cmd_data_shapes.__doc__)
+    s.add_argument("--out", required=True)
+    s.add_argument("--num-train", type=int, default=2000)
+    s.add_argument("--num-test", type=int, default=200)
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_data_shapes)
+
+    p = sub.add_parser("chat", help=cmd_chat.__doc__)
+    p.add_argument("checkpoint", help="stage output folder (e.g. runs/demo/instruct/final)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", help="one question; without it, an interactive loop")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--template", help="chat template (default: the model's)")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("models", help=cmd_models.__doc__)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point of the ``vlm`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

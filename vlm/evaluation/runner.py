@@ -1,0 +1,50 @@
+"""Run an evaluation from its config: generate, write official result files, score them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Dict
+
+from vlm.config import EvalConfig
+from vlm.data.formats import read_dataset
+from vlm.evaluation.caption_metric import score_captions
+from vlm.evaluation.generation import generate_answers
+from vlm.evaluation.vqa_metric import score_vqa
+
+logger = logging.getLogger(__name__)
+
+
+def run_eval(model, processor, cfg: EvalConfig, out_dir: str | Path, name: str = "eval") -> Dict[str, float]:
+    """Evaluate ``model`` as ``cfg`` says; writes ``{name}_results.json`` and returns the scores.
+
+    ``caption``: results ``[{image_id, caption}]`` scored by pycocoevalcap (BLEU, METEOR,
+    ROUGE-L, CIDEr). ``vqa``: results ``[{question_id, answer}]`` scored by the official VQAv2
+    accuracy after EvalAI answer normalisation.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = dict(cfg.data.args)
+    if cfg.task == "caption":
+        args.setdefault("per", "image")
+    samples = read_dataset(cfg.data.format, **args)
+    if cfg.data.max_samples:
+        samples = samples[: cfg.data.max_samples]
+    answers = generate_answers(model, processor, samples, batch_size=cfg.batch_size,
+                               max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, desc=f"eval {name}")
+    results_path = out_dir / f"{name}_results.json"
+    if cfg.task == "caption":
+        results = [{"image_id": s.meta["image_id"], "caption": a} for s, a in zip(samples, answers)]
+        results_path.write_text(json.dumps(results, indent=1))
+        scores = score_captions(args["path"], results)
+    else:
+        results = [{"question_id": s.meta["question_id"], "answer": a} for s, a in zip(samples, answers)]
+        results_path.write_text(json.dumps(results, indent=1))
+        full = score_vqa(args["questions_path"], args["annotations_path"], results,
+                         allow_missing=bool(cfg.data.max_samples))
+        (out_dir / f"{name}_per_question.json").write_text(json.dumps(full["per_question"]))
+        scores = {"accuracy": full["overall"],
+                  **{f"accuracy_{k}": v for k, v in full["per_answer_type"].items()}}
+    logger.info("%s: %s", name, scores)
+    return scores

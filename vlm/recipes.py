@@ -1,0 +1,83 @@
+"""Run a whole recipe: preparation steps, the ordered stages, then the evaluations."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+from omegaconf import DictConfig
+
+from vlm.config import save_config
+
+logger = logging.getLogger(__name__)
+
+
+def run_prepare(cfg: DictConfig) -> None:
+    """Generate synthetic data and train a tokenizer when the recipe asks for them."""
+    from vlm.data.synthetic import generate_shapes
+    from vlm.data.tokenizer_training import train_tokenizer_from_files
+
+    shapes = cfg.prepare.shapes
+    if shapes is not None:
+        logger.info("prepare: shapes data -> %s", shapes.out)
+        generate_shapes(shapes.out, num_train=shapes.num_train, num_test=shapes.num_test,
+                        image_size=shapes.image_size, seed=shapes.seed)
+    tok = cfg.prepare.tokenizer
+    if tok is not None:
+        logger.info("prepare: tokenizer -> %s", tok.out)
+        train_tokenizer_from_files(list(tok.files), tok.out, tok.vocab_size, tok.min_frequency)
+
+
+def run_evals(cfg: DictConfig, checkpoint: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+    """Run every evaluation of ``cfg`` on ``checkpoint`` (default: each eval's own, else the
+    last stage's ``final``)."""
+    from vlm.evaluation.runner import run_eval
+    from vlm.pipeline import build_processor, load_pretrained
+
+    metrics: Dict[str, Dict[str, float]] = {}
+    loaded: Dict[str, tuple] = {}
+    for name, ev in cfg.evals.items():
+        source = checkpoint or ev.checkpoint or str(Path(cfg.out_dir) / list(cfg.stages)[-1] / "final")
+        if source not in loaded:
+            loaded[source] = load_pretrained(source)
+        model, tokenizer, model_cfg = loaded[source]
+        processor = build_processor(model, tokenizer, model_cfg, ev.template)
+        metrics[name] = run_eval(model, processor, ev, Path(cfg.out_dir) / "eval", name)
+    return metrics
+
+
+def format_table(metrics: Dict[str, Dict[str, float]]) -> str:
+    """A plain-text table of ``{eval: {metric: value}}``."""
+    rows = [(ev, k, v) for ev, scores in metrics.items() for k, v in scores.items()]
+    width = max([len(f"{e}/{k}") for e, k, _ in rows] + [6])
+    lines = [f"{'metric':<{width}}  value", "-" * (width + 12)]
+    lines += [f"{f'{e}/{k}':<{width}}  {v:10.4f}" for e, k, v in rows]
+    return "\n".join(lines)
+
+
+def run_recipe(cfg: DictConfig, resume: bool = False) -> Dict[str, Dict[str, float]]:
+    """Prepare, train every stage in order, evaluate; writes ``out_dir/metrics.json``."""
+    from vlm.pipeline import run_stage
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    timings: Dict[str, float] = {}
+    start = time.perf_counter()
+    run_prepare(cfg)
+    timings["prepare"] = time.perf_counter() - start
+    for name in cfg.stages:
+        t0 = time.perf_counter()
+        run_stage(cfg, name, resume=resume)
+        timings[f"stage/{name}"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = run_evals(cfg)
+    timings["evaluation"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - start
+    (out / "metrics.json").write_text(json.dumps({**metrics, "timings_s": timings}, indent=2))
+    print(format_table(metrics))
+    print(f"total time: {timings['total']:.1f} s  ->  {out / 'metrics.json'}")
+    return metrics

@@ -141,7 +141,8 @@ class TokenizerChatTemplate(ChatTemplate):
     """The tokenizer's own Jinja ``chat_template``, split into turns by rendering prefixes.
 
     The assistant span of turn i is the text between the rendering of turns[:i] with the
-    generation prompt and the rendering of turns[:i+1]; a template whose renderings are not
+    generation prompt and the rendering of turns[:i+1], less trailing whitespace (the separator
+    before the next turn, which stays unlabelled as in ``chatml``); a template whose renderings are not
     prefixes of each other is refused with a clear error.
     """
 
@@ -177,7 +178,11 @@ class TokenizerChatTemplate(ChatTemplate):
                     "not prefixes of each other, so labels cannot be split by turn"
                 )
             out.append(Segment(prompt[len(done):], False))
-            out.append(Segment(full[len(prompt):], True))
+            # the answer and its end token train; the separator whitespace after it does not
+            answer = full[len(prompt):]
+            body = answer.rstrip()
+            out.append(Segment(body, True))
+            out.append(Segment(answer[len(body):], False))
             done = full
         final = self._render(turns, add_generation_prompt=add_generation_prompt)
         if not final.startswith(done):

@@ -75,8 +75,11 @@ class Trainer:
         if len(dataset) == 0:
             raise ValueError(f"stage '{stage_name}': no trainable samples")
         self.sampler = EpochShuffleSampler(len(dataset), stage.seed)
+        # the loader's own generator: creating an iterator must not draw from the global torch
+        # RNG, or a resumed run (which creates one mid-epoch) shifts every dropout mask after it
         loader = DataLoader(dataset, batch_size=stage.batch_size, sampler=self.sampler,
-                            collate_fn=collate, num_workers=stage.num_workers, drop_last=False)
+                            collate_fn=collate, num_workers=stage.num_workers, drop_last=False,
+                            generator=torch.Generator().manual_seed(stage.seed))
         optimizer = torch.optim.AdamW(parameter_groups(model, stage), betas=(0.9, 0.999))
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         self.micro_per_epoch = len(self.loader)
@@ -118,7 +121,11 @@ class Trainer:
         """(epoch, batch index, batch) from a data position onwards, forever."""
         epoch, skip = start_epoch, start_batch
         while True:
+            # accelerate's loader sets the sampler's epoch from its own pass counter when iterated,
+            # which starts at 0 after a resume: set both to the data position's epoch
             self.sampler.set_epoch(epoch)
+            if hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(epoch)
             loader = skip_first_batches(self.loader, skip) if skip else self.loader
             for index, batch in enumerate(loader, start=skip):
                 yield epoch, index, batch
@@ -140,6 +147,10 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if position["step"] == 0:
                 metrics_path.unlink(missing_ok=True)
+            elif metrics_path.is_file():  # drop what a run that went past the checkpoint logged
+                lines = [line for line in metrics_path.read_text().splitlines() if line.strip()]
+                kept = [line for line in lines if json.loads(line)["step"] <= position["step"]]
+                metrics_path.write_text("".join(line + "\n" for line in kept))
         bar = tqdm(total=self.total_steps, initial=position["step"], desc=f"train {self.stage_name}",
                    disable=not self.is_main, dynamic_ncols=True)
         window: Dict[str, float] = {}

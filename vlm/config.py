@@ -270,7 +270,11 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
                 raise ConfigError(f"override '{item}' must look like key=value")
         if overrides:
             origin = f"{origin} with overrides {list(overrides)}"
-            schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(overrides)))
+            for item in overrides:
+                try:
+                    schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([item]))
+                except TypeError:  # a list index (data.0.format=...): merge cannot address list items
+                    schema.merge_with_dotlist([item])
         if defaults:  # command-line values win over the file
             schema = OmegaConf.merge(schema, OmegaConf.create(defaults))
     except (ConfigKeyError, ValidationError, OmegaConfBaseException) as exc:

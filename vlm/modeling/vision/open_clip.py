@@ -35,7 +35,8 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         keep = layer_count(cfg.feature_layer, num_layers)
         if keep == 0:
             raise ValueError("open_clip encoder: feature_layer must select a transformer block")
-        visual.prune_intermediate_layers(keep - 1, prune_norm=True, prune_head=True)
+        # a list: an int would mean "the last n blocks" to open_clip and prune nothing
+        visual.prune_intermediate_layers([keep - 1], prune_norm=True, prune_head=True)
         self.visual = visual
         self.embed_dim = visual.transformer.width
         size = visual.image_size

@@ -1,0 +1,183 @@
+"""Config loading: validation errors name the dotted key and suggest a fix, overrides and
+interpolations apply, and a saved config loads back equal."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from conftest import LLM_ARCH, VISION_ARCH
+from vlm.config import ConfigError, Train, load_config, save_config, to_container
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    """A valid recipe YAML with one stage; returns its path."""
+    recipe = {
+        "out_dir": str(tmp_path / "run"),
+        "prepare": {"shapes": {"out": "${out_dir}/data", "num_train": 8}},
+        "model": {"vision": {"name": "hf_clip", "arch": dict(VISION_ARCH)},
+                  "llm": {"tokenizer": "${out_dir}/tokenizer", "arch": dict(LLM_ARCH)}},
+        "stages": {"align": {"data": [{"format": "coco_captions",
+                                        "args": {"path": "${prepare.shapes.out}/captions_train.json",
+                                                 "image_root": "${prepare.shapes.out}/images/train"}}],
+                             "learning_rate": 1e-3}},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_valid_recipe_loads_with_schema_types(recipe):
+    cfg = load_config(recipe)
+    assert cfg.stages.align.batch_size == 8  # schema default
+    assert cfg.stages.align.train.llm == Train.frozen
+    assert cfg.model.vision.arch.hidden_size == VISION_ARCH["hidden_size"]
+
+
+def test_unknown_stage_key_names_the_dotted_key_and_suggests_the_closest(recipe):
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["stages.align.lerning_rate=0.1"])
+    message = str(info.value)
+    assert "stages.align.lerning_rate" in message
+    assert "did you mean 'learning_rate'" in message
+
+
+def test_unknown_key_in_the_yaml_file_is_reported_with_the_file(tmp_path, recipe):
+    data = yaml.safe_load(recipe.read_text())
+    data["model"]["conector"] = {"name": "mlp2x_gelu"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.conector.*did you mean 'connector'"):
+        load_config(bad)
+
+
+def test_unknown_key_fails_in_the_cli_before_any_model_is_built(recipe, monkeypatch, capsys):
+    import vlm.cli
+    import vlm.modeling.vlm
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was built before the config was validated")
+
+    monkeypatch.setattr(vlm.modeling.vlm.VisionLanguageModel, "from_config", classmethod(forbidden))
+    with pytest.raises(SystemExit) as info:
+        vlm.cli.main(["train", str(recipe), "stages.align.lerning_rate=0.1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "stages.align.lerning_rate" in err and "learning_rate" in err
+
+
+def test_wrong_type_names_the_key(recipe):
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["stages.align.batch_size=abc"])
+    assert "stages.align.batch_size" in str(info.value)
+    assert "abc" in str(info.value)
+
+
+def test_unknown_enum_value_names_the_key(recipe):
+    with pytest.raises(ConfigError, match="stages.align.train.llm"):
+        load_config(recipe, ["stages.align.train.llm=qlora"])
+
+
+def test_unknown_registry_name_suggests_the_registered_one(recipe):
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["model.vision.name=hf_clp"])
+    message = str(info.value)
+    assert message.startswith("model.vision.name")
+    assert "did you mean 'hf_clip'" in message
+
+
+def test_unknown_connector_and_template_names_are_reported(recipe):
+    with pytest.raises(ConfigError, match=r"model\.connector\.name.*did you mean 'mlp2x_gelu'"):
+        load_config(recipe, ["model.connector.name=mlp2x_gelo"])
+    with pytest.raises(ConfigError, match=r"stages\.align\.template.*did you mean 'vicuna_v1'"):
+        load_config(recipe, ["stages.align.template=vicuna"])
+
+
+def test_unknown_reader_argument_names_the_key_and_suggests(tmp_path, recipe):
+    data = yaml.safe_load(recipe.read_text())
+    data["stages"]["align"]["data"][0]["args"]["imag_root"] = data["stages"]["align"]["data"][0]["args"].pop("image_root")
+    bad = tmp_path / "bad_reader.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    message = str(info.value)
+    assert "stages.align.data.0.args.imag_root" in message
+    assert "did you mean 'image_root'" in message
+
+
+def test_unknown_reader_format_is_reported(recipe):
+    with pytest.raises(ConfigError, match=r"stages\.align\.data\.0\.format.*coco_captions"):
+        load_config(recipe, ["stages.align.data.0.format=coco_caption"])
+
+
+def test_unknown_vision_arch_field_names_the_key(recipe):
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["model.vision.arch.hiden_size=64"])
+    message = str(info.value)
+    assert "model.vision.arch.hiden_size" in message
+    assert "did you mean 'hidden_size'" in message
+
+
+def test_unknown_component_option_names_the_key(recipe):
+    with pytest.raises(ConfigError, match=r"model\.connector\.options\.biass.*'bias'"):
+        load_config(recipe, ["model.connector.options.biass=false"])
+
+
+def test_lora_on_vision_is_refused(recipe):
+    with pytest.raises(ConfigError, match=r"stages\.align\.train.*llm only"):
+        load_config(recipe, ["stages.align.train.vision=lora"])
+
+
+def test_dotted_overrides_apply_with_schema_types(recipe):
+    cfg = load_config(recipe, ["stages.align.learning_rate=0.5", "stages.align.batch_size=3",
+                               "stages.align.train.llm=lora", "model.vision.arch.num_hidden_layers=2"])
+    assert cfg.stages.align.learning_rate == 0.5 and isinstance(cfg.stages.align.learning_rate, float)
+    assert cfg.stages.align.batch_size == 3
+    assert cfg.stages.align.train.llm == Train.lora
+    assert cfg.model.vision.arch.num_hidden_layers == 2
+    assert cfg.model.vision.arch.hidden_size == VISION_ARCH["hidden_size"], "siblings stay"
+
+
+def test_dotted_override_into_a_list_item_applies(recipe):
+    cfg = load_config(recipe, ["stages.align.data.0.max_samples=7", "stages.align.data.0.args.path=/x/c.json"])
+    assert cfg.stages.align.data[0].max_samples == 7
+    assert cfg.stages.align.data[0].args.path == "/x/c.json"
+    assert cfg.stages.align.data[0].format == "coco_captions", "siblings stay"
+    with pytest.raises(ConfigError, match=r"stages\.align\.data\[0\]\.formt.*'format'"):
+        load_config(recipe, ["stages.align.data.0.formt=jsonl"])
+
+
+def test_interpolations_resolve_and_command_line_out_dir_wins(tmp_path, recipe):
+    cfg = load_config(recipe)
+    run = str(tmp_path / "run")
+    assert cfg.prepare.shapes.out == f"{run}/data"
+    assert cfg.stages.align.data[0].args.image_root == f"{run}/data/images/train"
+    assert cfg.model.llm.tokenizer == f"{run}/tokenizer"
+    moved = load_config(recipe, out_dir="/elsewhere")
+    assert moved.stages.align.data[0].args.path == "/elsewhere/data/captions_train.json"
+
+
+def test_save_config_writes_a_resolved_yaml_that_loads_back_equal(tmp_path, recipe):
+    cfg = load_config(recipe, ["stages.align.batch_size=5", "stages.align.train.llm=full"])
+    saved = tmp_path / "saved" / "config.yaml"
+    save_config(cfg, saved)
+    text = saved.read_text()
+    assert "${" not in text, "the saved config must be resolved"
+    assert OmegaConf.load(saved).stages.align.train.llm == "full"
+    again = load_config(saved)
+    assert to_container(again) == to_container(cfg)
+    assert again.stages.align.batch_size == 5
+
+
+def test_missing_config_file_and_malformed_override_are_config_errors(tmp_path, recipe):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(recipe, ["stages.align.batch_size"])
+
+
+def test_stage_without_data_is_refused(recipe):
+    with pytest.raises(ConfigError, match=r"stages\.empty\.data"):
+        load_config(recipe, ["stages.empty.learning_rate=0.1"])

@@ -1,0 +1,127 @@
+"""Stage application: exactly which parameters train per component, LoRA placement, optimizer groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vlm.config import LearningRates, LoraConfig, StageConfig, TrainModes
+from vlm.training.stages import apply_stage, parameter_groups, set_train_modes, trainable_names
+
+CONNECTOR_PARAMS = ["proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias"]
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def stage(vision="frozen", connector="full", llm="frozen", **kwargs) -> StageConfig:
+    return StageConfig(train=TrainModes(vision=vision, connector=connector, llm=llm), **kwargs)
+
+
+def test_align_trains_only_the_connector(tiny_model):
+    counts = apply_stage(tiny_model, stage())
+    names = trainable_names(tiny_model)
+    assert sorted(names["connector"]) == sorted(CONNECTOR_PARAMS)
+    assert names["vision"] == [] and names["llm"] == []
+    assert counts["connector"] == sum(p.numel() for p in tiny_model.connector.parameters())
+    assert counts["vision"] == counts["llm"] == 0
+
+
+def test_instruct_with_lora_puts_adapters_on_every_llm_linear_except_lm_head(tiny_model):
+    linear_names = {n for n, m in tiny_model.llm.named_modules() if isinstance(m, nn.Linear)}
+    assert "lm_head" in linear_names
+    apply_stage(tiny_model, stage(llm="lora", lora=LoraConfig(r=4, alpha=8, dropout=0.1)))
+    names = trainable_names(tiny_model)
+    assert sorted(names["connector"]) == sorted(CONNECTOR_PARAMS)
+    assert names["vision"] == []
+    assert names["llm"], "LoRA must add trainable adapters"
+    assert all(".lora_A." in n or ".lora_B." in n for n in names["llm"]), names["llm"]
+    adapted = {n.split(".lora_")[0].removeprefix("base_model.model.") for n in names["llm"]}
+    assert adapted == linear_names - {"lm_head"}
+    for layer in range(tiny_model.llm.config.num_hidden_layers):
+        for proj in LLAMA_LINEARS:
+            block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            module = f"model.layers.{layer}.{block}.{proj}"
+            assert {f"{module}.lora_A.default.weight", f"{module}.lora_B.default.weight"} <= {
+                n.removeprefix("base_model.model.") for n in names["llm"]}
+    assert not any("lm_head" in n for n, _ in tiny_model.llm.named_parameters() if "lora" in n)
+    # every original weight, lm_head and embeddings included, stays frozen
+    frozen = [p for n, p in tiny_model.llm.named_parameters() if "lora_" not in n]
+    assert frozen and not any(p.requires_grad for p in frozen)
+
+
+def test_full_finetune_trains_every_llm_parameter(tiny_model):
+    apply_stage(tiny_model, stage(llm="full"))
+    names = trainable_names(tiny_model)
+    assert sorted(names["llm"]) == sorted(n for n, _ in tiny_model.llm.named_parameters())
+    assert names["vision"] == []
+
+
+def test_vision_full_trains_every_kept_vision_parameter_and_each_gets_a_gradient(tiny_model, tokenizer):
+    apply_stage(tiny_model, stage(vision="full", connector="frozen", llm="frozen"))
+    names = trainable_names(tiny_model)
+    assert sorted(names["vision"]) == sorted(n for n, _ in tiny_model.vision.named_parameters())
+    assert names["connector"] == [] and names["llm"] == []
+    # no trainable parameter may be left out of the graph (DDP would fail on it)
+    k = tiny_model.num_image_tokens
+    ids = torch.tensor([[tokenizer.bos_token_id] + [tiny_model.image_token_id] * k + [10, 11, 12]])
+    out = tiny_model(ids, pixel_values=torch.randn(1, 3, 32, 32), labels=ids)
+    out.loss.backward()
+    missing = [n for n, p in tiny_model.vision.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+def test_set_train_modes_puts_frozen_components_in_eval_mode(tiny_model):
+    s = stage(llm="lora")
+    apply_stage(tiny_model, s)
+    tiny_model.train()
+    set_train_modes(tiny_model, s)
+    assert not tiny_model.vision.training
+    assert tiny_model.connector.training and tiny_model.llm.training
+
+
+def test_parameter_groups_use_component_learning_rates_and_no_decay_on_1d_params(tiny_model):
+    s = stage(vision="full", connector="full", llm="full", learning_rate=1e-3, weight_decay=0.1,
+              lr=LearningRates(connector=2e-3, llm=5e-5))
+    apply_stage(tiny_model, s)
+    groups = parameter_groups(tiny_model, s)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"vision", "vision_no_decay", "connector", "connector_no_decay", "llm", "llm_no_decay"}
+    expected_lr = {"vision": 1e-3, "connector": 2e-3, "llm": 5e-5}
+    for name, group in by_name.items():
+        component = name.removesuffix("_no_decay")
+        assert group["lr"] == expected_lr[component]
+        if name.endswith("_no_decay"):
+            assert group["weight_decay"] == 0.0 and all(p.ndim == 1 for p in group["params"])
+        else:
+            assert group["weight_decay"] == 0.1 and all(p.ndim >= 2 for p in group["params"])
+        owned = {id(p) for p in getattr(tiny_model, component).parameters()}
+        assert all(id(p) in owned for p in group["params"])
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped)), "a parameter appears in two groups"
+    assert set(grouped) == {id(p) for p in tiny_model.parameters() if p.requires_grad}
+    biases = {id(p) for p in by_name["connector_no_decay"]["params"]}
+    assert biases == {id(tiny_model.connector.proj[0].bias), id(tiny_model.connector.proj[2].bias)}
+
+
+def test_parameter_groups_skip_frozen_components(tiny_model):
+    s = stage(llm="lora")
+    apply_stage(tiny_model, s)
+    names = {g["name"] for g in parameter_groups(tiny_model, s)}
+    assert names == {"connector", "connector_no_decay", "llm"}  # LoRA matrices are 2-D
+
+
+def test_stage_that_freezes_everything_raises(tiny_model):
+    s = stage(vision="frozen", connector="frozen", llm="frozen")
+    counts = apply_stage(tiny_model, s)
+    assert sum(counts.values()) == 0
+    with pytest.raises(ValueError, match="trains nothing"):
+        parameter_groups(tiny_model, s)
+
+
+def test_apply_stage_accepts_a_structured_omegaconf_stage(tiny_model):
+    from omegaconf import OmegaConf
+
+    s = OmegaConf.merge(OmegaConf.structured(StageConfig), {"train": {"llm": "full", "connector": "frozen"}})
+    apply_stage(tiny_model, s)
+    names = trainable_names(tiny_model)
+    assert names["connector"] == [] and len(names["llm"]) == len(list(tiny_model.llm.parameters()))

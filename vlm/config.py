@@ -129,6 +129,7 @@ class LearningRates:
 class StageConfig:
     """One training stage: what trains, on which data, with which schedule."""
 
+    objective: str = "lm"
     train: TrainModes = field(default_factory=TrainModes)
     lora: LoraConfig = field(default_factory=LoraConfig)
     learning_rate: float = 1e-3
@@ -311,6 +312,7 @@ def validate(cfg: DictConfig) -> None:
     from vlm.data.templates import TEMPLATES
     from vlm.modeling.connectors import CONNECTORS
     from vlm.modeling.vision import VISION_ENCODERS
+    from vlm.training.objectives import OBJECTIVES
 
     def lookup(registry, name, where):
         try:
@@ -341,6 +343,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{where}.data: a stage needs at least one dataset")
         for i, data in enumerate(stage.data):
             check_data(data, f"{where}.data.{i}")
+        objective = lookup(OBJECTIVES, stage.objective, f"{where}.objective")
+        objective.check_stage(stage, where)
         if any(getattr(stage.train, c) == Train.lora for c in ("vision", "connector")):
             raise ConfigError(f"{where}.train: LoRA is supported for the llm only")
     for name, ev in cfg.evals.items():

@@ -18,6 +18,7 @@ from vlm.data.types import Sample
 from vlm.modeling.llm import load_tokenizer
 from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training import checkpoint as ckpt
+from vlm.training.objectives import build_objective
 from vlm.training.stages import apply_stage
 from vlm.training.trainer import Trainer, make_accelerator
 
@@ -85,7 +86,9 @@ def run_stage(cfg: DictConfig, name: str, resume: bool = False) -> Path:
     def save_state(trained_model, folder):
         ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior)
 
-    trainer = Trainer(model, dataset, processor.collate, stage, out_dir, save_state, accelerator, name)
+    objective = build_objective(stage.objective, model, tokenizer)
+    trainer = Trainer(model, dataset, processor.collate, stage, out_dir, save_state, accelerator, name,
+                      objective=objective)
     final = trainer.train(resume=resume)
     if dataset.image_failures:
         logger.warning("stage %s: %d sample(s) skipped for unreadable images", name, dataset.image_failures)

@@ -161,11 +161,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(folder: Path, optimizer, scheduler, position: dict) -> None:
-    """Optimizer, scheduler, RNG and data position (``step``, ``epoch``, ``batch``...)."""
+def save_training_state(folder: Path, optimizer, scheduler, position: dict,
+                        objective_state: Optional[dict] = None) -> None:
+    """Optimizer, scheduler, RNG, data position (``step``, ``epoch``, ``batch``...) and the
+    objective's own parameters (e.g. a warm-up head), if any."""
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "rng": rng_state(), "position": dict(position)},
+         "rng": rng_state(), "position": dict(position), "objective": dict(objective_state or {})},
         folder / TRAINING_STATE,
     )
 

@@ -25,6 +25,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vlm.config import Precision, StageConfig
 from vlm.training import checkpoint as ckpt
+from vlm.training.objectives import LanguageModeling, Objective
 from vlm.training.stages import parameter_groups, set_train_modes
 
 logger = logging.getLogger(__name__)
@@ -53,8 +54,28 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 def make_accelerator(precision: Precision) -> Accelerator:
-    """An Accelerator for one stage (accelerate's process state is shared across stages)."""
-    return Accelerator(mixed_precision=MIXED_PRECISION[Precision(precision)])
+    """An Accelerator for one stage. accelerate keeps one process-wide state, fixed at its first
+    mixed-precision setting; a later stage with another precision resets it first."""
+    from accelerate.state import AcceleratorState
+
+    mixed = MIXED_PRECISION[Precision(precision)]
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mixed)) != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed)
+
+
+class TrainingModule(torch.nn.Module):
+    """The model and the objective as one module, so that one DDP / FSDP wrapper sees every
+    parameter and every forward goes through it."""
+
+    def __init__(self, model, objective: Objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch):
+        return self.objective(self.model, batch)
 
 
 class Trainer:
@@ -65,7 +86,8 @@ class Trainer:
     """
 
     def __init__(self, model, dataset, collate: Callable, stage: StageConfig, out_dir: str | Path,
-                 save_state: Callable, accelerator: Optional[Accelerator] = None, stage_name: str = "stage"):
+                 save_state: Callable, accelerator: Optional[Accelerator] = None, stage_name: str = "stage",
+                 objective: Optional[Objective] = None):
         self.stage = stage
         self.stage_name = stage_name
         self.out_dir = Path(out_dir)
@@ -80,8 +102,15 @@ class Trainer:
         loader = DataLoader(dataset, batch_size=stage.batch_size, sampler=self.sampler,
                             collate_fn=collate, num_workers=stage.num_workers, drop_last=False,
                             generator=torch.Generator().manual_seed(stage.seed))
-        optimizer = torch.optim.AdamW(parameter_groups(model, stage), betas=(0.9, 0.999))
-        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        objective = objective if objective is not None else LanguageModeling(model, None)
+        groups = parameter_groups(model, stage)
+        extra = [p for p in objective.parameters() if p.requires_grad]
+        if extra:  # an objective's own head learns at the vision rate (it reads vision features)
+            lr = stage.lr.vision if stage.lr.vision is not None else stage.learning_rate
+            groups.append({"params": extra, "lr": lr, "weight_decay": stage.weight_decay, "name": "objective"})
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(
+            TrainingModule(model, objective), optimizer, loader)
         self.micro_per_epoch = len(self.loader)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / stage.grad_accum)
         self.total_steps = stage.max_steps or max(1, math.ceil(self.steps_per_epoch * stage.epochs))
@@ -96,7 +125,7 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def _unwrapped(self):
-        return self.accelerator.unwrap_model(self.model)
+        return self.accelerator.unwrap_model(self.model).model
 
     def save_checkpoint(self, folder: Path, position: Optional[dict]) -> None:
         """Atomically write the model state (and, with a position, the training state)."""
@@ -105,12 +134,15 @@ class Trainer:
             with ckpt.atomic_dir(folder) as tmp:
                 self.save_state(self._unwrapped(), tmp)
                 if position is not None:
-                    ckpt.save_training_state(tmp, self.optimizer, self.scheduler, position)
+                    objective = self.accelerator.unwrap_model(self.model).objective
+                    ckpt.save_training_state(tmp, self.optimizer, self.scheduler, position,
+                                             objective.state_dict())
         self.accelerator.wait_for_everyone()
 
     def _restore(self, folder: Path) -> dict:
         ckpt.load_trained_state(self._unwrapped(), folder, self.stage)
         state = ckpt.load_training_state(folder)
+        self.accelerator.unwrap_model(self.model).objective.load_state_dict(state.get("objective", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
@@ -142,6 +174,7 @@ class Trainer:
             else:
                 position = self._restore(latest)
         set_train_modes(self._unwrapped(), stage)
+        self.accelerator.unwrap_model(self.model).objective.train()
         metrics_path = self.out_dir / "metrics.jsonl"
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +198,7 @@ class Trainer:
             n = batch["input_ids"].shape[0]
             context = contextlib.nullcontext() if sync else acc.no_sync(self.model)
             with context, acc.autocast():
-                out = self.model(**batch)
+                out = self.model(batch)
                 acc.backward(out.loss / stage.grad_accum)
             for name, value in _losses(out).items():
                 window[name] = window.get(name, 0.0) + float(value) * n

@@ -1,0 +1,100 @@
+"""Training objectives a stage can optimise, by exact name.
+
+- ``lm``: next-token loss of the whole model on the template's trainable tokens (LLaVA's
+  alignment and instruction tuning).
+- ``caption_bow``: a vision-encoder warm-up that needs no language model: from the mean of the
+  encoder's patch features, a linear head predicts which tokens occur in the sample's trained
+  text (multi-label, binary cross-entropy). A from-scratch encoder learns to see colours, shapes
+  and positions from captions in a few hundred steps this way, far faster than through a frozen
+  LLM's attention. The head is discarded after the stage; only the encoder's weights are kept.
+
+An objective owns any extra parameters it needs (``parameters()``), and its ``loss`` returns a
+``StepOutput`` whose ``losses`` are logged separately beside ``loss``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm.config import ConfigError, StageConfig, Train
+from vlm.data.processor import IGNORE_INDEX
+from vlm.registry import Registry
+
+OBJECTIVES: Registry = Registry("training objective")
+
+
+@dataclass
+class StepOutput:
+    """The loss to optimise and named partial losses to log."""
+
+    loss: torch.Tensor
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective(nn.Module):
+    """A loss over a batch for a stage; may hold its own trainable parameters."""
+
+    @classmethod
+    def check_stage(cls, stage: StageConfig, where: str) -> None:
+        """Raise ConfigError when the stage's train modes make no sense for this objective."""
+
+    def forward(self, model, batch: Dict[str, torch.Tensor]) -> StepOutput:
+        raise NotImplementedError
+
+
+@OBJECTIVES.register("lm")
+class LanguageModeling(Objective):
+    """The model's own next-token loss."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+
+    def forward(self, model, batch):
+        return StepOutput(model(**batch).loss)
+
+
+@OBJECTIVES.register("caption_bow")
+class CaptionBagOfWords(Objective):
+    """Vision warm-up: predict the set of trained tokens from mean-pooled patch features."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.vocab_size = len(tokenizer)
+        self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        self.head = nn.Sequential(nn.LayerNorm(model.vision.embed_dim), nn.Linear(model.vision.embed_dim, self.vocab_size))
+
+    @classmethod
+    def check_stage(cls, stage, where):
+        modes = {c: Train(getattr(stage.train, c)) for c in ("vision", "connector", "llm")}
+        if modes["vision"] is not Train.full or modes["connector"] is not Train.frozen or modes["llm"] is not Train.frozen:
+            raise ConfigError(f"{where}.train: objective 'caption_bow' trains the vision encoder only "
+                              "(vision: full, connector: frozen, llm: frozen)")
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Multi-hot ``(B, vocab)`` of the trained tokens of each row, special tokens excluded."""
+        hot = torch.zeros(labels.shape[0], self.vocab_size, device=labels.device)
+        valid = labels != IGNORE_INDEX
+        rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
+        hot[rows[valid], labels[valid]] = 1.0
+        hot[:, self.special.to(labels.device)] = 0.0
+        return hot
+
+    def forward(self, model, batch):
+        if batch["pixel_values"] is None:
+            raise ValueError("objective 'caption_bow' needs samples with images")
+        images_per_row = (batch["input_ids"] == model.image_token_id).sum(1) // model.num_image_tokens
+        if not bool((images_per_row == 1).all()):
+            raise ValueError("objective 'caption_bow' needs exactly one image per sample")
+        pooled = model.vision(batch["pixel_values"]).mean(dim=1)
+        loss = F.binary_cross_entropy_with_logits(self.head(pooled), self.targets(batch["labels"]))
+        return StepOutput(loss, {"loss_bow": loss.detach()})
+
+
+def build_objective(name: str, model, tokenizer) -> Optional[Objective]:
+    """The objective registered as ``name`` for ``model``."""
+    return OBJECTIVES.get(name)(model, tokenizer)

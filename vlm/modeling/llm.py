@@ -66,9 +66,30 @@ def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedM
         if cfg.attn_implementation:
             config._attn_implementation = cfg.attn_implementation
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    old_size = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > old_size:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        _init_new_rows(model, old_size)
     return model
+
+
+@torch.no_grad()
+def _init_new_rows(model: PreTrainedModel, old_size: int) -> None:
+    """Set the embedding rows added by a resize (e.g. ``<image>`` on a pretrained LLM) to the mean
+    of the old rows, in the input embeddings and, when untied, the output embeddings.
+
+    Random new rows would differ at every build, so a model rebuilt from a checkpoint that did
+    not save the LLM would not match the model that was trained.
+    """
+    inputs = model.get_input_embeddings().weight
+    tensors = [inputs]
+    outputs = model.get_output_embeddings()
+    if outputs is not None and outputs.weight is not inputs:
+        tensors.append(outputs.weight)
+        if getattr(outputs, "bias", None) is not None:
+            tensors.append(outputs.bias)
+    for tensor in tensors:
+        tensor[old_size:] = tensor[:old_size].float().mean(dim=0).to(tensor.dtype)
 
 
 def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:

@@ -105,7 +105,9 @@ def save_model_state(model, folder: Path, stage: StageConfig, model_cfg: ModelCo
             {kind: os.path.relpath(path, folder) for kind, path in entry.items()} for entry in entries
         ]
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    (folder / "model.yaml").write_text(OmegaConf.to_yaml(model_cfg))
+    # resolved: `model_cfg` is usually a node of the run config (`${prepare.tokenizer.out}`,
+    # `${oc.env:...}`), and model.yaml is read back on its own by load_pretrained
+    (folder / "model.yaml").write_text(OmegaConf.to_yaml(model_cfg, resolve=True))
     tokenizer.save_pretrained(str(folder / "tokenizer"))
 
 

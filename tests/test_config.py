@@ -181,3 +181,44 @@ def test_missing_config_file_and_malformed_override_are_config_errors(tmp_path, 
 def test_stage_without_data_is_refused(recipe):
     with pytest.raises(ConfigError, match=r"stages\.empty\.data"):
         load_config(recipe, ["stages.empty.learning_rate=0.1"])
+
+
+def test_unknown_preprocess_strategy_is_refused_at_load(recipe):
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["model.vision.preprocess=pda"])
+    message = str(info.value)
+    assert message.startswith("model.vision.preprocess:")
+    assert "did you mean 'pad'" in message and "resize_center_crop" in message
+
+
+def test_unknown_llm_dtype_is_refused_at_load(recipe):
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["model.llm.dtype=bfloat61"])
+    message = str(info.value)
+    assert message.startswith("model.llm.dtype:")
+    assert "did you mean 'bfloat16'" in message and "float32" in message
+    assert load_config(recipe, ["model.llm.dtype=bfloat16"]).model.llm.dtype == "bfloat16"
+
+
+def test_vqa_eval_without_annotations_path_is_refused(tmp_path, recipe):
+    data = yaml.safe_load(recipe.read_text())
+    data["evals"] = {"vqa": {"task": "vqa", "data": {"format": "vqav2", "args": {
+        "questions_path": "/data/q.json", "annotations_path": "/data/a.json"}}}}
+    path = tmp_path / "with_vqa.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert load_config(path).evals.vqa.data.args.annotations_path == "/data/a.json"
+    with pytest.raises(ConfigError, match=r"^evals\.vqa\.data\.args\.annotations_path"):
+        load_config(path, ["evals.vqa.data.args.annotations_path=null"])
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("stages.align.lerning_rate=0.1", "learning_rate"),
+    ("model.conector.name=linear", "connector"),
+    ("model.connector.options.bais=false", "bias"),
+])
+def test_did_you_mean_appears_once(recipe, override, suggestion):
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, [override])
+    message = str(info.value)
+    assert message.lower().count("did you mean") == 1, message
+    assert f"(did you mean '{suggestion}'?)" in message

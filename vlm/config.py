@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +241,19 @@ def _dataclass_at(path: str):
     return node if dataclasses.is_dataclass(node) else None
 
 
+_THEIR_HINT = re.compile(r"\.?\s*Did you mean:? '([^']*)'\?")
+
+
+def _one_hint(msg: str, hint: str) -> str:
+    """``msg`` + ``hint`` with a single "did you mean": OmegaConf's own suggestion (``. Did you
+    mean: 'x'?``) is dropped from ``msg``, and used, in our format, only when we have none."""
+    theirs = _THEIR_HINT.search(msg)
+    msg = _THEIR_HINT.sub("", msg)
+    if not hint and theirs:
+        hint = f" (did you mean '{theirs.group(1)}'?)"
+    return f"{msg}{hint}"
+
+
 def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or ""
     msg = str(exc).splitlines()[0]
@@ -248,7 +262,7 @@ def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
         holder = _dataclass_at(key)
         if holder is not None:
             hint = closest(key.split(".")[-1], _schema_fields(holder))
-    return ConfigError(f"{origin}: invalid config key '{key}': {msg}{hint}")
+    return ConfigError(f"{origin}: invalid config key '{key}': {_one_hint(msg, hint)}")
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), **defaults) -> DictConfig:
@@ -296,7 +310,7 @@ def _check_options(options: Dict[str, Any], options_type, where: str) -> None:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "key", None) or getattr(exc, "full_key", "") or ""
         hint = closest(str(key), _schema_fields(options_type)) if isinstance(exc, ConfigKeyError) else ""
-        raise ConfigError(f"{where}.{key}: {str(exc).splitlines()[0]}{hint}") from None
+        raise ConfigError(f"{where}.{key}: {_one_hint(str(exc).splitlines()[0], hint)}") from None
 
 
 def _check_kwargs(args: Dict[str, Any], fn, where: str) -> None:
@@ -309,8 +323,10 @@ def _check_kwargs(args: Dict[str, Any], fn, where: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check registry names, component options and reader arguments, without building anything."""
     from vlm.data.formats import READERS
+    from vlm.data.image_transforms import PREPROCESSING
     from vlm.data.templates import TEMPLATES
     from vlm.modeling.connectors import CONNECTORS
+    from vlm.modeling.llm import DTYPES  # imported here: vlm.modeling.llm imports this module
     from vlm.modeling.vision import VISION_ENCODERS
     from vlm.training.objectives import OBJECTIVES
 
@@ -324,12 +340,16 @@ def validate(cfg: DictConfig) -> None:
     encoder_cls = lookup(VISION_ENCODERS, model.vision.name, "model.vision.name")
     _check_options(model.vision.options, encoder_cls.Options, "model.vision.options")
     encoder_cls.check_arch(dict(model.vision.arch), "model.vision.arch")
+    lookup(PREPROCESSING, model.vision.preprocess, "model.vision.preprocess")
     connector_cls = lookup(CONNECTORS, model.connector.name, "model.connector.name")
     _check_options(model.connector.options, connector_cls.Options, "model.connector.options")
     if model.template != "tokenizer":
         lookup(TEMPLATES, model.template, "model.template")
     if model.llm.name_or_path is None and "model_type" not in model.llm.arch:
         raise ConfigError("model.llm: give name_or_path, or arch with a model_type")
+    if model.llm.dtype not in DTYPES:
+        raise ConfigError(f"model.llm.dtype: unknown dtype '{model.llm.dtype}'{closest(model.llm.dtype, DTYPES)}; "
+                          f"known: {', '.join(sorted(DTYPES))}")
 
     def check_data(data, where):
         reader = lookup(READERS, data.format, f"{where}.format")
@@ -355,6 +375,9 @@ def validate(cfg: DictConfig) -> None:
         if ev.data.format != expected[ev.task]:
             raise ConfigError(f"{where}.data.format: task '{ev.task}' reads '{expected[ev.task]}' data")
         check_data(ev.data, f"{where}.data")
+        if ev.task == "vqa" and not ev.data.args.get("annotations_path"):
+            raise ConfigError(f"{where}.data.args.annotations_path: a vqa eval needs the VQAv2 "
+                              "annotations file to score against")
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -179,6 +179,7 @@ def test_config_error_exits_2_with_the_key_and_a_suggestion_before_building_anyt
     assert code == 2
     assert "stages.align.lerning_rate" in err
     assert "did you mean 'learning_rate'" in err
+    assert err.lower().count("did you mean") == 1, err
     assert len(err.strip().splitlines()) == 1, err
     assert not out_dir.exists()
 

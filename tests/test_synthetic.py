@@ -202,7 +202,7 @@ def classify(image, background):
     return {
         "color": color,
         "shape": shape,
-        "size": "large" if max(h, w) > 0.25 * side else "small",
+        "size": "large" if max(h, w) > 0.32 * side else "small",
         "position": position.strip() or "center",
     }
 

@@ -41,7 +41,7 @@ _CENTERS = {
     "bottom right": (0.72, 0.72),
     "center": (0.5, 0.5),
 }
-_RADII = {"small": 0.09, "large": 0.19}
+_RADII = {"small": 0.12, "large": 0.21}
 _POSITION_JITTER = 0.05  # max centre offset, fraction of the side
 _SIZE_JITTER = 0.1  # radius scaled by 1 +- this
 _NOISE = 4  # background/shape pixel noise, +- this per channel
@@ -235,9 +235,11 @@ def _generate_split(
         )
 
         caps = _captions(a, captions_per_image, rng)
-        for caption in caps:
+        # text lines pair a description with a paraphrase or a question about it, so that a
+        # language model warmed up on them learns to read its context, not just to babble
+        for i, caption in enumerate(caps):
             captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": caption})
-            texts.append({"text": caption})
+            texts.append({"text": f"{caption}. {caps[(i + 1) % len(caps)]}"})
 
         for k, kind in enumerate(rng.choice(QUESTION_KINDS, _QUESTIONS_PER_IMAGE, replace=False)):
             q = _question(str(kind), a, rng)
@@ -253,7 +255,7 @@ def _generate_split(
                     "answers": _annotator_answers(q["answer"], q["wrong"], rng),
                 }
             )
-            texts.append({"text": f"{q['question']} {q['answer']}"})
+            texts.append({"text": f"{caps[k % len(caps)]}. {q['question']} {q['answer']}"})
 
         conversations.append(
             {"id": str(image_id), "image": file_name, "conversations": _conversation(a, caps, rng)}
@@ -315,7 +317,7 @@ def generate_shapes(
         questions_{split}.json      official VQAv2 questions (data_subtype "shapes_{split}")
         annotations_{split}.json    official VQAv2 annotations, 10 answers per question
         conversations_{split}.json  LLaVA conversations (image relative to images/{split})
-        text_{split}.jsonl          text-only {"text": ...} lines (captions, "question answer")
+        text_{split}.jsonl          text-only {"text": ...} lines: "caption. paraphrase" and "caption. question answer"
         attributes_{split}.json     ground-truth attributes and geometry of every image
 
     Read them back with::

@@ -2,9 +2,10 @@
 
 - ``lm``: next-token loss of the whole model on the template's trainable tokens (LLaVA's
   alignment and instruction tuning).
-- ``caption_bow``: a vision-encoder warm-up that needs no language model: from the mean of the
-  encoder's patch features, a linear head predicts which tokens occur in the sample's trained
-  text (multi-label, binary cross-entropy). A from-scratch encoder learns to see colours, shapes
+- ``caption_bow``: a vision-encoder warm-up that needs no language model: from the patch
+  features averaged over a 2x2 grid (four cells, concatenated, so where things are survives;
+  a plain mean when the features are not a square grid), a linear head predicts which tokens
+  occur in the sample's trained text (multi-label, binary cross-entropy). A from-scratch encoder learns to see colours, shapes
   and positions from captions in a few hundred steps this way, far faster than through a frozen
   LLM's attention. The head is discarded after the stage; only the encoder's weights are kept.
 
@@ -14,6 +15,7 @@ An objective owns any extra parameters it needs (``parameters()``), and its ``lo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -66,7 +68,10 @@ class CaptionBagOfWords(Objective):
         super().__init__()
         self.vocab_size = len(tokenizer)
         self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-        self.head = nn.Sequential(nn.LayerNorm(model.vision.embed_dim), nn.Linear(model.vision.embed_dim, self.vocab_size))
+        self.grid = math.isqrt(model.vision.num_patches)
+        self.cells = 4 if self.grid * self.grid == model.vision.num_patches and self.grid >= 2 else 1
+        width = model.vision.embed_dim * self.cells
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, self.vocab_size))
 
     @classmethod
     def check_stage(cls, stage, where):
@@ -90,7 +95,13 @@ class CaptionBagOfWords(Objective):
         images_per_row = (batch["input_ids"] == model.image_token_id).sum(1) // model.num_image_tokens
         if not bool((images_per_row == 1).all()):
             raise ValueError("objective 'caption_bow' needs exactly one image per sample")
-        pooled = model.vision(batch["pixel_values"]).mean(dim=1)
+        features = model.vision(batch["pixel_values"])
+        if self.cells == 4:
+            b, n, d = features.shape
+            grid = features.transpose(1, 2).reshape(b, d, self.grid, self.grid)
+            pooled = F.adaptive_avg_pool2d(grid, 2).flatten(1)
+        else:
+            pooled = features.mean(dim=1)
         loss = F.binary_cross_entropy_with_logits(self.head(pooled), self.targets(batch["labels"]))
         return StepOutput(loss, {"loss_bow": loss.detach()})
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlm.modeling.connectors.base import Connector
@@ -13,20 +16,35 @@ from vlm.modeling.connectors.registry import CONNECTORS
 
 @dataclass
 class MLPOptions:
-    """``bias`` on the projection layers."""
+    """``bias`` on the projection layers; ``pool``: average the square patch grid down to a
+    ``pool x pool`` grid before projecting (fewer visual tokens; None keeps every patch)."""
 
     bias: bool = True
+    pool: Optional[int] = None
 
 
 class _TokenwiseProjector(Connector):
-    """A per-token projection: K equals the number of patches."""
+    """A per-token projection: K equals the number of patches, or ``pool**2`` when pooling."""
 
     Options = MLPOptions
+    pool: Optional[int] = None
 
     def num_tokens(self, num_patches: int) -> int:
-        return num_patches
+        if self.pool is None:
+            return num_patches
+        grid = math.isqrt(num_patches)
+        if grid * grid != num_patches or self.pool > grid:
+            raise ValueError(f"connector pool={self.pool} needs a square patch grid of at least "
+                             f"{self.pool}x{self.pool} without CLS; got {num_patches} features")
+        return self.pool * self.pool
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.pool is not None:
+            b, n, d = features.shape
+            self.num_tokens(n)
+            grid = math.isqrt(n)
+            image = features.transpose(1, 2).reshape(b, d, grid, grid)
+            features = F.adaptive_avg_pool2d(image, self.pool).flatten(2).transpose(1, 2)
         return self.proj(features)
 
 
@@ -34,8 +52,9 @@ class _TokenwiseProjector(Connector):
 class LinearProjector(_TokenwiseProjector):
     """One linear layer, as LLaVA-1.0."""
 
-    def __init__(self, vision_dim: int, llm_dim: int, bias: bool = True):
+    def __init__(self, vision_dim: int, llm_dim: int, bias: bool = True, pool: Optional[int] = None):
         super().__init__()
+        self.pool = pool
         self.proj = nn.Linear(vision_dim, llm_dim, bias=bias)
 
     @classmethod
@@ -47,8 +66,9 @@ class LinearProjector(_TokenwiseProjector):
 class MLPProjector(_TokenwiseProjector):
     """Linear -> GELU -> Linear, as LLaVA-1.5 (and transformers' LlavaMultiModalProjector)."""
 
-    def __init__(self, vision_dim: int, llm_dim: int, bias: bool = True):
+    def __init__(self, vision_dim: int, llm_dim: int, bias: bool = True, pool: Optional[int] = None):
         super().__init__()
+        self.pool = pool
         self.proj = nn.Sequential(
             nn.Linear(vision_dim, llm_dim, bias=bias), nn.GELU(), nn.Linear(llm_dim, llm_dim, bias=bias)
         )

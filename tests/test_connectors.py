@@ -1,0 +1,34 @@
+"""Connectors: token counts, pooling and the options they accept."""
+
+import pytest
+import torch
+
+from vlm.modeling.connectors import CONNECTORS, build_connector
+from vlm.config import ConnectorConfig
+
+
+def test_tokenwise_projectors_keep_one_token_per_patch():
+    for name in ("linear", "mlp2x_gelu"):
+        connector = build_connector(ConnectorConfig(name=name), vision_dim=8, llm_dim=12)
+        out = connector(torch.randn(3, 16, 8))
+        assert connector.num_tokens(16) == 16
+        assert out.shape == (3, 16, 12)
+
+
+def test_pooling_averages_each_grid_cell_before_projecting():
+    torch.manual_seed(0)
+    pooled = CONNECTORS.get("linear")(8, 12, pool=2)
+    plain = CONNECTORS.get("linear")(8, 12)
+    plain.load_state_dict(pooled.state_dict())
+    features = torch.randn(2, 16, 8)  # a 4x4 grid, row-major
+    grid = plain(features).reshape(2, 4, 4, 12)
+    # a linear map commutes with the mean: each pooled token is the mean of its 2x2 cell
+    expected = torch.stack([grid[:, r:r + 2, c:c + 2].mean(dim=(1, 2)) for r in (0, 2) for c in (0, 2)], dim=1)
+    assert pooled.num_tokens(16) == 4
+    assert torch.allclose(pooled(features), expected, atol=1e-6)
+
+
+def test_pooling_refuses_a_grid_that_is_not_square():
+    connector = CONNECTORS.get("mlp2x_gelu")(8, 12, pool=2)
+    with pytest.raises(ValueError, match="square patch grid"):
+        connector.num_tokens(17)  # 16 patches + CLS

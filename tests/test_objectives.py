@@ -1,0 +1,52 @@
+"""Training objectives: the caption bag-of-words vision warm-up, and stage checks."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import build_tiny_model, run_config
+from vlm.config import ConfigError
+from vlm.data.types import Turn
+from vlm.pipeline import build_processor, run_stage
+from vlm.training.objectives import CaptionBagOfWords
+
+
+def test_bow_targets_mark_each_trained_token_once_and_no_special_token(model_config, tokenizer):
+    model = build_tiny_model(model_config, tokenizer)
+    objective = CaptionBagOfWords(model, tokenizer)
+    processor = build_processor(model, tokenizer, model_config, "plain")
+    turns = [Turn("user", "<image>\nDescribe."), Turn("assistant", "a red circle a red")]
+    ids, labels = processor.tokenize(turns)
+    hot = objective.targets(torch.tensor([labels]))
+    trained = {t for t in labels if t != -100} - set(tokenizer.all_special_ids)
+    assert set(torch.nonzero(hot[0]).flatten().tolist()) == trained
+    assert hot.sum().item() == len(trained)
+
+
+def test_bow_warmup_trains_the_encoder_only_and_its_loss_falls(tmp_path, tokenizer_dir, shapes_data):
+    train = shapes_data["train"]
+    stage = {"objective": "caption_bow", "train": {"vision": "full", "connector": "frozen", "llm": "frozen"},
+             "data": [{"format": "coco_captions", "args": {"path": train["captions"], "image_root": train["image_root"]}}],
+             "learning_rate": 3e-3, "batch_size": 16, "max_steps": 25, "log_every": 5, "warmup_ratio": 0.0}
+    cfg = run_config(tmp_path, tokenizer_dir, {"warm": stage})
+    final = run_stage(cfg, "warm")
+    records = [json.loads(line) for line in (tmp_path / "run" / "warm" / "metrics.jsonl").read_text().splitlines()]
+    assert "loss_bow" in records[0]
+    assert records[-1]["loss_bow"] < 0.7 * records[0]["loss_bow"]
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["vision"] == [{"weights": "vision.safetensors"}]  # the head is not part of the model
+
+
+def test_bow_refuses_a_stage_that_would_train_the_llm(tmp_path, tokenizer_dir, shapes_data):
+    train = shapes_data["train"]
+    stage = {"objective": "caption_bow", "train": {"vision": "full", "connector": "frozen", "llm": "full"},
+             "data": [{"format": "coco_captions", "args": {"path": train["captions"]}}]}
+    with pytest.raises(ConfigError, match="caption_bow"):
+        run_config(tmp_path, tokenizer_dir, {"warm": stage})
+
+
+def test_unknown_objective_is_named_with_a_suggestion(tmp_path, tokenizer_dir, shapes_data):
+    stage = {"objective": "caption_bw", "data": [{"format": "coco_captions", "args": {"path": shapes_data["train"]["captions"]}}]}
+    with pytest.raises(ConfigError, match="did you mean 'caption_bow'"):
+        run_config(tmp_path, tokenizer_dir, {"warm": stage})

@@ -161,7 +161,6 @@ class EvalConfig:
     task: str = "caption"
     data: DataConfig = field(default_factory=DataConfig)
     template: Optional[str] = None
-    prompt: Optional[str] = None
     max_new_tokens: int = 24
     num_beams: int = 1
     batch_size: int = 16
@@ -202,7 +201,6 @@ class RunConfig:
     """A recipe: preparation, a model, ordered stages and evaluations, all under ``out_dir``."""
 
     out_dir: str = "runs/default"
-    seed: int = 0
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: Dict[str, StageConfig] = field(default_factory=dict)

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, set_seed
 
@@ -45,14 +46,16 @@ def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: 
     )
 
 
-def load_pretrained(folder: str | Path) -> Tuple[VisionLanguageModel, object, DictConfig]:
-    """Rebuild a trained model from a stage output folder: ``(model, tokenizer, model_cfg)``."""
+def load_pretrained(folder: str | Path, device: Optional[str] = None) -> Tuple[VisionLanguageModel, object, DictConfig]:
+    """Rebuild a trained model from a stage output folder: ``(model, tokenizer, model_cfg)``,
+    on ``device`` (default: CUDA when available, else CPU)."""
     folder = Path(folder)
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(folder / "model.yaml"))
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     model = VisionLanguageModel.from_config(model_cfg, tokenizer)
     ckpt.load_model_state(model, folder)
-    return model.eval(), tokenizer, model_cfg
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer, model_cfg
 
 
 def read_samples(data_cfgs) -> List[Sample]:

@@ -74,6 +74,12 @@ class VisionLanguageModel(nn.Module):
         if pixel_values is None or pixel_values.shape[0] == 0:
             if n_placeholders:
                 raise ImageTokenMismatch(f"input has {n_placeholders} image placeholder tokens but no images")
+            if self.training:
+                # a text-only batch must still touch every trainable vision/connector parameter,
+                # or DDP waits forever for their gradients on the other ranks
+                unused = [p.sum() for m in (self.vision, self.connector) for p in m.parameters() if p.requires_grad]
+                if unused:
+                    inputs_embeds = inputs_embeds + 0.0 * torch.stack(unused).sum()
             return inputs_embeds, None
         visual = self.encode_images(pixel_values)
         if n_placeholders != visual.shape[0] * visual.shape[1]:

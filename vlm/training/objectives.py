@@ -25,6 +25,7 @@ from torch import nn
 
 from vlm.config import ConfigError, StageConfig, Train
 from vlm.data.processor import IGNORE_INDEX
+from vlm.modeling.vision.base import pool_patch_grid
 from vlm.registry import Registry
 
 OBJECTIVES: Registry = Registry("training objective")
@@ -97,9 +98,8 @@ class CaptionBagOfWords(Objective):
             raise ValueError("objective 'caption_bow' needs exactly one image per sample")
         features = model.vision(batch["pixel_values"])
         if self.cells == 4:
-            b, n, d = features.shape
-            grid = features.transpose(1, 2).reshape(b, d, self.grid, self.grid)
-            pooled = F.adaptive_avg_pool2d(grid, 2).flatten(1)
+            # channel-major (D x 4 cells), the head's input layout
+            pooled = pool_patch_grid(features, 2).transpose(1, 2).flatten(1)
         else:
             pooled = features.mean(dim=1)
         loss = F.binary_cross_entropy_with_logits(self.head(pooled), self.targets(batch["labels"]))

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlm.modeling.connectors.base import Connector
 from vlm.modeling.connectors.registry import CONNECTORS
+from vlm.modeling.vision.base import pool_patch_grid
 
 
 @dataclass
@@ -40,11 +40,8 @@ class _TokenwiseProjector(Connector):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.pool is not None:
-            b, n, d = features.shape
-            self.num_tokens(n)
-            grid = math.isqrt(n)
-            image = features.transpose(1, 2).reshape(b, d, grid, grid)
-            features = F.adaptive_avg_pool2d(image, self.pool).flatten(2).transpose(1, 2)
+            self.num_tokens(features.shape[1])  # the connector's own error message
+            features = pool_patch_grid(features, self.pool)
         return self.proj(features)
 
 

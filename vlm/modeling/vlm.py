@@ -54,24 +54,35 @@ class VisionLanguageModel(nn.Module):
         return cls(vision, connector, llm, tokenizer.convert_tokens_to_ids(cfg.image_token))
 
     @property
+    def vision_dtype(self) -> torch.dtype:
+        """The dtype the connector expects its input features in."""
+        return next(self.connector.parameters(), torch.empty(0)).dtype
+
+    @property
     def num_image_tokens(self) -> int:
         """Placeholders per image (K)."""
         return self.connector.num_tokens(self.vision.num_patches)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images ``(n, 3, S, S)`` -> visual tokens ``(n, K, H_llm)``."""
-        return self.connector(self.vision(pixel_values))
+        return self.connector.encode_images(self.vision, pixel_values)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None):
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+              image_features: Optional[torch.Tensor] = None):
         """Token embeddings with visual tokens scattered into the placeholder positions.
 
+        Images come either as ``pixel_values`` or as ``image_features``, the frozen encoder's
+        precomputed output ``(n, N, Dv)`` (the feature cache), which skips the encoder.
         Returns ``(inputs_embeds, visual_tokens or None)``.
         """
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass pixel_values or image_features, not both")
         embeddings = self.llm.get_input_embeddings()
         placeholders = input_ids == self.image_token_id
         inputs_embeds = embeddings(input_ids)
         n_placeholders = int(placeholders.sum())
-        if pixel_values is None or pixel_values.shape[0] == 0:
+        images = pixel_values if image_features is None else image_features
+        if images is None or images.shape[0] == 0:
             if n_placeholders:
                 raise ImageTokenMismatch(f"input has {n_placeholders} image placeholder tokens but no images")
             if self.training:
@@ -81,7 +92,13 @@ class VisionLanguageModel(nn.Module):
                 if unused:
                     inputs_embeds = inputs_embeds + 0.0 * torch.stack(unused).sum()
             return inputs_embeds, None
-        visual = self.encode_images(pixel_values)
+        if image_features is not None:
+            if not self.connector.reads_features:
+                raise ValueError(f"connector {type(self.connector).__name__} runs the encoder itself; "
+                                 "it cannot take precomputed image_features")
+            visual = self.connector(image_features.to(self.vision_dtype))
+        else:
+            visual = self.encode_images(pixel_values)
         if n_placeholders != visual.shape[0] * visual.shape[1]:
             raise ImageTokenMismatch(
                 f"input has {n_placeholders} image placeholder tokens but {visual.shape[0]} image(s) "
@@ -98,11 +115,12 @@ class VisionLanguageModel(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         pixel_values: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
         **llm_kwargs,
     ) -> VLMOutput:
         """Logits for every position, and the shifted next-token loss when ``labels`` are given
         (positions labelled -100 are ignored)."""
-        inputs_embeds, visual = self.embed(input_ids, pixel_values)
+        inputs_embeds, visual = self.embed(input_ids, pixel_values, image_features)
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
         return VLMOutput(out.loss, out.logits, visual, getattr(out, "past_key_values", None))
 

@@ -17,6 +17,9 @@ class Connector(nn.Module, ABC):
     """
 
     Options: ClassVar[Optional[type]] = None
+    # False for connectors that run the encoder themselves (``encode_images`` overridden): their
+    # visual tokens are not a function of the encoder's features, so no feature cache applies
+    reads_features: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod
@@ -30,3 +33,9 @@ class Connector(nn.Module, ABC):
     @abstractmethod
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Visual tokens ``(B, K, llm_dim)``."""
+
+    def encode_images(self, vision: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images -> visual tokens. The default reads the encoder's patch features; a connector
+        that must run inside the encoder (e.g. queries through BEiT3's multiway layers) overrides
+        this and sets ``reads_features = False``."""
+        return self(vision(pixel_values))

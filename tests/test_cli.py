@@ -42,8 +42,10 @@ def test_models_json_lists_the_registered_components():
                           text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     entries = json.loads(done.stdout)
-    assert {"hf_clip", "open_clip"} <= set(entries["vision_encoders"])
-    assert {"linear", "mlp2x_gelu"} <= set(entries["connectors"])
+    assert {"hf_clip", "open_clip", "timm_vit", "beit3"} <= set(entries["vision_encoders"])
+    assert {"linear", "mlp2x_gelu", "beit3_query", "qformer"} <= set(entries["connectors"])
+    assert "hf_blip2_vision" in entries["vision_encoders"]
+    assert {"lm", "caption_bow", "qformer_stage1"} <= set(entries["objectives"])
     assert {"plain", "vicuna_v1", "chatml"} <= set(entries["templates"])
     assert {"llava_json", "coco_captions", "vqav2"} <= set(entries["data_formats"])
 

@@ -1,4 +1,5 @@
-"""What is registered: vision encoders, connectors, chat templates, data formats, preprocessing."""
+"""What is registered: vision encoders, connectors, chat templates, data formats, preprocessing,
+training objectives."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ def catalog() -> Dict[str, List[str]]:
     from vlm.data.templates import TEMPLATES
     from vlm.modeling.connectors import CONNECTORS
     from vlm.modeling.vision import VISION_ENCODERS
+    from vlm.training.objectives import OBJECTIVES
 
     return {
         "vision_encoders": VISION_ENCODERS.names(),
@@ -19,4 +21,5 @@ def catalog() -> Dict[str, List[str]]:
         "templates": TEMPLATES.names(),
         "data_formats": READERS.names(),
         "preprocessing": PREPROCESSING.names(),
+        "objectives": OBJECTIVES.names(),
     }

@@ -1,4 +1,4 @@
-"""The ``vlm`` command: train, run recipes, evaluate, score, generate data, chat, list models."""
+"""The ``vlm`` command: train, run recipes, evaluate, score, generate data, chat, benchmark, list models."""
 
 from __future__ import annotations
 
@@ -39,14 +39,53 @@ def cmd_run(args) -> None:
     run_recipe(_load(args, out_required=True), resume=args.resume)
 
 
+RETRIEVAL_FLAGS = ("captions", "image_root", "rerank_k", "batch_size", "max_samples")
+
+
 def cmd_eval(args) -> None:
-    """Run the config's evaluations on a checkpoint."""
+    """Run the config's evaluations on a checkpoint, or `vlm eval retrieval` on a captions file."""
     from vlm.recipes import format_table, run_evals
 
-    cfg = _load(args)
-    metrics = run_evals(cfg, checkpoint=args.checkpoint)
+    if args.config == "retrieval":
+        metrics = {"retrieval": _eval_retrieval(args)}
+    else:
+        given = [f"--{f.replace('_', '-')}" for f in RETRIEVAL_FLAGS if getattr(args, f) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only for `vlm eval retrieval`; a config's evals take "
+                              "their settings from the config")
+        metrics = run_evals(_load(args), checkpoint=args.checkpoint)
     print(format_table(metrics))
     print(json.dumps(metrics))
+
+
+def _eval_retrieval(args) -> dict:
+    """`vlm eval retrieval --checkpoint DIR --captions FILE`: recall@1/5/10 of a Q-Former model."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from vlm.config import EvalConfig
+    from vlm.evaluation.runner import run_eval
+    from vlm.pipeline import build_processor, load_pretrained
+
+    if args.overrides:
+        raise ConfigError(f"vlm eval retrieval takes no overrides, got {args.overrides}")
+    if not args.checkpoint or not args.captions:
+        raise ConfigError("vlm eval retrieval needs --checkpoint (a stage output) and --captions (a COCO captions file)")
+    if args.rerank_k is not None and args.rerank_k < 1:
+        raise ConfigError(f"--rerank-k: must be at least 1, got {args.rerank_k}")
+    cfg = OmegaConf.structured(EvalConfig)
+    cfg.task = "retrieval"
+    cfg.data.format = "coco_captions"
+    cfg.data.args = {"path": args.captions, **({"image_root": args.image_root} if args.image_root else {})}
+    cfg.data.max_samples = args.max_samples
+    cfg.rerank_k = args.rerank_k
+    if args.batch_size is not None:
+        cfg.batch_size = args.batch_size
+    model, tokenizer, model_cfg = load_pretrained(args.checkpoint)
+    processor = build_processor(model, tokenizer, model_cfg)
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
+    return run_eval(model, processor, cfg, out, "retrieval")
 
 
 def cmd_score(args) -> None:
@@ -79,6 +118,15 @@ def cmd_chat(args) -> None:
 
     chat(args.checkpoint, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
          temperature=args.temperature, template=args.template)
+
+
+def cmd_bench_feature_cache(args) -> None:
+    """Train a stage with its frozen encoder running and from the feature cache; print samples/s."""
+    from vlm.bench import bench_feature_cache
+
+    result = bench_feature_cache(_load(args), args.stage, steps=args.steps, warmup=args.warmup,
+                                 repeats=args.repeats, prepare=args.prepare)
+    print(json.dumps({"config": args.config, **result}, indent=2))
 
 
 def cmd_models(args) -> None:
@@ -114,9 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("eval", help=cmd_eval.__doc__)
-    with_config(p)
+    p = sub.add_parser("eval", help=cmd_eval.__doc__,
+                       description="vlm eval CONFIG [overrides] [--checkpoint DIR]: the config's evals. "
+                                   "vlm eval retrieval --checkpoint DIR --captions FILE [--image-root DIR] "
+                                   "[--rerank-k K]: image-text retrieval of a Q-Former model.")
+    with_config(p, out_help="output folder (sets out_dir); retrieval: where retrieval_results.json goes "
+                            "(default: beside the checkpoint, in eval/)")
     p.add_argument("--checkpoint", help="stage output folder to evaluate (default: the last stage's final)")
+    p.add_argument("--captions", help="retrieval: COCO captions file (official or Karpathy)")
+    p.add_argument("--image-root", help="retrieval: folder the captions file's image paths are relative to")
+    p.add_argument("--rerank-k", type=int, help="retrieval: re-rank each query's k best with the ITM head")
+    p.add_argument("--batch-size", type=int, help="retrieval: encoding batch size (default 16)")
+    p.add_argument("--max-samples", type=int, help="retrieval: only the first N images")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help=cmd_score.__doc__)
@@ -145,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--template", help="chat template (default: the model's)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("bench", help="benchmarks (measurements, not tests)")
+    bench_sub = p.add_subparsers(dest="benchmark", required=True)
+    s = bench_sub.add_parser("feature-cache", help=cmd_bench_feature_cache.__doc__)
+    with_config(s, out_help="sets out_dir; the benchmark writes under OUT/bench_feature_cache")
+    s.add_argument("--stage", default="align", help="the stage to train (its vision encoder must be frozen)")
+    s.add_argument("--steps", type=int, default=30, help="timed optimizer steps per mode")
+    s.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    s.add_argument("--repeats", type=int, default=3, help="encoder / cache runs in turn; medians are reported")
+    s.add_argument("--prepare", action="store_true", help="run the recipe's prepare step first (demo data)")
+    s.set_defaults(func=cmd_bench_feature_cache)
 
     p = sub.add_parser("models", help=cmd_models.__doc__)
     p.add_argument("--json", action="store_true")

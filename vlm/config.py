@@ -53,7 +53,7 @@ class VisionConfig:
     arch: Dict[str, Any] = field(default_factory=dict)
     feature_layer: int = -2
     keep_cls: bool = False
-    preprocess: str = "resize_center_crop"
+    preprocess: Optional[str] = None  # None: the encoder's own default (``default_preprocess``)
     options: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,11 +152,16 @@ class StageConfig:
     save_every: Optional[int] = None
     log_every: int = 10
     num_workers: int = 0
+    # train from the frozen encoder's features, computed once and stored on disk
+    # (vlm/training/features.py); None: <out_dir>/feature_cache
+    feature_cache: bool = False
+    feature_cache_dir: Optional[str] = None
 
 
 @dataclass
 class EvalConfig:
-    """One evaluation: ``caption`` (COCO captions file) or ``vqa`` (VQAv2 questions/annotations)."""
+    """One evaluation: ``caption`` (COCO captions file), ``vqa`` (VQAv2 questions/annotations) or
+    ``retrieval`` (COCO captions file; image-text recall of a Q-Former model)."""
 
     task: str = "caption"
     data: DataConfig = field(default_factory=DataConfig)
@@ -165,6 +170,8 @@ class EvalConfig:
     num_beams: int = 1
     batch_size: int = 16
     checkpoint: Optional[str] = None
+    # retrieval only: re-rank each query's k best ITC candidates with the ITM head; None: ITC only
+    rerank_k: Optional[int] = None
 
 
 @dataclass
@@ -304,11 +311,14 @@ def _check_options(options: Dict[str, Any], options_type, where: str) -> None:
             raise ConfigError(f"{where}: this component takes no options, got {sorted(options)}")
         return
     try:
-        OmegaConf.merge(OmegaConf.structured(options_type), OmegaConf.create(dict(options)))
+        merged = OmegaConf.merge(OmegaConf.structured(options_type), OmegaConf.create(dict(options)))
     except OmegaConfBaseException as exc:
         key = getattr(exc, "key", None) or getattr(exc, "full_key", "") or ""
         hint = closest(str(key), _schema_fields(options_type)) if isinstance(exc, ConfigKeyError) else ""
         raise ConfigError(f"{where}.{key}: {_one_hint(str(exc).splitlines()[0], hint)}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:  # options declared with omegaconf's MISSING have no default
+        raise ConfigError(f"{where}.{missing[0]}: required, no default")
 
 
 def _check_kwargs(args: Dict[str, Any], fn, where: str) -> None:
@@ -316,6 +326,18 @@ def _check_kwargs(args: Dict[str, Any], fn, where: str) -> None:
     for key in args:
         if key not in params:
             raise ConfigError(f"{where}.{key}: not an argument of {fn.__name__}{closest(key, params)}")
+
+
+def _check_feature_cache(stage, connector_cls, objective_cls, where: str) -> None:
+    """A stage may train from cached features only if nothing it runs needs the encoder live."""
+    if Train(stage.train.vision) is not Train.frozen:
+        raise ConfigError(f"{where}: needs train.vision: frozen (cached features would go stale as "
+                          f"the encoder trains); got '{Train(stage.train.vision).value}'")
+    if not connector_cls.reads_features:
+        raise ConfigError(f"{where}: connector {connector_cls.__name__} runs the vision encoder itself "
+                          "and cannot read cached features")
+    if objective_cls.needs_pixels:
+        raise ConfigError(f"{where}: objective '{stage.objective}' reads the images itself")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -338,9 +360,17 @@ def validate(cfg: DictConfig) -> None:
     encoder_cls = lookup(VISION_ENCODERS, model.vision.name, "model.vision.name")
     _check_options(model.vision.options, encoder_cls.Options, "model.vision.options")
     encoder_cls.check_arch(dict(model.vision.arch), "model.vision.arch")
-    lookup(PREPROCESSING, model.vision.preprocess, "model.vision.preprocess")
+    if model.vision.preprocess is not None:
+        lookup(PREPROCESSING, model.vision.preprocess, "model.vision.preprocess")
     connector_cls = lookup(CONNECTORS, model.connector.name, "model.connector.name")
     _check_options(model.connector.options, connector_cls.Options, "model.connector.options")
+    connector_cls.check_options(dict(model.connector.options), "model.connector.options")
+    required = connector_cls.requires_vision
+    if required is not None and not issubclass(encoder_cls, required):
+        needed = [n for n in VISION_ENCODERS.names() if issubclass(VISION_ENCODERS.get(n), required)]
+        raise ConfigError(f"model.connector.name: connector '{model.connector.name}' runs inside a "
+                          f"{' / '.join(repr(n) for n in needed)} vision encoder; model.vision.name is "
+                          f"'{model.vision.name}'")
     if model.template != "tokenizer":
         lookup(TEMPLATES, model.template, "model.template")
     if model.llm.name_or_path is None and "model_type" not in model.llm.arch:
@@ -365,9 +395,11 @@ def validate(cfg: DictConfig) -> None:
         objective.check_stage(stage, where)
         if any(getattr(stage.train, c) == Train.lora for c in ("vision", "connector")):
             raise ConfigError(f"{where}.train: LoRA is supported for the llm only")
+        if stage.feature_cache:
+            _check_feature_cache(stage, connector_cls, objective, f"{where}.feature_cache")
     for name, ev in cfg.evals.items():
         where = f"evals.{name}"
-        expected = {"caption": "coco_captions", "vqa": "vqav2"}
+        expected = {"caption": "coco_captions", "vqa": "vqav2", "retrieval": "coco_captions"}
         if ev.task not in expected:
             raise ConfigError(f"{where}.task: unknown task '{ev.task}'{closest(ev.task, expected)}")
         if ev.data.format != expected[ev.task]:
@@ -376,6 +408,9 @@ def validate(cfg: DictConfig) -> None:
         if ev.task == "vqa" and not ev.data.args.get("annotations_path"):
             raise ConfigError(f"{where}.data.args.annotations_path: a vqa eval needs the VQAv2 "
                               "annotations file to score against")
+        if ev.rerank_k is not None and (ev.task != "retrieval" or ev.rerank_k < 1):
+            raise ConfigError(f"{where}.rerank_k: ITM re-ranking of the top k (k >= 1) applies to task "
+                              f"'retrieval' only; got {ev.rerank_k} for task '{ev.task}'")
 
 
 def to_container(cfg: DictConfig) -> dict:

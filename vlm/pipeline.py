@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -19,6 +20,7 @@ from vlm.data.types import Sample
 from vlm.modeling.llm import load_tokenizer
 from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training import checkpoint as ckpt
+from vlm.training.features import BuildReport, build_stage_feature_cache
 from vlm.training.objectives import build_objective
 from vlm.training.stages import apply_stage
 from vlm.training.trainer import Trainer, make_accelerator
@@ -67,32 +69,58 @@ def read_samples(data_cfgs) -> List[Sample]:
     return samples
 
 
-def run_stage(cfg: DictConfig, name: str, resume: bool = False) -> Path:
-    """Train stage ``name`` of a run config; returns its ``final`` folder."""
+@dataclass
+class StageRun:
+    """A stage ready to train: its trainer, its dataset and, with the feature cache on, the
+    cache build's report."""
+
+    trainer: Trainer
+    dataset: ConversationDataset
+    feature_cache: Optional[BuildReport] = None
+
+
+def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load_init: bool = True) -> StageRun:
+    """Build stage ``name`` of a run config up to its trainer: the model (from ``init_from``
+    unless ``load_init`` is False), the stage's train modes, its data (with the feature cache
+    built when ``feature_cache`` is on) and the trainer writing under ``out_dir``
+    (default ``<cfg.out_dir>/<name>``)."""
     stage = cfg.stages[name]
-    out_dir = Path(cfg.out_dir) / name
+    out_dir = Path(out_dir) if out_dir is not None else Path(cfg.out_dir) / name
+    init_from = stage.init_from if load_init else None
     accelerator = make_accelerator(stage.precision)
     if accelerator.is_main_process:
         save_config(cfg, out_dir / "config.yaml")
     set_seed(stage.seed)
-    tokenizer = load_stage_tokenizer(cfg.model, stage.init_from)
+    tokenizer = load_stage_tokenizer(cfg.model, init_from)
     model = VisionLanguageModel.from_config(cfg.model, tokenizer)
     prior = None
-    if stage.init_from:
-        ckpt.load_model_state(model, stage.init_from)
-        prior = ckpt.read_manifest(stage.init_from)
+    if init_from:
+        ckpt.load_model_state(model, init_from)
+        prior = ckpt.read_manifest(init_from)
     apply_stage(model, stage)
     processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length)
-    dataset = ConversationDataset(read_samples(stage.data), processor, name=name,
-                                  progress=accelerator.is_main_process)
+    objective = build_objective(stage.objective, model, tokenizer)
+    samples = read_samples(stage.data)
+    features, report = None, None
+    if stage.feature_cache:
+        root = stage.feature_cache_dir or Path(cfg.out_dir) / "feature_cache"
+        features, report = build_stage_feature_cache(model, objective, processor, samples, stage, root, name,
+                                                     accelerator, progress=accelerator.is_main_process)
+    dataset = ConversationDataset(samples, processor, name=name, progress=accelerator.is_main_process,
+                                  image_features=features.load if features is not None else None)
 
     def save_state(trained_model, folder):
         ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior)
 
-    objective = build_objective(stage.objective, model, tokenizer)
     trainer = Trainer(model, dataset, processor.collate, stage, out_dir, save_state, accelerator, name,
                       objective=objective)
-    final = trainer.train(resume=resume)
-    if dataset.image_failures:
-        logger.warning("stage %s: %d sample(s) skipped for unreadable images", name, dataset.image_failures)
+    return StageRun(trainer, dataset, report)
+
+
+def run_stage(cfg: DictConfig, name: str, resume: bool = False) -> Path:
+    """Train stage ``name`` of a run config; returns its ``final`` folder."""
+    run = build_stage(cfg, name)
+    final = run.trainer.train(resume=resume)
+    if run.dataset.image_failures:
+        logger.warning("stage %s: %d sample(s) skipped for unreadable images", name, run.dataset.image_failures)
     return final

@@ -5,28 +5,39 @@ samples that cannot be trained on: those whose labels are all masked and those w
 placeholders do not fit in ``max_length``. Both are left out, counted and reported, never
 silently trained on. An image that fails to load at training time is logged with its path and
 the sample is dropped from its batch (and counted) instead of killing the run.
+
+With ``image_features`` (the frozen-feature cache's reader), items carry each image's cached
+encoder features under ``image_features`` instead of its pixels under ``pixel_values``; a
+missing or unreadable entry is handled like an unreadable image.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
+import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from vlm.data.processor import IGNORE_INDEX, ImageLoadError, VLMProcessor
+from vlm.data.processor import IGNORE_INDEX, ImageLoadError, VLMProcessor, image_instructions
 from vlm.data.types import Sample
 
 logger = logging.getLogger(__name__)
 
 
 class ConversationDataset(Dataset):
-    """Samples tokenised by a processor; ``stats`` counts what was left out and why."""
+    """Samples tokenised by a processor; ``stats`` counts what was left out and why.
 
-    def __init__(self, samples: Sequence[Sample], processor: VLMProcessor, name: str = "data", progress: bool = True):
+    ``image_features(path)``, when given, returns an image's cached encoder features (raising
+    ImageLoadError when it cannot); items then hold ``image_features`` instead of ``pixel_values``.
+    """
+
+    def __init__(self, samples: Sequence[Sample], processor: VLMProcessor, name: str = "data", progress: bool = True,
+                 image_features: Optional[Callable[[str], torch.Tensor]] = None):
         self.processor = processor
+        self.image_features = image_features
         self.name = name
         self.stats: Counter = Counter()
         self.left_out: Dict[str, List[str]] = {}
@@ -59,10 +70,12 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> Optional[Dict]:
         sample, ids, labels = self.entries[index]
+        load, key = ((self.processor.load_image, "pixel_values") if self.image_features is None
+                     else (self.image_features, "image_features"))
         try:
-            pixels = [self.processor.load_image(path) for path in sample.images]
+            images = [load(path) for path in sample.images]
         except ImageLoadError as exc:
             self.image_failures += 1
             logger.warning("%s: skipping sample %s: %s", self.name, sample.meta.get("source", sample.id), exc)
             return None
-        return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
+        return {"input_ids": ids, "labels": labels, key: images, "instructions": image_instructions(sample.turns)}

@@ -91,11 +91,13 @@ class VLMProcessor:
             raise ImageLoadError(f"cannot load image {path}: {exc}") from exc
 
     def encode(self, sample: Sample, for_generation: bool = False) -> Dict:
-        """Token ids, labels and pixel tensors for one sample (images loaded here)."""
+        """Token ids, labels, pixel tensors (images loaded here) and each image's instruction
+        for one sample."""
         turns = self.prompt_turns(sample.turns) if for_generation else sample.turns
         input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation)
         pixels = [self.load_image(p) for p in sample.images]
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels}
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels,
+                "instructions": image_instructions(turns)}
 
     def collate(self, items: Sequence[Optional[Dict]], padding_side: str = "right") -> Dict[str, torch.Tensor]:
         """Pad a list of encoded samples into a batch; ``None`` items (failed samples) are dropped."""
@@ -103,8 +105,24 @@ class VLMProcessor:
         return pad_batch(items, self.tokenizer.pad_token_id, padding_side)
 
 
+def image_instructions(turns: Sequence[Turn]) -> List[str]:
+    """One instruction per ``<image>`` marker, in marker order: the text of the turn that holds
+    it, markers removed (what an instruction-aware connector reads beside the image)."""
+    instructions = []
+    for turn in turns:
+        count = turn.content.count(IMAGE_TOKEN)
+        if count:
+            instructions += [turn.content.replace(IMAGE_TOKEN, "").strip()] * count
+    return instructions
+
+
 def pad_batch(items: Sequence[Dict], pad_id: int, padding_side: str = "right") -> Dict[str, torch.Tensor]:
-    """Stack encoded samples: pad ids with ``pad_id``, labels with -100, images concatenated."""
+    """Stack encoded samples: pad ids with ``pad_id``, labels with -100, images concatenated.
+
+    Images are ``pixel_values``, or ``image_features`` (cached encoder features) when the items
+    carry those instead; the batch has the same key, None when it holds no image.
+    ``instructions`` is the list of every image's instruction, in image order.
+    """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got '{padding_side}'")
     longest = max((len(it["input_ids"]) for it in items), default=0)
@@ -117,7 +135,9 @@ def pad_batch(items: Sequence[Dict], pad_id: int, padding_side: str = "right") -
         ids[row, span] = torch.tensor(it["input_ids"], dtype=torch.long)
         labels[row, span] = torch.tensor(it["labels"], dtype=torch.long)
         mask[row, span] = 1
-    images = [p for it in items for p in it["pixel_values"]]
+    key = "image_features" if items and "image_features" in items[0] else "pixel_values"
+    images = [p for it in items for p in it[key]]
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    batch["pixel_values"] = torch.stack(images) if images else None
+    batch[key] = torch.stack(images) if images else None
+    batch["instructions"] = [text for it in items for text in it["instructions"]]
     return batch

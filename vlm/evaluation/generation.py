@@ -54,8 +54,8 @@ def generate_answers(model, processor: VLMProcessor, samples: Sequence[Sample], 
                           processor.tokenizer.pad_token_id, padding_side="left")
         pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
         new_tokens = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                    pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                    **settings)
+                                    pixel_values, instructions=batch["instructions"],
+                                    max_new_tokens=max_new_tokens, num_beams=num_beams, **settings)
         texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         answers.extend(clean_answer(t, stops) for t in texts)
     return answers

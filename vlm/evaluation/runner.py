@@ -21,16 +21,25 @@ def run_eval(model, processor, cfg: EvalConfig, out_dir: str | Path, name: str =
 
     ``caption``: results ``[{image_id, caption}]`` scored by pycocoevalcap (BLEU, METEOR,
     ROUGE-L, CIDEr). ``vqa``: results ``[{question_id, answer}]`` scored by the official VQAv2
-    accuracy after EvalAI answer normalisation.
+    accuracy after EvalAI answer normalisation. ``retrieval``: image<->text recall@1/5/10 of a
+    Q-Former model (``vlm/evaluation/retrieval.py``); results are each query's top 10.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     args = dict(cfg.data.args)
-    if cfg.task == "caption":
+    if cfg.task in ("caption", "retrieval"):
         args.setdefault("per", "image")
     samples = read_dataset(cfg.data.format, **args)
     if cfg.data.max_samples:
         samples = samples[: cfg.data.max_samples]
+    if cfg.task == "retrieval":
+        from vlm.evaluation.retrieval import evaluate_retrieval
+
+        scores, results = evaluate_retrieval(model, processor.load_image, samples, cfg.rerank_k,
+                                             batch_size=cfg.batch_size, desc=f"eval {name}")
+        (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
+        logger.info("%s: %s", name, scores)
+        return scores
     answers = generate_answers(model, processor, samples, batch_size=cfg.batch_size,
                                max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, desc=f"eval {name}")
     results_path = out_dir / f"{name}_results.json"

@@ -9,7 +9,7 @@ length never changes inside the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -50,7 +50,9 @@ class VisionLanguageModel(nn.Module):
 
         vision = build_vision_encoder(cfg.vision)
         llm = build_llm(cfg.llm, tokenizer)
-        connector = build_connector(cfg.connector, vision.embed_dim, llm.config.get_text_config().hidden_size)
+        connector = build_connector(cfg.connector, vision.embed_dim, llm.config.get_text_config().hidden_size,
+                                    tokenizer=tokenizer)
+        connector.bind_vision(vision)
         return cls(vision, connector, llm, tokenizer.convert_tokens_to_ids(cfg.image_token))
 
     @property
@@ -63,16 +65,20 @@ class VisionLanguageModel(nn.Module):
         """Placeholders per image (K)."""
         return self.connector.num_tokens(self.vision.num_patches)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images ``(n, 3, S, S)`` -> visual tokens ``(n, K, H_llm)``."""
+    def encode_images(self, pixel_values: torch.Tensor, instructions: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Images ``(n, 3, S, S)`` -> visual tokens ``(n, K, H_llm)``; ``instructions`` (one per
+        image) only for a connector that reads them."""
+        if self.connector.reads_instructions:
+            return self.connector.encode_images(self.vision, pixel_values, instructions=instructions)
         return self.connector.encode_images(self.vision, pixel_values)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
-              image_features: Optional[torch.Tensor] = None):
+              image_features: Optional[torch.Tensor] = None, instructions: Optional[Sequence[str]] = None):
         """Token embeddings with visual tokens scattered into the placeholder positions.
 
         Images come either as ``pixel_values`` or as ``image_features``, the frozen encoder's
         precomputed output ``(n, N, Dv)`` (the feature cache), which skips the encoder.
+        ``instructions`` (one text per image, from the processor) reach connectors that read them.
         Returns ``(inputs_embeds, visual_tokens or None)``.
         """
         if pixel_values is not None and image_features is not None:
@@ -92,13 +98,14 @@ class VisionLanguageModel(nn.Module):
                 if unused:
                     inputs_embeds = inputs_embeds + 0.0 * torch.stack(unused).sum()
             return inputs_embeds, None
+        extra = {"instructions": instructions} if self.connector.reads_instructions else {}
         if image_features is not None:
             if not self.connector.reads_features:
                 raise ValueError(f"connector {type(self.connector).__name__} runs the encoder itself; "
                                  "it cannot take precomputed image_features")
-            visual = self.connector(image_features.to(self.vision_dtype))
+            visual = self.connector(image_features.to(self.vision_dtype), **extra)
         else:
-            visual = self.encode_images(pixel_values)
+            visual = self.encode_images(pixel_values, instructions)
         if n_placeholders != visual.shape[0] * visual.shape[1]:
             raise ImageTokenMismatch(
                 f"input has {n_placeholders} image placeholder tokens but {visual.shape[0]} image(s) "
@@ -116,11 +123,12 @@ class VisionLanguageModel(nn.Module):
         pixel_values: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         image_features: Optional[torch.Tensor] = None,
+        instructions: Optional[Sequence[str]] = None,
         **llm_kwargs,
     ) -> VLMOutput:
         """Logits for every position, and the shifted next-token loss when ``labels`` are given
         (positions labelled -100 are ignored)."""
-        inputs_embeds, visual = self.embed(input_ids, pixel_values, image_features)
+        inputs_embeds, visual = self.embed(input_ids, pixel_values, image_features, instructions)
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
         return VLMOutput(out.loss, out.logits, visual, getattr(out, "past_key_values", None))
 
@@ -130,11 +138,12 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         pixel_values: Optional[torch.Tensor] = None,
+        instructions: Optional[Sequence[str]] = None,
         **generation_kwargs,
     ) -> torch.Tensor:
         """New token ids only, ``(B, T_new)``, by transformers' generation (greedy, beam search or
         sampling, KV cache on by default). Batches must be left-padded."""
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate() needs left padding: the last position is padding in some rows")
-        inputs_embeds, _ = self.embed(input_ids, pixel_values)
+        inputs_embeds, _ = self.embed(input_ids, pixel_values, instructions=instructions)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generation_kwargs)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import ClassVar, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,13 @@ class StepOutput:
 
 
 class Objective(nn.Module):
-    """A loss over a batch for a stage; may hold its own trainable parameters."""
+    """A loss over a batch for a stage; may hold its own trainable parameters.
+
+    ``needs_pixels``: the objective reads ``batch["pixel_values"]`` itself, so a stage using it
+    cannot train from the frozen-feature cache.
+    """
+
+    needs_pixels: ClassVar[bool] = False
 
     @classmethod
     def check_stage(cls, stage: StageConfig, where: str) -> None:
@@ -52,10 +58,14 @@ class Objective(nn.Module):
 
 @OBJECTIVES.register("lm")
 class LanguageModeling(Objective):
-    """The model's own next-token loss."""
+    """The model's own next-token loss. Connector parameters the LLM path never reads (the
+    Q-Former's text path and stage-1 heads) are frozen for the stage: DDP would otherwise wait
+    for their gradients, and weight decay would shrink them."""
 
     def __init__(self, model, tokenizer):
         super().__init__()
+        for param in model.connector.llm_unused_parameters():
+            param.requires_grad_(False)
 
     def forward(self, model, batch):
         return StepOutput(model(**batch).loss)
@@ -64,6 +74,8 @@ class LanguageModeling(Objective):
 @OBJECTIVES.register("caption_bow")
 class CaptionBagOfWords(Objective):
     """Vision warm-up: predict the set of trained tokens from mean-pooled patch features."""
+
+    needs_pixels = True
 
     def __init__(self, model, tokenizer):
         super().__init__()
@@ -109,3 +121,7 @@ class CaptionBagOfWords(Objective):
 def build_objective(name: str, model, tokenizer) -> Optional[Objective]:
     """The objective registered as ``name`` for ``model``."""
     return OBJECTIVES.get(name)(model, tokenizer)
+
+
+# registers the Q-Former's stage-1 objective (that module imports this one)
+from vlm.training import qformer_objectives  # noqa: E402,F401

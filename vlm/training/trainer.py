@@ -223,6 +223,7 @@ class Trainer:
                 record = {"stage": self.stage_name, "step": step, "epoch": round(step / self.steps_per_epoch, 4),
                           **{k: v / window_samples for k, v in window.items()},
                           "lr": self.scheduler.get_last_lr()[0],
+                          "samples": window_samples * acc.num_processes,
                           "samples_per_s": window_samples * acc.num_processes / max(elapsed, 1e-9),
                           "grad_norm": grad_norm}
                 self.history.append(record)

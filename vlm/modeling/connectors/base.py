@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Optional
+from typing import ClassVar, List, Optional
 
 import torch
 from torch import nn
@@ -20,6 +20,15 @@ class Connector(nn.Module, ABC):
     # False for connectors that run the encoder themselves (``encode_images`` overridden): their
     # visual tokens are not a function of the encoder's features, so no feature cache applies
     reads_features: ClassVar[bool] = True
+    # the VisionEncoder class this connector needs (checked by vlm.config.validate); None: any
+    requires_vision: ClassVar[Optional[type]] = None
+    # True for connectors with their own text path (the Q-Former): ``from_config`` then also gets
+    # the LLM's tokenizer as ``tokenizer=``
+    takes_tokenizer: ClassVar[bool] = False
+    # True (per instance) when the visual tokens depend on each image's instruction text (the
+    # instruction-aware Q-Former): the model then calls ``forward(features, instructions)`` /
+    # ``encode_images(vision, pixel_values, instructions)`` with one string per image
+    reads_instructions: bool = False
 
     @classmethod
     @abstractmethod
@@ -33,6 +42,22 @@ class Connector(nn.Module, ABC):
     @abstractmethod
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Visual tokens ``(B, K, llm_dim)``."""
+
+    @classmethod
+    def check_options(cls, options: dict, where: str) -> None:
+        """Raise ConfigError for option values that type checks cannot catch (called by
+        ``vlm.config.validate`` with ``where`` = the options' dotted key). The default accepts all."""
+
+    def llm_unused_parameters(self) -> List[nn.Parameter]:
+        """Parameters the LLM path (``forward``) never reads, e.g. the Q-Former's text path and
+        stage-1 heads. The ``lm`` objective freezes them, so that DDP does not wait for their
+        gradients and weight decay does not shrink them. The default: none."""
+        return []
+
+    def bind_vision(self, vision: nn.Module) -> None:
+        """Called once by ``VisionLanguageModel.from_config`` with the freshly built encoder,
+        before any weights are loaded; a connector initialised from the encoder's own weights
+        overrides it. The default does nothing."""
 
     def encode_images(self, vision: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images -> visual tokens. The default reads the encoder's patch features; a connector

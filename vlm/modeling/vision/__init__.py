@@ -2,7 +2,7 @@
 
 from vlm.modeling.vision.base import VisionEncoder
 from vlm.modeling.vision.registry import VISION_ENCODERS
-from vlm.modeling.vision import hf_clip, open_clip  # noqa: F401  (registration)
+from vlm.modeling.vision import beit3, hf_blip2, hf_clip, open_clip, timm_vit  # noqa: F401  (registration)
 
 
 def build_vision_encoder(cfg) -> VisionEncoder:

@@ -22,6 +22,8 @@ class VisionEncoder(nn.Module, ABC):
     """
 
     Options: ClassVar[Optional[type]] = None
+    # the preprocessing strategy used when ``cfg.preprocess`` is None
+    default_preprocess: ClassVar[str] = "resize_center_crop"
     mean: Sequence[float] = CLIP_MEAN
     std: Sequence[float] = CLIP_STD
 
@@ -59,8 +61,10 @@ class VisionEncoder(nn.Module, ABC):
         """Patch features ``(B, num_patches, embed_dim)``."""
 
     def image_transform(self, strategy: Optional[str] = None) -> ImageTransform:
-        """PIL image -> normalised tensor, by ``strategy`` (default: the config's ``preprocess``)."""
-        return build_transform(strategy or self.cfg.preprocess, self.image_size, self.mean, self.std)
+        """PIL image -> normalised tensor, by ``strategy`` (default: the config's ``preprocess``,
+        else the encoder's ``default_preprocess``)."""
+        strategy = strategy or self.cfg.preprocess or self.default_preprocess
+        return build_transform(strategy, self.image_size, self.mean, self.std)
 
 
 def layer_count(feature_layer: int, num_layers: int) -> int:

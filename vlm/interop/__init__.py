@@ -1,0 +1,1 @@
+"""Weight mappings between vlm components and other libraries' models."""

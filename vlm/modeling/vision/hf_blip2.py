@@ -1,0 +1,67 @@
+"""BLIP-2's ViT through transformers' ``Blip2VisionModel`` (EVA ViT-g as BLIP-2 ships it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Blip2VisionConfig, Blip2VisionModel
+
+from vlm.config import VisionConfig
+from vlm.modeling.vision.base import VisionEncoder, layer_count
+from vlm.modeling.vision.registry import VISION_ENCODERS
+
+
+@dataclass
+class HFBlip2VisionOptions:
+    """``post_layernorm``: apply the model's ``post_layernorm`` to the selected hidden state.
+    In transformers' BLIP-2 checkpoints that LayerNorm is BLIP-2's ``ln_vision`` (the trained
+    norm in front of the Q-Former), so keep it on for their weights and set the Q-Former's
+    ``vision_layernorm: false``."""
+
+    post_layernorm: bool = True
+
+
+@VISION_ENCODERS.register("hf_blip2_vision")
+class HFBlip2VisionEncoder(VisionEncoder):
+    """transformers ``Blip2VisionModel``; blocks after the feature layer are dropped at load.
+
+    BLIP-2 feeds every token, CLS included, to the Q-Former: use ``keep_cls: true`` and
+    ``feature_layer: -1`` (its checkpoints already hold only the blocks BLIP-2 uses).
+    """
+
+    Options = HFBlip2VisionOptions
+
+    def __init__(self, cfg: VisionConfig, model: Blip2VisionModel):
+        super().__init__(cfg)
+        config = model.config
+        keep = layer_count(cfg.feature_layer, config.num_hidden_layers)
+        model.encoder.layers = model.encoder.layers[:keep]
+        self.model = model
+        if not HFBlip2VisionOptions(**dict(cfg.options)).post_layernorm:
+            model.post_layernorm = nn.Identity()
+        self.embed_dim = config.hidden_size
+        self.image_size = config.image_size
+        grid = config.image_size // config.patch_size
+        self.num_patches = grid * grid + (1 if cfg.keep_cls else 0)
+
+    @classmethod
+    def from_config(cls, cfg: VisionConfig) -> "HFBlip2VisionEncoder":
+        if cfg.pretrained:
+            model = Blip2VisionModel.from_pretrained(cfg.pretrained)
+        else:
+            model = Blip2VisionModel(Blip2VisionConfig(**dict(cfg.arch)))
+        return cls(cfg, model)
+
+    @classmethod
+    def arch_keys(cls) -> set:
+        return set(Blip2VisionConfig().to_dict())
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = self.model.embeddings.patch_embedding.weight.dtype
+        hidden = self.model.embeddings(pixel_values.to(dtype))
+        for layer in self.model.encoder.layers:
+            hidden = layer(hidden)
+        hidden = self.model.post_layernorm(hidden)
+        return hidden if self.cfg.keep_cls else hidden[:, 1:]

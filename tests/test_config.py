@@ -183,6 +183,16 @@ def test_stage_without_data_is_refused(recipe):
         load_config(recipe, ["stages.empty.learning_rate=0.1"])
 
 
+def test_data_repeat_must_be_positive_and_is_refused_in_evals(recipe):
+    assert load_config(recipe, ["stages.align.data.0.repeat=3"]).stages.align.data[0].repeat == 3
+    with pytest.raises(ConfigError, match=r"^stages\.align\.data\.0\.repeat: must be at least 1, got 0"):
+        load_config(recipe, ["stages.align.data.0.repeat=0"])
+    ev = ["evals.cap.task=caption", "evals.cap.data.format=coco_captions", "evals.cap.data.args.path=c.json"]
+    load_config(recipe, ev)
+    with pytest.raises(ConfigError, match=r"^evals\.cap\.data\.repeat: an evaluation reads each sample once"):
+        load_config(recipe, ev + ["evals.cap.data.repeat=2"])
+
+
 def test_unknown_preprocess_strategy_is_refused_at_load(recipe):
     with pytest.raises(ConfigError) as info:
         load_config(recipe, ["model.vision.preprocess=pda"])

@@ -373,6 +373,20 @@ def test_vqav2_questions_only_is_inference_only(tmp_path):
     assert samples[0].images == ["42.png"] and "answers" not in samples[0].meta
 
 
+def test_vqav2_answer_types_keeps_only_those_types(tmp_path):
+    q = write_json(tmp_path / "q.json", QUESTIONS)
+    a = write_json(tmp_path / "a.json", ANNOTATIONS)
+    (only,) = read_vqav2(q, a, answer_types=["yes/no"])
+    assert only.id == "7001" and only.meta["answer_type"] == "yes/no"
+    assert [s.id for s in read_vqav2(q, a, answer_types=["other", "yes/no"])] == ["42000", "7001"]
+    with pytest.raises(DataFormatError, match=r"a\.json: no question has answer_type in \['number'\]"):
+        read_vqav2(q, a, answer_types=["number"])
+    with pytest.raises(ValueError, match="answer_types: filtering by answer type needs annotations_path"):
+        read_vqav2(q, answer_types=["yes/no"])
+    with pytest.raises(ValueError, match="answer_types: a list"):
+        read_vqav2(q, a, answer_types="yes/no")
+
+
 def test_vqav2_errors(tmp_path):
     q = write_json(tmp_path / "q.json", QUESTIONS)
     extra = {
@@ -414,3 +428,16 @@ def test_registry_and_read_dataset(tmp_path):
     assert sample.turns[0].content == "hello"
     with pytest.raises(KeyError, match="did you mean 'llava_json'"):
         read_dataset("llava-json", path=str(path))
+
+
+def test_read_samples_applies_max_samples_then_repeat_per_dataset(tmp_path):
+    from omegaconf import OmegaConf
+
+    from vlm.config import DataConfig
+    from vlm.pipeline import read_samples
+
+    args = {"questions_path": write_json(tmp_path / "q.json", QUESTIONS),
+            "annotations_path": write_json(tmp_path / "a.json", ANNOTATIONS)}
+    mix = [OmegaConf.structured(DataConfig(format="vqav2", args=args, max_samples=1, repeat=3)),
+           OmegaConf.structured(DataConfig(format="vqav2", args=args))]
+    assert [s.id for s in read_samples(mix)] == ["42000"] * 3 + ["42000", "7001"]

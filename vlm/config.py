@@ -106,6 +106,8 @@ class DataConfig:
     format: str = "llava_json"
     args: Dict[str, Any] = field(default_factory=dict)
     max_samples: Optional[int] = None
+    # each sample appears this many times per epoch (after max_samples): up-weights a dataset in a mix
+    repeat: int = 1
 
 
 @dataclass
@@ -382,6 +384,8 @@ def validate(cfg: DictConfig) -> None:
     def check_data(data, where):
         reader = lookup(READERS, data.format, f"{where}.format")
         _check_kwargs(data.args, reader, f"{where}.args")
+        if data.repeat < 1:
+            raise ConfigError(f"{where}.repeat: must be at least 1, got {data.repeat}")
 
     for name, stage in cfg.stages.items():
         where = f"stages.{name}"
@@ -405,6 +409,8 @@ def validate(cfg: DictConfig) -> None:
         if ev.data.format != expected[ev.task]:
             raise ConfigError(f"{where}.data.format: task '{ev.task}' reads '{expected[ev.task]}' data")
         check_data(ev.data, f"{where}.data")
+        if ev.data.repeat != 1:
+            raise ConfigError(f"{where}.data.repeat: an evaluation reads each sample once, got {ev.data.repeat}")
         if ev.task == "vqa" and not ev.data.args.get("annotations_path"):
             raise ConfigError(f"{where}.data.args.annotations_path: a vqa eval needs the VQAv2 "
                               "annotations file to score against")

@@ -61,11 +61,12 @@ def load_pretrained(folder: str | Path, device: Optional[str] = None) -> Tuple[V
 
 
 def read_samples(data_cfgs) -> List[Sample]:
-    """Read and concatenate every dataset of a stage (``max_samples`` applied per dataset)."""
+    """Read and concatenate every dataset of a stage (``max_samples``, then ``repeat``, applied
+    per dataset)."""
     samples: List[Sample] = []
     for data in data_cfgs:
         part = read_dataset(data.format, **dict(data.args))
-        samples.extend(part[: data.max_samples] if data.max_samples else part)
+        samples.extend((part[: data.max_samples] if data.max_samples else part) * data.repeat)
     return samples
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import string
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from vlm.data.types import IMAGE_TOKEN, Sample, Turn
 from vlm.registry import Registry
@@ -366,6 +366,7 @@ def read_vqav2(
     *,
     image_pattern: str = "COCO_{subset}_{image_id:012d}.jpg",
     prompt_suffix: str = VQA_PROMPT_SUFFIX,
+    answer_types: Optional[Sequence[str]] = None,
 ) -> List[Sample]:
     """Read VQAv2 questions (and optionally their annotations): one sample per question.
 
@@ -376,7 +377,14 @@ def read_vqav2(
     ``answer_type`` and ``question_type``; without them the sample has only the user turn (an
     inference-only sample) and no answer fields. ``meta`` always has ``question_id``,
     ``image_id`` and ``question``. Every question must have exactly one annotation and vice versa.
+    ``answer_types`` (needs annotations) keeps only the questions of those answer types
+    (VQAv2's ``yes/no``, ``number``, ``other``), e.g. to up-weight one type in a training mix.
     """
+    if answer_types is not None:
+        if annotations_path is None:
+            raise ValueError("answer_types: filtering by answer type needs annotations_path")
+        if isinstance(answer_types, str):
+            raise ValueError(f"answer_types: a list of answer types, got the string {answer_types!r}")
     qpath = os.fspath(questions_path)
     qdata = _load_json(qpath)
     questions = _require_list(qdata, "questions", qpath)
@@ -454,6 +462,11 @@ def read_vqav2(
                 f"annotation in {apath} ({len(missing)} question(s) unannotated)"
             )
 
+    if answer_types is not None:
+        wanted = set(answer_types)
+        parsed = [p for p in parsed if annotations[p[0]]["answer_type"] in wanted]
+        if not parsed:
+            raise DataFormatError(f"{annotations_path}: no question has answer_type in {sorted(wanted)}")
     samples = []
     for qid, image_id, text, where in parsed:
         image = image_pattern.format(subset=subset, image_id=image_id, question_id=qid)

@@ -129,6 +129,38 @@ def cmd_bench_feature_cache(args) -> None:
     print(json.dumps({"config": args.config, **result}, indent=2))
 
 
+def cmd_export_hf_llava(args) -> None:
+    """Write a stage output as a transformers LLaVA folder (LlavaForConditionalGeneration)."""
+    from vlm.interop.hf_llava import LlavaLayoutError, export_hf_llava
+
+    try:
+        print(f"exported: {export_hf_llava(args.checkpoint, args.out)}")
+    except LlavaLayoutError as exc:
+        raise ConfigError(f"{args.checkpoint}: {exc}") from None
+
+
+def cmd_import_hf_llava(args) -> None:
+    """Write a local transformers LLaVA folder as a vlm stage output."""
+    from vlm.data.image_transforms import PREPROCESSING
+    from vlm.data.templates import TEMPLATES
+    from vlm.interop.hf_llava import LlavaLayoutError, import_hf_llava
+
+    for registry, name, flag in ((TEMPLATES, args.template, "--template"),
+                                 (PREPROCESSING, args.preprocess, "--preprocess")):
+        if name != "tokenizer" or flag != "--template":
+            try:
+                registry.get(name)
+            except KeyError as exc:
+                raise ConfigError(f"{flag}: {exc.args[0]}") from None
+    try:
+        out = import_hf_llava(args.folder, args.out, template=args.template, image_token=args.image_token,
+                              preprocess=args.preprocess)
+    except LlavaLayoutError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"imported: {out} (vlm chat {out} --image IMG, or init_from: {out} with model.vision.pretrained: "
+          f"{out}/vision and model.llm.name_or_path: {out}/llm)")
+
+
 def cmd_models(args) -> None:
     """List the registered vision encoders, connectors, templates and data formats."""
     from vlm.catalog import catalog
@@ -213,6 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=3, help="encoder / cache runs in turn; medians are reported")
     s.add_argument("--prepare", action="store_true", help="run the recipe's prepare step first (demo data)")
     s.set_defaults(func=cmd_bench_feature_cache)
+
+    p = sub.add_parser("export", help="write a trained model in another library's format")
+    export_sub = p.add_subparsers(dest="format", required=True)
+    s = export_sub.add_parser("hf-llava", help=cmd_export_hf_llava.__doc__)
+    s.add_argument("checkpoint", help="stage output folder (hf_clip + mlp2x_gelu + a causal LM)")
+    s.add_argument("--out", required=True, help="folder to write (LlavaForConditionalGeneration.from_pretrained reads it)")
+    s.set_defaults(func=cmd_export_hf_llava)
+
+    p = sub.add_parser("import", help="turn another library's model into a vlm stage output")
+    import_sub = p.add_subparsers(dest="format", required=True)
+    s = import_sub.add_parser("hf-llava", help=cmd_import_hf_llava.__doc__)
+    s.add_argument("folder", help="local transformers LLaVA folder (config.json, safetensors, tokenizer)")
+    s.add_argument("--out", required=True, help="stage output folder to write")
+    s.add_argument("--template", default="vicuna_v1", help="chat template it was trained with (LLaVA-1.5: vicuna_v1)")
+    s.add_argument("--preprocess", default="pad", help="image preprocessing it was trained with (LLaVA-1.5: pad)")
+    s.add_argument("--image-token", default="<image>", help="the tokenizer's image placeholder token")
+    s.set_defaults(func=cmd_import_hf_llava)
 
     p = sub.add_parser("models", help=cmd_models.__doc__)
     p.add_argument("--json", action="store_true")

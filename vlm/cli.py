@@ -129,6 +129,14 @@ def cmd_bench_feature_cache(args) -> None:
     print(json.dumps({"config": args.config, **result}, indent=2))
 
 
+def _require_registered(registry, name: str, flag: str) -> None:
+    """ConfigError naming ``flag`` (with the registry's "did you mean") when ``name`` is unknown."""
+    try:
+        registry.get(name)
+    except KeyError as exc:
+        raise ConfigError(f"{flag}: {exc.args[0]}") from None
+
+
 def cmd_export_hf_llava(args) -> None:
     """Write a stage output as a transformers LLaVA folder (LlavaForConditionalGeneration)."""
     from vlm.interop.hf_llava import LlavaLayoutError, export_hf_llava
@@ -145,13 +153,9 @@ def cmd_import_hf_llava(args) -> None:
     from vlm.data.templates import TEMPLATES
     from vlm.interop.hf_llava import LlavaLayoutError, import_hf_llava
 
-    for registry, name, flag in ((TEMPLATES, args.template, "--template"),
-                                 (PREPROCESSING, args.preprocess, "--preprocess")):
-        if name != "tokenizer" or flag != "--template":
-            try:
-                registry.get(name)
-            except KeyError as exc:
-                raise ConfigError(f"{flag}: {exc.args[0]}") from None
+    if args.template != "tokenizer":  # the tokenizer's own template is not a registry name
+        _require_registered(TEMPLATES, args.template, "--template")
+    _require_registered(PREPROCESSING, args.preprocess, "--preprocess")
     try:
         out = import_hf_llava(args.folder, args.out, template=args.template, image_token=args.image_token,
                               preprocess=args.preprocess)

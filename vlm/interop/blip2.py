@@ -17,6 +17,8 @@ from typing import Dict, List
 
 import torch
 
+from vlm.interop import sub_state
+
 # (transformers pattern, our replacement), applied to every key of a Blip2QFormerModel
 _QFORMER_RENAMES = [
     (r"^layernorm\.", "embedding_norm."),
@@ -52,10 +54,6 @@ def qformer_state_from_hf(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
     return mapped
 
 
-def _sub(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def _load(module, state: Dict[str, torch.Tensor], allowed_missing: List[str]) -> None:
     """``load_state_dict`` that tolerates only missing keys starting with ``allowed_missing``."""
     result = module.load_state_dict(state, strict=False)
@@ -78,17 +76,17 @@ def load_blip2_for_conditional_generation(model, hf) -> None:
     so does its text feed-forward network when the checkpoint has none.
     """
     state = hf.state_dict()
-    vision = _sub(state, "vision_model.")
+    vision = sub_state(state, "vision_model.")
     kept = len(model.vision.model.encoder.layers)
     vision = {k: v for k, v in vision.items()
               if not (k.startswith("encoder.layers.") and int(k.split(".")[2]) >= kept)}
     _load(model.vision.model, vision, [])
-    connector = qformer_state_from_hf(_sub(state, "qformer."))
+    connector = qformer_state_from_hf(sub_state(state, "qformer."))
     connector["query_tokens"] = state["query_tokens"]
-    connector.update({f"proj.{k}": v for k, v in _sub(state, "language_projection.").items()})
+    connector.update({f"proj.{k}": v for k, v in sub_state(state, "language_projection.").items()})
     text_ffn = [f"layers.{i}.text_ffn." for i in range(len(model.connector.layers))]
     _load(model.connector, connector, _TEXT_PATH + text_ffn)
-    _load(model.llm, _sub(state, "language_model."), [])
+    _load(model.llm, sub_state(state, "language_model."), [])
 
 
 def load_blip2_for_retrieval(connector, hf) -> None:
@@ -96,11 +94,11 @@ def load_blip2_for_retrieval(connector, hf) -> None:
     text embeddings, ITC projections, ITM head) into a ``QFormer`` whose text vocabulary is the
     checkpoint's (its own ``[CLS]`` / ``[DEC]`` rows and the ITG head keep their values)."""
     state = hf.state_dict()
-    mapped = qformer_state_from_hf(_sub(state, "qformer."))
+    mapped = qformer_state_from_hf(sub_state(state, "qformer."))
     mapped["query_tokens"] = state["query_tokens"]
     for ours, theirs in (("vision_proj.", "vision_projection."), ("text_proj.", "text_projection."),
                          ("itm_head.", "itm_head."), ("position_embeddings.", "embeddings.position_embeddings.")):
-        mapped.update({ours + k: v for k, v in _sub(state, theirs).items()})
+        mapped.update({ours + k: v for k, v in sub_state(state, theirs).items()})
     _copy_word_embeddings(connector, state["embeddings.word_embeddings.weight"])
     _load(connector, mapped, ["word_embeddings.", "lm_head.", "temp", "proj."])
 

@@ -33,6 +33,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcesso
                           CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration, PreTrainedModel)
 
 from vlm.config import ModelConfig, VisionConfig
+from vlm.interop import sub_state
 from vlm.modeling.connectors.mlp import MLPProjector
 from vlm.modeling.vision.hf_clip import HFCLIPVisionEncoder
 from vlm.modeling.vlm import VisionLanguageModel
@@ -49,12 +50,12 @@ def _check_layout(model: VisionLanguageModel) -> None:
     if not isinstance(model.vision, HFCLIPVisionEncoder):
         raise LlavaLayoutError(f"model.vision: transformers' LLaVA holds a CLIP vision tower (vlm 'hf_clip'); "
                                f"this model's encoder is {type(model.vision).__name__}")
-    if type(model.connector) is not MLPProjector or model.connector.pool is not None:
+    pool = getattr(model.connector, "pool", None)
+    if type(model.connector) is not MLPProjector or pool is not None:
+        detail = f" with pool={pool}" if pool is not None else ""
         raise LlavaLayoutError("model.connector: transformers' LLaVA projector is Linear-GELU-Linear over every "
-                               f"patch (vlm 'mlp2x_gelu' without pool); this model's connector is "
-                               f"{type(model.connector).__name__}"
-                               + (f" with pool={model.connector.pool}" if type(model.connector) is MLPProjector
-                                  else ""))
+                               "patch (vlm 'mlp2x_gelu' without pool); this model's connector is "
+                               f"{type(model.connector).__name__}{detail}")
     if not isinstance(model.llm, PreTrainedModel) or model.llm.get_output_embeddings() is None:
         raise LlavaLayoutError(f"model.llm: needs a plain transformers causal LM (LoRA merged), got "
                                f"{type(model.llm).__name__}")
@@ -115,20 +116,16 @@ def from_hf_llava(llava: LlavaForConditionalGeneration, image_token_id: Optional
         raise LlavaLayoutError(f"vision_feature_select_strategy='{config.vision_feature_select_strategy}' "
                                "is not 'default' or 'full'")
     state = llava.state_dict()
-
-    def part(prefix: str) -> Dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
     vision = CLIPVisionModel(config.vision_config)
-    vision.load_state_dict(part("model.vision_tower."))
+    vision.load_state_dict(sub_state(state, "model.vision_tower."))
     encoder = HFCLIPVisionEncoder(VisionConfig(name="hf_clip", feature_layer=config.vision_feature_layer,
                                                keep_cls=config.vision_feature_select_strategy == "full"), vision)
-    projector = part("model.multi_modal_projector.")
+    projector = sub_state(state, "model.multi_modal_projector.")
     connector = MLPProjector(config.vision_config.hidden_size, config.text_config.hidden_size,
                              bias="linear_1.bias" in projector)
     connector.load_state_dict(_renamed(projector, to_hf=False))
     llm = AutoModelForCausalLM.from_config(config.text_config)
-    llm.base_model.load_state_dict(part("model.language_model."))
+    llm.base_model.load_state_dict(sub_state(state, "model.language_model."))
     llm.get_output_embeddings().weight.data.copy_(state["lm_head.weight"])
     token = config.image_token_id if image_token_id is None else image_token_id
     return VisionLanguageModel(encoder, connector, llm, token).eval()

@@ -22,10 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from vlm.registry import closest
+from vlm.errors import ConfigError  # noqa: F401  (re-exported: vlm.config.ConfigError)
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key and, where possible, a fix."""
 
 
 class Train(str, enum.Enum):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -20,6 +20,7 @@ from vlm.data.types import Sample
 from vlm.modeling.llm import load_tokenizer
 from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training import checkpoint as ckpt
+from vlm.training.callbacks import Callback
 from vlm.training.features import BuildReport, build_stage_feature_cache
 from vlm.training.objectives import build_objective
 from vlm.training.stages import apply_stage
@@ -80,11 +81,12 @@ class StageRun:
     feature_cache: Optional[BuildReport] = None
 
 
-def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load_init: bool = True) -> StageRun:
+def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load_init: bool = True,
+                callbacks: Sequence[Callback] = ()) -> StageRun:
     """Build stage ``name`` of a run config up to its trainer: the model (from ``init_from``
     unless ``load_init`` is False), the stage's train modes, its data (with the feature cache
     built when ``feature_cache`` is on) and the trainer writing under ``out_dir``
-    (default ``<cfg.out_dir>/<name>``)."""
+    (default ``<cfg.out_dir>/<name>``), calling ``callbacks``."""
     stage = cfg.stages[name]
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg.out_dir) / name
     init_from = stage.init_from if load_init else None
@@ -114,7 +116,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
         ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior)
 
     trainer = Trainer(model, dataset, processor.collate, stage, out_dir, save_state, accelerator, name,
-                      objective=objective)
+                      objective=objective, callbacks=callbacks)
     return StageRun(trainer, dataset, report)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 
 from vlm.data.types import IMAGE_TOKEN, Sample, Turn
 from vlm.registry import Registry
+from vlm.errors import DataFormatError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -31,8 +32,6 @@ _SPEAKERS = {
 READERS: Registry[Callable[..., List[Sample]]] = Registry("dataset format")
 
 
-class DataFormatError(ValueError):
-    """A dataset file is malformed; the message names the file, the record and the field."""
 
 
 def read_dataset(format: str, **kwargs: Any) -> List[Sample]:

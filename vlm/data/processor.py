@@ -15,12 +15,11 @@ from PIL import Image
 from vlm.data.image_transforms import ImageTransform
 from vlm.data.templates import ChatTemplate
 from vlm.data.types import IMAGE_TOKEN, Sample, Turn
+from vlm.errors import ImageLoadError
 
 IGNORE_INDEX = -100
 
 
-class ImageLoadError(OSError):
-    """An image that cannot be opened or decoded; the message names the file."""
 
 
 class VLMProcessor:

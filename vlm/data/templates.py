@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 
 from vlm.data.types import IMAGE_TOKEN, Turn
 from vlm.registry import Registry
+from vlm.errors import TemplateError
 
 TEMPLATES: Registry = Registry("chat template")
 
@@ -35,8 +36,6 @@ class Segment:
     trainable: bool
 
 
-class TemplateError(ValueError):
-    """A conversation the template cannot render."""
 
 
 class ChatTemplate(ABC):

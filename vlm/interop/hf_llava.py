@@ -38,12 +38,11 @@ from vlm.modeling.connectors.mlp import MLPProjector
 from vlm.modeling.vision.hf_clip import HFCLIPVisionEncoder
 from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training.checkpoint import MANIFEST, atomic_dir
+from vlm.errors import LayoutError as LlavaLayoutError
 
 EXPORT_INFO = "vlm_export.json"
 
 
-class LlavaLayoutError(ValueError):
-    """A model that is not in the LLaVA layout transformers' LLaVA can hold; says which part."""
 
 
 def _check_layout(model: VisionLanguageModel) -> None:

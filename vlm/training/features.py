@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from vlm.config import Train
 from vlm.data.processor import ImageLoadError
+from vlm.errors import FeatureCacheError
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ TENSOR = "features"
 KEY_FILE = "key.json"
 
 
-class FeatureCacheError(ValueError):
-    """A stage or model that cannot use the feature cache; the message names the config key."""
 
 
 def _digest() -> "hashlib._Hash":

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -25,6 +25,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vlm.config import Precision, StageConfig
 from vlm.training import checkpoint as ckpt
+from vlm.training.callbacks import Callback, CallbackList
 from vlm.training.objectives import LanguageModeling, Objective
 from vlm.training.stages import parameter_groups, set_train_modes
 
@@ -82,13 +83,16 @@ class Trainer:
     """Trains ``model`` on ``dataset`` as ``stage`` says, writing under ``out_dir``.
 
     ``save_state(model, folder)`` writes the model part of a checkpoint (weights, manifest,
-    tokenizer); the trainer adds the training state and makes the write atomic.
+    tokenizer); the trainer adds the training state and makes the write atomic. ``callbacks``
+    (:mod:`vlm.training.callbacks`) are called at the start, after each step, on each log
+    record, after each checkpoint and at the end.
     """
 
     def __init__(self, model, dataset, collate: Callable, stage: StageConfig, out_dir: str | Path,
                  save_state: Callable, accelerator: Optional[Accelerator] = None, stage_name: str = "stage",
-                 objective: Optional[Objective] = None):
+                 objective: Optional[Objective] = None, callbacks: Sequence[Callback] = ()):
         self.stage = stage
+        self.callbacks = CallbackList(callbacks)
         self.stage_name = stage_name
         self.out_dir = Path(out_dir)
         self.save_state = save_state
@@ -189,6 +193,7 @@ class Trainer:
         window: Dict[str, float] = {}
         window_samples, window_start = 0, time.perf_counter()
         micro = 0
+        self.callbacks.on_train_start(self, position)
         batches = self._batches(position["epoch"], position["batch"])
         while position["step"] < self.total_steps:
             epoch, index, batch = next(batches)
@@ -226,6 +231,7 @@ class Trainer:
                           "samples": window_samples * acc.num_processes,
                           "samples_per_s": window_samples * acc.num_processes / max(elapsed, 1e-9),
                           "grad_norm": grad_norm}
+                self.callbacks.on_log(self, record)
                 self.history.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 samples_s=f"{record['samples_per_s']:.1f}")
@@ -234,12 +240,16 @@ class Trainer:
                         f.write(json.dumps(record) + "\n")
                 window, window_samples, window_start = {}, 0, time.perf_counter()
             if stage.save_every and step % stage.save_every == 0 and step < self.total_steps:
-                self.save_checkpoint(self.out_dir / "checkpoints" / f"step_{step:07d}", position)
+                folder = self.out_dir / "checkpoints" / f"step_{step:07d}"
+                self.save_checkpoint(folder, position)
+                self.callbacks.on_checkpoint(self, folder)
+            self.callbacks.on_step_end(self, position)
         bar.close()
         final = self.out_dir / "final"
         self.save_checkpoint(final, None)
         if self.is_main:
             plot_losses(metrics_path, self.out_dir / "loss.png")
+        self.callbacks.on_train_end(self, final)
         return final
 
 

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from transformers import AutoTokenizer
 
-from vlm.config import ModelConfig, load_config
+from vlm.config import ModelConfig
+from vlm.wiring import load_run_config
 from vlm.data.tokenizer_training import train_tokenizer
 
 SENTENCES = [
@@ -102,7 +103,7 @@ def image_paths(tmp_path) -> List[str]:
 
 def run_config(tmp_path: Path, tokenizer_dir, stages: Dict[str, dict], out_dir: Optional[Path] = None,
                overrides: Sequence[str] = (), model: Optional[dict] = None):
-    """Write a recipe YAML with the tiny model and ``stages`` and load it with ``load_config``."""
+    """Write a recipe YAML with the tiny model and ``stages`` and load it with ``load_run_config``."""
     model_section = {
         "vision": {"name": "hf_clip", "arch": dict(VISION_ARCH), "preprocess": "resize"},
         "connector": {"name": "mlp2x_gelu"},
@@ -114,7 +115,7 @@ def run_config(tmp_path: Path, tokenizer_dir, stages: Dict[str, dict], out_dir: 
     recipe = {"out_dir": str(out_dir or tmp_path / "run"), "model": model_section, "stages": stages}
     path = tmp_path / f"recipe_{len(list(tmp_path.glob('recipe_*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return load_config(path, overrides=list(overrides))
+    return load_run_config(path, overrides=list(overrides))
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,9 @@ import torch
 import yaml
 
 from conftest import LLM_ARCH, tiny_model_config
-from vlm.config import ConfigError, ConnectorConfig, VisionConfig, load_config
-from vlm.modeling.connectors import build_connector
+from vlm.config import ConfigError, ConnectorConfig, VisionConfig
+from vlm.wiring import load_run_config
+from vlm.modeling.connectors import BuildContext, build_connector
 from vlm.modeling.connectors.beit3_query import BEiT3QueryConnector
 from vlm.modeling.vision import build_vision_encoder
 from vlm.modeling.vlm import VisionLanguageModel
@@ -35,8 +36,8 @@ def beit3(**fields):
 
 def connector(vision, **options):
     torch.manual_seed(1)
-    conn = build_connector(ConnectorConfig(name="beit3_query", options={"num_queries": K, **options}), DIM, 24)
-    conn.bind_vision(vision)
+    conn = build_connector(ConnectorConfig(name="beit3_query", options={"num_queries": K, **options}),
+                           BuildContext(DIM, 24, vision=vision))
     return conn.eval()
 
 
@@ -141,15 +142,15 @@ def test_other_encoders_are_refused_with_a_clear_error():
     from conftest import VISION_ARCH
 
     clip = build_vision_encoder(VisionConfig(name="hf_clip", arch=dict(VISION_ARCH)))
-    conn = build_connector(ConnectorConfig(name="beit3_query"), 32, 24)
     with pytest.raises(TypeError, match="'beit3_query' runs inside the 'beit3' vision encoder; got HFCLIP"):
-        conn.bind_vision(clip)
+        build_connector(ConnectorConfig(name="beit3_query"), BuildContext(32, 24, vision=clip))
+    conn = build_connector(ConnectorConfig(name="beit3_query"), BuildContext(32, 24))
     with pytest.raises(TypeError, match="'beit3' vision encoder"):
         conn.encode_images(clip, torch.randn(1, 3, 32, 32))
 
 
 def test_it_cannot_take_precomputed_features():
-    assert BEiT3QueryConnector.reads_features is False
+    assert "cannot read cached features" in BEiT3QueryConnector.feature_cache_conflict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,9 +170,9 @@ def test_validation_refuses_the_query_connector_on_another_encoder(tmp_path, tok
     path = recipe(tmp_path, tokenizer_dir, {"name": "hf_clip"}, {"name": "beit3_query"})
     with pytest.raises(ConfigError, match=r"^model.connector.name: connector 'beit3_query' runs inside a 'beit3' "
                                           r"vision encoder; model.vision.name is 'hf_clip'"):
-        load_config(path)
+        load_run_config(path)
     ok = recipe(tmp_path, tokenizer_dir, {"name": "beit3", "arch": dict(BEIT3_ARCH)}, {"name": "beit3_query"})
-    load_config(ok)
+    load_run_config(ok)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -183,16 +184,16 @@ def test_validation_refuses_the_query_connector_on_another_encoder(tmp_path, tok
 def test_validation_of_the_new_options(tmp_path, tokenizer_dir, override, message):
     path = recipe(tmp_path, tokenizer_dir, {"name": "beit3", "arch": dict(BEIT3_ARCH)}, {"name": "beit3_query"})
     with pytest.raises(ConfigError, match=message):
-        load_config(path, [override])
+        load_run_config(path, [override])
 
 
 def test_timm_vit_needs_a_model_name(tmp_path, tokenizer_dir):
     path = recipe(tmp_path, tokenizer_dir, {"name": "timm_vit"}, {"name": "mlp2x_gelu"})
     with pytest.raises(ConfigError, match="^model.vision.options.model_name: required"):
-        load_config(path)
-    load_config(path, ["model.vision.options.model_name=vit_base_patch16_clip_224"])
+        load_run_config(path)
+    load_run_config(path, ["model.vision.options.model_name=vit_base_patch16_clip_224"])
     with pytest.raises(ConfigError, match="model.vision.arch.embed_dimm.*did you mean 'embed_dim'"):
-        load_config(path, ["model.vision.options.model_name=x", "model.vision.arch.embed_dimm=8"])
+        load_run_config(path, ["model.vision.options.model_name=x", "model.vision.arch.embed_dimm=8"])
 
 
 def test_a_vlm_with_beit3_queries_trains_the_queries_through_the_frozen_encoder(tokenizer_dir, tokenizer):

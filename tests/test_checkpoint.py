@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from conftest import LLM_ARCH, VISION_ARCH, build_tiny_model
-from vlm.config import load_config
+from vlm.wiring import load_run_config
 from vlm.modeling.llm import load_tokenizer
 from vlm.pipeline import load_pretrained
 from vlm.training.checkpoint import save_model_state
@@ -24,7 +24,7 @@ def test_model_yaml_is_resolved_and_rebuilds_the_model(tmp_path, tokenizer_dir, 
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    cfg = load_config(path)
+    cfg = load_run_config(path)
     assert "${" in yaml.safe_dump(recipe["model"])  # the recipe does interpolate
 
     tokenizer = load_tokenizer(cfg.model.llm, cfg.model.image_token)

@@ -8,7 +8,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import LLM_ARCH, VISION_ARCH
-from vlm.config import ConfigError, Train, load_config, save_config, to_container
+from vlm.config import ConfigError, Train, save_config, to_container
+from vlm.wiring import load_run_config
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def recipe(tmp_path):
 
 
 def test_valid_recipe_loads_with_schema_types(recipe):
-    cfg = load_config(recipe)
+    cfg = load_run_config(recipe)
     assert cfg.stages.align.batch_size == 8  # schema default
     assert cfg.stages.align.train.llm == Train.frozen
     assert cfg.model.vision.arch.hidden_size == VISION_ARCH["hidden_size"]
@@ -38,7 +39,7 @@ def test_valid_recipe_loads_with_schema_types(recipe):
 
 def test_unknown_stage_key_names_the_dotted_key_and_suggests_the_closest(recipe):
     with pytest.raises(ConfigError) as info:
-        load_config(recipe, ["stages.align.lerning_rate=0.1"])
+        load_run_config(recipe, ["stages.align.lerning_rate=0.1"])
     message = str(info.value)
     assert "stages.align.lerning_rate" in message
     assert "did you mean 'learning_rate'" in message
@@ -50,7 +51,7 @@ def test_unknown_key_in_the_yaml_file_is_reported_with_the_file(tmp_path, recipe
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.conector.*did you mean 'connector'"):
-        load_config(bad)
+        load_run_config(bad)
 
 
 def test_unknown_key_fails_in_the_cli_before_any_model_is_built(recipe, monkeypatch, capsys):
@@ -70,19 +71,19 @@ def test_unknown_key_fails_in_the_cli_before_any_model_is_built(recipe, monkeypa
 
 def test_wrong_type_names_the_key(recipe):
     with pytest.raises(ConfigError) as info:
-        load_config(recipe, ["stages.align.batch_size=abc"])
+        load_run_config(recipe, ["stages.align.batch_size=abc"])
     assert "stages.align.batch_size" in str(info.value)
     assert "abc" in str(info.value)
 
 
 def test_unknown_enum_value_names_the_key(recipe):
     with pytest.raises(ConfigError, match="stages.align.train.llm"):
-        load_config(recipe, ["stages.align.train.llm=qlora"])
+        load_run_config(recipe, ["stages.align.train.llm=qlora"])
 
 
 def test_unknown_registry_name_suggests_the_registered_one(recipe):
     with pytest.raises(ConfigError) as info:
-        load_config(recipe, ["model.vision.name=hf_clp"])
+        load_run_config(recipe, ["model.vision.name=hf_clp"])
     message = str(info.value)
     assert message.startswith("model.vision.name")
     assert "did you mean 'hf_clip'" in message
@@ -90,9 +91,9 @@ def test_unknown_registry_name_suggests_the_registered_one(recipe):
 
 def test_unknown_connector_and_template_names_are_reported(recipe):
     with pytest.raises(ConfigError, match=r"model\.connector\.name.*did you mean 'mlp2x_gelu'"):
-        load_config(recipe, ["model.connector.name=mlp2x_gelo"])
+        load_run_config(recipe, ["model.connector.name=mlp2x_gelo"])
     with pytest.raises(ConfigError, match=r"stages\.align\.template.*did you mean 'vicuna_v1'"):
-        load_config(recipe, ["stages.align.template=vicuna"])
+        load_run_config(recipe, ["stages.align.template=vicuna"])
 
 
 def test_unknown_reader_argument_names_the_key_and_suggests(tmp_path, recipe):
@@ -101,7 +102,7 @@ def test_unknown_reader_argument_names_the_key_and_suggests(tmp_path, recipe):
     bad = tmp_path / "bad_reader.yaml"
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError) as info:
-        load_config(bad)
+        load_run_config(bad)
     message = str(info.value)
     assert "stages.align.data.0.args.imag_root" in message
     assert "did you mean 'image_root'" in message
@@ -109,12 +110,12 @@ def test_unknown_reader_argument_names_the_key_and_suggests(tmp_path, recipe):
 
 def test_unknown_reader_format_is_reported(recipe):
     with pytest.raises(ConfigError, match=r"stages\.align\.data\.0\.format.*coco_captions"):
-        load_config(recipe, ["stages.align.data.0.format=coco_caption"])
+        load_run_config(recipe, ["stages.align.data.0.format=coco_caption"])
 
 
 def test_unknown_vision_arch_field_names_the_key(recipe):
     with pytest.raises(ConfigError) as info:
-        load_config(recipe, ["model.vision.arch.hiden_size=64"])
+        load_run_config(recipe, ["model.vision.arch.hiden_size=64"])
     message = str(info.value)
     assert "model.vision.arch.hiden_size" in message
     assert "did you mean 'hidden_size'" in message
@@ -122,16 +123,16 @@ def test_unknown_vision_arch_field_names_the_key(recipe):
 
 def test_unknown_component_option_names_the_key(recipe):
     with pytest.raises(ConfigError, match=r"model\.connector\.options\.biass.*'bias'"):
-        load_config(recipe, ["model.connector.options.biass=false"])
+        load_run_config(recipe, ["model.connector.options.biass=false"])
 
 
 def test_lora_on_vision_is_refused(recipe):
     with pytest.raises(ConfigError, match=r"stages\.align\.train.*llm only"):
-        load_config(recipe, ["stages.align.train.vision=lora"])
+        load_run_config(recipe, ["stages.align.train.vision=lora"])
 
 
 def test_dotted_overrides_apply_with_schema_types(recipe):
-    cfg = load_config(recipe, ["stages.align.learning_rate=0.5", "stages.align.batch_size=3",
+    cfg = load_run_config(recipe, ["stages.align.learning_rate=0.5", "stages.align.batch_size=3",
                                "stages.align.train.llm=lora", "model.vision.arch.num_hidden_layers=2"])
     assert cfg.stages.align.learning_rate == 0.5 and isinstance(cfg.stages.align.learning_rate, float)
     assert cfg.stages.align.batch_size == 3
@@ -141,61 +142,61 @@ def test_dotted_overrides_apply_with_schema_types(recipe):
 
 
 def test_dotted_override_into_a_list_item_applies(recipe):
-    cfg = load_config(recipe, ["stages.align.data.0.max_samples=7", "stages.align.data.0.args.path=/x/c.json"])
+    cfg = load_run_config(recipe, ["stages.align.data.0.max_samples=7", "stages.align.data.0.args.path=/x/c.json"])
     assert cfg.stages.align.data[0].max_samples == 7
     assert cfg.stages.align.data[0].args.path == "/x/c.json"
     assert cfg.stages.align.data[0].format == "coco_captions", "siblings stay"
     with pytest.raises(ConfigError, match=r"stages\.align\.data\[0\]\.formt.*'format'"):
-        load_config(recipe, ["stages.align.data.0.formt=jsonl"])
+        load_run_config(recipe, ["stages.align.data.0.formt=jsonl"])
 
 
 def test_interpolations_resolve_and_command_line_out_dir_wins(tmp_path, recipe):
-    cfg = load_config(recipe)
+    cfg = load_run_config(recipe)
     run = str(tmp_path / "run")
     assert cfg.prepare.shapes.out == f"{run}/data"
     assert cfg.stages.align.data[0].args.image_root == f"{run}/data/images/train"
     assert cfg.model.llm.tokenizer == f"{run}/tokenizer"
-    moved = load_config(recipe, out_dir="/elsewhere")
+    moved = load_run_config(recipe, out_dir="/elsewhere")
     assert moved.stages.align.data[0].args.path == "/elsewhere/data/captions_train.json"
 
 
 def test_save_config_writes_a_resolved_yaml_that_loads_back_equal(tmp_path, recipe):
-    cfg = load_config(recipe, ["stages.align.batch_size=5", "stages.align.train.llm=full"])
+    cfg = load_run_config(recipe, ["stages.align.batch_size=5", "stages.align.train.llm=full"])
     saved = tmp_path / "saved" / "config.yaml"
     save_config(cfg, saved)
     text = saved.read_text()
     assert "${" not in text, "the saved config must be resolved"
     assert OmegaConf.load(saved).stages.align.train.llm == "full"
-    again = load_config(saved)
+    again = load_run_config(saved)
     assert to_container(again) == to_container(cfg)
     assert again.stages.align.batch_size == 5
 
 
 def test_missing_config_file_and_malformed_override_are_config_errors(tmp_path, recipe):
     with pytest.raises(ConfigError, match="not found"):
-        load_config(tmp_path / "nope.yaml")
+        load_run_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="key=value"):
-        load_config(recipe, ["stages.align.batch_size"])
+        load_run_config(recipe, ["stages.align.batch_size"])
 
 
 def test_stage_without_data_is_refused(recipe):
     with pytest.raises(ConfigError, match=r"stages\.empty\.data"):
-        load_config(recipe, ["stages.empty.learning_rate=0.1"])
+        load_run_config(recipe, ["stages.empty.learning_rate=0.1"])
 
 
 def test_data_repeat_must_be_positive_and_is_refused_in_evals(recipe):
-    assert load_config(recipe, ["stages.align.data.0.repeat=3"]).stages.align.data[0].repeat == 3
+    assert load_run_config(recipe, ["stages.align.data.0.repeat=3"]).stages.align.data[0].repeat == 3
     with pytest.raises(ConfigError, match=r"^stages\.align\.data\.0\.repeat: must be at least 1, got 0"):
-        load_config(recipe, ["stages.align.data.0.repeat=0"])
+        load_run_config(recipe, ["stages.align.data.0.repeat=0"])
     ev = ["evals.cap.task=caption", "evals.cap.data.format=coco_captions", "evals.cap.data.args.path=c.json"]
-    load_config(recipe, ev)
+    load_run_config(recipe, ev)
     with pytest.raises(ConfigError, match=r"^evals\.cap\.data\.repeat: an evaluation reads each sample once"):
-        load_config(recipe, ev + ["evals.cap.data.repeat=2"])
+        load_run_config(recipe, ev + ["evals.cap.data.repeat=2"])
 
 
 def test_unknown_preprocess_strategy_is_refused_at_load(recipe):
     with pytest.raises(ConfigError) as info:
-        load_config(recipe, ["model.vision.preprocess=pda"])
+        load_run_config(recipe, ["model.vision.preprocess=pda"])
     message = str(info.value)
     assert message.startswith("model.vision.preprocess:")
     assert "did you mean 'pad'" in message and "resize_center_crop" in message
@@ -203,11 +204,11 @@ def test_unknown_preprocess_strategy_is_refused_at_load(recipe):
 
 def test_unknown_llm_dtype_is_refused_at_load(recipe):
     with pytest.raises(ConfigError) as info:
-        load_config(recipe, ["model.llm.dtype=bfloat61"])
+        load_run_config(recipe, ["model.llm.dtype=bfloat61"])
     message = str(info.value)
     assert message.startswith("model.llm.dtype:")
     assert "did you mean 'bfloat16'" in message and "float32" in message
-    assert load_config(recipe, ["model.llm.dtype=bfloat16"]).model.llm.dtype == "bfloat16"
+    assert load_run_config(recipe, ["model.llm.dtype=bfloat16"]).model.llm.dtype == "bfloat16"
 
 
 def test_vqa_eval_without_annotations_path_is_refused(tmp_path, recipe):
@@ -216,9 +217,9 @@ def test_vqa_eval_without_annotations_path_is_refused(tmp_path, recipe):
         "questions_path": "/data/q.json", "annotations_path": "/data/a.json"}}}}
     path = tmp_path / "with_vqa.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    assert load_config(path).evals.vqa.data.args.annotations_path == "/data/a.json"
+    assert load_run_config(path).evals.vqa.data.args.annotations_path == "/data/a.json"
     with pytest.raises(ConfigError, match=r"^evals\.vqa\.data\.args\.annotations_path"):
-        load_config(path, ["evals.vqa.data.args.annotations_path=null"])
+        load_run_config(path, ["evals.vqa.data.args.annotations_path=null"])
 
 
 @pytest.mark.parametrize("override, suggestion", [
@@ -228,7 +229,7 @@ def test_vqa_eval_without_annotations_path_is_refused(tmp_path, recipe):
 ])
 def test_did_you_mean_appears_once(recipe, override, suggestion):
     with pytest.raises(ConfigError) as info:
-        load_config(recipe, [override])
+        load_run_config(recipe, [override])
     message = str(info.value)
     assert message.lower().count("did you mean") == 1, message
     assert f"(did you mean '{suggestion}'?)" in message

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from vlm.modeling.connectors import CONNECTORS, build_connector
+from vlm.modeling.connectors import CONNECTORS, BuildContext, build_connector
 from vlm.config import ConnectorConfig
 
 
 def test_tokenwise_projectors_keep_one_token_per_patch():
     for name in ("linear", "mlp2x_gelu"):
-        connector = build_connector(ConnectorConfig(name=name), vision_dim=8, llm_dim=12)
+        connector = build_connector(ConnectorConfig(name=name), BuildContext(vision_dim=8, llm_dim=12))
         out = connector(torch.randn(3, 16, 8))
         assert connector.num_tokens(16) == 16
         assert out.shape == (3, 16, 12)

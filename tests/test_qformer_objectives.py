@@ -181,6 +181,8 @@ def test_itc_and_itg_fall_when_fitting_a_batch(qformer_model, tokenizer):
     model, _ = qformer_model
     torch.manual_seed(0)
     objective = QFormerStage1(model, tokenizer)
+    for param in QFormerStage1.frozen_parameters(model):  # as apply_stage does
+        param.requires_grad_(False)
     assert not any(p.requires_grad for p in model.connector.proj.parameters())  # no LLM in stage 1
     batch = feature_batch(tokenizer, TEXTS)
     params = [p for p in model.connector.parameters() if p.requires_grad]

@@ -12,7 +12,8 @@ import yaml
 from conftest import LLM_ARCH, VISION_ARCH, build_tiny_model, run_config, tiny_model_config
 from test_cli import run_main
 from test_qformer_objectives import QFORMER
-from vlm.config import ConfigError, load_config
+from vlm.config import ConfigError
+from vlm.wiring import load_run_config
 from vlm.data.formats import read_dataset
 from vlm.evaluation.retrieval import evaluate_retrieval, recall_at_k, retrieval_pairs
 from vlm.pipeline import build_processor, run_stage
@@ -108,7 +109,7 @@ def test_config_checks_retrieval_evals(tmp_path, tokenizer_dir):
                   "evals": {"r": ev}}
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe))
-        return load_config(path)
+        return load_run_config(path)
 
     good = {"task": "retrieval", "data": {"format": "coco_captions", "args": {"path": "x.json"}}, "rerank_k": 8}
     assert load(good).evals.r.rerank_k == 8

@@ -125,3 +125,30 @@ def test_apply_stage_accepts_a_structured_omegaconf_stage(tiny_model):
     apply_stage(tiny_model, s)
     names = trainable_names(tiny_model)
     assert names["connector"] == [] and len(names["llm"]) == len(list(tiny_model.llm.parameters()))
+
+
+@pytest.mark.parametrize("objective", ["lm", "qformer_stage1"])
+def test_logged_counts_are_what_trains_once_the_objective_is_built(tokenizer_dir, tokenizer, objective, caplog):
+    """A Q-Former stage freezes what its objective never reads (``Objective.frozen_parameters``)
+    before counting, so the logged and returned counts equal the parameters with requires_grad
+    after the objective is built."""
+    from conftest import build_tiny_model, tiny_model_config
+    from vlm.training.objectives import build_objective
+
+    options = dict(num_queries=4, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, embed_dim=16)
+    cfg = tiny_model_config(tokenizer_dir, **{"connector.name": "qformer", "connector.options": options})
+    model = build_tiny_model(cfg, tokenizer)
+    everything = sum(p.numel() for p in model.connector.parameters())
+    with caplog.at_level("INFO", logger="vlm.training.stages"):
+        counts = apply_stage(model, stage(objective=objective))
+    build_objective(objective, model, tokenizer)
+    really = {c: sum(p.numel() for p in getattr(model, c).parameters() if p.requires_grad)
+              for c in ("vision", "connector", "llm")}
+    assert counts == really
+    assert 0 < counts["connector"] < everything  # some of the Q-Former is frozen for either objective
+    assert f"connector={counts['connector']:,} (full)" in caplog.text
+    frozen = {id(p) for p in model.connector.parameters() if not p.requires_grad}
+    if objective == "lm":
+        assert frozen == {id(p) for p in model.connector.llm_unused_parameters()}
+    else:
+        assert frozen == {id(p) for p in model.connector.proj.parameters()}

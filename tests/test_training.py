@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import vlm.pipeline
 from conftest import run_config
 from vlm.training import checkpoint as ckpt
-from vlm.training.trainer import Trainer
+from vlm.training.callbacks import Callback
 
 
 def captions(shapes, max_samples=None):
@@ -63,15 +63,12 @@ def assert_same_state(a, b, where=""):
         assert a == b, where
 
 
-class CapturingTrainer(Trainer):
-    """A Trainer that keeps itself and the model's weights as they were when training began."""
+class Capture(Callback):
+    """Keeps the trainer and the model's weights as they were when training began."""
 
-    instances: list = []
-
-    def __init__(self, model, *args, **kwargs):
-        self.initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        super().__init__(model, *args, **kwargs)
-        CapturingTrainer.instances.append(self)
+    def on_train_start(self, trainer, position):
+        self.trainer = trainer
+        self.initial_state = {k: v.detach().clone() for k, v in trainer._unwrapped().state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +96,26 @@ def test_loss_goes_down_and_metrics_and_plot_are_written(tmp_path, tokenizer_dir
     assert (out / "config.yaml").is_file()
 
 
+def test_the_last_shorter_accumulation_window_is_averaged_over_its_own_length(tmp_path, tokenizer_dir,
+                                                                             shapes_data):
+    """12 samples in batches of 4 are 3 micro-batches per epoch; with grad_accum 2 the epoch's
+    second window holds micro-batch 3 alone, so its gradient is that batch's, as with grad_accum 1
+    (the learning rate is ~0, so the weights, and the gradients, do not move between steps)."""
+    def grad_norms(grad_accum, steps, out):
+        stages = {"s": {"data": [captions(shapes_data, max_samples=12)], "batch_size": 4, "grad_accum": grad_accum,
+                        "max_steps": steps, "learning_rate": 1e-12, "warmup_ratio": 0.0, "log_every": 1,
+                        "max_grad_norm": 1e9}}
+        cfg = run_config(tmp_path, tokenizer_dir, stages, out_dir=tmp_path / out)
+        run = vlm.pipeline.build_stage(cfg, "s")
+        run.trainer.train()
+        return [r["grad_norm"] for r in run.trainer.history]
+
+    one = grad_norms(1, 3, "one")
+    two = grad_norms(2, 2, "two")
+    assert one[2] == pytest.approx(two[1], rel=1e-4)
+    assert one[2] > 0 and two[0] != pytest.approx(one[0], rel=1e-3)  # the first window is really two batches
+
+
 # ---------------------------------------------------------------------------------------------
 # a two-stage chain shared by the resume and chain tests: base (LLM full) -> instruct (LoRA)
 
@@ -123,14 +140,11 @@ def chain(tmp_path_factory, tokenizer_dir, shapes_data):
     root = tmp_path_factory.mktemp("chain")
     out_a = root / "A"
     cfg = run_config(root, tokenizer_dir, chain_stages(shapes_data, out_a / "base" / "final"), out_dir=out_a)
-    CapturingTrainer.instances = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(vlm.pipeline, "Trainer", CapturingTrainer)
-        base_final = vlm.pipeline.run_stage(cfg, "base")
-        instruct_final = vlm.pipeline.run_stage(cfg, "instruct")
-    base_trainer, instruct_trainer = CapturingTrainer.instances
+    instruct = Capture()
+    base_final = vlm.pipeline.run_stage(cfg, "base")
+    instruct_final = vlm.pipeline.run_stage(cfg, "instruct", callbacks=[instruct])
     return {"root": root, "cfg": cfg, "base_final": base_final, "instruct_final": instruct_final,
-            "instruct_trainer": instruct_trainer}
+            "instruct_trainer": instruct.trainer, "instruct_initial_state": instruct.initial_state}
 
 
 def test_resume_from_a_checkpoint_reproduces_the_run_bitwise(chain, tokenizer_dir, shapes_data):
@@ -178,7 +192,7 @@ def test_step_three_checkpoint_holds_adamw_step_count_three_and_its_position(cha
 
 def test_next_stage_starts_from_the_previous_stage_final_weights(chain):
     base_final = chain["base_final"]
-    initial = chain["instruct_trainer"].initial_state
+    initial = chain["instruct_initial_state"]
     for component in ("connector", "vision"):
         saved = tensors(base_final / f"{component}.safetensors")
         for name, value in saved.items():

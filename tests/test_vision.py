@@ -14,7 +14,7 @@ from skimage import data as skdata
 from conftest import VISION_ARCH
 from vlm.config import VisionConfig
 from vlm.data.image_transforms import CLIP_MEAN, CLIP_STD, PREPROCESSING, build_transform, to_rgb
-from vlm.modeling.connectors import build_connector
+from vlm.modeling.connectors import BuildContext, build_connector
 from vlm.modeling.vision import build_vision_encoder
 from vlm.config import ConnectorConfig
 
@@ -46,7 +46,7 @@ def test_encoder_output_shape_and_connector_token_count(name, keep_cls):
     assert enc.num_patches == (S // 8) ** 2 + keep_cls
     features = enc(torch.randn(2, 3, S, S))
     assert features.shape == (2, enc.num_patches, enc.embed_dim)
-    connector = build_connector(ConnectorConfig(name="mlp2x_gelu"), enc.embed_dim, 48)
+    connector = build_connector(ConnectorConfig(name="mlp2x_gelu"), BuildContext(enc.embed_dim, 48))
     tokens = connector(features)
     assert tokens.shape == (2, connector.num_tokens(enc.num_patches), 48)
     assert connector.num_tokens(enc.num_patches) == enc.num_patches

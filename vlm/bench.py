@@ -16,22 +16,27 @@ from typing import Dict, List, Optional
 import torch
 from omegaconf import DictConfig
 
-from vlm.config import ConfigError, validate
+from vlm.config import ConfigError
+from vlm.training.callbacks import Callback
+from vlm.wiring import validate
 
 
-def _timed_train(trainer, warmup: int) -> Dict[str, float]:
-    """Run ``trainer`` and measure the optimizer steps after the first ``warmup``: wall-clock and
-    this process's CPU time (the latter barely moves when other jobs share the machine)."""
-    marks: List[tuple] = []
-    step = trainer.scheduler.step  # called once per optimizer step, right after it
+class StepTimer(Callback):
+    """Marks wall-clock and this process's CPU time after every optimizer step."""
 
-    def timed_step(*args, **kwargs):
-        out = step(*args, **kwargs)
-        marks.append((time.perf_counter(), time.process_time()))
-        return out
+    def __init__(self):
+        self.marks: List[tuple] = []
 
-    trainer.scheduler.step = timed_step
+    def on_step_end(self, trainer, position):
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+
+def _timed_train(trainer, timer: StepTimer, warmup: int) -> Dict[str, float]:
+    """Run ``trainer`` (which calls ``timer``) and measure the optimizer steps after the first
+    ``warmup``: wall-clock and this process's CPU time (the latter barely moves when other jobs
+    share the machine)."""
     trainer.train()
+    marks = timer.marks
     samples = sum(r["samples"] for r in trainer.history if r["step"] > warmup)
     wall = marks[-1][0] - marks[warmup - 1][0]
     cpu = marks[-1][1] - marks[warmup - 1][1]
@@ -78,9 +83,10 @@ def bench_feature_cache(cfg: DictConfig, stage_name: str = "align", steps: int =
             stage.save_every = None
             stage.log_every = 1
             validate(run_cfg)
-            run = build_stage(run_cfg, stage_name, out_dir=work / mode, load_init=False)
+            timer = StepTimer()
+            run = build_stage(run_cfg, stage_name, out_dir=work / mode, load_init=False, callbacks=[timer])
             result["device"] = str(run.trainer.accelerator.device)
-            runs[mode].append(_timed_train(run.trainer, warmup))
+            runs[mode].append(_timed_train(run.trainer, timer, warmup))
             if run.feature_cache is not None:
                 report = run.feature_cache
                 builds.append({"seconds": round(report.seconds, 3), "images": report.images,

@@ -1,5 +1,5 @@
 """What is registered: vision encoders, connectors, chat templates, data formats, preprocessing,
-training objectives."""
+training objectives, evaluation tasks (the one list is ``vlm.wiring.REGISTRIES``)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,6 @@ from typing import Dict, List
 
 def catalog() -> Dict[str, List[str]]:
     """Every registry's exact names, by kind."""
-    from vlm.data.formats import READERS
-    from vlm.data.image_transforms import PREPROCESSING
-    from vlm.data.templates import TEMPLATES
-    from vlm.modeling.connectors import CONNECTORS
-    from vlm.modeling.vision import VISION_ENCODERS
-    from vlm.training.objectives import OBJECTIVES
+    from vlm.wiring import catalog as wired
 
-    return {
-        "vision_encoders": VISION_ENCODERS.names(),
-        "connectors": CONNECTORS.names(),
-        "templates": TEMPLATES.names(),
-        "data_formats": READERS.names(),
-        "preprocessing": PREPROCESSING.names(),
-        "objectives": OBJECTIVES.names(),
-    }
+    return wired()

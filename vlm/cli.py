@@ -12,12 +12,12 @@ from vlm.config import ConfigError
 
 
 def _load(args, out_required: bool = False):
-    from vlm.config import load_config
+    from vlm.wiring import load_run_config
 
     defaults = {"out_dir": args.out} if getattr(args, "out", None) else {}
     if out_required and not defaults:
         raise ConfigError("--out DIR is required")
-    return load_config(args.config, args.overrides, **defaults)
+    return load_run_config(args.config, args.overrides, **defaults)
 
 
 def cmd_train(args) -> None:

@@ -1,17 +1,17 @@
-"""Structured configs: OmegaConf dataclasses, YAML loading, dotted overrides and validation.
+"""Structured configs: OmegaConf dataclasses, YAML loading, dotted overrides and saving.
 
 A run config (a *recipe*) is a tree of the dataclasses below. Loading merges the YAML and the
 command-line overrides into the schema, so an unknown key or a wrong type fails before any model
-is built, with the full dotted key and the closest valid name. Component-specific ``options``
-(free-form in the schema) are checked against the component's own options dataclass by
-:func:`validate` once the registries are populated.
+is built, with the full dotted key and the closest valid name. This module is data only: it
+knows no component. Registry names, component ``options`` (free-form here) and reader arguments
+are checked by :func:`vlm.wiring.validate`; :func:`vlm.wiring.load_run_config` loads and
+validates in one call. Importing this module imports no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import inspect
 import re
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +23,6 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from vlm.registry import closest
 from vlm.errors import ConfigError  # noqa: F401  (re-exported: vlm.config.ConfigError)
-
-
 
 
 class Train(str, enum.Enum):
@@ -160,12 +158,20 @@ class StageConfig:
 
 
 @dataclass
+class EvalDataConfig(DataConfig):
+    """An evaluation's dataset; ``format`` None: the task's own (``vlm.evaluation.tasks``)."""
+
+    format: Optional[str] = None
+
+
+@dataclass
 class EvalConfig:
-    """One evaluation: ``caption`` (COCO captions file), ``vqa`` (VQAv2 questions/annotations) or
-    ``retrieval`` (COCO captions file; image-text recall of a Q-Former model)."""
+    """One evaluation: a task from ``vlm.evaluation.tasks.TASKS`` (``caption``: COCO captions
+    file; ``vqa``: VQAv2 questions/annotations; ``retrieval``: COCO captions file, image-text
+    recall of a Q-Former model)."""
 
     task: str = "caption"
-    data: DataConfig = field(default_factory=DataConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
     template: Optional[str] = None
     max_new_tokens: int = 24
     num_beams: int = 1
@@ -209,6 +215,8 @@ class RunConfig:
     """A recipe: preparation, a model, ordered stages and evaluations, all under ``out_dir``."""
 
     out_dir: str = "runs/default"
+    # modules imported before the config is validated: their imports register components
+    plugins: List[str] = field(default_factory=list)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: Dict[str, StageConfig] = field(default_factory=dict)
@@ -272,7 +280,8 @@ def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), **defaults) -> DictConfig:
-    """Load a recipe YAML (or none), apply dotted ``key=value`` overrides, validate the schema.
+    """Load a recipe YAML (or none), apply dotted ``key=value`` overrides, check the schema
+    (keys and types; not registry names: :func:`vlm.wiring.load_run_config` does both).
 
     ``defaults`` are set before the file (``out_dir=...`` from the command line, for instance).
     """
@@ -302,120 +311,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         if isinstance(exc, ConfigError):
             raise
         raise _explain(exc, origin) from None
-    validate(schema)
     return schema
-
-
-def _check_options(options: Dict[str, Any], options_type, where: str) -> None:
-    if options_type is None:
-        if options:
-            raise ConfigError(f"{where}: this component takes no options, got {sorted(options)}")
-        return
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(options_type), OmegaConf.create(dict(options)))
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "key", None) or getattr(exc, "full_key", "") or ""
-        hint = closest(str(key), _schema_fields(options_type)) if isinstance(exc, ConfigKeyError) else ""
-        raise ConfigError(f"{where}.{key}: {_one_hint(str(exc).splitlines()[0], hint)}") from None
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:  # options declared with omegaconf's MISSING have no default
-        raise ConfigError(f"{where}.{missing[0]}: required, no default")
-
-
-def _check_kwargs(args: Dict[str, Any], fn, where: str) -> None:
-    params = inspect.signature(fn).parameters
-    for key in args:
-        if key not in params:
-            raise ConfigError(f"{where}.{key}: not an argument of {fn.__name__}{closest(key, params)}")
-
-
-def _check_feature_cache(stage, connector_cls, objective_cls, where: str) -> None:
-    """A stage may train from cached features only if nothing it runs needs the encoder live."""
-    if Train(stage.train.vision) is not Train.frozen:
-        raise ConfigError(f"{where}: needs train.vision: frozen (cached features would go stale as "
-                          f"the encoder trains); got '{Train(stage.train.vision).value}'")
-    if not connector_cls.reads_features:
-        raise ConfigError(f"{where}: connector {connector_cls.__name__} runs the vision encoder itself "
-                          "and cannot read cached features")
-    if objective_cls.needs_pixels:
-        raise ConfigError(f"{where}: objective '{stage.objective}' reads the images itself")
-
-
-def validate(cfg: DictConfig) -> None:
-    """Check registry names, component options and reader arguments, without building anything."""
-    from vlm.data.formats import READERS
-    from vlm.data.image_transforms import PREPROCESSING
-    from vlm.data.templates import TEMPLATES
-    from vlm.modeling.connectors import CONNECTORS
-    from vlm.modeling.llm import DTYPES  # imported here: vlm.modeling.llm imports this module
-    from vlm.modeling.vision import VISION_ENCODERS
-    from vlm.training.objectives import OBJECTIVES
-
-    def lookup(registry, name, where):
-        try:
-            return registry.get(name)
-        except KeyError as exc:
-            raise ConfigError(f"{where}: {exc.args[0]}") from None
-
-    model = cfg.model
-    encoder_cls = lookup(VISION_ENCODERS, model.vision.name, "model.vision.name")
-    _check_options(model.vision.options, encoder_cls.Options, "model.vision.options")
-    encoder_cls.check_arch(dict(model.vision.arch), "model.vision.arch")
-    if model.vision.preprocess is not None:
-        lookup(PREPROCESSING, model.vision.preprocess, "model.vision.preprocess")
-    connector_cls = lookup(CONNECTORS, model.connector.name, "model.connector.name")
-    _check_options(model.connector.options, connector_cls.Options, "model.connector.options")
-    connector_cls.check_options(dict(model.connector.options), "model.connector.options")
-    required = connector_cls.requires_vision
-    if required is not None and not issubclass(encoder_cls, required):
-        needed = [n for n in VISION_ENCODERS.names() if issubclass(VISION_ENCODERS.get(n), required)]
-        raise ConfigError(f"model.connector.name: connector '{model.connector.name}' runs inside a "
-                          f"{' / '.join(repr(n) for n in needed)} vision encoder; model.vision.name is "
-                          f"'{model.vision.name}'")
-    if model.template != "tokenizer":
-        lookup(TEMPLATES, model.template, "model.template")
-    if model.llm.name_or_path is None and "model_type" not in model.llm.arch:
-        raise ConfigError("model.llm: give name_or_path, or arch with a model_type")
-    if model.llm.dtype not in DTYPES:
-        raise ConfigError(f"model.llm.dtype: unknown dtype '{model.llm.dtype}'{closest(model.llm.dtype, DTYPES)}; "
-                          f"known: {', '.join(sorted(DTYPES))}")
-
-    def check_data(data, where):
-        reader = lookup(READERS, data.format, f"{where}.format")
-        _check_kwargs(data.args, reader, f"{where}.args")
-        if data.repeat < 1:
-            raise ConfigError(f"{where}.repeat: must be at least 1, got {data.repeat}")
-
-    for name, stage in cfg.stages.items():
-        where = f"stages.{name}"
-        if stage.template is not None and stage.template != "tokenizer":
-            lookup(TEMPLATES, stage.template, f"{where}.template")
-        if not stage.data:
-            raise ConfigError(f"{where}.data: a stage needs at least one dataset")
-        for i, data in enumerate(stage.data):
-            check_data(data, f"{where}.data.{i}")
-        objective = lookup(OBJECTIVES, stage.objective, f"{where}.objective")
-        objective.check_stage(stage, where)
-        if any(getattr(stage.train, c) == Train.lora for c in ("vision", "connector")):
-            raise ConfigError(f"{where}.train: LoRA is supported for the llm only")
-        if stage.feature_cache:
-            _check_feature_cache(stage, connector_cls, objective, f"{where}.feature_cache")
-    for name, ev in cfg.evals.items():
-        where = f"evals.{name}"
-        expected = {"caption": "coco_captions", "vqa": "vqav2", "retrieval": "coco_captions"}
-        if ev.task not in expected:
-            raise ConfigError(f"{where}.task: unknown task '{ev.task}'{closest(ev.task, expected)}")
-        if ev.data.format != expected[ev.task]:
-            raise ConfigError(f"{where}.data.format: task '{ev.task}' reads '{expected[ev.task]}' data")
-        check_data(ev.data, f"{where}.data")
-        if ev.data.repeat != 1:
-            raise ConfigError(f"{where}.data.repeat: an evaluation reads each sample once, got {ev.data.repeat}")
-        if ev.task == "vqa" and not ev.data.args.get("annotations_path"):
-            raise ConfigError(f"{where}.data.args.annotations_path: a vqa eval needs the VQAv2 "
-                              "annotations file to score against")
-        if ev.rerank_k is not None and (ev.task != "retrieval" or ev.rerank_k < 1):
-            raise ConfigError(f"{where}.rerank_k: ITM re-ranking of the top k (k >= 1) applies to task "
-                              f"'retrieval' only; got {ev.rerank_k} for task '{ev.task}'")
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -115,14 +115,15 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     def save_state(trained_model, folder):
         ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior)
 
-    trainer = Trainer(model, dataset, processor.collate, stage, out_dir, save_state, accelerator, name,
+    trainer = Trainer(model, dataset, collate=processor.collate, stage=stage, out_dir=out_dir,
+                      save_state=save_state, accelerator=accelerator, stage_name=name,
                       objective=objective, callbacks=callbacks)
     return StageRun(trainer, dataset, report)
 
 
-def run_stage(cfg: DictConfig, name: str, resume: bool = False) -> Path:
-    """Train stage ``name`` of a run config; returns its ``final`` folder."""
-    run = build_stage(cfg, name)
+def run_stage(cfg: DictConfig, name: str, resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:
+    """Train stage ``name`` of a run config (calling ``callbacks``); returns its ``final`` folder."""
+    run = build_stage(cfg, name, callbacks=callbacks)
     final = run.trainer.train(resume=resume)
     if run.dataset.image_failures:
         logger.warning("stage %s: %d sample(s) skipped for unreadable images", name, run.dataset.image_failures)

@@ -9,8 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers import PreTrainedTokenizerBase
 
 from vlm.config import ConfigError, LLMConfig, LoraConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from vlm.modeling.dtypes import DTYPES
 
 
 def torch_dtype(name: str) -> torch.dtype:

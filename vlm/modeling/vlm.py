@@ -44,15 +44,15 @@ class VisionLanguageModel(nn.Module):
     @classmethod
     def from_config(cls, cfg: ModelConfig, tokenizer) -> "VisionLanguageModel":
         """Build every component from a model config; the tokenizer must hold the image token."""
-        from vlm.modeling.connectors import build_connector
+        from vlm.modeling.connectors import BuildContext, build_connector
         from vlm.modeling.llm import build_llm
         from vlm.modeling.vision import build_vision_encoder
 
         vision = build_vision_encoder(cfg.vision)
         llm = build_llm(cfg.llm, tokenizer)
-        connector = build_connector(cfg.connector, vision.embed_dim, llm.config.get_text_config().hidden_size,
-                                    tokenizer=tokenizer)
-        connector.bind_vision(vision)
+        ctx = BuildContext(vision_dim=vision.embed_dim, llm_dim=llm.config.get_text_config().hidden_size,
+                           tokenizer=tokenizer, vision=vision)
+        connector = build_connector(cfg.connector, ctx)
         return cls(vision, connector, llm, tokenizer.convert_tokens_to_ids(cfg.image_token))
 
     @property
@@ -67,10 +67,8 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor, instructions: Optional[Sequence[str]] = None) -> torch.Tensor:
         """Images ``(n, 3, S, S)`` -> visual tokens ``(n, K, H_llm)``; ``instructions`` (one per
-        image) only for a connector that reads them."""
-        if self.connector.reads_instructions:
-            return self.connector.encode_images(self.vision, pixel_values, instructions=instructions)
-        return self.connector.encode_images(self.vision, pixel_values)
+        image, or None) go to the connector, which may ignore them."""
+        return self.connector.encode_images(self.vision, pixel_values, instructions)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
               image_features: Optional[torch.Tensor] = None, instructions: Optional[Sequence[str]] = None):
@@ -98,12 +96,11 @@ class VisionLanguageModel(nn.Module):
                 if unused:
                     inputs_embeds = inputs_embeds + 0.0 * torch.stack(unused).sum()
             return inputs_embeds, None
-        extra = {"instructions": instructions} if self.connector.reads_instructions else {}
         if image_features is not None:
-            if not self.connector.reads_features:
-                raise ValueError(f"connector {type(self.connector).__name__} runs the encoder itself; "
-                                 "it cannot take precomputed image_features")
-            visual = self.connector(image_features.to(self.vision_dtype), **extra)
+            conflict = type(self.connector).feature_cache_conflict()
+            if conflict:
+                raise ValueError(f"connector {type(self.connector).__name__} {conflict}")
+            visual = self.connector(image_features.to(self.vision_dtype), instructions)
         else:
             visual = self.encode_images(pixel_values, instructions)
         if n_placeholders != visual.shape[0] * visual.shape[1]:

@@ -134,9 +134,9 @@ def check_feature_cache(model, objective=None, where: str = "feature_cache") -> 
     if trainable:
         raise FeatureCacheError(f"{where}: the vision encoder trains ({len(trainable)} trainable tensors, "
                                 f"e.g. {trainable[0]}); the feature cache needs train.vision: frozen")
-    if not model.connector.reads_features:
-        raise FeatureCacheError(f"{where}: connector {type(model.connector).__name__} runs the encoder itself "
-                                "and cannot read cached features")
+    conflict = type(model.connector).feature_cache_conflict()
+    if conflict:
+        raise FeatureCacheError(f"{where}: connector {type(model.connector).__name__} {conflict}")
     if objective is not None and objective.needs_pixels:
         raise FeatureCacheError(f"{where}: objective {type(objective).__name__} reads the images itself")
 

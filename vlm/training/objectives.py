@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, Optional
+from typing import ClassVar, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,11 @@ from vlm.data.processor import IGNORE_INDEX
 from vlm.modeling.vision.base import pool_patch_grid
 from vlm.registry import Registry
 
-OBJECTIVES: Registry = Registry("training objective")
+OBJECTIVES: Registry = Registry("training objective", {
+    "caption_bow": "vlm.training.objectives:CaptionBagOfWords",
+    "lm": "vlm.training.objectives:LanguageModeling",
+    "qformer_stage1": "vlm.training.qformer_objectives:QFormerStage1",
+})
 
 
 @dataclass
@@ -52,26 +56,32 @@ class Objective(nn.Module):
     def check_stage(cls, stage: StageConfig, where: str) -> None:
         """Raise ConfigError when the stage's train modes make no sense for this objective."""
 
+    @classmethod
+    def frozen_parameters(cls, model) -> List[nn.Parameter]:
+        """Parameters of ``model`` this objective never reads, frozen for its stage by
+        ``vlm.training.stages.apply_stage`` (before it counts what trains): DDP would otherwise
+        wait for their gradients, and weight decay would shrink them. The default: none."""
+        return []
+
     def forward(self, model, batch: Dict[str, torch.Tensor]) -> StepOutput:
         raise NotImplementedError
 
 
-@OBJECTIVES.register("lm")
 class LanguageModeling(Objective):
     """The model's own next-token loss. Connector parameters the LLM path never reads (the
-    Q-Former's text path and stage-1 heads) are frozen for the stage: DDP would otherwise wait
-    for their gradients, and weight decay would shrink them."""
+    Q-Former's text path and stage-1 heads) are frozen for the stage."""
 
     def __init__(self, model, tokenizer):
         super().__init__()
-        for param in model.connector.llm_unused_parameters():
-            param.requires_grad_(False)
+
+    @classmethod
+    def frozen_parameters(cls, model):
+        return model.connector.llm_unused_parameters()
 
     def forward(self, model, batch):
         return StepOutput(model(**batch).loss)
 
 
-@OBJECTIVES.register("caption_bow")
 class CaptionBagOfWords(Objective):
     """Vision warm-up: predict the set of trained tokens from mean-pooled patch features."""
 
@@ -121,7 +131,3 @@ class CaptionBagOfWords(Objective):
 def build_objective(name: str, model, tokenizer) -> Optional[Objective]:
     """The objective registered as ``name`` for ``model``."""
     return OBJECTIVES.get(name)(model, tokenizer)
-
-
-# registers the Q-Former's stage-1 objective (that module imports this one)
-from vlm.training import qformer_objectives  # noqa: E402,F401

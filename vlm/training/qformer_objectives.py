@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from vlm.config import ConfigError, Train
 from vlm.data.processor import IGNORE_INDEX
 from vlm.modeling.connectors.qformer import QFormer
-from vlm.training.objectives import OBJECTIVES, Objective, StepOutput
+from vlm.training.objectives import Objective, StepOutput
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +148,6 @@ def _pad_columns(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
 # the objective
 
 
-@OBJECTIVES.register("qformer_stage1")
 class QFormerStage1(Objective):
     """BLIP-2 stage 1: ``loss = loss_itc + loss_itm + loss_itg`` on the Q-Former, no LLM."""
 
@@ -158,9 +157,11 @@ class QFormerStage1(Objective):
             raise ConfigError(f"objective 'qformer_stage1' needs model.connector.name: qformer; "
                               f"the connector is {type(model.connector).__name__}")
         self.tokenizer = tokenizer
-        # the LLM projection plays no part here; frozen, DDP does not wait for its gradient
-        for param in model.connector.stage1_unused_parameters():
-            param.requires_grad_(False)
+
+    @classmethod
+    def frozen_parameters(cls, model):
+        """The LLM projection plays no part here; frozen, DDP does not wait for its gradient."""
+        return model.connector.stage1_unused_parameters() if isinstance(model.connector, QFormer) else []
 
     @classmethod
     def check_stage(cls, stage, where):

@@ -8,6 +8,7 @@ from typing import Dict, List
 from vlm.config import StageConfig, Train
 from vlm.modeling.llm import add_lora
 from vlm.modeling.vlm import VisionLanguageModel
+from vlm.training.objectives import OBJECTIVES
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +21,10 @@ def train_mode(stage: StageConfig, component: str) -> Train:
 
 
 def apply_stage(model: VisionLanguageModel, stage: StageConfig) -> Dict[str, int]:
-    """Freeze / unfreeze / LoRA-wrap each component as the stage says.
+    """Freeze / unfreeze / LoRA-wrap each component as the stage says, then freeze what the
+    stage's objective declares it never reads (``Objective.frozen_parameters``).
 
-    Returns (and logs) the trainable parameter count per component.
+    Returns (and logs) the trainable parameter count per component: what will train.
     """
     for component in COMPONENTS:
         mode = train_mode(stage, component)
@@ -32,6 +34,8 @@ def apply_stage(model: VisionLanguageModel, stage: StageConfig) -> Dict[str, int
             setattr(model, component, add_lora(module, stage.lora))  # adapters are trainable
         else:
             module.requires_grad_(mode is Train.full)
+    for param in OBJECTIVES.get(stage.objective).frozen_parameters(model):
+        param.requires_grad_(False)
     counts = trainable_counts(model)
     logger.info(
         "trainable parameters: %s",

@@ -88,7 +88,7 @@ class Trainer:
     record, after each checkpoint and at the end.
     """
 
-    def __init__(self, model, dataset, collate: Callable, stage: StageConfig, out_dir: str | Path,
+    def __init__(self, model, dataset, *, collate: Callable, stage: StageConfig, out_dir: str | Path,
                  save_state: Callable, accelerator: Optional[Accelerator] = None, stage_name: str = "stage",
                  objective: Optional[Objective] = None, callbacks: Sequence[Callback] = ()):
         self.stage = stage
@@ -201,10 +201,13 @@ class Trainer:
             micro += 1
             sync = micro % stage.grad_accum == 0 or last_of_epoch
             n = batch["input_ids"].shape[0]
+            # windows start at multiples of grad_accum in each epoch; an epoch's last may be shorter
+            window_start = index // stage.grad_accum * stage.grad_accum
+            window_length = min(stage.grad_accum, self.micro_per_epoch - window_start)
             context = contextlib.nullcontext() if sync else acc.no_sync(self.model)
             with context, acc.autocast():
                 out = self.model(batch)
-                acc.backward(out.loss / stage.grad_accum)
+                acc.backward(out.loss / window_length)
             for name, value in _losses(out).items():
                 window[name] = window.get(name, 0.0) + float(value) * n
             window_samples += n

@@ -3,64 +3,79 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, List, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 
+@dataclass
+class BuildContext:
+    """What a connector is built for, handed to ``Connector.from_config``: the encoder's feature
+    width, the LLM's hidden width, the LLM's tokenizer and the freshly built vision encoder
+    (before any trained weights are loaded)."""
+
+    vision_dim: int
+    llm_dim: int
+    tokenizer: Any = None
+    vision: Optional[nn.Module] = None
+
+
 class Connector(nn.Module, ABC):
     """Maps ``(B, N, vision_dim)`` features to ``(B, K, llm_dim)`` visual tokens.
 
-    ``num_tokens(N)`` gives K; the processor asks for it so that nobody guesses how many
-    placeholders an image needs. Subclasses may declare an ``Options`` dataclass.
+    The contract, all a new connector needs:
+
+    - ``from_config(options, ctx)`` builds it from its ``Options`` dataclass values and a
+      :class:`BuildContext`;
+    - ``num_tokens(N)`` gives K (the processor asks, so nobody guesses the placeholder count);
+    - ``forward(features, instructions=None)`` returns the visual tokens; ``instructions`` (one
+      text per image) may be ignored.
+
+    Optional: ``check_options`` (value checks at config load), ``requires_vision`` (the encoder
+    class it needs), ``encode_images`` (a connector that runs inside the encoder) together with
+    ``feature_cache_conflict``, and ``llm_unused_parameters``.
     """
 
     Options: ClassVar[Optional[type]] = None
-    # False for connectors that run the encoder themselves (``encode_images`` overridden): their
-    # visual tokens are not a function of the encoder's features, so no feature cache applies
-    reads_features: ClassVar[bool] = True
-    # the VisionEncoder class this connector needs (checked by vlm.config.validate); None: any
+    # the VisionEncoder class this connector needs (checked when a config is validated); None: any
     requires_vision: ClassVar[Optional[type]] = None
-    # True for connectors with their own text path (the Q-Former): ``from_config`` then also gets
-    # the LLM's tokenizer as ``tokenizer=``
-    takes_tokenizer: ClassVar[bool] = False
-    # True (per instance) when the visual tokens depend on each image's instruction text (the
-    # instruction-aware Q-Former): the model then calls ``forward(features, instructions)`` /
-    # ``encode_images(vision, pixel_values, instructions)`` with one string per image
-    reads_instructions: bool = False
 
     @classmethod
     @abstractmethod
-    def from_config(cls, options: dict, vision_dim: int, llm_dim: int) -> "Connector":
-        """Build the connector for the given widths from its config options."""
+    def from_config(cls, options: dict, ctx: BuildContext) -> "Connector":
+        """Build the connector from its config options for the widths (and encoder, tokenizer)
+        in ``ctx``."""
 
     @abstractmethod
     def num_tokens(self, num_patches: int) -> int:
         """How many visual tokens an image with ``num_patches`` features becomes."""
 
     @abstractmethod
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Visual tokens ``(B, K, llm_dim)``."""
+    def forward(self, features: torch.Tensor, instructions: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Visual tokens ``(B, K, llm_dim)``; ``instructions``: one text per image, or None."""
 
     @classmethod
     def check_options(cls, options: dict, where: str) -> None:
-        """Raise ConfigError for option values that type checks cannot catch (called by
-        ``vlm.config.validate`` with ``where`` = the options' dotted key). The default accepts all."""
+        """Raise ConfigError for option values that type checks cannot catch (called when a
+        config is validated, with ``where`` = the options' dotted key). The default accepts all."""
+
+    @classmethod
+    def feature_cache_conflict(cls) -> Optional[str]:
+        """Why this connector cannot train from the frozen encoder's cached features, or None
+        (the default: its visual tokens are a function of the encoder's features). Checked by
+        the config validation and by the feature cache, and nowhere else."""
+        return None
 
     def llm_unused_parameters(self) -> List[nn.Parameter]:
         """Parameters the LLM path (``forward``) never reads, e.g. the Q-Former's text path and
-        stage-1 heads. The ``lm`` objective freezes them, so that DDP does not wait for their
-        gradients and weight decay does not shrink them. The default: none."""
+        stage-1 heads; the ``lm`` objective freezes them. The default: none."""
         return []
 
-    def bind_vision(self, vision: nn.Module) -> None:
-        """Called once by ``VisionLanguageModel.from_config`` with the freshly built encoder,
-        before any weights are loaded; a connector initialised from the encoder's own weights
-        overrides it. The default does nothing."""
-
-    def encode_images(self, vision: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, vision: nn.Module, pixel_values: torch.Tensor,
+                      instructions: Optional[Sequence[str]] = None) -> torch.Tensor:
         """Images -> visual tokens. The default reads the encoder's patch features; a connector
         that must run inside the encoder (e.g. queries through BEiT3's multiway layers) overrides
-        this and sets ``reads_features = False``."""
-        return self(vision(pixel_values))
+        this and ``feature_cache_conflict``."""
+        return self(vision(pixel_values), instructions)

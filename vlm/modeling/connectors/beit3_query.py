@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from vlm.modeling.connectors.base import Connector
-from vlm.modeling.connectors.registry import CONNECTORS
+from vlm.modeling.connectors.base import BuildContext, Connector
 from vlm.modeling.vision.beit3 import BEiT3VisionEncoder
 
 
@@ -46,12 +46,10 @@ def _require_beit3(vision: nn.Module) -> BEiT3VisionEncoder:
     return vision
 
 
-@CONNECTORS.register("beit3_query")
 class BEiT3QueryConnector(Connector):
     """Learnable queries through BEiT3's language expert, then a projection to the LLM."""
 
     Options = BEiT3QueryOptions
-    reads_features = False
     requires_vision = BEiT3VisionEncoder
 
     def __init__(self, vision_dim: int, llm_dim: int, num_queries: int = 64,
@@ -73,13 +71,23 @@ class BEiT3QueryConnector(Connector):
             self.proj = nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
 
     @classmethod
-    def from_config(cls, options: dict, vision_dim: int, llm_dim: int) -> "BEiT3QueryConnector":
-        return cls(vision_dim, llm_dim, **options)
+    def from_config(cls, options: dict, ctx: BuildContext) -> "BEiT3QueryConnector":
+        """Build for ``ctx``; with a BEiT3 encoder in ``ctx.vision`` (required to run), it is
+        checked and, with ``init_from_text``, its BOS / EOS text embeddings start the first /
+        last query."""
+        connector = cls(ctx.vision_dim, ctx.llm_dim, **options)
+        if ctx.vision is not None:
+            connector.init_from_encoder(ctx.vision)
+        return connector
+
+    @classmethod
+    def feature_cache_conflict(cls):
+        return "runs the vision encoder itself and cannot read cached features"
 
     def num_tokens(self, num_patches: int) -> int:
         return self.num_queries
 
-    def bind_vision(self, vision: nn.Module) -> None:
+    def init_from_encoder(self, vision: nn.Module) -> None:
         """Check the encoder is BEiT3; with ``init_from_text``, copy its BOS / EOS text
         embeddings into the first / last query."""
         vision = _require_beit3(vision)
@@ -89,10 +97,11 @@ class BEiT3QueryConnector(Connector):
                 self.queries[0] = bos
                 self.queries[-1] = eos
 
-    def encode_images(self, vision: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, vision: nn.Module, pixel_values: torch.Tensor,
+                      instructions: Optional[Sequence[str]] = None) -> torch.Tensor:
         return self(_require_beit3(vision).forward_with_queries(pixel_values, self.queries))
 
-    def forward(self, query_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, query_states: torch.Tensor, instructions: Optional[Sequence[str]] = None) -> torch.Tensor:
         """Project BEiT3's query outputs ``(B, K, vision_dim)`` to ``(B, K, llm_dim)``."""
         return self.proj(query_states.to(self.proj_dtype))
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from vlm.modeling.connectors.base import Connector
-from vlm.modeling.connectors.registry import CONNECTORS
+from vlm.modeling.connectors.base import BuildContext, Connector
 from vlm.modeling.vision.base import pool_patch_grid
 
 
@@ -38,14 +37,13 @@ class _TokenwiseProjector(Connector):
                              f"{self.pool}x{self.pool} without CLS; got {num_patches} features")
         return self.pool * self.pool
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, instructions: Optional[Sequence[str]] = None) -> torch.Tensor:
         if self.pool is not None:
             self.num_tokens(features.shape[1])  # the connector's own error message
             features = pool_patch_grid(features, self.pool)
         return self.proj(features)
 
 
-@CONNECTORS.register("linear")
 class LinearProjector(_TokenwiseProjector):
     """One linear layer, as LLaVA-1.0."""
 
@@ -55,11 +53,10 @@ class LinearProjector(_TokenwiseProjector):
         self.proj = nn.Linear(vision_dim, llm_dim, bias=bias)
 
     @classmethod
-    def from_config(cls, options: dict, vision_dim: int, llm_dim: int) -> "LinearProjector":
-        return cls(vision_dim, llm_dim, **options)
+    def from_config(cls, options: dict, ctx: BuildContext) -> "LinearProjector":
+        return cls(ctx.vision_dim, ctx.llm_dim, **options)
 
 
-@CONNECTORS.register("mlp2x_gelu")
 class MLPProjector(_TokenwiseProjector):
     """Linear -> GELU -> Linear, as LLaVA-1.5 (and transformers' LlavaMultiModalProjector)."""
 
@@ -71,5 +68,5 @@ class MLPProjector(_TokenwiseProjector):
         )
 
     @classmethod
-    def from_config(cls, options: dict, vision_dim: int, llm_dim: int) -> "MLPProjector":
-        return cls(vision_dim, llm_dim, **options)
+    def from_config(cls, options: dict, ctx: BuildContext) -> "MLPProjector":
+        return cls(ctx.vision_dim, ctx.llm_dim, **options)

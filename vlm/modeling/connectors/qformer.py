@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.config import ConfigError
-from vlm.modeling.connectors.base import Connector
+from vlm.modeling.connectors.base import BuildContext, Connector
 from vlm.modeling.connectors.image_text import ImageTextMatcher
-from vlm.modeling.connectors.registry import CONNECTORS
 
 OPTIONS_KEY = "model.connector.options"
 # BERT-base, the Q-Former of BLIP-2, for every size not given and not read from a checkpoint
@@ -188,13 +187,11 @@ def _resolve_sizes(opts: QFormerOptions, bert_config) -> dict:
     return sizes
 
 
-@CONNECTORS.register("qformer")
 class QFormer(Connector, ImageTextMatcher):
     """BLIP-2's Q-Former: learned queries that cross-attend to image features, a BERT text path,
     and the stage-1 heads. As a connector: ``num_queries`` visual tokens of the LLM's width."""
 
     Options = QFormerOptions
-    takes_tokenizer = True
 
     def __init__(self, vision_dim: int, llm_dim: int, text_tokenizer, opts: QFormerOptions, bert=None):
         super().__init__()
@@ -203,7 +200,7 @@ class QFormer(Connector, ImageTextMatcher):
         self.opts = opts
         self.num_queries = opts.num_queries
         self.max_text_tokens = opts.max_text_tokens
-        self.reads_instructions = opts.instruction_aware
+        self.instruction_aware = opts.instruction_aware
         self.text_tokenizer = text_tokenizer
         vocab = len(text_tokenizer)
         self.cls_token_id, self.dec_token_id = vocab, vocab + 1
@@ -269,9 +266,10 @@ class QFormer(Connector, ImageTextMatcher):
                               "(usually the same folder); the LLM's tokenizer does not match its word embeddings")
 
     @classmethod
-    def from_config(cls, options: dict, vision_dim: int, llm_dim: int, tokenizer=None) -> "QFormer":
-        """Build from ``model.connector.options``; ``tokenizer`` (the LLM's) is the text tokenizer
-        unless ``options.text_tokenizer`` names another one."""
+    def from_config(cls, options: dict, ctx: BuildContext) -> "QFormer":
+        """Build from ``model.connector.options``; ``ctx.tokenizer`` (the LLM's) is the text
+        tokenizer unless ``options.text_tokenizer`` names another one."""
+        tokenizer = ctx.tokenizer
         cls.check_options(dict(options), OPTIONS_KEY)
         opts = QFormerOptions(**options)
         if opts.text_tokenizer:
@@ -288,7 +286,7 @@ class QFormer(Connector, ImageTextMatcher):
             from transformers import BertModel
 
             bert = BertModel.from_pretrained(opts.init_from_bert, add_pooling_layer=False)
-        return cls(vision_dim, llm_dim, text_tokenizer, opts, bert)
+        return cls(ctx.vision_dim, ctx.llm_dim, text_tokenizer, opts, bert)
 
     def num_tokens(self, num_patches: int) -> int:
         return self.num_queries
@@ -352,7 +350,7 @@ class QFormer(Connector, ImageTextMatcher):
         text enters the Q-Former beside the queries, with full attention between them, so what
         the queries extract depends on what is asked; ``instructions`` gives one per image.
         """
-        if not self.reads_instructions:
+        if not self.instruction_aware:
             return self.proj(self.query_outputs(features))
         if instructions is None or len(instructions) != features.shape[0]:
             got = "none" if instructions is None else len(instructions)
@@ -372,9 +370,9 @@ class QFormer(Connector, ImageTextMatcher):
         modules = [self.vision_norm, self.embedding_norm, self.proj]
         for layer in self.layers:
             modules += [m for m in (layer.self_attn, layer.cross_attn, layer.query_ffn) if m is not None]
-            if self.reads_instructions:
+            if self.instruction_aware:
                 modules.append(layer.text_ffn)
-        if self.reads_instructions:
+        if self.instruction_aware:
             modules += [self.word_embeddings, self.position_embeddings]
         used = {id(self.query_tokens), id(self.image_position_embeddings)}
         used |= {id(p) for m in modules for p in m.parameters()}

@@ -1,5 +1,10 @@
-"""The registry of connectors, by exact name."""
+"""The registry of connectors, by exact name (built-ins imported on first use)."""
 
 from vlm.registry import Registry
 
-CONNECTORS: Registry = Registry("connector")
+CONNECTORS: Registry = Registry("connector", {
+    "beit3_query": "vlm.modeling.connectors.beit3_query:BEiT3QueryConnector",
+    "linear": "vlm.modeling.connectors.mlp:LinearProjector",
+    "mlp2x_gelu": "vlm.modeling.connectors.mlp:MLPProjector",
+    "qformer": "vlm.modeling.connectors.qformer:QFormer",
+})

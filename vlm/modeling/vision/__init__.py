@@ -1,8 +1,7 @@
-"""Vision encoders. Importing this package registers every built-in encoder."""
+"""Vision encoders, by exact name in ``VISION_ENCODERS`` (each imported on first use)."""
 
 from vlm.modeling.vision.base import VisionEncoder
 from vlm.modeling.vision.registry import VISION_ENCODERS
-from vlm.modeling.vision import beit3, hf_blip2, hf_clip, open_clip, timm_vit  # noqa: F401  (registration)
 
 
 def build_vision_encoder(cfg) -> VisionEncoder:

@@ -13,7 +13,6 @@ from torch import nn
 from vlm.config import VisionConfig
 from vlm.modeling.vision.base import VisionEncoder, layer_count
 from vlm.modeling.vision.beit3_weights import load_unilm_checkpoint
-from vlm.modeling.vision.registry import VISION_ENCODERS
 
 
 class BEiT3Size(str, enum.Enum):
@@ -78,7 +77,6 @@ def init_like_unilm(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-@VISION_ENCODERS.register("beit3")
 class BEiT3VisionEncoder(VisionEncoder):
     """torchscale ``BEiT3``: image tokens through the vision expert (multiway branch ``A``).
 

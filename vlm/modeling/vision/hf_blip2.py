@@ -10,7 +10,6 @@ from transformers import Blip2VisionConfig, Blip2VisionModel
 
 from vlm.config import VisionConfig
 from vlm.modeling.vision.base import VisionEncoder, layer_count
-from vlm.modeling.vision.registry import VISION_ENCODERS
 
 
 @dataclass
@@ -23,7 +22,6 @@ class HFBlip2VisionOptions:
     post_layernorm: bool = True
 
 
-@VISION_ENCODERS.register("hf_blip2_vision")
 class HFBlip2VisionEncoder(VisionEncoder):
     """transformers ``Blip2VisionModel``; blocks after the feature layer are dropped at load.
 

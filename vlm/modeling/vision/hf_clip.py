@@ -10,10 +10,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from vlm.config import VisionConfig
 from vlm.modeling.vision.base import VisionEncoder, layer_count
-from vlm.modeling.vision.registry import VISION_ENCODERS
 
 
-@VISION_ENCODERS.register("hf_clip")
 class HFCLIPVisionEncoder(VisionEncoder):
     """transformers ``CLIPVisionModel``; blocks after the feature layer are dropped at load."""
 

@@ -11,7 +11,6 @@ from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
 from vlm.config import VisionConfig
 from vlm.modeling.vision.base import VisionEncoder, layer_count
-from vlm.modeling.vision.registry import VISION_ENCODERS
 
 
 @dataclass
@@ -23,7 +22,6 @@ class OpenCLIPOptions:
     quick_gelu: bool = False
 
 
-@VISION_ENCODERS.register("open_clip")
 class OpenCLIPVisionEncoder(VisionEncoder):
     """open_clip ``VisionTransformer``; blocks after the feature layer are pruned at load."""
 

@@ -13,7 +13,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 from vlm.config import VisionConfig
 from vlm.modeling.vision.base import VisionEncoder, layer_count
-from vlm.modeling.vision.registry import VISION_ENCODERS
 
 
 @dataclass
@@ -26,7 +25,6 @@ class TimmViTOptions:
     quick_gelu: bool = False
 
 
-@VISION_ENCODERS.register("timm_vit")
 class TimmViTEncoder(VisionEncoder):
     """A timm ``VisionTransformer``; blocks after the feature layer are pruned at load.
 

@@ -1,0 +1,132 @@
+"""Evaluation tasks, by exact name: what an ``evals:`` entry's ``task`` can be.
+
+A task declares the data format it reads (the default for the eval's ``data.format``), the
+reader arguments it sets by default, its config checks (called when a config is validated) and
+its run function. Register your own with ``@TASKS.register("name")`` in a plugin module::
+
+    @TASKS.register("my_task")
+    class MyTask(EvalTask):
+        data_format = "jsonl"
+
+        @classmethod
+        def run(cls, model, processor, cfg, samples, out_dir, name):
+            ...  # write f"{name}_results.json" under out_dir, return {"metric": value}
+
+This module imports nothing heavy; each task imports what it runs on when it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import ClassVar, Dict, List
+
+from vlm.errors import ConfigError
+from vlm.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+TASKS: Registry = Registry("task", {
+    "caption": "vlm.evaluation.tasks:CaptionTask",
+    "retrieval": "vlm.evaluation.tasks:RetrievalTask",
+    "vqa": "vlm.evaluation.tasks:VQATask",
+})
+
+
+class EvalTask:
+    """An evaluation task: a data format, config checks and a run function (class methods; a
+    task holds no state)."""
+
+    data_format: ClassVar[str] = ""
+    # reader arguments set unless the config gives them (e.g. one sample per image)
+    reader_defaults: ClassVar[Dict[str, object]] = {}
+
+    @classmethod
+    def check(cls, ev, where: str) -> None:
+        """Raise ConfigError for settings of ``ev`` (an ``EvalConfig``, at dotted key ``where``)
+        this task cannot use. The default refuses ``rerank_k``, which is retrieval's."""
+        if ev.rerank_k is not None:
+            raise ConfigError(f"{where}.rerank_k: ITM re-ranking of the top k (k >= 1) applies to task "
+                              f"'retrieval' only; got {ev.rerank_k} for task '{ev.task}'")
+
+    @classmethod
+    def run(cls, model, processor, cfg, samples: List, out_dir: Path, name: str) -> Dict[str, float]:
+        """Evaluate ``model`` on ``samples``; write ``{name}_results.json`` under ``out_dir`` and
+        return the scores."""
+        raise NotImplementedError
+
+
+def _generate(model, processor, cfg, samples, name):
+    from vlm.evaluation.generation import generate_answers
+
+    return generate_answers(model, processor, samples, batch_size=cfg.batch_size,
+                            max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, desc=f"eval {name}")
+
+
+class CaptionTask(EvalTask):
+    """Captioning: results ``[{image_id, caption}]`` scored by pycocoevalcap (BLEU, METEOR,
+    ROUGE-L, CIDEr) against the captions file."""
+
+    data_format = "coco_captions"
+    reader_defaults = {"per": "image"}
+
+    @classmethod
+    def run(cls, model, processor, cfg, samples, out_dir, name):
+        from vlm.evaluation.caption_metric import score_captions
+
+        answers = _generate(model, processor, cfg, samples, name)
+        results = [{"image_id": s.meta["image_id"], "caption": a} for s, a in zip(samples, answers)]
+        (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
+        return score_captions(cfg.data.args["path"], results)
+
+
+class VQATask(EvalTask):
+    """VQAv2: results ``[{question_id, answer}]`` scored by the official accuracy after EvalAI
+    answer normalisation; per-question accuracies go to ``{name}_per_question.json``."""
+
+    data_format = "vqav2"
+
+    @classmethod
+    def check(cls, ev, where):
+        super().check(ev, where)
+        if not ev.data.args.get("annotations_path"):
+            raise ConfigError(f"{where}.data.args.annotations_path: a vqa eval needs the VQAv2 "
+                              "annotations file to score against")
+
+    @classmethod
+    def run(cls, model, processor, cfg, samples, out_dir, name):
+        from vlm.evaluation.vqa_metric import score_vqa
+
+        answers = _generate(model, processor, cfg, samples, name)
+        results = [{"question_id": s.meta["question_id"], "answer": a} for s, a in zip(samples, answers)]
+        (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
+        args = cfg.data.args
+        full = score_vqa(args["questions_path"], args["annotations_path"], results,
+                         allow_missing=bool(cfg.data.max_samples))
+        (out_dir / f"{name}_per_question.json").write_text(json.dumps(full["per_question"]))
+        return {"accuracy": full["overall"], **{f"accuracy_{k}": v for k, v in full["per_answer_type"].items()}}
+
+
+class RetrievalTask(EvalTask):
+    """Image<->text recall@1/5/10 of a model whose connector has image-text heads (the
+    Q-Former; ``vlm/evaluation/retrieval.py``), optionally re-ranked by ITM (``rerank_k``);
+    results are each query's top 10."""
+
+    data_format = "coco_captions"
+    reader_defaults = {"per": "image"}
+
+    @classmethod
+    def check(cls, ev, where):
+        if ev.rerank_k is not None and ev.rerank_k < 1:
+            raise ConfigError(f"{where}.rerank_k: ITM re-ranking of the top k (k >= 1) applies to task "
+                              f"'retrieval' only; got {ev.rerank_k} for task '{ev.task}'")
+
+    @classmethod
+    def run(cls, model, processor, cfg, samples, out_dir, name):
+        from vlm.evaluation.retrieval import evaluate_retrieval
+
+        scores, results = evaluate_retrieval(model, processor.load_image, samples, cfg.rerank_k,
+                                             batch_size=cfg.batch_size, desc=f"eval {name}")
+        (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
+        return scores

@@ -39,53 +39,62 @@ def cmd_run(args) -> None:
     run_recipe(_load(args, out_required=True), resume=args.resume)
 
 
-RETRIEVAL_FLAGS = ("captions", "image_root", "rerank_k", "batch_size", "max_samples")
+TASK_FLAGS = ("captions", "image_root", "rerank_k", "batch_size", "max_samples")
 
 
 def cmd_eval(args) -> None:
-    """Run the config's evaluations on a checkpoint, or `vlm eval retrieval` on a captions file."""
+    """Run the config's evaluations on a checkpoint, or one task (--task) on a data file."""
     from vlm.recipes import format_table, run_evals
 
-    if args.config == "retrieval":
-        metrics = {"retrieval": _eval_retrieval(args)}
+    if args.task:
+        if args.config is not None or args.overrides:
+            raise ConfigError(f"vlm eval --task takes no config or overrides, got "
+                              f"{[args.config] + list(args.overrides)}")
+        metrics = {args.task: _eval_task(args)}
     else:
-        given = [f"--{f.replace('_', '-')}" for f in RETRIEVAL_FLAGS if getattr(args, f) is not None]
+        given = [f"--{f.replace('_', '-')}" for f in TASK_FLAGS if getattr(args, f) is not None]
         if given:
-            raise ConfigError(f"{', '.join(given)}: only for `vlm eval retrieval`; a config's evals take "
+            raise ConfigError(f"{', '.join(given)}: only with `vlm eval --task`; a config's evals take "
                               "their settings from the config")
+        if args.config is None:
+            raise ConfigError("vlm eval needs a CONFIG, or --task NAME with --checkpoint and --captions")
         metrics = run_evals(_load(args), checkpoint=args.checkpoint)
     print(format_table(metrics))
     print(json.dumps(metrics))
 
 
-def _eval_retrieval(args) -> dict:
-    """`vlm eval retrieval --checkpoint DIR --captions FILE`: recall@1/5/10 of a Q-Former model."""
+def _eval_task(args) -> dict:
+    """`vlm eval --task retrieval --checkpoint DIR --captions FILE`: one task of a stage output on
+    one data file (read by the task's own format), e.g. recall@1/5/10 of a Q-Former model."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
 
     from vlm.config import EvalConfig
     from vlm.evaluation.runner import run_eval
+    from vlm.evaluation.tasks import TASKS
     from vlm.pipeline import build_processor, load_pretrained
+    from vlm.wiring import check_eval
 
-    if args.overrides:
-        raise ConfigError(f"vlm eval retrieval takes no overrides, got {args.overrides}")
+    _require_registered(TASKS, args.task, "--task")
+    if args.rerank_k is not None and (args.task != "retrieval" or args.rerank_k < 1):
+        raise ConfigError(f"--rerank-k: must be at least 1, and for --task retrieval only; got {args.rerank_k} "
+                          f"for task '{args.task}'")
     if not args.checkpoint or not args.captions:
-        raise ConfigError("vlm eval retrieval needs --checkpoint (a stage output) and --captions (a COCO captions file)")
-    if args.rerank_k is not None and args.rerank_k < 1:
-        raise ConfigError(f"--rerank-k: must be at least 1, got {args.rerank_k}")
+        raise ConfigError(f"vlm eval --task {args.task} needs --checkpoint (a stage output) and --captions "
+                          "(a COCO captions file)")
     cfg = OmegaConf.structured(EvalConfig)
-    cfg.task = "retrieval"
-    cfg.data.format = "coco_captions"
+    cfg.task = args.task
     cfg.data.args = {"path": args.captions, **({"image_root": args.image_root} if args.image_root else {})}
     cfg.data.max_samples = args.max_samples
     cfg.rerank_k = args.rerank_k
     if args.batch_size is not None:
         cfg.batch_size = args.batch_size
+    check_eval(cfg, "--task")
     model, tokenizer, model_cfg = load_pretrained(args.checkpoint)
     processor = build_processor(model, tokenizer, model_cfg)
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
-    return run_eval(model, processor, cfg, out, "retrieval")
+    return run_eval(model, processor, cfg, out, args.task)
 
 
 def cmd_score(args) -> None:
@@ -182,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(p, out_help="output folder (sets out_dir)"):
-        p.add_argument("config", help="YAML config")
+    def with_config(p, out_help="output folder (sets out_dir)", config_nargs=None):
+        p.add_argument("config", nargs=config_nargs, help="YAML config")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.align.batch_size=16")
         p.add_argument("--out", help=out_help)
 
@@ -200,16 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help=cmd_eval.__doc__,
                        description="vlm eval CONFIG [overrides] [--checkpoint DIR]: the config's evals. "
-                                   "vlm eval retrieval --checkpoint DIR --captions FILE [--image-root DIR] "
-                                   "[--rerank-k K]: image-text retrieval of a Q-Former model.")
-    with_config(p, out_help="output folder (sets out_dir); retrieval: where retrieval_results.json goes "
-                            "(default: beside the checkpoint, in eval/)")
+                                   "vlm eval --task retrieval --checkpoint DIR --captions FILE [--image-root DIR] "
+                                   "[--rerank-k K]: one task (e.g. image-text retrieval of a Q-Former model) on "
+                                   "a COCO captions file.")
+    with_config(p, out_help="output folder (sets out_dir); --task: where TASK_results.json goes "
+                            "(default: beside the checkpoint, in eval/)", config_nargs="?")
     p.add_argument("--checkpoint", help="stage output folder to evaluate (default: the last stage's final)")
-    p.add_argument("--captions", help="retrieval: COCO captions file (official or Karpathy)")
-    p.add_argument("--image-root", help="retrieval: folder the captions file's image paths are relative to")
-    p.add_argument("--rerank-k", type=int, help="retrieval: re-rank each query's k best with the ITM head")
-    p.add_argument("--batch-size", type=int, help="retrieval: encoding batch size (default 16)")
-    p.add_argument("--max-samples", type=int, help="retrieval: only the first N images")
+    p.add_argument("--task", help="evaluate this task (vlm models lists them) on --captions, without a config")
+    p.add_argument("--captions", help="--task: COCO captions file (official or Karpathy)")
+    p.add_argument("--image-root", help="--task: folder the captions file's image paths are relative to")
+    p.add_argument("--rerank-k", type=int, help="--task retrieval: re-rank each query's k best with the ITM head")
+    p.add_argument("--batch-size", type=int, help="--task: batch size (default 16)")
+    p.add_argument("--max-samples", type=int, help="--task: only the first N images")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help=cmd_score.__doc__)

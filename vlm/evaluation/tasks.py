@@ -119,8 +119,7 @@ class RetrievalTask(EvalTask):
     @classmethod
     def check(cls, ev, where):
         if ev.rerank_k is not None and ev.rerank_k < 1:
-            raise ConfigError(f"{where}.rerank_k: ITM re-ranking of the top k (k >= 1) applies to task "
-                              f"'retrieval' only; got {ev.rerank_k} for task '{ev.task}'")
+            raise ConfigError(f"{where}.rerank_k: ITM re-ranking of the top k needs k >= 1, got {ev.rerank_k}")
 
     @classmethod
     def run(cls, model, processor, cfg, samples, out_dir, name):

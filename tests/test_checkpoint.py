@@ -42,5 +42,7 @@ def test_model_yaml_is_resolved_and_rebuilds_the_model(tmp_path, tokenizer_dir, 
     monkeypatch.delenv("VLM_TEST_TEMPLATE")  # the folder must not depend on the environment
     rebuilt, _, model_cfg = load_pretrained(folder)
     assert model_cfg.template == "chatml"
-    for (name, a), (_, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
-        assert torch.equal(a, b), name
+    original, again = model.state_dict(), rebuilt.state_dict()
+    assert original.keys() == again.keys() and original
+    for name, value in original.items():
+        assert torch.equal(value, again[name]), name

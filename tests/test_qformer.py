@@ -217,3 +217,15 @@ def test_instruction_aware_qformer_trains_and_generates_through_the_model(tokeni
     unused = {id(p) for p in model.connector.llm_unused_parameters()}
     assert id(model.connector.word_embeddings.weight) not in unused
     assert id(model.connector.itm_head.weight) in unused
+
+
+def test_the_temperature_is_clamped_in_place_and_keeps_its_gradient(tokenizer):
+    qformer = small_qformer(tokenizer)
+    for start, bound in ((0.9, 0.5), (0.001, 0.01)):
+        with torch.no_grad():
+            qformer.temp.fill_(start)  # past the bound, as a large optimizer step could leave it
+        qformer.temp.grad = None
+        temperature = qformer.temperature()
+        assert temperature.item() == pytest.approx(bound) and qformer.temp.item() == pytest.approx(bound)
+        (3.0 * temperature).backward()
+        assert qformer.temp.grad is not None and qformer.temp.grad.item() == pytest.approx(3.0)

@@ -4,6 +4,7 @@ writing a checkpoint leaves the previous one intact, and stages chain through th
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import vlm.pipeline
-from conftest import run_config
+from conftest import NUM_PATCHES, run_config
 from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback
 
@@ -297,3 +298,31 @@ def test_crash_while_writing_final_keeps_the_previous_final(tmp_path, tokenizer_
     after = {p.relative_to(final): p.read_bytes() for p in final.rglob("*") if p.is_file()}
     assert after == before
     assert leftovers(final.parent) == []
+
+
+def test_a_model_image_token_other_than_image_marks_the_data(tmp_path, tokenizer_dir, shapes_data):
+    """``model.image_token: "<img>"``: conversations written with ``<img>`` are read, tokenised
+    (one run of placeholders per marker) and trained on; ``<image>`` is then plain text."""
+    rows = json.loads(Path(shapes_data["train"]["conversations"]).read_text())[:8]
+    for row in rows:
+        for turn in row["conversations"]:
+            turn["value"] = turn["value"].replace("<image>", "<img>")
+    path = tmp_path / "img.json"
+    path.write_text(json.dumps(rows))
+    data = {"format": "llava_json", "args": {"path": str(path), "image_root": shapes_data["train"]["image_root"]}}
+    stages = {"s": {"data": [data], "template": "chatml", "batch_size": 4, "max_steps": 2, "log_every": 1}}
+    cfg = run_config(tmp_path, tokenizer_dir, stages, model={"image_token": "<img>"})
+    run = vlm.pipeline.build_stage(cfg, "s")
+    assert len(run.dataset) == 8
+    item = run.dataset[0]
+    processor = run.dataset.processor
+    assert processor.tokenizer.convert_ids_to_tokens(processor.image_token_id) == "<img>"
+    assert item["input_ids"].count(processor.image_token_id) == run.trainer._unwrapped().num_image_tokens
+    assert item["instructions"] and "<img>" not in item["instructions"][0]
+    run.trainer.train()
+    assert all(math.isfinite(r["loss"]) for r in run.trainer.history)
+
+    plain = {"s": {"data": [data], "template": "plain", "batch_size": 4, "max_steps": 1}}
+    cfg = run_config(tmp_path, tokenizer_dir, plain, model={"image_token": "<img>"}, out_dir=tmp_path / "plain")
+    item = vlm.pipeline.build_stage(cfg, "s").dataset[0]
+    assert item["input_ids"].count(processor.image_token_id) == NUM_PATCHES

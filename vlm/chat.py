@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from vlm.data.types import IMAGE_TOKEN, Sample, Turn
+from vlm.data.types import Sample, Turn, marking_images_with
 
 
 def answer(model, processor, image: str, turns: List[Turn], max_new_tokens: int = 64,
@@ -13,7 +13,8 @@ def answer(model, processor, image: str, turns: List[Turn], max_new_tokens: int 
     from vlm.evaluation.generation import generate_answers
 
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
-    sample = Sample(id="chat", turns=turns, images=[image])
+    with marking_images_with(processor.image_token):
+        sample = Sample(id="chat", turns=turns, images=[image])
     return generate_answers(model, processor, [sample], batch_size=1, max_new_tokens=max_new_tokens,
                             desc="chat", **sampling)[0]
 
@@ -39,7 +40,7 @@ def chat(checkpoint: str, image: str, prompt: Optional[str] = None, max_new_toke
                 return
             if question in ("", "exit", "quit"):
                 return
-        content = f"{IMAGE_TOKEN}\n{question}" if not turns else question
+        content = f"{processor.image_token}\n{question}" if not turns else question
         turns.append(Turn("user", content))
         reply = answer(model, processor, image, turns, max_new_tokens, temperature)
         turns.append(Turn("assistant", reply))

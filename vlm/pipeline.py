@@ -16,7 +16,7 @@ from vlm.data.dataset import ConversationDataset
 from vlm.data.formats import read_dataset
 from vlm.data.processor import VLMProcessor
 from vlm.data.templates import build_template
-from vlm.data.types import Sample
+from vlm.data.types import IMAGE_TOKEN, Sample
 from vlm.modeling.llm import load_tokenizer
 from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training import checkpoint as ckpt
@@ -61,12 +61,12 @@ def load_pretrained(folder: str | Path, device: Optional[str] = None) -> Tuple[V
     return model.to(device).eval(), tokenizer, model_cfg
 
 
-def read_samples(data_cfgs) -> List[Sample]:
+def read_samples(data_cfgs, image_token: str = IMAGE_TOKEN) -> List[Sample]:
     """Read and concatenate every dataset of a stage (``max_samples``, then ``repeat``, applied
-    per dataset)."""
+    per dataset); ``image_token`` marks the images in their texts (the model's)."""
     samples: List[Sample] = []
     for data in data_cfgs:
-        part = read_dataset(data.format, **dict(data.args))
+        part = read_dataset(data.format, image_token=image_token, **dict(data.args))
         samples.extend((part[: data.max_samples] if data.max_samples else part) * data.repeat)
     return samples
 
@@ -103,7 +103,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     apply_stage(model, stage)
     processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length)
     objective = build_objective(stage.objective, model, tokenizer)
-    samples = read_samples(stage.data)
+    samples = read_samples(stage.data, cfg.model.image_token)
     features, report = None, None
     if stage.feature_cache:
         root = stage.feature_cache_dir or Path(cfg.out_dir) / "feature_cache"

@@ -78,4 +78,4 @@ class ConversationDataset(Dataset):
             self.image_failures += 1
             logger.warning("%s: skipping sample %s: %s", self.name, sample.meta.get("source", sample.id), exc)
             return None
-        return {"input_ids": ids, "labels": labels, key: images, "instructions": image_instructions(sample.turns)}
+        return {"input_ids": ids, "labels": labels, key: images, "instructions": image_instructions(sample.turns, self.processor.image_token)}

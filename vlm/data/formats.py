@@ -12,7 +12,7 @@ import os
 import string
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
-from vlm.data.types import IMAGE_TOKEN, Sample, Turn
+from vlm.data.types import IMAGE_TOKEN, Sample, Turn, image_marker, marking_images_with
 from vlm.registry import Registry
 from vlm.errors import DataFormatError
 
@@ -34,9 +34,11 @@ READERS: Registry[Callable[..., List[Sample]]] = Registry("dataset format")
 
 
 
-def read_dataset(format: str, **kwargs: Any) -> List[Sample]:
-    """Read a dataset with the reader registered under `format` (see `READERS.names()`)."""
-    return READERS.get(format)(**kwargs)
+def read_dataset(format: str, image_token: str = IMAGE_TOKEN, **kwargs: Any) -> List[Sample]:
+    """Read a dataset with the reader registered under `format` (see `READERS.names()`);
+    ``image_token`` is the image marker of its texts (the model's ``image_token``)."""
+    with marking_images_with(image_token):
+        return READERS.get(format)(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,15 +143,16 @@ def _llava_sample(
         )
     images = [_resolve(n, image_root) for n in names]
 
-    markers = sum(t.content.count(IMAGE_TOKEN) for t in turns)
+    marker = image_marker()
+    markers = sum(t.content.count(marker) for t in turns)
     if images and markers == 0:
         # LLaVA convention: an image record without markers shows its image(s) before the
         # first user message.
         first = next(i for i, t in enumerate(turns) if t.role == "user")
-        turns[first] = Turn("user", f"{IMAGE_TOKEN}\n" * len(images) + turns[first].content)
+        turns[first] = Turn("user", f"{marker}\n" * len(images) + turns[first].content)
     elif markers != len(images):
         raise DataFormatError(
-            f"{where}: field 'conversations' has {markers} '{IMAGE_TOKEN}' marker(s) but field "
+            f"{where}: field 'conversations' has {markers} '{marker}' marker(s) but field "
             f"'image' names {len(images)} image(s)"
         )
     sample_id = record.get("id", default_id)
@@ -320,7 +323,7 @@ def read_coco_captions(
             f"nor a Karpathy split file ('images' with 'sentences'); found keys {keys}"
         )
 
-    user = f"{IMAGE_TOKEN}\n{prompt}"
+    user = f"{image_marker()}\n{prompt}"
     samples = []
     for image_id, file_name, captions, where in images:
         image = _resolve(file_name, image_root)
@@ -469,7 +472,7 @@ def read_vqav2(
     samples = []
     for qid, image_id, text, where in parsed:
         image = image_pattern.format(subset=subset, image_id=image_id, question_id=qid)
-        turns = [Turn("user", f"{IMAGE_TOKEN}\n{text}{prompt_suffix}")]
+        turns = [Turn("user", f"{image_marker()}\n{text}{prompt_suffix}")]
         meta: Dict[str, Any] = {
             "source": where,
             "question_id": qid,

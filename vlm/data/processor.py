@@ -39,6 +39,7 @@ class VLMProcessor:
         self.image_transform = image_transform
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
+        template.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.max_length = max_length
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
@@ -46,7 +47,7 @@ class VLMProcessor:
 
     def _encode_text(self, text: str) -> List[int]:
         ids: List[int] = []
-        for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+        for i, piece in enumerate(text.split(self.image_token)):
             if i:
                 ids.extend([self.image_token_id] * self.num_image_tokens)
             if piece:
@@ -96,7 +97,7 @@ class VLMProcessor:
         input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation)
         pixels = [self.load_image(p) for p in sample.images]
         return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels,
-                "instructions": image_instructions(turns)}
+                "instructions": image_instructions(turns, self.image_token)}
 
     def collate(self, items: Sequence[Optional[Dict]], padding_side: str = "right") -> Dict[str, torch.Tensor]:
         """Pad a list of encoded samples into a batch; ``None`` items (failed samples) are dropped."""
@@ -104,14 +105,14 @@ class VLMProcessor:
         return pad_batch(items, self.tokenizer.pad_token_id, padding_side)
 
 
-def image_instructions(turns: Sequence[Turn]) -> List[str]:
-    """One instruction per ``<image>`` marker, in marker order: the text of the turn that holds
-    it, markers removed (what an instruction-aware connector reads beside the image)."""
+def image_instructions(turns: Sequence[Turn], image_token: str = IMAGE_TOKEN) -> List[str]:
+    """One instruction per ``image_token`` marker, in marker order: the text of the turn that
+    holds it, markers removed (what an instruction-aware connector reads beside the image)."""
     instructions = []
     for turn in turns:
-        count = turn.content.count(IMAGE_TOKEN)
+        count = turn.content.count(image_token)
         if count:
-            instructions += [turn.content.replace(IMAGE_TOKEN, "").strip()] * count
+            instructions += [turn.content.replace(image_token, "").strip()] * count
     return instructions
 
 

@@ -42,6 +42,8 @@ class ChatTemplate(ABC):
     """Renders conversations into segments and knows how generation should start and stop."""
 
     add_bos: bool = True
+    # the image marker of the conversations (the processor sets the model's ``image_token``)
+    image_token: str = IMAGE_TOKEN
 
     def __init__(self, tokenizer, system_prompt: Optional[str] = None):
         self.tokenizer = tokenizer
@@ -77,7 +79,7 @@ class PlainTemplate(ChatTemplate):
         out: List[Segment] = []
         for turn in turns:
             if turn.role == "user":
-                out.append(Segment(IMAGE_TOKEN * turn.content.count(IMAGE_TOKEN), False))
+                out.append(Segment(self.image_token * turn.content.count(self.image_token), False))
             else:
                 out.append(Segment(turn.content + "\n", True))
         return [s for s in out if s.text]

@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
+# the default image marker in conversation texts; a model's ``image_token`` replaces it
 IMAGE_TOKEN = "<image>"
+_marker: contextvars.ContextVar[str] = contextvars.ContextVar("vlm_image_marker", default=IMAGE_TOKEN)
+
+
+def image_marker() -> str:
+    """The image marker samples are read with: the model's ``image_token`` inside
+    :func:`marking_images_with`, else ``<image>``."""
+    return _marker.get()
+
+
+@contextlib.contextmanager
+def marking_images_with(token: str) -> Iterator[None]:
+    """Read (and check) samples whose texts mark images with ``token``."""
+    reset = _marker.set(token)
+    try:
+        yield
+    finally:
+        _marker.reset(reset)
 ROLES = ("system", "user", "assistant")
 
 
@@ -35,9 +55,10 @@ class Sample:
     meta: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        markers = sum(t.content.count(IMAGE_TOKEN) for t in self.turns)
+        marker = image_marker()
+        markers = sum(t.content.count(marker) for t in self.turns)
         if markers != len(self.images):
             where = self.meta.get("source", self.id)
             raise ValueError(
-                f"{where}: {markers} '{IMAGE_TOKEN}' marker(s) but {len(self.images)} image(s)"
+                f"{where}: {markers} '{marker}' marker(s) but {len(self.images)} image(s)"
             )

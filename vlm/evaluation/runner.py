@@ -21,7 +21,7 @@ def run_eval(model, processor, cfg: EvalConfig, out_dir: str | Path, name: str =
     out_dir.mkdir(parents=True, exist_ok=True)
     task = TASKS.get(cfg.task)
     args = {**task.reader_defaults, **dict(cfg.data.args)}
-    samples = read_dataset(cfg.data.format or task.data_format, **args)
+    samples = read_dataset(cfg.data.format or task.data_format, image_token=processor.image_token, **args)
     if cfg.data.max_samples:
         samples = samples[: cfg.data.max_samples]
     scores = task.run(model, processor, cfg, samples, out_dir, name)

@@ -79,10 +79,6 @@ def _has_pretrained_source(model_cfg: ModelConfig, component: str) -> bool:
     return False
 
 
-def _unwrap(module):
-    return module.module if hasattr(module, "module") and not isinstance(module, PeftModel) else module
-
-
 def save_model_state(model, folder: Path, stage: StageConfig, model_cfg: ModelConfig,
                      tokenizer, prior: Optional[Dict[str, List[dict]]]) -> None:
     """Write what this stage trained, carrying earlier entries forward, into ``folder``."""

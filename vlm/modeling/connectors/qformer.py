@@ -419,8 +419,14 @@ class QFormer(Connector, ImageTextMatcher):
 
     def temperature(self) -> torch.Tensor:
         """The ITC temperature, kept in [0.01, 0.5]: LAVIS's upper bound, and CLIP's lower one
-        (logit scale at most 100); LAVIS's 0.001 lets a fast learning rate blow the logits up."""
-        return self.temp.clamp(0.01, 0.5)
+        (logit scale at most 100); LAVIS's 0.001 lets a fast learning rate blow the logits up.
+
+        The parameter itself is clamped, in place and outside autograd (as LAVIS does), so that
+        its gradient stays alive: a clamp in the graph would give it gradient 0 past a bound,
+        where it could never come back from."""
+        with torch.no_grad():
+            self.temp.clamp_(0.01, 0.5)
+        return self.temp
 
     # ----------------------------------------------------------------------------------------
     # initialisation from a BERT checkpoint

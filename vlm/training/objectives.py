@@ -21,6 +21,7 @@ from typing import ClassVar, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from vlm.config import ConfigError, StageConfig, Train
@@ -121,7 +122,7 @@ class CaptionBagOfWords(Objective):
         features = model.vision(batch["pixel_values"])
         if self.cells == 4:
             # channel-major (D x 4 cells), the head's input layout
-            pooled = pool_patch_grid(features, 2).transpose(1, 2).flatten(1)
+            pooled = rearrange(pool_patch_grid(features, 2), "b cells d -> b (d cells)")
         else:
             pooled = features.mean(dim=1)
         loss = F.binary_cross_entropy_with_logits(self.head(pooled), self.targets(batch["labels"]))

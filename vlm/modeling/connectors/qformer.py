@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from vlm.config import ConfigError
@@ -91,8 +92,7 @@ class QFormerAttention(nn.Module):
         self.attention_dropout = attention_dropout
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, -1).transpose(1, 2)
+        return rearrange(x, "b n (h d) -> b h n d", h=self.num_heads)
 
     def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -102,7 +102,7 @@ class QFormerAttention(nn.Module):
         q, k, v = self._heads(self.query(hidden)), self._heads(self.key(source)), self._heads(self.value(source))
         attended = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0)
-        attended = attended.transpose(1, 2).flatten(2)
+        attended = rearrange(attended, "b h n d -> b n (h d)")
         return self.norm(self.dropout(self.out(attended)) + hidden)
 
 

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from vlm.config import ConfigError, VisionConfig
@@ -84,10 +85,10 @@ def layer_count(feature_layer: int, num_layers: int) -> int:
 def pool_patch_grid(features: torch.Tensor, size: int) -> torch.Tensor:
     """Average ``(B, N, D)`` patch features laid out on a square row-major grid down to
     ``(B, size * size, D)`` cells; ValueError when N is not a square of at least ``size**2``."""
-    b, n, d = features.shape
+    n = features.shape[1]
     grid = math.isqrt(n)
     if grid * grid != n or size > grid:
         raise ValueError(f"pooling to {size}x{size} needs a square patch grid of at least "
                          f"{size}x{size} without CLS; got {n} features")
-    image = features.transpose(1, 2).reshape(b, d, grid, grid)
-    return F.adaptive_avg_pool2d(image, size).flatten(2).transpose(1, 2)
+    image = rearrange(features, "b (h w) d -> b d h w", h=grid, w=grid)
+    return rearrange(F.adaptive_avg_pool2d(image, size), "b d h w -> b (h w) d")

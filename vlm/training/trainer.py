@@ -2,14 +2,14 @@
 
 It runs on one CPU, one GPU, or many processes launched by ``accelerate launch`` (DDP, FSDP and
 DeepSpeed through accelerate's config). Gradient accumulation, clipping, warmup + cosine
-schedule, bf16 / fp16 autocast, tqdm progress with loss / lr / samples/s, JSON-lines metrics, a
-loss-curve PNG, atomic checkpoints and exact resume all live here.
+schedule, bf16 / fp16 autocast, tqdm progress with loss / lr / samples/s, atomic checkpoints
+and exact resume live here; the JSON-lines metrics and the loss-curve PNG are written by a
+callback (``vlm.training.metrics_log.MetricsLog``), the seam everything else plugs into too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -26,6 +26,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from vlm.config import Precision, StageConfig
 from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback, CallbackList
+from vlm.training.metrics_log import MetricsLog
 from vlm.training.objectives import LanguageModeling, Objective
 from vlm.training.stages import parameter_groups, set_train_modes
 
@@ -92,7 +93,8 @@ class Trainer:
                  save_state: Callable, accelerator: Optional[Accelerator] = None, stage_name: str = "stage",
                  objective: Optional[Objective] = None, callbacks: Sequence[Callback] = ()):
         self.stage = stage
-        self.callbacks = CallbackList(callbacks)
+        # the metrics log comes last: it writes the keys the caller's callbacks add to a record
+        self.callbacks = CallbackList([*callbacks, MetricsLog()])
         self.stage_name = stage_name
         self.out_dir = Path(out_dir)
         self.save_state = save_state
@@ -179,15 +181,8 @@ class Trainer:
                 position = self._restore(latest)
         set_train_modes(self._unwrapped(), stage)
         self.accelerator.unwrap_model(self.model).objective.train()
-        metrics_path = self.out_dir / "metrics.jsonl"
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if position["step"] == 0:
-                metrics_path.unlink(missing_ok=True)
-            elif metrics_path.is_file():  # drop what a run that went past the checkpoint logged
-                lines = [line for line in metrics_path.read_text().splitlines() if line.strip()]
-                kept = [line for line in lines if json.loads(line)["step"] <= position["step"]]
-                metrics_path.write_text("".join(line + "\n" for line in kept))
         bar = tqdm(total=self.total_steps, initial=position["step"], desc=f"train {self.stage_name}",
                    disable=not self.is_main, dynamic_ncols=True)
         window: Dict[str, float] = {}
@@ -238,9 +233,6 @@ class Trainer:
                 self.history.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 samples_s=f"{record['samples_per_s']:.1f}")
-                if self.is_main:
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
                 window, window_samples, window_start = {}, 0, time.perf_counter()
             if stage.save_every and step % stage.save_every == 0 and step < self.total_steps:
                 folder = self.out_dir / "checkpoints" / f"step_{step:07d}"
@@ -250,8 +242,6 @@ class Trainer:
         bar.close()
         final = self.out_dir / "final"
         self.save_checkpoint(final, None)
-        if self.is_main:
-            plot_losses(metrics_path, self.out_dir / "loss.png")
         self.callbacks.on_train_end(self, final)
         return final
 
@@ -261,28 +251,3 @@ def _losses(out) -> Dict[str, torch.Tensor]:
     losses = {"loss": out.loss.detach()}
     losses.update({k: v.detach() for k, v in (getattr(out, "losses", None) or {}).items()})
     return losses
-
-
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """Plot every ``loss*`` series of a metrics JSON-lines file against the step."""
-    if not metrics_path.is_file():
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    keys = sorted({k for r in records for k in r if k.startswith("loss")})
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in keys:
-        points = [(r["step"], r[key]) for r in records if key in r]
-        ax.plot(*zip(*points), label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title(metrics_path.parent.name)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)

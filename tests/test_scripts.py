@@ -29,7 +29,7 @@ def prepare():
 
 def test_llava_records_with_missing_images_are_dropped_and_extensions_fixed(tmp_path, prepare):
     images = tmp_path / "images"
-    coco = write_images(images / "coco" / "train2017", sizes=((32, 32),))
+    write_images(images / "coco" / "train2017", sizes=((32, 32),))
     ocr = write_images(images / "ocr_vqa" / "images", sizes=((32, 32),))
     Path(ocr[0]).rename(Path(ocr[0]).with_suffix(".gif"))  # on disk as .gif, named .jpg in the JSON
     turn = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "noise"}]

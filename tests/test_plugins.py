@@ -3,7 +3,10 @@ import, named by a run config's ``plugins:`` list or by a ``vlm.plugins`` entry 
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from vlm.config import ConfigError
 from vlm.pipeline import build_stage
 from vlm.training.callbacks import Callback
 
+ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
 
@@ -53,6 +57,17 @@ def test_a_connector_from_a_plugin_module_trains(tmp_path, tokenizer_dir, shapes
     for key in snapshots.start:
         assert not torch.equal(snapshots.start[key], snapshots.end[key]), key
     assert snapshots.start["gate"].item() == 0.5
+
+    # the stage output records its plugins: another process rebuilds the model from it alone
+    final = Path(cfg.out_dir) / "align" / "final"
+    assert json.loads((final / "plugins.json").read_text()) == ["my_connector"]
+    code = ("import sys; from vlm.pipeline import load_pretrained; "
+            f"model, _, _ = load_pretrained({str(final)!r}, device='cpu'); "
+            "print(type(model.connector).__name__, round(float(model.connector.gate), 6))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(PLUGINS)])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["GatedLinearConnector", str(round(float(snapshots.end["gate"]), 6))]
 
 
 def test_plugin_options_are_checked_and_a_missing_module_is_named(tmp_path, tokenizer_dir, shapes_data,

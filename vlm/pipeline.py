@@ -25,6 +25,7 @@ from vlm.training.features import BuildReport, build_stage_feature_cache
 from vlm.training.objectives import build_objective
 from vlm.training.stages import apply_stage
 from vlm.training.trainer import Trainer, make_accelerator
+from vlm.wiring import load_saved_plugins, save_plugins
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def load_pretrained(folder: str | Path, device: Optional[str] = None) -> Tuple[V
     """Rebuild a trained model from a stage output folder: ``(model, tokenizer, model_cfg)``,
     on ``device`` (default: CUDA when available, else CPU)."""
     folder = Path(folder)
+    load_saved_plugins(folder)
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(folder / "model.yaml"))
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     model = VisionLanguageModel.from_config(model_cfg, tokenizer)
@@ -114,6 +116,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
 
     def save_state(trained_model, folder):
         ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior)
+        save_plugins(folder, list(cfg.plugins))
 
     trainer = Trainer(model, dataset, collate=processor.collate, stage=stage, out_dir=out_dir,
                       save_state=save_state, accelerator=accelerator, stage_name=name,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -47,6 +48,23 @@ def load_plugins(modules: Sequence[str], where: str = "plugins") -> None:
             importlib.import_module(name)
         except ImportError as exc:
             raise ConfigError(f"{where}.{i}: cannot import plugin module '{name}': {exc}") from None
+
+
+PLUGINS_FILE = "plugins.json"
+
+
+def save_plugins(folder: str | Path, modules: Sequence[str]) -> None:
+    """Record the plugin modules a stage output's components come from (nothing when none)."""
+    if modules:
+        (Path(folder) / PLUGINS_FILE).write_text(json.dumps(list(modules)))
+
+
+def load_saved_plugins(folder: str | Path) -> None:
+    """Import the plugin modules a stage output recorded (:func:`save_plugins`), so that its
+    model can be rebuilt in a process that did not load its run config."""
+    path = Path(folder) / PLUGINS_FILE
+    if path.is_file():
+        load_plugins(json.loads(path.read_text()), where=str(path))
 
 
 def load_run_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), **defaults) -> DictConfig:

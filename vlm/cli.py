@@ -142,7 +142,7 @@ def cmd_export_hf_llava(args) -> None:
     from vlm.interop.hf_llava import LlavaLayoutError, export_hf_llava
 
     try:
-        print(f"exported: {export_hf_llava(args.checkpoint, args.out)}")
+        print(f"exported: {export_hf_llava(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
     except LlavaLayoutError as exc:
         raise ConfigError(f"{args.checkpoint}: {exc}") from None
 
@@ -158,7 +158,7 @@ def cmd_import_hf_llava(args) -> None:
     _require_registered(PREPROCESSING, args.preprocess, "--preprocess")
     try:
         out = import_hf_llava(args.folder, args.out, template=args.template, image_token=args.image_token,
-                              preprocess=args.preprocess)
+                              preprocess=args.preprocess, overwrite=args.overwrite)
     except LlavaLayoutError as exc:
         raise ConfigError(str(exc)) from None
     print(f"imported: {out} (vlm chat {out} --image IMG, or init_from: {out} with model.vision.pretrained: "
@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = export_sub.add_parser("hf-llava", help=cmd_export_hf_llava.__doc__)
     s.add_argument("checkpoint", help="stage output folder (hf_clip + mlp2x_gelu + a causal LM)")
     s.add_argument("--out", required=True, help="folder to write (LlavaForConditionalGeneration.from_pretrained reads it)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype (default: the checkpoint's model.llm.dtype)")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     s.set_defaults(func=cmd_export_hf_llava)
 
     p = sub.add_parser("import", help="turn another library's model into a vlm stage output")
@@ -265,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", default="vicuna_v1", help="chat template it was trained with (LLaVA-1.5: vicuna_v1)")
     s.add_argument("--preprocess", default="pad", help="image preprocessing it was trained with (LLaVA-1.5: pad)")
     s.add_argument("--image-token", default="<image>", help="the tokenizer's image placeholder token")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     s.set_defaults(func=cmd_import_hf_llava)
 
     p = sub.add_parser("models", help=cmd_models.__doc__)

@@ -147,6 +147,17 @@ def cmd_export_hf_llava(args) -> None:
         raise ConfigError(f"{args.checkpoint}: {exc}") from None
 
 
+def cmd_export_hf_blip2(args) -> None:
+    """Write a Q-Former stage output as a transformers BLIP-2 folder (Blip2ForConditionalGeneration)."""
+    from vlm.errors import LayoutError
+    from vlm.interop.hf_blip2 import export_hf_blip2
+
+    try:
+        print(f"exported: {export_hf_blip2(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
+    except LayoutError as exc:
+        raise ConfigError(f"{args.checkpoint}: {exc}") from None
+
+
 def cmd_import_hf_llava(args) -> None:
     """Write a local transformers LLaVA folder as a vlm stage output."""
     from vlm.data.image_transforms import PREPROCESSING
@@ -259,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights' dtype (default: the checkpoint's model.llm.dtype)")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     s.set_defaults(func=cmd_export_hf_llava)
+    s = export_sub.add_parser("hf-blip2", help=cmd_export_hf_blip2.__doc__)
+    s.add_argument("checkpoint", help="stage output folder (hf_blip2_vision + qformer + a causal LM)")
+    s.add_argument("--out", required=True, help="folder to write (Blip2ForConditionalGeneration.from_pretrained reads it)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype (default: the checkpoint's model.llm.dtype)")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    s.set_defaults(func=cmd_export_hf_blip2)
 
     p = sub.add_parser("import", help="turn another library's model into a vlm stage output")
     import_sub = p.add_subparsers(dest="format", required=True)

@@ -23,11 +23,11 @@ def _lit(text: str) -> str:
     return json.dumps(text)
 
 
-def _content_macro(image_token: str) -> str:
+def _content_macro(image_text: str) -> str:
     return ("{%- macro vlm_content(content) -%}"
             "{%- if content is string -%}{{ content }}"
             "{%- else -%}{%- for part in content -%}"
-            "{%- if part['type'] in ['image', 'image_url'] -%}{{ " + _lit(image_token + "\n") + " }}"
+            "{%- if part['type'] in ['image', 'image_url'] -%}{{ " + _lit(image_text + "\n") + " }}"
             "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
             "{%- endif -%}{%- endfor -%}{%- endif -%}"
             "{%- endmacro -%}")
@@ -88,9 +88,11 @@ def _tokenizer_own(tokenizer, system_prompt: Optional[str]) -> str:
 
 
 def jinja_chat_template(name: str, tokenizer, system_prompt: Optional[str] = None,
-                        image_token: str = "<image>") -> str:
+                        image_token: str = "<image>", image_text: Optional[str] = None) -> str:
     """The Jinja chat template rendering what vlm's template ``name`` renders (see the module
-    docstring); TemplateError for an unknown name or a tokenizer without a template."""
+    docstring); an image part is written ``image_text`` (default ``image_token``; e.g. the
+    token repeated once per visual token, for a processor that does not expand it).
+    TemplateError for an unknown name or a tokenizer without a template."""
     if name != "tokenizer":
         try:
             cls = TEMPLATES.get(name)
@@ -107,4 +109,4 @@ def jinja_chat_template(name: str, tokenizer, system_prompt: Optional[str] = Non
     }
     if name not in body:
         raise TemplateError(f"template '{name}' has no Jinja export (exportable: {sorted(body)})")
-    return _content_macro(image_token) + body[name]()
+    return _content_macro(image_token if image_text is None else image_text) + body[name]()

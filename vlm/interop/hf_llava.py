@@ -142,10 +142,9 @@ def from_hf_llava(llava: LlavaForConditionalGeneration, image_token_id: Optional
     return VisionLanguageModel(encoder, connector, llm, token).eval()
 
 
-def image_processor(model_cfg, image_size: int, mean, std) -> LlavaImageProcessor:
-    """transformers' ``LlavaImageProcessor`` doing vlm's preprocess strategy (``resize``, ``pad``:
-    LLaVA's expand-to-square, ``resize_center_crop``): bicubic, vlm's mean and std."""
-    strategy = model_cfg.vision.preprocess or HFCLIPVisionEncoder.default_preprocess
+def image_processor(strategy: str, image_size: int, mean, std) -> LlavaImageProcessor:
+    """transformers' ``LlavaImageProcessor`` doing vlm's preprocess ``strategy`` (``resize``,
+    ``pad``: LLaVA's expand-to-square, ``resize_center_crop``): bicubic, vlm's mean and std."""
     square = {"height": image_size, "width": image_size}
     common = dict(do_resize=True, resample=3, do_rescale=True, do_normalize=True, image_mean=list(mean),
                   image_std=list(std), do_convert_rgb=True, crop_size=square)  # resample 3: bicubic
@@ -173,7 +172,8 @@ def build_llava_processor(model: VisionLanguageModel, tokenizer, model_cfg) -> L
                            "tokenize rendered prompts with add_special_tokens=False")
     tokenizer.chat_template = template
     processor = LlavaProcessor(
-        image_processor=image_processor(model_cfg, model.vision.image_size, model.vision.mean, model.vision.std),
+        image_processor=image_processor(model_cfg.vision.preprocess or model.vision.default_preprocess,
+                                        model.vision.image_size, model.vision.mean, model.vision.std),
         tokenizer=tokenizer, patch_size=model.vision.model.config.patch_size,
         vision_feature_select_strategy="full" if model.vision.cfg.keep_cls else "default",
         chat_template=template, image_token=model_cfg.image_token,

@@ -176,6 +176,13 @@ def cmd_import_hf_llava(args) -> None:
           f"{out}/vision and model.llm.name_or_path: {out}/llm)")
 
 
+def cmd_merge(args) -> None:
+    """Fold a stage output's LoRA adapters into full weights (a stage output like any other)."""
+    from vlm.interop.peft_adapter import merge_checkpoint
+
+    print(f"merged: {merge_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)}")
+
+
 def cmd_models(args) -> None:
     """List the registered vision encoders, connectors, templates and data formats."""
     from vlm.catalog import catalog
@@ -288,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-token", default="<image>", help="the tokenizer's image placeholder token")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     s.set_defaults(func=cmd_import_hf_llava)
+
+    p = sub.add_parser("merge", help=cmd_merge.__doc__)
+    p.add_argument("checkpoint", help="stage output folder with LoRA adapters (e.g. runs/demo/instruct/final)")
+    p.add_argument("--out", required=True, help="stage output folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("models", help=cmd_models.__doc__)
     p.add_argument("--json", action="store_true")

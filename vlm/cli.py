@@ -183,6 +183,18 @@ def cmd_merge(args) -> None:
     print(f"merged: {merge_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)}")
 
 
+def cmd_serve(args) -> None:
+    """Serve a stage output with an OpenAI-compatible API (/v1/chat/completions) and a web page."""
+    from vlm.serving.app import serve
+
+    if args.max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size: must be at least 1, got {args.max_batch_size}")
+    if args.image_root and not __import__("os").path.isdir(args.image_root):
+        raise ConfigError(f"--image-root {args.image_root}: no such folder")
+    serve(args.checkpoint, host=args.host, port=args.port, image_root=args.image_root, model_name=args.model_name,
+          max_batch_size=args.max_batch_size, template=args.template)
+
+
 def cmd_models(args) -> None:
     """List the registered vision encoders, connectors, templates and data formats."""
     from vlm.catalog import catalog
@@ -301,6 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="stage output folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("serve", help=cmd_serve.__doc__)
+    p.add_argument("checkpoint", help="stage output folder (e.g. runs/demo/instruct/final)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--image-root", help="folder local image paths may come from (default: data: URIs only)")
+    p.add_argument("--model-name", default="vlm", help="the model id /v1/models lists")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests answered together at most")
+    p.add_argument("--template", help="chat template (default: the model's)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help=cmd_models.__doc__)
     p.add_argument("--json", action="store_true")

@@ -230,3 +230,14 @@ def test_serve_binds_loopback_by_default():
 
     args = build_parser().parse_args(["serve", "ckpt"])
     assert (args.host, args.port, args.image_root) == ("127.0.0.1", 8000, None)
+
+
+def test_serve_refuses_a_missing_image_root_and_checkpoint(tmp_path, capsys):
+    from vlm.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", str(tmp_path), "--image-root", str(tmp_path / "nowhere")])
+    assert info.value.code == 2 and "--image-root" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["serve", str(tmp_path / "no_checkpoint")])
+    assert info.value.code == 2

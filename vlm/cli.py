@@ -185,11 +185,13 @@ def cmd_merge(args) -> None:
 
 def cmd_serve(args) -> None:
     """Serve a stage output with an OpenAI-compatible API (/v1/chat/completions) and a web page."""
+    from pathlib import Path
+
     from vlm.serving.app import serve
 
     if args.max_batch_size < 1:
         raise ConfigError(f"--max-batch-size: must be at least 1, got {args.max_batch_size}")
-    if args.image_root and not __import__("os").path.isdir(args.image_root):
+    if args.image_root and not Path(args.image_root).is_dir():
         raise ConfigError(f"--image-root {args.image_root}: no such folder")
     serve(args.checkpoint, host=args.host, port=args.port, image_root=args.image_root, model_name=args.model_name,
           max_batch_size=args.max_batch_size, template=args.template)

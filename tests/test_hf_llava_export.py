@@ -137,3 +137,19 @@ def test_jinja_template_renders_vlms_text(tokenizer, name, system_prompt):
             got = tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=False,
                                                 add_generation_prompt=generation)
             assert got == expected
+
+
+def test_import_refuses_a_non_empty_out_without_overwrite(tmp_path, tokenizer_dir, tokenizer):
+    from vlm.interop.hf_llava import import_hf_llava
+
+    cfg = tiny_model_config(tokenizer_dir)
+    hf_dir = export_hf_llava(write_stage_output(tmp_path / "s" / "final", build_tiny_model(cfg, tokenizer), cfg,
+                                                tokenizer), tmp_path / "hf")
+    out = tmp_path / "imported"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        import_hf_llava(hf_dir, out, preprocess="resize")
+    assert (out / "notes.txt").read_text() == "mine"
+    import_hf_llava(hf_dir, out, preprocess="resize", overwrite=True)
+    assert (out / "manifest.json").is_file() and not (out / "notes.txt").exists()

@@ -103,6 +103,7 @@ def test_export_writes_one_dtype_architectures_and_processor_config(tmp_path, to
     assert config.dtype == torch.bfloat16
     with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((hf_dir / "preprocessor_config.json").read_text())["image_processor_type"] == "LlavaImageProcessor"
     processor_config = json.loads((hf_dir / "processor_config.json").read_text())
     assert processor_config["patch_size"] == 8 and processor_config["num_additional_image_tokens"] == 1
     assert processor_config["vision_feature_select_strategy"] == "default"

@@ -137,6 +137,9 @@ def export_hf_blip2(checkpoint: str | Path, out: str | Path, dtype: Optional[str
     with replacing_output_dir(out, overwrite) as tmp:
         hf.save_pretrained(str(tmp), safe_serialization=True)
         processor.save_pretrained(str(tmp))
+        # also the standalone image processor file, for readers that predate transformers 5's
+        # nested processor_config.json (older transformers, vLLM)
+        processor.image_processor.save_pretrained(str(tmp))
         info = {"source": str(Path(checkpoint).resolve()), "template": model_cfg.template,
                 "image_token": model_cfg.image_token, "image_token_id": model.image_token_id,
                 "num_query_tokens": model.num_image_tokens, "preprocess": strategy,

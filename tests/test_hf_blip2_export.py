@@ -79,11 +79,11 @@ def test_blip2_export_refuses_what_transformers_cannot_hold(tmp_path, tokenizer_
                                                                                  "vision_layernorm": True}}), tokenizer)
     with pytest.raises(LayoutError, match="not both"):
         to_hf_blip2(both)
-    instruct = build_tiny_model(blip2_config(tokenizer_dir, **{"connector.options": {**QFORMER,
-                                                                                     "instruction_aware": True}}),
-                                tokenizer)
-    with pytest.raises(LayoutError, match="InstructBLIP"):
-        to_hf_blip2(instruct)
+    positions = build_tiny_model(blip2_config(tokenizer_dir, **{"connector.options": {**QFORMER,
+                                                                                      "image_positions": 17}}),
+                                 tokenizer)
+    with pytest.raises(LayoutError, match="image_positions"):
+        to_hf_blip2(positions)
     llava = build_tiny_model(tiny_model_config(tokenizer_dir), tokenizer)
     with pytest.raises(LayoutError, match="Q-Former"):
         to_hf_blip2(llava)
@@ -104,3 +104,39 @@ def test_cli_refuses_beit3_query_with_exit_2_pointing_to_serve(tmp_path, tokeniz
     err = capsys.readouterr().err
     assert "beit3_query" in err and "vlm serve" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_instruction_aware_qformer_exports_as_instructblip(tmp_path, tokenizer_dir, tokenizer):
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    cfg = blip2_config(tokenizer_dir, template="chatml",
+                       **{"connector.options": {**QFORMER, "instruction_aware": True, "dropout": 0.0}})
+    ours = build_tiny_model(cfg, tokenizer, seed=8)
+    image = write_images(tmp_path / "img", sizes=[(40, 40)])[0]
+    processor = build_processor(ours, tokenizer, cfg)
+    stop = stop_early(ours, processor, image)
+    stage_out = write_stage_output(tmp_path / "s" / "final", ours, cfg, tokenizer)
+    model, tok, model_cfg = load_pretrained(stage_out, device="cpu")
+    expected = answer(model, build_processor(model, tok, model_cfg), image, [Turn("user", f"<image>\n{QUESTION}")])
+
+    hf_dir = export_hf_blip2(stage_out, tmp_path / "hf")
+    hf_processor = AutoProcessor.from_pretrained(str(hf_dir))
+    assert isinstance(hf_processor, InstructBlipProcessor)
+    hf = InstructBlipForConditionalGeneration.from_pretrained(str(hf_dir)).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    ids = AutoTokenizer.from_pretrained(str(hf_dir)).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    ids = torch.tensor([ids])
+    # vlm's instruction for the Q-Former is the question, tokenised as vlm does
+    q = hf_processor.qformer_tokenizer([QUESTION], return_tensors="pt", truncation=True)
+    vlm_q, _ = ours.connector.tokenize_texts([QUESTION])
+    assert q["input_ids"].tolist() == vlm_q.tolist()
+    with Image.open(image) as img:
+        pixels = hf_processor.image_processor(img, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        out = hf.generate(pixel_values=pixels, qformer_input_ids=q["input_ids"],
+                          qformer_attention_mask=q["attention_mask"], input_ids=ids,
+                          attention_mask=torch.ones_like(ids))[0, ids.shape[1]:]
+    assert int(out[-1]) == stop and len(out) < 64
+    got = hf_processor.decode(out, skip_special_tokens=True).strip()
+    assert got == expected and got

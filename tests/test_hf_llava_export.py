@@ -33,7 +33,8 @@ def stop_early(model, processor, image, max_new_tokens=12):
     stop = [t for t in settings["eos_token_id"] if t != processor.tokenizer.eos_token_id]
     stop = stop[0] if stop else processor.tokenizer.eos_token_id
     ids, _ = processor.tokenize([Turn("user", f"<image>\n{QUESTION}")], add_generation_prompt=True)
-    inputs = (torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), processor.load_image(image)[None])
+    inputs = (torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), processor.load_image(image)[None],
+              [QUESTION])  # the image's instruction, for a Q-Former that reads one
     free = model.generate(*inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     head = model.llm.get_output_embeddings().weight
     for position in range(2, max_new_tokens):

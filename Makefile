@@ -4,7 +4,7 @@ PYTHON ?= python
 PIP := $(PYTHON) -m pip
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-all reference-impls
+.PHONY: install demo test test-all test-browser reference-impls
 
 install:
 	$(PIP) install "torch==2.14.1" "torchvision==0.29.1"
@@ -22,6 +22,14 @@ test: install reference-impls
 
 test-all: install
 	$(PYTHON) -m pytest -m ""
+
+# The web page of `vlm serve` in a real headless browser: Debian's chromium and its driver
+# (system packages, so this target has its own line in the README), selenium from PyPI.
+test-browser: install
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
+	$(PIP) install -e ".[browser]"
+	VLM_REQUIRE_BROWSER=1 $(PYTHON) -m pytest -m browser tests/test_serve_browser.py
 
 # Official reference implementations (VQAEval, EvalAIAnswerProcessor) that the metric tests compare
 # against. Installed without dependencies: the tests load single files from them by path.

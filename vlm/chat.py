@@ -45,3 +45,12 @@ def chat(checkpoint: str, image: str, prompt: Optional[str] = None, max_new_toke
         reply = answer(model, processor, image, turns, max_new_tokens, temperature)
         turns.append(Turn("assistant", reply))
         print(reply if prompt else f"vlm> {reply}", flush=True)
+
+
+def loglikelihood(model, processor, image, turns: List[Turn], continuation: str) -> float:
+    """Sum of the log-probs of ``continuation`` as the reply to ``turns`` about ``image`` (a path
+    or a PIL image)."""
+    from vlm.evaluation.likelihood import loglikelihoods
+
+    sample = Sample(id="chat", turns=turns, images=[image] if image is not None else [])
+    return loglikelihoods(model, processor, [sample], [continuation])[0][0]

@@ -151,8 +151,19 @@ def cmd_export_hf_llava(args) -> None:
     from vlm.interop.hf_llava import LlavaLayoutError, export_hf_llava
 
     try:
-        print(f"exported: {export_hf_llava(args.checkpoint, args.out)}")
+        print(f"exported: {export_hf_llava(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
     except LlavaLayoutError as exc:
+        raise ConfigError(f"{args.checkpoint}: {exc}") from None
+
+
+def cmd_export_hf_blip2(args) -> None:
+    """Write a Q-Former stage output as a transformers BLIP-2 folder (Blip2ForConditionalGeneration)."""
+    from vlm.errors import LayoutError
+    from vlm.interop.hf_blip2 import export_hf_blip2
+
+    try:
+        print(f"exported: {export_hf_blip2(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
+    except LayoutError as exc:
         raise ConfigError(f"{args.checkpoint}: {exc}") from None
 
 
@@ -167,11 +178,32 @@ def cmd_import_hf_llava(args) -> None:
     _require_registered(PREPROCESSING, args.preprocess, "--preprocess")
     try:
         out = import_hf_llava(args.folder, args.out, template=args.template, image_token=args.image_token,
-                              preprocess=args.preprocess)
+                              preprocess=args.preprocess, overwrite=args.overwrite)
     except LlavaLayoutError as exc:
         raise ConfigError(str(exc)) from None
     print(f"imported: {out} (vlm chat {out} --image IMG, or init_from: {out} with model.vision.pretrained: "
           f"{out}/vision and model.llm.name_or_path: {out}/llm)")
+
+
+def cmd_merge(args) -> None:
+    """Fold a stage output's LoRA adapters into full weights (a stage output like any other)."""
+    from vlm.interop.peft_adapter import merge_checkpoint
+
+    print(f"merged: {merge_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)}")
+
+
+def cmd_serve(args) -> None:
+    """Serve a stage output with an OpenAI-compatible API (/v1/chat/completions) and a web page."""
+    from pathlib import Path
+
+    from vlm.serving.app import serve
+
+    if args.max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size: must be at least 1, got {args.max_batch_size}")
+    if args.image_root and not Path(args.image_root).is_dir():
+        raise ConfigError(f"--image-root {args.image_root}: no such folder")
+    serve(args.checkpoint, host=args.host, port=args.port, image_root=args.image_root, model_name=args.model_name,
+          max_batch_size=args.max_batch_size, template=args.template)
 
 
 def cmd_models(args) -> None:
@@ -266,7 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = export_sub.add_parser("hf-llava", help=cmd_export_hf_llava.__doc__)
     s.add_argument("checkpoint", help="stage output folder (hf_clip + mlp2x_gelu + a causal LM)")
     s.add_argument("--out", required=True, help="folder to write (LlavaForConditionalGeneration.from_pretrained reads it)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype (default: the checkpoint's model.llm.dtype)")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     s.set_defaults(func=cmd_export_hf_llava)
+    s = export_sub.add_parser("hf-blip2", help=cmd_export_hf_blip2.__doc__)
+    s.add_argument("checkpoint", help="stage output folder (hf_blip2_vision + qformer + a causal LM)")
+    s.add_argument("--out", required=True, help="folder to write (Blip2ForConditionalGeneration.from_pretrained reads it)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype (default: the checkpoint's model.llm.dtype)")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    s.set_defaults(func=cmd_export_hf_blip2)
 
     p = sub.add_parser("import", help="turn another library's model into a vlm stage output")
     import_sub = p.add_subparsers(dest="format", required=True)
@@ -276,7 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", default="vicuna_v1", help="chat template it was trained with (LLaVA-1.5: vicuna_v1)")
     s.add_argument("--preprocess", default="pad", help="image preprocessing it was trained with (LLaVA-1.5: pad)")
     s.add_argument("--image-token", default="<image>", help="the tokenizer's image placeholder token")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     s.set_defaults(func=cmd_import_hf_llava)
+
+    p = sub.add_parser("merge", help=cmd_merge.__doc__)
+    p.add_argument("checkpoint", help="stage output folder with LoRA adapters (e.g. runs/demo/instruct/final)")
+    p.add_argument("--out", required=True, help="stage output folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("serve", help=cmd_serve.__doc__)
+    p.add_argument("checkpoint", help="stage output folder (e.g. runs/demo/instruct/final)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--image-root", help="folder local image paths may come from (default: data: URIs only)")
+    p.add_argument("--model-name", default="vlm", help="the model id /v1/models lists")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests answered together at most")
+    p.add_argument("--template", help="chat template (default: the model's)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help=cmd_models.__doc__)
     p.add_argument("--json", action="store_true")

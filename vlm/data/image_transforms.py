@@ -54,8 +54,11 @@ def resize(size: int, mean: Sequence[float], std: Sequence[float]) -> ImageTrans
 
 @PREPROCESSING.register("pad")
 def pad_to_square(size: int, mean: Sequence[float], std: Sequence[float]) -> ImageTransform:
-    """Pad to a square with the normalisation mean colour (so padding becomes zeros), then resize."""
-    fill = tuple(int(round(m * 255)) for m in mean)
+    """Pad to a square with the normalisation mean colour (so padding becomes ~zeros), then resize.
+
+    The colour is ``int(m * 255)``, truncated as in LLaVA's ``expand2square`` and transformers'
+    ``LlavaImageProcessor(do_pad=True)``, so an exported model's processor gives the same pixels."""
+    fill = tuple(int(m * 255) for m in mean)
 
     def transform(image: Image.Image) -> torch.Tensor:
         image = to_rgb(image)

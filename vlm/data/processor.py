@@ -81,8 +81,14 @@ class VLMProcessor:
             raise ValueError("a generation prompt needs a user turn")
         return turns
 
-    def load_image(self, path: str) -> torch.Tensor:
-        """Open and transform one image; ImageLoadError names the file on any failure."""
+    def load_image(self, path: "str | Image.Image") -> torch.Tensor:
+        """Open and transform one image (a path, or a PIL image already in memory);
+        ImageLoadError names the file on any failure."""
+        if isinstance(path, Image.Image):
+            try:
+                return self.image_transform(path)
+            except Exception as exc:
+                raise ImageLoadError(f"cannot transform image {path!r}: {exc}") from exc
         try:
             with Image.open(path) as image:
                 image.load()

@@ -8,37 +8,49 @@ any transformers causal LM) and a transformers LLaVA model are the same network:
   blocks and reads ``vision_feature_layer=-1``; ``keep_cls`` becomes the ``full`` select strategy.
 - ``from_hf_llava(llava, image_token_id)`` is the reverse: our components holding its weights.
 - ``export_hf_llava(checkpoint, out)`` writes a stage output (``DIR/<stage>/final``) as a
-  transformers LLaVA folder (safetensors, tokenizer, an image processor matching the preprocess
-  strategy), loadable with ``LlavaForConditionalGeneration.from_pretrained``.
+  transformers LLaVA folder loadable as it is with ``LlavaForConditionalGeneration`` and
+  ``AutoProcessor.from_pretrained`` (and by vLLM): safetensors in one dtype, the tokenizer, a
+  ``LlavaImageProcessor`` doing vlm's preprocess strategy (``pad`` included), vlm's chat template
+  as Jinja (``vlm.interop.chat_template``), ``processor_config.json`` and a
+  ``generation_config.json`` stopping at the template's stop tokens.
 - ``import_hf_llava(folder, out)`` writes a local transformers LLaVA folder as a vlm stage output:
   ``vision/`` and ``llm/`` (transformers folders), ``connector.safetensors``, ``model.yaml``,
   ``manifest.json`` and ``tokenizer/``, which ``vlm chat``, ``vlm eval --checkpoint`` and a
   recipe's ``init_from`` read (the recipe's ``model.vision.pretrained`` and
   ``model.llm.name_or_path`` then point at ``vision/`` and ``llm/``).
 
-Prompts are not part of the network: a model exported from vlm expects vlm's chat template
-(recorded in ``vlm_export.json``), and one imported needs the template it was trained with.
+Prompts are not part of the network: a model exported from vlm carries vlm's chat template
+(also named in ``vlm_export.json``), and one imported needs the template it was trained with.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
-from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig,
-                          CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration, PreTrainedModel)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel,
+                          GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessor,
+                          LlavaProcessor, PreTrainedModel)
 
 from vlm.config import ModelConfig, VisionConfig
+from vlm.data.processor import VLMProcessor
+from vlm.evaluation.generation import stop_settings
 from vlm.interop import sub_state
+from vlm.interop.chat_template import jinja_chat_template
+from vlm.modeling.llm import torch_dtype
 from vlm.modeling.connectors.mlp import MLPProjector
 from vlm.modeling.vision.hf_clip import HFCLIPVisionEncoder
 from vlm.modeling.vlm import VisionLanguageModel
-from vlm.training.checkpoint import MANIFEST, atomic_dir
+from vlm.training.checkpoint import MANIFEST
 from vlm.errors import LayoutError as LlavaLayoutError
+from vlm.output import check_output_dir, replacing_output_dir
+
+logger = logging.getLogger(__name__)
 
 EXPORT_INFO = "vlm_export.json"
 
@@ -130,48 +142,98 @@ def from_hf_llava(llava: LlavaForConditionalGeneration, image_token_id: Optional
     return VisionLanguageModel(encoder, connector, llm, token).eval()
 
 
-def _image_processor(model_cfg, image_size: int, mean, std) -> Optional[CLIPImageProcessor]:
-    """The transformers image processor that equals vlm's preprocess strategy, when one does."""
+def image_processor(strategy: str, image_size: int, mean, std) -> LlavaImageProcessor:
+    """transformers' ``LlavaImageProcessor`` doing vlm's preprocess ``strategy`` (``resize``,
+    ``pad``: LLaVA's expand-to-square, ``resize_center_crop``): bicubic, vlm's mean and std."""
+    square = {"height": image_size, "width": image_size}
     common = dict(do_resize=True, resample=3, do_rescale=True, do_normalize=True, image_mean=list(mean),
-                  image_std=list(std), do_convert_rgb=True)  # resample 3: bicubic, as vlm's transforms
-    strategy = model_cfg.vision.preprocess or HFCLIPVisionEncoder.default_preprocess
-    if strategy == "resize":
-        return CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False, **common)
+                  image_std=list(std), do_convert_rgb=True, crop_size=square)  # resample 3: bicubic
+    if strategy in ("resize", "pad"):
+        return LlavaImageProcessor(size=square, do_center_crop=False, do_pad=strategy == "pad", **common)
     if strategy == "resize_center_crop":
-        return CLIPImageProcessor(size={"shortest_edge": image_size}, do_center_crop=True,
-                                  crop_size={"height": image_size, "width": image_size}, **common)
-    return None  # 'pad' (LLaVA's expand-to-square) has no CLIPImageProcessor equivalent
+        return LlavaImageProcessor(size={"shortest_edge": image_size}, do_center_crop=True, do_pad=False, **common)
+    raise LlavaLayoutError(f"model.vision.preprocess: '{strategy}' has no transformers image processor")
 
 
-def export_hf_llava(checkpoint: str | Path, out: str | Path) -> Path:
+def _adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def build_llava_processor(model: VisionLanguageModel, tokenizer, model_cfg) -> LlavaProcessor:
+    """The ``LlavaProcessor`` of an exported model: vlm's image preprocessing, its chat template
+    as Jinja, and the placeholder count ``(S / patch)^2 (+1 with keep_cls)`` as vlm expands."""
+    template = jinja_chat_template(model_cfg.template, tokenizer, model_cfg.system_prompt, model_cfg.image_token)
+    if "bos_token" in template and _adds_bos(tokenizer):
+        # the template writes the bos itself (as vLLM and apply_chat_template(tokenize=True) expect)
+        tokenizer.add_bos_token = False
+        if _adds_bos(tokenizer):
+            logger.warning("the tokenizer adds a bos token by itself and the chat template writes one: "
+                           "tokenize rendered prompts with add_special_tokens=False")
+    tokenizer.chat_template = template
+    processor = LlavaProcessor(
+        image_processor=image_processor(model_cfg.vision.preprocess or model.vision.default_preprocess,
+                                        model.vision.image_size, model.vision.mean, model.vision.std),
+        tokenizer=tokenizer, patch_size=model.vision.model.config.patch_size,
+        vision_feature_select_strategy="full" if model.vision.cfg.keep_cls else "default",
+        chat_template=template, image_token=model_cfg.image_token,
+        num_additional_image_tokens=1)  # CLIP's class token ("default" drops it again)
+    return processor
+
+
+def generation_config(processor: VLMProcessor, max_new_tokens: int = 64) -> GenerationConfig:
+    """Greedy decoding that stops where vlm's does: eos and the template's single-token stop
+    strings as ``eos_token_id``, longer ones as ``stop_strings``."""
+    settings = stop_settings(processor)
+    tokenizer = processor.tokenizer
+    config = GenerationConfig(eos_token_id=settings["eos_token_id"], pad_token_id=settings["pad_token_id"],
+                              bos_token_id=tokenizer.bos_token_id, do_sample=False, max_new_tokens=max_new_tokens)
+    if settings.get("stop_strings"):
+        config.stop_strings = settings["stop_strings"]
+    return config
+
+
+def export_hf_llava(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = None,
+                    overwrite: bool = False) -> Path:
     """Write the stage output ``checkpoint`` as a transformers LLaVA folder ``out`` (written
-    atomically); returns ``out``."""
-    from vlm.pipeline import load_pretrained
+    atomically; a non-empty ``out`` only with ``overwrite``): weights in one dtype (``dtype``,
+    else the checkpoint's ``model.llm.dtype``), the processor (image processor, chat template,
+    ``processor_config.json``) and ``generation_config.json``; returns ``out``."""
+    from vlm.pipeline import build_processor, load_pretrained
 
+    check_output_dir(out, overwrite)
     model, tokenizer, model_cfg = load_pretrained(checkpoint, device="cpu")
-    llava = to_hf_llava(model)
-    processor = _image_processor(model_cfg, model.vision.image_size, model.vision.mean, model.vision.std)
-    with atomic_dir(out) as tmp:
+    target = torch_dtype(dtype or model_cfg.llm.dtype)
+    llava = to_hf_llava(model).to(target)
+    llava.config.text_config.architectures = [type(model.llm).__name__]
+    for config in (llava.config, llava.config.text_config, llava.config.vision_config):
+        config.dtype = target
+    vlm_processor = build_processor(model, tokenizer, model_cfg)
+    llava.generation_config = generation_config(vlm_processor)
+    processor = build_llava_processor(model, tokenizer, model_cfg)
+    with replacing_output_dir(out, overwrite) as tmp:
         llava.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        if processor is not None:
-            processor.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+        # also the standalone image processor file, for readers that predate transformers 5's
+        # nested processor_config.json (older transformers, vLLM)
+        processor.image_processor.save_pretrained(str(tmp))
         info = {"source": str(Path(checkpoint).resolve()), "template": model_cfg.template,
                 "image_token": model_cfg.image_token, "image_token_id": model.image_token_id,
                 "num_image_tokens": model.num_image_tokens,
                 "preprocess": model_cfg.vision.preprocess or HFCLIPVisionEncoder.default_preprocess,
-                "image_processor": processor is not None}
+                "image_processor": True, "dtype": str(target).replace("torch.", ""),
+                "stop_token_ids": list(llava.generation_config.eos_token_id)}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return Path(out)
 
 
 def import_hf_llava(folder: str | Path, out: str | Path, template: str = "vicuna_v1",
-                    image_token: str = "<image>", preprocess: Optional[str] = "pad") -> Path:
+                    image_token: str = "<image>", preprocess: Optional[str] = "pad", overwrite: bool = False) -> Path:
     """Write the local transformers LLaVA folder ``folder`` as a vlm stage output ``out``
-    (written atomically); returns ``out``. ``template`` and ``preprocess`` are what the model was
+    (written atomically; a non-empty ``out`` only with ``overwrite``); returns ``out``. ``template`` and ``preprocess`` are what the model was
     trained with (LLaVA-1.5: ``vicuna_v1`` and ``pad``); ``image_token`` must be the tokenizer's
     token for ``image_token_id``."""
-    folder, out = Path(folder), Path(out)
+    folder, out = Path(folder), check_output_dir(out, overwrite)
     llava = LlavaForConditionalGeneration.from_pretrained(str(folder), torch_dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     token_id = tokenizer.convert_tokens_to_ids(image_token)
@@ -180,7 +242,7 @@ def import_hf_llava(folder: str | Path, out: str | Path, template: str = "vicuna
                                f"image_token_id is {llava.config.image_token_id}")
     model = from_hf_llava(llava)
     final = out.resolve()
-    with atomic_dir(out) as tmp:
+    with replacing_output_dir(out, overwrite) as tmp:
         model.vision.model.save_pretrained(str(tmp / "vision"), safe_serialization=True)
         model.llm.save_pretrained(str(tmp / "llm"), safe_serialization=True)
         save_file({k: v.contiguous() for k, v in model.connector.state_dict().items()}, str(tmp / "connector.safetensors"))

@@ -96,6 +96,10 @@ def save_model_state(model, folder: Path, stage: StageConfig, model_cfg: ModelCo
             entries = [{"weights": str(folder / f"{comp}.safetensors")}]
         elif mode is Train.lora:
             module.save_pretrained(str(folder / f"{comp}_adapter"))
+            if comp == "llm":  # so that plain PEFT can load it (vlm.interop.peft_adapter)
+                from vlm.interop.peft_adapter import record_adapter_base
+
+                record_adapter_base(module, folder / "llm_adapter", model_cfg, tokenizer, entries)
             entries.append({"adapter": str(folder / f"{comp}_adapter")})
         manifest[comp] = [
             {kind: os.path.relpath(path, folder) for kind, path in entry.items()} for entry in entries

@@ -1,0 +1,46 @@
+"""Log-likelihood of a continuation given a conversation and its images (multiple-choice and
+perplexity-style evaluations, e.g. lmms-eval's ``loglikelihood`` requests)."""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from vlm.data.processor import VLMProcessor, pad_batch
+from vlm.data.types import Sample
+
+
+@torch.no_grad()
+def loglikelihoods(model, processor: VLMProcessor, samples: Sequence[Sample], continuations: Sequence[str],
+                   batch_size: int = 8) -> List[Tuple[float, bool]]:
+    """For each sample (its prompt: the turns up to the last user turn, with the template's
+    generation prompt) and continuation text: ``(sum of the continuation tokens' log-probs,
+    whether greedy decoding would produce exactly those tokens)``."""
+    if len(samples) != len(continuations):
+        raise ValueError(f"{len(samples)} samples but {len(continuations)} continuations")
+    model.eval()
+    device = next(model.parameters()).device
+    results: List[Tuple[float, bool]] = []
+    for start in range(0, len(samples), batch_size):
+        items, spans = [], []
+        for sample, continuation in zip(samples[start:start + batch_size], continuations[start:start + batch_size]):
+            item = processor.encode(sample, for_generation=True)
+            target = processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            if not target:
+                raise ValueError(f"sample {sample.id}: the continuation {continuation!r} has no tokens")
+            spans.append((len(item["input_ids"]), len(target)))
+            item["input_ids"] = item["input_ids"] + target
+            item["labels"] = item["labels"] + target
+            items.append(item)
+        batch = pad_batch(items, processor.tokenizer.pad_token_id, padding_side="right")
+        pixels = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
+        logits = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       pixel_values=pixels, instructions=batch["instructions"]).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for row, (context, length) in enumerate(spans):
+            target = batch["input_ids"][row, context:context + length].to(device)
+            predicted = logprobs[row, context - 1:context - 1 + length]  # position t predicts token t+1
+            total = predicted.gather(-1, target[:, None]).sum().item()
+            results.append((total, bool((predicted.argmax(-1) == target).all())))
+    return results

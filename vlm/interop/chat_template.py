@@ -1,0 +1,112 @@
+"""vlm's chat templates as Jinja, for exported folders (transformers processors, vLLM).
+
+``jinja_chat_template(name, tokenizer, system_prompt, image_token)`` writes a Jinja
+``chat_template`` that renders a conversation to exactly the text vlm's template of that name
+builds (``plain``, ``vicuna_v1``, ``chatml``, or ``tokenizer``: the tokenizer's own template),
+bos token included where vlm adds one. Message contents may be strings (``"<image>\\nQ"``) or
+OpenAI-style lists of parts: ``{"type": "image"}`` (or ``image_url``) becomes
+``<image>\\n``, ``{"type": "text", "text": T}`` becomes ``T``, in order, as ``vlm chat`` writes
+an image question.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from vlm.data.templates import TEMPLATES, VICUNA_SYSTEM
+from vlm.errors import TemplateError
+
+
+def _lit(text: str) -> str:
+    """A Jinja string literal for ``text`` (JSON's escapes are Jinja's)."""
+    return json.dumps(text)
+
+
+def _content_macro(image_text: str) -> str:
+    return ("{%- macro vlm_content(content) -%}"
+            "{%- if content is string -%}{{ content }}"
+            "{%- else -%}{%- for part in content -%}"
+            "{%- if part['type'] in ['image', 'image_url'] -%}{{ " + _lit(image_text + "\n") + " }}"
+            "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+            "{%- endif -%}{%- endfor -%}{%- endif -%}"
+            "{%- endmacro -%}")
+
+
+def _plain(image_token: str, bos: str) -> str:
+    # a user turn gives only its image markers; an assistant turn its text and a newline
+    return (bos +
+            "{%- for m in messages -%}"
+            "{%- if m['role'] == 'user' -%}"
+            "{%- set text = vlm_content(m['content']) -%}"
+            "{{ " + _lit(image_token) + " * (text.split(" + _lit(image_token) + ")|length - 1) }}"
+            "{%- elif m['role'] == 'assistant' -%}{{ vlm_content(m['content']) + '\\n' }}"
+            "{%- endif -%}{%- endfor -%}")
+
+
+def _vicuna(system_prompt: str, bos: str) -> str:
+    return (bos +
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{{ vlm_content(messages[0]['content']) + ' ' }}{%- set rest = messages[1:] -%}"
+            "{%- else -%}{{ " + _lit(system_prompt + " ") + " }}{%- set rest = messages -%}{%- endif -%}"
+            "{%- for m in rest -%}"
+            "{%- if m['role'] == 'user' -%}{{ 'USER: ' + vlm_content(m['content']) + ' ASSISTANT:' }}"
+            "{%- else -%}{{ ' ' + vlm_content(m['content']) + eos_token }}"
+            "{%- endif -%}{%- endfor -%}")
+
+
+def _chatml(system_prompt: Optional[str]) -> str:
+    default = ("{{ " + _lit(f"<|im_start|>system\n{system_prompt}<|im_end|>\n") + " }}") if system_prompt else ""
+    # as vlm's chatml: a user turn always opens the assistant's turn; an answer ends with
+    # <|im_end|>, and a newline when more follows
+    return ("{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{{ '<|im_start|>system\\n' + vlm_content(messages[0]['content']) + '<|im_end|>\\n' }}"
+            "{%- set rest = messages[1:] -%}"
+            "{%- else -%}" + default + "{%- set rest = messages -%}{%- endif -%}"
+            "{%- for m in rest -%}"
+            "{%- if m['role'] == 'user' -%}"
+            "{{ '<|im_start|>user\\n' + vlm_content(m['content']) + '<|im_end|>\\n<|im_start|>assistant\\n' }}"
+            "{%- else -%}{{ vlm_content(m['content']) + '<|im_end|>' }}"
+            "{%- if not (loop.last and add_generation_prompt) -%}{{ '\\n' }}{%- endif -%}"
+            "{%- endif -%}{%- endfor -%}")
+
+
+def _tokenizer_own(tokenizer, system_prompt: Optional[str]) -> str:
+    own = getattr(tokenizer, "chat_template", None)
+    if not own or not isinstance(own, str):
+        raise TemplateError("template 'tokenizer': this tokenizer has no (single) chat_template to export")
+    # content parts become strings first, then the tokenizer's own template renders them
+    prelude = "{%- set ns = namespace(msgs=[]) -%}"
+    if system_prompt:
+        prelude += ("{%- if not messages or messages[0]['role'] != 'system' -%}"
+                    "{%- set ns.msgs = [{'role': 'system', 'content': " + _lit(system_prompt) + "}] -%}"
+                    "{%- endif -%}")
+    prelude += ("{%- for m in messages -%}"
+                "{%- set ns.msgs = ns.msgs + [{'role': m['role'], 'content': vlm_content(m['content'])}] -%}"
+                "{%- endfor -%}{%- set messages = ns.msgs -%}")
+    return prelude + own
+
+
+def jinja_chat_template(name: str, tokenizer, system_prompt: Optional[str] = None,
+                        image_token: str = "<image>", image_text: Optional[str] = None) -> str:
+    """The Jinja chat template rendering what vlm's template ``name`` renders (see the module
+    docstring); an image part is written ``image_text`` (default ``image_token``; e.g. the
+    token repeated once per visual token, for a processor that does not expand it).
+    TemplateError for an unknown name or a tokenizer without a template."""
+    if name != "tokenizer":
+        try:
+            cls = TEMPLATES.get(name)
+        except KeyError as exc:
+            raise TemplateError(str(exc.args[0])) from None
+    else:
+        cls = None
+    bos = "{{ bos_token }}" if cls is not None and cls.add_bos and tokenizer.bos_token else ""
+    body = {
+        "plain": lambda: _plain(image_token, bos),
+        "vicuna_v1": lambda: _vicuna(system_prompt or VICUNA_SYSTEM, bos),
+        "chatml": lambda: _chatml(system_prompt),
+        "tokenizer": lambda: _tokenizer_own(tokenizer, system_prompt),
+    }
+    if name not in body:
+        raise TemplateError(f"template '{name}' has no Jinja export (exportable: {sorted(body)})")
+    return _content_macro(image_token if image_text is None else image_text) + body[name]()

@@ -1,0 +1,1 @@
+"""`vlm serve`: an OpenAI-compatible chat completions server with a small web page."""

@@ -83,7 +83,7 @@ def to_hf_blip2(model: VisionLanguageModel):
     _check_layout(model)
     connector, vision = model.connector, model.vision.model
     layer = connector.layers[0]
-    instruct = connector.reads_instructions
+    instruct = connector.instruction_aware
     vision_config = {**vision.config.to_dict(), "num_hidden_layers": len(vision.encoder.layers)}
     sizes = dict(hidden_size=connector.query_tokens.shape[-1], num_hidden_layers=len(connector.layers),
                  num_attention_heads=layer.self_attn.num_heads, intermediate_size=layer.query_ffn.up.out_features,
@@ -176,7 +176,7 @@ def export_hf_blip2(checkpoint: str | Path, out: str | Path, dtype: Optional[str
                                                   image_text=model_cfg.image_token * model.num_image_tokens)
     images = image_processor(strategy, model.vision.image_size, model.vision.mean, model.vision.std)
     with replacing_output_dir(out, overwrite) as tmp:
-        if model.connector.reads_instructions:
+        if model.connector.instruction_aware:
             import tempfile
 
             with tempfile.TemporaryDirectory() as scratch:
@@ -192,7 +192,7 @@ def export_hf_blip2(checkpoint: str | Path, out: str | Path, dtype: Optional[str
         info = {"source": str(Path(checkpoint).resolve()), "template": model_cfg.template,
                 "image_token": model_cfg.image_token, "image_token_id": model.image_token_id,
                 "num_query_tokens": model.num_image_tokens, "preprocess": strategy,
-                "instruction_aware": model.connector.reads_instructions,
+                "instruction_aware": model.connector.instruction_aware,
                 "dtype": str(target).replace("torch.", ""),
                 "stop_token_ids": list(hf.generation_config.eos_token_id)}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))

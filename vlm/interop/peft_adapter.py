@@ -20,6 +20,7 @@ in by PEFT's ``merge_and_unload`` as the stage output is loaded), which ``vlm ch
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -107,6 +108,7 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = 
     from vlm.output import check_output_dir, replacing_output_dir
     from vlm.pipeline import load_pretrained
     from vlm.training.checkpoint import read_manifest, save_model_state
+    from vlm.wiring import PLUGINS_FILE
 
     check_output_dir(out, overwrite)
     model, tokenizer, model_cfg = load_pretrained(checkpoint, device="cpu")  # adapters merged here
@@ -119,4 +121,7 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = 
         source = {"merged_from": str(Path(checkpoint).resolve()),
                   "adapters": [e["adapter"] for entries in manifest.values() for e in entries if "adapter" in e]}
         (tmp / "merge.json").write_text(json.dumps(source, indent=2))
+        plugins = Path(checkpoint) / PLUGINS_FILE  # the components' plugin modules travel along
+        if plugins.is_file():
+            shutil.copy2(plugins, tmp / PLUGINS_FILE)
     return Path(out)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import List, Optional
 
 from vlm.config import ConfigError
+from vlm.errors import DataFormatError, VLMError
 
 
 def _load(args, out_required: bool = False):
@@ -180,6 +182,8 @@ def cmd_models(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``vlm`` command."""
     parser = argparse.ArgumentParser(prog="vlm", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of expected errors too (or set VLM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p, out_help="output folder (sets out_dir)"):
@@ -277,6 +281,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``vlm`` console script."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:  # also accepted after the subcommand
+        args.debug, extra = True, [e for e in extra if e != "--debug"]
     # overrides may come after options (`vlm train C --out D a.b=c`): argparse leaves them over
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides) + extra
@@ -286,8 +292,23 @@ def main(argv: Optional[List[str]] = None) -> None:
                         datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    debug = args.debug or os.environ.get("VLM_DEBUG", "") not in ("", "0")
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (VLMError, OSError, UnicodeDecodeError) as exc:
+        if debug:
+            raise
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         sys.exit(2)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an expected error: a VLMError's own message; an OSError with its path and
+    what to do (disk full, permission...); an undecodable file with the byte offset."""
+    if isinstance(exc, UnicodeDecodeError):
+        exc = DataFormatError(f"not UTF-8 text at byte {exc.start}: {exc.reason}; re-save the file as UTF-8")
+    if isinstance(exc, OSError) and not isinstance(exc, VLMError):
+        from vlm.errors import describe_os_error
+
+        return describe_os_error(exc)
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__

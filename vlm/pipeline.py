@@ -17,6 +17,7 @@ from vlm.data.formats import read_dataset
 from vlm.data.processor import VLMProcessor
 from vlm.data.templates import build_template
 from vlm.data.types import Sample
+from vlm.errors import CheckpointError
 from vlm.modeling.llm import load_tokenizer
 from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training import checkpoint as ckpt
@@ -32,8 +33,20 @@ logger = logging.getLogger(__name__)
 def load_stage_tokenizer(model_cfg, init_from: Optional[str]):
     """The tokenizer saved with ``init_from`` when given, else the one the model config names."""
     if init_from:
+        require_stage_output(init_from, "init_from")
         return AutoTokenizer.from_pretrained(str(Path(init_from) / "tokenizer"))
     return load_tokenizer(model_cfg.llm, model_cfg.image_token)
+
+
+def require_stage_output(folder: str | Path, what: str) -> Path:
+    """``folder`` as a Path; a CheckpointError naming ``what`` unless it is a vlm stage output."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{what} {folder}: no such folder; give a stage output (e.g. runs/NAME/STAGE/final)")
+    missing = [n for n in ("manifest.json", "model.yaml", "tokenizer") if not (folder / n).exists()]
+    if missing:
+        raise CheckpointError(f"{what} {folder}: not a vlm stage output ({', '.join(missing)} missing)")
+    return folder
 
 
 def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: Optional[str] = None,
@@ -52,7 +65,7 @@ def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: 
 def load_pretrained(folder: str | Path, device: Optional[str] = None) -> Tuple[VisionLanguageModel, object, DictConfig]:
     """Rebuild a trained model from a stage output folder: ``(model, tokenizer, model_cfg)``,
     on ``device`` (default: CUDA when available, else CPU)."""
-    folder = Path(folder)
+    folder = require_stage_output(folder, "checkpoint")
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(folder / "model.yaml"))
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     model = VisionLanguageModel.from_config(model_cfg, tokenizer)

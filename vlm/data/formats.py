@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 
 from vlm.data.types import IMAGE_TOKEN, Sample, Turn
 from vlm.registry import Registry
-from vlm.errors import DataFormatError
+from vlm.errors import ConfigError, DataFormatError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -43,14 +43,27 @@ def read_dataset(format: str, **kwargs: Any) -> List[Sample]:
 # helpers
 
 
+def read_utf8(path: PathLike) -> str:
+    """The text of a UTF-8 file; a DataFormatError naming the file, line and byte offset when
+    it is not UTF-8 (a leading BOM is accepted)."""
+    data = open(path, "rb").read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataFormatError(
+            f"{os.fspath(path)}:{line}: not UTF-8 at byte {e.start} ({data[e.start:e.start + 1]!r}); "
+            "re-save the file as UTF-8"
+        ) from None
+
+
 def _load_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(
-                f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})"
-            ) from None
+    try:
+        return json.loads(read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise DataFormatError(
+            f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})"
+        ) from None
 
 
 def _resolve(image: str, image_root: Optional[PathLike]) -> str:
@@ -191,33 +204,32 @@ def read_jsonl(path: PathLike, image_root: Optional[PathLike] = None) -> List[Sa
     path = os.fspath(path)
     name = os.path.basename(path)
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(
-                    f"{where}: invalid JSON: {e.msg} (column {e.colno})"
-                ) from None
-            if isinstance(record, dict) and "conversations" not in record and "text" in record:
-                text = _require(record, "text", str, where, "text")
-                samples.append(
-                    Sample(
-                        id=str(record.get("id", f"{name}:{lineno}")),
-                        turns=[Turn("assistant", text)],
-                        meta={"source": where, "text_only": True},
-                    )
+    for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(
+                f"{where}: invalid JSON: {e.msg} (column {e.colno})"
+            ) from None
+        if isinstance(record, dict) and "conversations" not in record and "text" in record:
+            text = _require(record, "text", str, where, "text")
+            samples.append(
+                Sample(
+                    id=str(record.get("id", f"{name}:{lineno}")),
+                    turns=[Turn("assistant", text)],
+                    meta={"source": where, "text_only": True},
                 )
-            elif isinstance(record, dict) and "conversations" not in record:
-                raise DataFormatError(
-                    f"{where}: expected field 'conversations' (LLaVA record) or 'text' "
-                    f"(text-only record); found {sorted(record)}"
-                )
-            else:
-                samples.append(_llava_sample(record, where, image_root, f"{name}:{lineno}"))
+            )
+        elif isinstance(record, dict) and "conversations" not in record:
+            raise DataFormatError(
+                f"{where}: expected field 'conversations' (LLaVA record) or 'text' "
+                f"(text-only record); found {sorted(record)}"
+            )
+        else:
+            samples.append(_llava_sample(record, where, image_root, f"{name}:{lineno}"))
     return samples
 
 
@@ -293,21 +305,21 @@ def read_coco_captions(
     """
     path = os.fspath(path)
     if per not in ("caption", "image"):
-        raise ValueError(f"per must be 'caption' or 'image', got {per!r}")
+        raise ConfigError(f"per must be 'caption' or 'image', got {per!r}")
     if isinstance(split, str):
         split = (split,)
     if split is not None:
         split = tuple(split)
         unknown = [s for s in split if s not in KARPATHY_SPLITS]
         if unknown:
-            raise ValueError(f"unknown Karpathy split(s) {unknown}; expected {KARPATHY_SPLITS}")
+            raise ConfigError(f"unknown Karpathy split(s) {unknown}; expected {KARPATHY_SPLITS}")
 
     data = _load_json(path)
     keys = sorted(data) if isinstance(data, dict) else _type_name(data)
     has_images = isinstance(data, dict) and isinstance(data.get("images"), list)
     if has_images and isinstance(data.get("annotations"), list):
         if split is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: split={list(split)} was given but this is an official COCO captions "
                 "file, which has no splits (read the captions file of the split you want)"
             )
@@ -381,9 +393,9 @@ def read_vqav2(
     """
     if answer_types is not None:
         if annotations_path is None:
-            raise ValueError("answer_types: filtering by answer type needs annotations_path")
+            raise ConfigError("answer_types: filtering by answer type needs annotations_path")
         if isinstance(answer_types, str):
-            raise ValueError(f"answer_types: a list of answer types, got the string {answer_types!r}")
+            raise ConfigError(f"answer_types: a list of answer types, got the string {answer_types!r}")
     qpath = os.fspath(questions_path)
     qdata = _load_json(qpath)
     questions = _require_list(qdata, "questions", qpath)
@@ -391,7 +403,7 @@ def read_vqav2(
     fields = _pattern_fields(image_pattern)
     unknown = fields - {"subset", "image_id", "question_id"}
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"image_pattern {image_pattern!r} uses unknown field(s) {sorted(unknown)}; "
             "available: subset, image_id, question_id"
         )

@@ -32,6 +32,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, load_model, save_model
 
 from vlm.config import ModelConfig, StageConfig, Train
+from vlm.errors import CheckpointError
 from vlm.training.stages import COMPONENTS, train_mode
 
 MANIFEST = "manifest.json"
@@ -93,7 +94,7 @@ def save_model_state(model, folder: Path, stage: StageConfig, model_cfg: ModelCo
         mode = train_mode(stage, comp)
         unsourced = not entries and not _has_pretrained_source(model_cfg, comp)
         if unsourced and mode is Train.lora:
-            raise ValueError(f"{comp}: LoRA on randomly initialised weights cannot be saved; "
+            raise CheckpointError(f"{comp}: LoRA on randomly initialised weights cannot be saved; "
                              "train the component fully in an earlier stage or load pretrained weights")
         if mode is Train.full or unsourced:
             save_model(module, str(folder / f"{comp}.safetensors"))
@@ -134,7 +135,7 @@ def load_trained_state(model, folder: str | Path, stage: StageConfig) -> None:
             adapter = load_file(str(folder / f"{comp}_adapter" / "adapter_model.safetensors"))
             result = set_peft_model_state_dict(module, adapter)
             if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"{folder}: adapter keys do not match the model: {result.unexpected_keys[:3]}")
+                raise CheckpointError(f"{folder}: adapter keys do not match the model: {result.unexpected_keys[:3]}")
         elif weights.is_file():
             load_model(module, str(weights), strict=True)
 

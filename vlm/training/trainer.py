@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vlm.config import Precision, StageConfig
+from vlm.errors import DataFormatError
 from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback, CallbackList
 from vlm.training.objectives import LanguageModeling, Objective
@@ -99,7 +100,7 @@ class Trainer:
         self.accelerator = accelerator or make_accelerator(stage.precision)
         self.dataset = dataset
         if len(dataset) == 0:
-            raise ValueError(f"stage '{stage_name}': no trainable samples")
+            raise DataFormatError(f"stage '{stage_name}': no trainable samples")
         self.sampler = EpochShuffleSampler(len(dataset), stage.seed)
         # the loader's own generator: creating an iterator must not draw from the global torch
         # RNG, or a resumed run (which creates one mid-epoch) shifts every dropout mask after it

@@ -24,6 +24,7 @@ from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback
 from vlm.training.features import BuildReport, build_stage_feature_cache
 from vlm.training.objectives import build_objective
+from vlm.training.skips import CountingCollate
 from vlm.training.stages import apply_stage
 from vlm.training.trainer import Trainer, make_accelerator
 
@@ -128,7 +129,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     def save_state(trained_model, folder):
         ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior)
 
-    trainer = Trainer(model, dataset, processor.collate, stage, out_dir, save_state, accelerator, name,
+    trainer = Trainer(model, dataset, CountingCollate(processor.collate), stage, out_dir, save_state, accelerator, name,
                       objective=objective, callbacks=callbacks)
     return StageRun(trainer, dataset, report)
 
@@ -136,7 +137,4 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
 def run_stage(cfg: DictConfig, name: str, resume: bool = False) -> Path:
     """Train stage ``name`` of a run config; returns its ``final`` folder."""
     run = build_stage(cfg, name)
-    final = run.trainer.train(resume=resume)
-    if run.dataset.image_failures:
-        logger.warning("stage %s: %d sample(s) skipped for unreadable images", name, run.dataset.image_failures)
-    return final
+    return run.trainer.train(resume=resume)

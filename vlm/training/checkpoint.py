@@ -33,6 +33,7 @@ from safetensors.torch import load_file, load_model, save_model
 
 from vlm.config import ModelConfig, StageConfig, Train
 from vlm.errors import CheckpointError
+from vlm.training.nonfinite import check_finite_weights
 from vlm.training.stages import COMPONENTS, train_mode
 
 MANIFEST = "manifest.json"
@@ -122,6 +123,7 @@ def load_model_state(model, folder: str | Path) -> None:
             else:
                 module = PeftModel.from_pretrained(module, entry["adapter"]).merge_and_unload()
         setattr(model, comp, module)
+    check_finite_weights(model, str(folder))  # a diverged run's weights are refused, never used
 
 
 def load_trained_state(model, folder: str | Path, stage: StageConfig) -> None:

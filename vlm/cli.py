@@ -31,14 +31,34 @@ def cmd_train(args) -> None:
     for name in names:
         if name not in cfg.stages:
             raise ConfigError(f"--stage: no stage '{name}' in {args.config}; stages: {list(cfg.stages)}")
-        print(f"{name}: {run_stage(cfg, name, resume=args.resume)}")
+    with _run_dir(cfg, args):
+        for name in names:
+            print(f"{name}: {run_stage(cfg, name, resume=args.resume)}")
+
+
+def _run_dir(cfg, args):
+    """The guard of ``out_dir`` (vlm.output.run_output_dir); writes its config.yaml first."""
+    import contextlib
+
+    from vlm.config import save_config, to_container
+    from vlm.output import RUN_CONFIG, run_output_dir
+
+    @contextlib.contextmanager
+    def guarded():
+        with run_output_dir(cfg.out_dir, to_container(cfg), args.resume, args.overwrite) as out:
+            save_config(cfg, out / RUN_CONFIG)
+            yield out
+
+    return guarded()
 
 
 def cmd_run(args) -> None:
     """Run a recipe end to end and write OUT/metrics.json."""
     from vlm.recipes import run_recipe
 
-    run_recipe(_load(args, out_required=True), resume=args.resume)
+    cfg = _load(args, out_required=True)
+    with _run_dir(cfg, args):
+        run_recipe(cfg, resume=args.resume)
 
 
 RETRIEVAL_FLAGS = ("captions", "image_root", "rerank_k", "batch_size", "max_samples")
@@ -119,7 +139,7 @@ def cmd_chat(args) -> None:
     from vlm.chat import chat
 
     chat(args.checkpoint, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
-         temperature=args.temperature, template=args.template)
+         temperature=args.temperature, template=args.template, trust_remote_code=args.trust_remote_code)
 
 
 def cmd_bench_feature_cache(args) -> None:
@@ -195,11 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--stage", help="train only this stage")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty out_dir that is not a run of this config")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help=cmd_run.__doc__)
     with_config(p)
     p.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that is not a run of this config")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("eval", help=cmd_eval.__doc__,
@@ -241,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--template", help="chat template (default: the model's)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the LLM's own Python code (never taken from the checkpoint's model.yaml)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("bench", help="benchmarks (measurements, not tests)")

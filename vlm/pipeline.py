@@ -63,11 +63,19 @@ def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: 
     )
 
 
-def load_pretrained(folder: str | Path, device: Optional[str] = None) -> Tuple[VisionLanguageModel, object, DictConfig]:
+def load_pretrained(folder: str | Path, device: Optional[str] = None,
+                    trust_remote_code: bool = False) -> Tuple[VisionLanguageModel, object, DictConfig]:
     """Rebuild a trained model from a stage output folder: ``(model, tokenizer, model_cfg)``,
-    on ``device`` (default: CUDA when available, else CPU)."""
+    on ``device`` (default: CUDA when available, else CPU).
+
+    ``trust_remote_code`` comes from the caller (a CLI flag, the user's own config), never from
+    the folder: the ``model.yaml`` of a checkpoint someone sent cannot switch it on."""
     folder = require_stage_output(folder, "checkpoint")
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(folder / "model.yaml"))
+    if model_cfg.llm.trust_remote_code and not trust_remote_code:
+        logger.warning("%s/model.yaml sets llm.trust_remote_code; ignored (pass --trust-remote-code to allow it)",
+                       folder)
+    model_cfg.llm.trust_remote_code = bool(trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     model = VisionLanguageModel.from_config(model_cfg, tokenizer)
     ckpt.load_model_state(model, folder)

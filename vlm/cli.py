@@ -121,7 +121,7 @@ def cmd_score(args) -> None:
 
         if not args.questions:
             raise ConfigError("vlm score vqa needs --questions")
-        scores = score_vqa(args.questions, args.annotations, args.results)
+        scores = score_vqa(args.questions, args.annotations, args.results, allow_missing=args.allow_missing)
     print(json.dumps(scores))
 
 
@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="results JSON in the official format")
     p.add_argument("--questions", help="VQAv2 questions JSON (vqa only)")
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs CoreNLP; not offline)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="vqa: score only the answered questions when results lack some")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("data", help="generate datasets")

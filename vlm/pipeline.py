@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, set_seed
 from vlm.config import ModelConfig, save_config
 from vlm.data.dataset import ConversationDataset
 from vlm.data.formats import read_dataset
+from vlm.data.images import DEFAULT_MAX_PIXELS, check_image_files
 from vlm.data.processor import VLMProcessor
 from vlm.data.templates import build_template
 from vlm.data.types import Sample
@@ -51,7 +52,7 @@ def require_stage_output(folder: str | Path, what: str) -> Path:
 
 
 def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: Optional[str] = None,
-                    max_length: int = 2048) -> VLMProcessor:
+                    max_length: int = 2048, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> VLMProcessor:
     """A processor matching ``model``: its image transform and its number of image tokens."""
     return VLMProcessor(
         tokenizer,
@@ -60,6 +61,7 @@ def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: 
         model.num_image_tokens,
         image_token=model_cfg.image_token,
         max_length=max_length,
+        max_image_pixels=max_image_pixels,
     )
 
 
@@ -123,9 +125,10 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
         ckpt.load_model_state(model, init_from)
         prior = ckpt.read_manifest(init_from)
     apply_stage(model, stage)
-    processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length)
+    processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length, stage.max_image_pixels)
     objective = build_objective(stage.objective, model, tokenizer)
     samples = read_samples(stage.data)
+    check_image_files([p for s in samples for p in s.images], f"stages.{name}.data", stage.max_image_failure_ratio)
     features, report = None, None
     if stage.feature_cache:
         root = stage.feature_cache_dir or Path(cfg.out_dir) / "feature_cache"

@@ -44,7 +44,7 @@ def run_evals(cfg: DictConfig, checkpoint: Optional[str] = None) -> Dict[str, Di
         if source not in loaded:
             loaded[source] = load_pretrained(source, trust_remote_code=cfg.model.llm.trust_remote_code)
         model, tokenizer, model_cfg = loaded[source]
-        processor = build_processor(model, tokenizer, model_cfg, ev.template)
+        processor = build_processor(model, tokenizer, model_cfg, ev.template, max_image_pixels=ev.max_image_pixels)
         metrics[name] = run_eval(model, processor, ev, Path(cfg.out_dir) / "eval", name)
     return metrics
 

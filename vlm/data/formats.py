@@ -2,7 +2,8 @@
 
 Every reader validates its input and raises `DataFormatError` naming the file, the record
 (``path#index`` for JSON lists, ``path:line`` for JSONL) and the offending field. Image paths are
-joined to `image_root` (absolute paths are kept); images are not opened here.
+joined to `image_root` and must stay under it (`../` or an absolute path elsewhere is an error
+unless the reader argument `allow_outside_root` is true); images are not opened here.
 """
 
 from __future__ import annotations
@@ -66,10 +67,20 @@ def _load_json(path: str) -> Any:
         ) from None
 
 
-def _resolve(image: str, image_root: Optional[PathLike]) -> str:
-    if image_root is None or os.path.isabs(image):
+def _resolve(image: str, image_root: Optional[PathLike], where: str = "", allow_outside_root: bool = False) -> str:
+    """``image`` joined to ``image_root`` (an absolute path is kept); a DataFormatError naming
+    ``where`` when the result is outside ``image_root`` (``../``, an absolute path elsewhere)
+    unless ``allow_outside_root``."""
+    if image_root is None:
         return image
-    return os.path.join(os.fspath(image_root), image)
+    root = os.fspath(image_root)
+    path = image if os.path.isabs(image) else os.path.join(root, image)
+    if not allow_outside_root:
+        real_root, real = os.path.abspath(root), os.path.abspath(path)  # string ops: fast on big sets
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise DataFormatError(f"{where}: image '{image}' is outside image_root {root}; move it under "
+                                  "image_root, or set the reader argument allow_outside_root: true")
+    return path
 
 
 def _type_name(value: Any) -> str:
@@ -123,7 +134,7 @@ def _check_roles(turns: List[Turn], where: str) -> None:
 
 
 def _llava_sample(
-    record: Any, where: str, image_root: Optional[PathLike], default_id: str
+    record: Any, where: str, image_root: Optional[PathLike], default_id: str, allow_outside_root: bool = False
 ) -> Sample:
     """Build a Sample from one LLaVA record ({id, image?, conversations})."""
     conversations = _require(record, "conversations", list, where, "conversations")
@@ -152,7 +163,7 @@ def _llava_sample(
         raise DataFormatError(
             f"{where}: field 'image' must be a string or a list of strings, got {_type_name(image)}"
         )
-    images = [_resolve(n, image_root) for n in names]
+    images = [_resolve(n, image_root, f"{where}: field 'image'", allow_outside_root) for n in names]
 
     markers = sum(t.content.count(IMAGE_TOKEN) for t in turns)
     if images and markers == 0:
@@ -174,7 +185,8 @@ def _llava_sample(
 
 
 @READERS.register("llava_json")
-def read_llava_json(path: PathLike, image_root: Optional[PathLike] = None) -> List[Sample]:
+def read_llava_json(path: PathLike, image_root: Optional[PathLike] = None,
+                    allow_outside_root: bool = False) -> List[Sample]:
     """Read a LLaVA conversation file: a JSON list of ``{id, image?, conversations}``.
 
     ``image`` is a path, a list of paths, or absent (text-only). Speakers human/gpt/system (or
@@ -188,13 +200,15 @@ def read_llava_json(path: PathLike, image_root: Optional[PathLike] = None) -> Li
         raise DataFormatError(f"{path}: expected a JSON list of records, got {_type_name(records)}")
     name = os.path.basename(path)
     return [
-        _llava_sample(rec, f"{path}#{i}", image_root, default_id=f"{name}#{i}")
+        _llava_sample(rec, f"{path}#{i}", image_root, default_id=f"{name}#{i}",
+                      allow_outside_root=allow_outside_root)
         for i, rec in enumerate(records)
     ]
 
 
 @READERS.register("jsonl")
-def read_jsonl(path: PathLike, image_root: Optional[PathLike] = None) -> List[Sample]:
+def read_jsonl(path: PathLike, image_root: Optional[PathLike] = None,
+               allow_outside_root: bool = False) -> List[Sample]:
     """Read one record per line: a LLaVA record (as in `read_llava_json`) or ``{"text": ...}``.
 
     A ``{"text"}`` line is text-only language-modelling data: it becomes a Sample with a single
@@ -229,7 +243,7 @@ def read_jsonl(path: PathLike, image_root: Optional[PathLike] = None) -> List[Sa
                 f"(text-only record); found {sorted(record)}"
             )
         else:
-            samples.append(_llava_sample(record, where, image_root, f"{name}:{lineno}"))
+            samples.append(_llava_sample(record, where, image_root, f"{name}:{lineno}", allow_outside_root))
     return samples
 
 
@@ -291,6 +305,7 @@ def read_coco_captions(
     prompt: str = CAPTION_PROMPT,
     per: str = "caption",
     split: Union[str, Iterable[str], None] = None,
+    allow_outside_root: bool = False,
 ) -> List[Sample]:
     """Read captions from an official COCO ``captions_*.json`` or a Karpathy ``dataset_*.json``.
 
@@ -335,7 +350,7 @@ def read_coco_captions(
     user = f"{IMAGE_TOKEN}\n{prompt}"
     samples = []
     for image_id, file_name, captions, where in images:
-        image = _resolve(file_name, image_root)
+        image = _resolve(file_name, image_root, f"{where}: file name", allow_outside_root)
         if per == "image":
             turns = [Turn("user", user)] + [Turn("assistant", c) for _, c, _ in captions[:1]]
             meta = {
@@ -378,6 +393,7 @@ def read_vqav2(
     image_pattern: str = "COCO_{subset}_{image_id:012d}.jpg",
     prompt_suffix: str = VQA_PROMPT_SUFFIX,
     answer_types: Optional[Sequence[str]] = None,
+    allow_outside_root: bool = False,
 ) -> List[Sample]:
     """Read VQAv2 questions (and optionally their annotations): one sample per question.
 
@@ -497,6 +513,7 @@ def read_vqav2(
                 question_type=ann["question_type"],
             )
         samples.append(
-            Sample(id=str(qid), turns=turns, images=[_resolve(image, image_root)], meta=meta)
+            Sample(id=str(qid), turns=turns, images=[_resolve(image, image_root, f"{where}: image", allow_outside_root)],
+                   meta=meta)
         )
     return samples

@@ -9,6 +9,7 @@ from typing import Dict
 
 from vlm.config import EvalConfig
 from vlm.data.formats import read_dataset
+from vlm.errors import ImageLoadError
 from vlm.evaluation.caption_metric import score_captions
 from vlm.evaluation.generation import generate_answers
 from vlm.evaluation.vqa_metric import score_vqa
@@ -40,20 +41,30 @@ def run_eval(model, processor, cfg: EvalConfig, out_dir: str | Path, name: str =
         (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
         logger.info("%s: %s", name, scores)
         return scores
-    answers = generate_answers(model, processor, samples, batch_size=cfg.batch_size,
+    answers = generate_answers(model, processor, samples, batch_size=cfg.batch_size, skip_unreadable=True,
                                max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, desc=f"eval {name}")
+    skipped = sum(a is None for a in answers)
+    if skipped == len(samples):
+        raise ImageLoadError(f"eval {name}: none of the {len(samples)} images could be read (see the warnings); "
+                             "check the eval's image_root")
+    if skipped:
+        logger.warning("eval %s: %d of %d samples skipped for unreadable images; scored the rest", name,
+                       skipped, len(samples))
+    samples, answers = zip(*[(s, a) for s, a in zip(samples, answers) if a is not None])
     results_path = out_dir / f"{name}_results.json"
     if cfg.task == "caption":
         results = [{"image_id": s.meta["image_id"], "caption": a} for s, a in zip(samples, answers)]
         results_path.write_text(json.dumps(results, indent=1))
-        scores = score_captions(args["path"], results)
+        scores = score_captions(args["path"], results)  # scores the images it has results for
     else:
         results = [{"question_id": s.meta["question_id"], "answer": a} for s, a in zip(samples, answers)]
         results_path.write_text(json.dumps(results, indent=1))
         full = score_vqa(args["questions_path"], args["annotations_path"], results,
-                         allow_missing=bool(cfg.data.max_samples))
+                         allow_missing=bool(cfg.data.max_samples) or skipped > 0)
         (out_dir / f"{name}_per_question.json").write_text(json.dumps(full["per_question"]))
         scores = {"accuracy": full["overall"],
                   **{f"accuracy_{k}": v for k, v in full["per_answer_type"].items()}}
+    if skipped:
+        scores["skipped_unreadable"] = skipped
     logger.info("%s: %s", name, scores)
     return scores

@@ -255,7 +255,7 @@ def score_vqa(questions, annotations, results, *, normalize_predictions: bool = 
     if missing and not allow_missing:
         raise DataFormatError(f"{len(missing)} of {len(question_ids)} questions in {q_label} have no "
                          f"result in {r_label}, e.g. question_id {missing[:5]}; pass "
-                         f"allow_missing=True to score only the answered subset")
+                         f"--allow-missing (vlm score) / allow_missing=True to score only the answered subset")
     if not predictions:
         raise DataFormatError(f"{r_label} contains no results to score")
 

@@ -321,8 +321,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         raise _explain(exc, origin) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{origin}: not UTF-8 at byte {exc.start}; re-save the file as UTF-8") from None
-    validate(schema)
     check_ranges(schema, origin)
+    validate(schema)
     return schema
 
 

@@ -40,15 +40,21 @@ RUN_CONFIG = "config.yaml"
 
 
 def _is_run_of(out: Path, config: dict) -> Optional[bool]:
-    """None when ``out`` holds no vlm run config; else whether it is ``config`` (resolved)."""
-    path = out / RUN_CONFIG
-    if not path.is_file():
-        return None
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return None
-    return saved == config
+    """None when ``out`` holds no vlm run config (``config.yaml``, or a stage's
+    ``<stage>/config.yaml``); else whether one of them is ``config`` (resolved)."""
+    found = False
+    for path in [out / RUN_CONFIG, *sorted(out.glob(f"*/{RUN_CONFIG}"))]:
+        if not path.is_file():
+            continue
+        try:
+            saved = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError, OSError):
+            continue
+        if isinstance(saved, dict) and "stages" in saved and "model" in saved:
+            if saved == config:
+                return True
+            found = True
+    return False if found else None
 
 
 @contextlib.contextmanager

@@ -326,8 +326,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     except (VLMError, OSError, UnicodeDecodeError) as exc:
         if debug:
             raise
+        _close_progress_bars()
         print(f"error: {error_line(exc)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so the error line starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def error_line(exc: BaseException) -> str:

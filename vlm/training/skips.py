@@ -37,12 +37,14 @@ class CountingCollate:
 class SkipCounter:
     """Counts samples and whole batches dropped for unreadable images during one stage."""
 
-    def __init__(self, stage_name: str, max_failure_ratio: float):
+    def __init__(self, stage_name: str, max_failure_ratio: float, batches_per_epoch: int):
         self.stage_name = stage_name
         self.max_failure_ratio = max_failure_ratio
+        self.batches_per_epoch = batches_per_epoch
         self.samples = 0
         self.skipped_samples = 0
         self.skipped_batches = 0
+        self._empty_in_a_row = 0
 
     def observe(self, batch: Dict, step: int) -> bool:
         """Take the count out of ``batch``; False when the batch has no sample left (skip it).
@@ -58,9 +60,14 @@ class SkipCounter:
                 "datasets' image_root and the warnings above")
         if kept == 0:
             self.skipped_batches += 1
+            self._empty_in_a_row += 1
             logger.warning("stage %s: a batch with no readable image was skipped (%d so far)", self.stage_name,
                            self.skipped_batches)
+            if self._empty_in_a_row >= self.batches_per_epoch:
+                raise TrainingError(f"stage '{self.stage_name}' step {step}: a whole epoch of batches without a "
+                                    "readable image; check the datasets' image_root and the warnings above")
             return False
+        self._empty_in_a_row = 0
         return True
 
     def summary(self) -> str:

@@ -67,11 +67,13 @@ class NonFiniteGuard:
     def step_ok(self, grad_norm: Optional[float], parameters: Iterable[torch.nn.Parameter], step: int) -> bool:
         """True when optimizer step ``step`` may run; False when it is to be skipped; raises
         TrainingError when the stage must stop. ``grad_norm`` is the clipped norm (None: computed here)."""
-        if grad_norm is None:
+        # fp16: the gradient scaler skips overflowing steps and lowers its scale by design
+        scaled = getattr(self.accelerator, "scaler", None) is not None
+        if grad_norm is None and not scaled:
             grads = [p.grad for p in parameters if p.grad is not None]
             grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         bad_loss, self._bad_loss = self._bad_loss, None
-        bad = bad_loss is not None or not math.isfinite(grad_norm)
+        bad = bad_loss is not None or (grad_norm is not None and not math.isfinite(grad_norm) and not scaled)
         if self.accelerator is not None and self.accelerator.num_processes > 1:  # every rank decides alike
             flag = torch.tensor([float(bad)], device=self.accelerator.device)
             bad = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)

@@ -117,6 +117,8 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     accelerator = make_accelerator(stage.precision)
     if accelerator.is_main_process:
         save_config(cfg, out_dir / "config.yaml")
+        for folder in (out_dir, out_dir / "checkpoints"):  # what killed runs left half-written
+            ckpt.remove_stale_tmp(folder)
     set_seed(stage.seed)
     tokenizer = load_stage_tokenizer(cfg.model, init_from)
     model = VisionLanguageModel.from_config(cfg.model, tokenizer)

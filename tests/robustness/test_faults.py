@@ -157,3 +157,39 @@ def test_sigkill_then_resume_is_bit_identical(project, mode, n):
     assert_same_run(ref / "align", killed / "align")
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")], "stale temporary folders removed"
     assert snapshot(ref / "align" / "final").keys() == snapshot(killed / "align" / "final").keys()
+
+
+class TwoRanks:
+    """An accelerator stand-in whose reduce adds another rank's values."""
+
+    num_processes = 2
+    device = "cpu"
+    scaler = None
+
+    def __init__(self, other):
+        self.other = other
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor + torch.as_tensor(self.other, dtype=tensor.dtype)
+
+
+def test_ranks_agree_on_skipping_a_batch_empty_on_one_of_them():
+    from vlm.training.skips import SKIPPED_KEY, SkipCounter
+
+    counter = SkipCounter("align", 0.9, batches_per_epoch=10, accelerator=TwoRanks([0, 4, 1]))
+    batch = {"input_ids": torch.zeros(4, 3), SKIPPED_KEY: 0}
+    assert counter.observe(batch, 1) is False  # this rank has 4 samples, the other none: both skip
+    assert (counter.samples, counter.skipped_samples, counter.skipped_batches) == (8, 4, 1)
+
+
+def test_ranks_agree_on_a_non_finite_step_seen_by_one_of_them():
+    from types import SimpleNamespace
+
+    from vlm.errors import TrainingError
+    from vlm.training.nonfinite import NonFiniteGuard
+
+    stage = SimpleNamespace(on_nonfinite="stop", max_nonfinite_skips=3)
+    guard = NonFiniteGuard(stage, "align", TwoRanks([1.0]))
+    assert guard.observe_loss(torch.tensor(1.0))
+    with pytest.raises(TrainingError, match="stage 'align' step 7: non-finite loss or gradient norm on another process"):
+        guard.step_ok(0.5, [], 7)  # finite here, not on the other rank

@@ -79,7 +79,12 @@ class NonFiniteGuard:
             bad = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
         if not bad:
             return True
-        what = f"loss {bad_loss}" if bad_loss is not None else f"gradient norm {grad_norm}"
+        if bad_loss is not None:
+            what = f"loss {bad_loss}"
+        elif grad_norm is not None and not math.isfinite(grad_norm):
+            what = f"gradient norm {grad_norm}"
+        else:
+            what = "loss or gradient norm on another process"
         where = f"stage '{self.stage_name}' step {step}"
         if self.policy is OnNonFinite.stop:
             raise TrainingError(f"{where}: non-finite {what}; stopped before updating the weights (the last "

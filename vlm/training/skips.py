@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Callable, Dict, Optional, Sequence
 
+import torch
+
 from vlm.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -37,8 +39,9 @@ class CountingCollate:
 class SkipCounter:
     """Counts samples and whole batches dropped for unreadable images during one stage."""
 
-    def __init__(self, stage_name: str, max_failure_ratio: float, batches_per_epoch: int):
+    def __init__(self, stage_name: str, max_failure_ratio: float, batches_per_epoch: int, accelerator=None):
         self.stage_name = stage_name
+        self.accelerator = accelerator
         self.max_failure_ratio = max_failure_ratio
         self.batches_per_epoch = batches_per_epoch
         self.samples = 0
@@ -51,6 +54,12 @@ class SkipCounter:
         Raises TrainingError when too large a share of the samples failed."""
         skipped = int(batch.pop(SKIPPED_KEY, 0))
         kept = int(batch["input_ids"].shape[0])
+        acc = self.accelerator
+        empty = kept == 0
+        if acc is not None and acc.num_processes > 1:  # decide alike on every rank, or they desynchronise
+            counts = acc.reduce(torch.tensor([kept, skipped, int(empty)], device=acc.device), reduction="sum")
+            kept, skipped, empty_ranks = (int(c) for c in counts.tolist())
+            empty = empty_ranks > 0  # one rank without a sample: every rank skips this batch
         self.samples += kept + skipped
         self.skipped_samples += skipped
         if self.samples >= MIN_SAMPLES_FOR_RATIO and self.skipped_samples > self.max_failure_ratio * self.samples:
@@ -58,7 +67,7 @@ class SkipCounter:
                 f"stage '{self.stage_name}' step {step}: {self.skipped_samples} of {self.samples} samples had "
                 f"unreadable images (more than max_image_failure_ratio = {self.max_failure_ratio}); check the "
                 "datasets' image_root and the warnings above")
-        if kept == 0:
+        if empty:
             self.skipped_batches += 1
             self._empty_in_a_row += 1
             logger.warning("stage %s: a batch with no readable image was skipped (%d so far)", self.stage_name,

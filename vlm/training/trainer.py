@@ -198,7 +198,7 @@ class Trainer:
         window_samples, window_start = 0, time.perf_counter()
         micro = 0
         guard = NonFiniteGuard(stage, self.stage_name, acc)
-        self.skips = SkipCounter(self.stage_name, stage.max_image_failure_ratio, self.micro_per_epoch)
+        self.skips = SkipCounter(self.stage_name, stage.max_image_failure_ratio, self.micro_per_epoch, acc)
         self.callbacks.on_train_start(self, position)
         batches = self._batches(position["epoch"], position["batch"])
         while position["step"] < self.total_steps:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from vlm.config import ConfigError
 from vlm.errors import DataFormatError, VLMError
@@ -36,20 +37,15 @@ def cmd_train(args) -> None:
             print(f"{name}: {run_stage(cfg, name, resume=args.resume)}")
 
 
-def _run_dir(cfg, args):
-    """The guard of ``out_dir`` (vlm.output.run_output_dir); writes its config.yaml first."""
-    import contextlib
-
+@contextlib.contextmanager
+def _run_dir(cfg, args) -> Iterator:
+    """The guard of ``out_dir`` (:func:`vlm.output.run_output_dir`); writes its config.yaml first."""
     from vlm.config import save_config, to_container
     from vlm.output import RUN_CONFIG, run_output_dir
 
-    @contextlib.contextmanager
-    def guarded():
-        with run_output_dir(cfg.out_dir, to_container(cfg), args.resume, args.overwrite) as out:
-            save_config(cfg, out / RUN_CONFIG)
-            yield out
-
-    return guarded()
+    with run_output_dir(cfg.out_dir, to_container(cfg), args.resume, args.overwrite) as out:
+        save_config(cfg, out / RUN_CONFIG)
+        yield out
 
 
 def cmd_run(args) -> None:

@@ -53,13 +53,15 @@ def test_llava_json_roles_images_and_sources(tmp_path):
             {"id": "text", "conversations": conv(("human", "Hi"), ("gpt", "Hello"))},
         ],
     )
-    a, b, text = read_llava_json(path, image_root="/data")
+    with pytest.raises(DataFormatError, match=r"#1: field 'image': image '/abs/1.jpg' is outside image_root"):
+        read_llava_json(path, image_root="/data")
+    a, b, text = read_llava_json(path, image_root="/data", allow_outside_root=True)
     assert [t.role for t in a.turns] == ["user", "assistant", "user", "assistant"]
     assert a.turns[0].content == "<image>\nWhat is it?"
     assert a.images == [os.path.join("/data", "x/1.jpg")]
     assert a.meta["source"] == f"{path}#0"
     assert b.id == "7" and [t.role for t in b.turns] == ["system", "user", "assistant"]
-    assert b.images == ["/abs/1.jpg", os.path.join("/data", "2.jpg")]  # absolute path kept
+    assert b.images == ["/abs/1.jpg", os.path.join("/data", "2.jpg")]  # absolute path kept when allowed
     assert text.images == [] and text.meta["source"] == f"{path}#2"
 
 

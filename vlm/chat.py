@@ -20,11 +20,11 @@ def answer(model, processor, image: str, turns: List[Turn], max_new_tokens: int 
 
 
 def chat(checkpoint: str, image: str, prompt: Optional[str] = None, max_new_tokens: int = 64,
-         temperature: float = 0.0, template: Optional[str] = None) -> None:
+         temperature: float = 0.0, template: Optional[str] = None, trust_remote_code: bool = False) -> None:
     """Answer ``prompt`` about ``image``, or loop over questions read from stdin."""
     from vlm.pipeline import build_processor, load_pretrained
 
-    model, tokenizer, model_cfg = load_pretrained(checkpoint)
+    model, tokenizer, model_cfg = load_pretrained(checkpoint, trust_remote_code=trust_remote_code)
     processor = build_processor(model, tokenizer, model_cfg, template)
     turns: List[Turn] = []
     questions = [prompt] if prompt else None

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from vlm.config import ConfigError
+from vlm.errors import DataFormatError, VLMError
 
 
 def _load(args, out_required: bool = False):
@@ -29,14 +32,29 @@ def cmd_train(args) -> None:
     for name in names:
         if name not in cfg.stages:
             raise ConfigError(f"--stage: no stage '{name}' in {args.config}; stages: {list(cfg.stages)}")
-        print(f"{name}: {run_stage(cfg, name, resume=args.resume)}")
+    with _run_dir(cfg, args):
+        for name in names:
+            print(f"{name}: {run_stage(cfg, name, resume=args.resume)}")
+
+
+@contextlib.contextmanager
+def _run_dir(cfg, args) -> Iterator:
+    """The guard of ``out_dir`` (:func:`vlm.output.run_output_dir`); writes its config.yaml first."""
+    from vlm.config import save_config, to_container
+    from vlm.output import RUN_CONFIG, run_output_dir
+
+    with run_output_dir(cfg.out_dir, to_container(cfg), args.resume, args.overwrite) as out:
+        save_config(cfg, out / RUN_CONFIG)
+        yield out
 
 
 def cmd_run(args) -> None:
     """Run a recipe end to end and write OUT/metrics.json."""
     from vlm.recipes import run_recipe
 
-    run_recipe(_load(args, out_required=True), resume=args.resume)
+    cfg = _load(args, out_required=True)
+    with _run_dir(cfg, args):
+        run_recipe(cfg, resume=args.resume)
 
 
 TASK_FLAGS = ("captions", "image_root", "rerank_k", "batch_size", "max_samples")
@@ -108,7 +126,7 @@ def cmd_score(args) -> None:
 
         if not args.questions:
             raise ConfigError("vlm score vqa needs --questions")
-        scores = score_vqa(args.questions, args.annotations, args.results)
+        scores = score_vqa(args.questions, args.annotations, args.results, allow_missing=args.allow_missing)
     print(json.dumps(scores))
 
 
@@ -126,7 +144,7 @@ def cmd_chat(args) -> None:
     from vlm.chat import chat
 
     chat(args.checkpoint, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
-         temperature=args.temperature, template=args.template)
+         temperature=args.temperature, template=args.template, trust_remote_code=args.trust_remote_code)
 
 
 def cmd_bench_feature_cache(args) -> None:
@@ -221,6 +239,8 @@ def cmd_models(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``vlm`` command."""
     parser = argparse.ArgumentParser(prog="vlm", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of expected errors too (or set VLM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p, out_help="output folder (sets out_dir)", config_nargs=None):
@@ -232,11 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--stage", help="train only this stage")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty out_dir that is not a run of this config")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help=cmd_run.__doc__)
     with_config(p)
     p.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that is not a run of this config")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("eval", help=cmd_eval.__doc__,
@@ -261,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="results JSON in the official format")
     p.add_argument("--questions", help="VQAv2 questions JSON (vqa only)")
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs CoreNLP; not offline)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="vqa: score only the answered questions when results lack some")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("data", help="generate datasets")
@@ -280,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--template", help="chat template (default: the model's)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the LLM's own Python code (never taken from the checkpoint's model.yaml)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("bench", help="benchmarks (measurements, not tests)")
@@ -347,6 +375,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``vlm`` console script."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:  # also accepted after the subcommand
+        args.debug, extra = True, [e for e in extra if e != "--debug"]
     # overrides may come after options (`vlm train C --out D a.b=c`): argparse leaves them over
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides) + extra
@@ -356,8 +386,32 @@ def main(argv: Optional[List[str]] = None) -> None:
                         datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    debug = args.debug or os.environ.get("VLM_DEBUG", "") not in ("", "0")
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (VLMError, OSError, UnicodeDecodeError) as exc:
+        if debug:
+            raise
+        _close_progress_bars()
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so the error line starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an expected error: a VLMError's own message; an OSError with its path and
+    what to do (disk full, permission...); an undecodable file with the byte offset."""
+    if isinstance(exc, UnicodeDecodeError):
+        exc = DataFormatError(f"not UTF-8 text at byte {exc.start}: {exc.reason}; re-save the file as UTF-8")
+    if isinstance(exc, OSError) and not isinstance(exc, VLMError):
+        from vlm.errors import describe_os_error
+
+        return describe_os_error(exc)
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__

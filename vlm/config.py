@@ -33,6 +33,13 @@ class Train(str, enum.Enum):
     full = "full"
 
 
+class OnNonFinite(str, enum.Enum):
+    """What a stage does on a non-finite loss or gradient norm."""
+
+    stop = "stop"
+    skip = "skip"
+
+
 class Precision(str, enum.Enum):
     """Numeric precision of a training stage (autocast for bf16 / fp16)."""
 
@@ -148,9 +155,17 @@ class StageConfig:
     template: Optional[str] = None
     max_length: int = 512
     init_from: Optional[str] = None
-    save_every: Optional[int] = None
+    save_every: Optional[int] = None  # None or 0: no step checkpoints (final/ is always written)
     log_every: int = 10
     num_workers: int = 0
+    # a non-finite loss or gradient norm: stop the stage (TrainingError), or skip the step
+    # (no optimizer update), at most max_nonfinite_skips times
+    on_nonfinite: OnNonFinite = OnNonFinite.stop
+    max_nonfinite_skips: int = 10
+    # the stage stops when more than this fraction of the samples it has loaded had unreadable images
+    max_image_failure_ratio: float = 0.5
+    # images with more pixels are refused before decoding (ImageLoadError)
+    max_image_pixels: int = 40_000_000
     # train from the frozen encoder's features, computed once and stored on disk
     # (vlm/training/features.py); None: <out_dir>/feature_cache
     feature_cache: bool = False
@@ -179,6 +194,8 @@ class EvalConfig:
     checkpoint: Optional[str] = None
     # retrieval only: re-rank each query's k best ITC candidates with the ITM head; None: ITC only
     rerank_k: Optional[int] = None
+    # images with more pixels are refused before decoding (the sample is skipped and counted)
+    max_image_pixels: int = 40_000_000
 
 
 @dataclass
@@ -311,7 +328,94 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         if isinstance(exc, ConfigError):
             raise
         raise _explain(exc, origin) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{origin}: not UTF-8 at byte {exc.start}; re-save the file as UTF-8") from None
+    check_ranges(schema, origin)
     return schema
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _at_least_one(v) -> bool:
+    return v >= 1
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+def _fraction(v) -> bool:
+    return 0 <= v < 1
+
+
+def _unit(v) -> bool:
+    return 0 <= v <= 1
+
+
+# (dotted key under a stage / an eval / the run, test, what the value must be); None values pass
+_STAGE_RANGES = [
+    ("learning_rate", _positive, "> 0"),
+    ("lr.vision", _positive, "> 0"), ("lr.connector", _positive, "> 0"), ("lr.llm", _positive, "> 0"),
+    ("weight_decay", _non_negative, ">= 0"),
+    ("warmup_ratio", _fraction, "in [0, 1)"),
+    ("min_lr_ratio", _unit, "in [0, 1]"),
+    ("epochs", _positive, "> 0"),
+    ("max_steps", _at_least_one, ">= 1"),
+    ("batch_size", _at_least_one, ">= 1"),
+    ("grad_accum", _at_least_one, ">= 1"),
+    ("max_grad_norm", _non_negative, ">= 0 (0 or null: no clipping)"),
+    ("max_length", _at_least_one, ">= 1"),
+    ("save_every", _non_negative, ">= 0 (0 or null: no step checkpoints)"),
+    ("log_every", _at_least_one, ">= 1"),
+    ("num_workers", _non_negative, ">= 0"),
+    ("max_nonfinite_skips", _non_negative, ">= 0"),
+    ("max_image_failure_ratio", _unit, "in [0, 1]"),
+    ("max_image_pixels", _at_least_one, ">= 1"),
+    ("lora.r", _at_least_one, ">= 1"),
+    ("lora.alpha", _positive, "> 0"),
+    ("lora.dropout", _fraction, "in [0, 1)"),
+]
+_EVAL_RANGES = [
+    ("batch_size", _at_least_one, ">= 1"),
+    ("max_new_tokens", _at_least_one, ">= 1"),
+    ("num_beams", _at_least_one, ">= 1"),
+    ("max_image_pixels", _at_least_one, ">= 1"),
+]
+_DATA_RANGES = [("max_samples", _at_least_one, ">= 1 (or null: all)"), ("repeat", _at_least_one, ">= 1")]
+_PREPARE_RANGES = [
+    ("prepare.shapes.num_train", _non_negative, ">= 0"), ("prepare.shapes.num_test", _non_negative, ">= 0"),
+    ("prepare.shapes.image_size", _at_least_one, ">= 1"),
+    ("prepare.tokenizer.vocab_size", _at_least_one, ">= 1"),
+    ("prepare.tokenizer.min_frequency", _at_least_one, ">= 1"),
+]
+
+
+def _check_range(node, key: str, test, must: str, where: str, origin: str) -> None:
+    value = OmegaConf.select(node, key)
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if value != value or not test(value):  # NaN fails every test
+        raise ConfigError(f"{origin}: {where}{key} = {value}: must be {must}")
+
+
+def check_ranges(cfg: DictConfig, origin: str = "config") -> None:
+    """ConfigError naming the dotted key and its value for any numeric field outside its domain
+    (learning rates > 0, batch_size >= 1, warmup_ratio in [0, 1), ...). Pure: builds nothing."""
+    for key, test, must in _PREPARE_RANGES:
+        _check_range(cfg, key, test, must, "", origin)
+    for name, stage in cfg.stages.items():
+        for key, test, must in _STAGE_RANGES:
+            _check_range(stage, key, test, must, f"stages.{name}.", origin)
+        for i, data in enumerate(stage.data):
+            for key, test, must in _DATA_RANGES:
+                _check_range(data, key, test, must, f"stages.{name}.data.{i}.", origin)
+    for name, ev in cfg.evals.items():
+        for key, test, must in _EVAL_RANGES:
+            _check_range(ev, key, test, must, f"evals.{name}.", origin)
+        for key, test, must in _DATA_RANGES:
+            _check_range(ev.data, key, test, must, f"evals.{name}.data.", origin)
 
 
 def to_container(cfg: DictConfig) -> dict:

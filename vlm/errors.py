@@ -43,3 +43,19 @@ class LayoutError(VLMError, ValueError):
 
 class TrainingError(VLMError, RuntimeError):
     """A training run that must stop (e.g. a non-finite loss); the message names the stage and step."""
+
+
+def describe_os_error(exc: OSError, path=None) -> str:
+    """One line for an I/O failure: the path, what happened, and what to do."""
+    import errno
+
+    path = path or exc.filename or ""
+    where = f"{path}: " if path else ""
+    what = exc.strerror or str(exc)
+    hints = {errno.ENOSPC: "disk full; free space or write elsewhere",
+             errno.EDQUOT: "disk quota exceeded; free space or write elsewhere",
+             errno.EACCES: "permission denied; check the folder's permissions or choose another path",
+             errno.EPERM: "operation not permitted; check the folder's permissions or choose another path",
+             errno.EROFS: "read-only file system; write elsewhere",
+             errno.ENOENT: "no such file or folder; check the path"}
+    return f"{where}{hints.get(exc.errno, what)}"

@@ -14,15 +14,18 @@ from transformers import AutoTokenizer, set_seed
 from vlm.config import ModelConfig, save_config
 from vlm.data.dataset import ConversationDataset
 from vlm.data.formats import read_dataset
+from vlm.data.images import DEFAULT_MAX_PIXELS, check_image_files
 from vlm.data.processor import VLMProcessor
 from vlm.data.templates import build_template
 from vlm.data.types import IMAGE_TOKEN, Sample
+from vlm.errors import CheckpointError
 from vlm.modeling.llm import load_tokenizer
 from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback
 from vlm.training.features import BuildReport, build_stage_feature_cache
 from vlm.training.objectives import build_objective
+from vlm.training.skips import CountingCollate
 from vlm.training.stages import apply_stage
 from vlm.training.trainer import Trainer, make_accelerator
 from vlm.wiring import load_saved_plugins, save_plugins
@@ -33,12 +36,24 @@ logger = logging.getLogger(__name__)
 def load_stage_tokenizer(model_cfg, init_from: Optional[str]):
     """The tokenizer saved with ``init_from`` when given, else the one the model config names."""
     if init_from:
+        require_stage_output(init_from, "init_from")
         return AutoTokenizer.from_pretrained(str(Path(init_from) / "tokenizer"))
     return load_tokenizer(model_cfg.llm, model_cfg.image_token)
 
 
+def require_stage_output(folder: str | Path, what: str) -> Path:
+    """``folder`` as a Path; a CheckpointError naming ``what`` unless it is a vlm stage output."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{what} {folder}: no such folder; give a stage output (e.g. runs/NAME/STAGE/final)")
+    missing = [n for n in ("manifest.json", "model.yaml", "tokenizer") if not (folder / n).exists()]
+    if missing:
+        raise CheckpointError(f"{what} {folder}: not a vlm stage output ({', '.join(missing)} missing)")
+    return folder
+
+
 def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: Optional[str] = None,
-                    max_length: int = 2048) -> VLMProcessor:
+                    max_length: int = 2048, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> VLMProcessor:
     """A processor matching ``model``: its image transform and its number of image tokens."""
     return VLMProcessor(
         tokenizer,
@@ -47,15 +62,24 @@ def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: 
         model.num_image_tokens,
         image_token=model_cfg.image_token,
         max_length=max_length,
+        max_image_pixels=max_image_pixels,
     )
 
 
-def load_pretrained(folder: str | Path, device: Optional[str] = None) -> Tuple[VisionLanguageModel, object, DictConfig]:
+def load_pretrained(folder: str | Path, device: Optional[str] = None,
+                    trust_remote_code: bool = False) -> Tuple[VisionLanguageModel, object, DictConfig]:
     """Rebuild a trained model from a stage output folder: ``(model, tokenizer, model_cfg)``,
-    on ``device`` (default: CUDA when available, else CPU)."""
-    folder = Path(folder)
+    on ``device`` (default: CUDA when available, else CPU).
+
+    ``trust_remote_code`` comes from the caller (a CLI flag, the user's own config), never from
+    the folder: the ``model.yaml`` of a checkpoint someone sent cannot switch it on."""
+    folder = require_stage_output(folder, "checkpoint")
     load_saved_plugins(folder)
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(folder / "model.yaml"))
+    if model_cfg.llm.trust_remote_code and not trust_remote_code:
+        logger.warning("%s/model.yaml sets llm.trust_remote_code; ignored (pass --trust-remote-code to allow it)",
+                       folder)
+    model_cfg.llm.trust_remote_code = bool(trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     model = VisionLanguageModel.from_config(model_cfg, tokenizer)
     ckpt.load_model_state(model, folder)
@@ -95,6 +119,8 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     accelerator = make_accelerator(stage.precision)
     if accelerator.is_main_process:
         save_config(cfg, out_dir / "config.yaml")
+        for folder in (out_dir, out_dir / "checkpoints"):  # what killed runs left half-written
+            ckpt.remove_stale_tmp(folder)
     set_seed(stage.seed)
     tokenizer = load_stage_tokenizer(cfg.model, init_from)
     model = VisionLanguageModel.from_config(cfg.model, tokenizer)
@@ -103,9 +129,10 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
         ckpt.load_model_state(model, init_from)
         prior = ckpt.read_manifest(init_from)
     apply_stage(model, stage)
-    processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length)
+    processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length, stage.max_image_pixels)
     objective = build_objective(stage.objective, model, tokenizer)
     samples = read_samples(stage.data, cfg.model.image_token)
+    check_image_files([p for s in samples for p in s.images], f"stages.{name}.data", stage.max_image_failure_ratio)
     features, report = None, None
     if stage.feature_cache:
         root = stage.feature_cache_dir or Path(cfg.out_dir) / "feature_cache"
@@ -118,7 +145,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
         ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior)
         save_plugins(folder, list(cfg.plugins))
 
-    trainer = Trainer(model, dataset, collate=processor.collate, stage=stage, out_dir=out_dir,
+    trainer = Trainer(model, dataset, collate=CountingCollate(processor.collate), stage=stage, out_dir=out_dir,
                       save_state=save_state, accelerator=accelerator, stage_name=name,
                       objective=objective, callbacks=callbacks)
     return StageRun(trainer, dataset, report)
@@ -127,7 +154,4 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
 def run_stage(cfg: DictConfig, name: str, resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:
     """Train stage ``name`` of a run config (calling ``callbacks``); returns its ``final`` folder."""
     run = build_stage(cfg, name, callbacks=callbacks)
-    final = run.trainer.train(resume=resume)
-    if run.dataset.image_failures:
-        logger.warning("stage %s: %d sample(s) skipped for unreadable images", name, run.dataset.image_failures)
-    return final
+    return run.trainer.train(resume=resume)

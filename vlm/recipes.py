@@ -42,9 +42,9 @@ def run_evals(cfg: DictConfig, checkpoint: Optional[str] = None) -> Dict[str, Di
     for name, ev in cfg.evals.items():
         source = checkpoint or ev.checkpoint or str(Path(cfg.out_dir) / list(cfg.stages)[-1] / "final")
         if source not in loaded:
-            loaded[source] = load_pretrained(source)
+            loaded[source] = load_pretrained(source, trust_remote_code=cfg.model.llm.trust_remote_code)
         model, tokenizer, model_cfg = loaded[source]
-        processor = build_processor(model, tokenizer, model_cfg, ev.template)
+        processor = build_processor(model, tokenizer, model_cfg, ev.template, max_image_pixels=ev.max_image_pixels)
         metrics[name] = run_eval(model, processor, ev, Path(cfg.out_dir) / "eval", name)
     return metrics
 

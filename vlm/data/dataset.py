@@ -42,6 +42,7 @@ class ConversationDataset(Dataset):
         self.stats: Counter = Counter()
         self.left_out: Dict[str, List[str]] = {}
         self.entries: List[tuple] = []
+        truncated: List[str] = []
         for sample in tqdm(samples, desc=f"tokenizing {name}", disable=not progress, leave=False):
             ids, labels = processor.tokenize(sample.turns)
             reason = None
@@ -51,6 +52,7 @@ class ConversationDataset(Dataset):
                 else:
                     ids, labels = ids[: processor.max_length], labels[: processor.max_length]
                     self.stats["truncated"] += 1
+                    truncated.append(sample.meta.get("source", sample.id))
             if reason is None and all(label == IGNORE_INDEX for label in labels):
                 reason = "fully_masked"
             if reason:
@@ -63,7 +65,11 @@ class ConversationDataset(Dataset):
             logger.warning(
                 "%s: %d sample(s) left out (%s), e.g. %s", name, len(sources), reason, ", ".join(sources[:3])
             )
-        self.image_failures = 0
+        if truncated:
+            logger.warning("%s: %d of %d sample(s) truncated to max_length %d (the end of their text is not "
+                           "trained on), e.g. %s", name, len(truncated), len(samples), processor.max_length,
+                           ", ".join(truncated[:3]))
+        self.image_failures = 0  # in this process only; the trainer counts across workers (training/skips.py)
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -2,7 +2,8 @@
 
 Every reader validates its input and raises `DataFormatError` naming the file, the record
 (``path#index`` for JSON lists, ``path:line`` for JSONL) and the offending field. Image paths are
-joined to `image_root` (absolute paths are kept); images are not opened here.
+joined to `image_root` and must stay under it (`../` or an absolute path elsewhere is an error
+unless the reader argument `allow_outside_root` is true); images are not opened here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 
 from vlm.data.types import IMAGE_TOKEN, Sample, Turn, image_marker, marking_images_with
 from vlm.registry import Registry
-from vlm.errors import DataFormatError
+from vlm.errors import ConfigError, DataFormatError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -45,20 +46,43 @@ def read_dataset(format: str, image_token: str = IMAGE_TOKEN, **kwargs: Any) -> 
 # helpers
 
 
+def read_utf8(path: PathLike) -> str:
+    """The text of a UTF-8 file; a DataFormatError naming the file, line and byte offset when
+    it is not UTF-8 (a leading BOM is accepted)."""
+    data = open(path, "rb").read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataFormatError(
+            f"{os.fspath(path)}:{line}: not UTF-8 at byte {e.start} ({data[e.start:e.start + 1]!r}); "
+            "re-save the file as UTF-8"
+        ) from None
+
+
 def _load_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(
-                f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})"
-            ) from None
+    try:
+        return json.loads(read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise DataFormatError(
+            f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})"
+        ) from None
 
 
-def _resolve(image: str, image_root: Optional[PathLike]) -> str:
-    if image_root is None or os.path.isabs(image):
+def _resolve(image: str, image_root: Optional[PathLike], where: str = "", allow_outside_root: bool = False) -> str:
+    """``image`` joined to ``image_root`` (an absolute path is kept); a DataFormatError naming
+    ``where`` when the result is outside ``image_root`` (``../``, an absolute path elsewhere)
+    unless ``allow_outside_root``."""
+    if image_root is None:
         return image
-    return os.path.join(os.fspath(image_root), image)
+    root = os.fspath(image_root)
+    path = image if os.path.isabs(image) else os.path.join(root, image)
+    if not allow_outside_root:
+        real_root, real = os.path.abspath(root), os.path.abspath(path)  # string ops: fast on big sets
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise DataFormatError(f"{where}: image '{image}' is outside image_root {root}; move it under "
+                                  "image_root, or set the reader argument allow_outside_root: true")
+    return path
 
 
 def _type_name(value: Any) -> str:
@@ -112,7 +136,7 @@ def _check_roles(turns: List[Turn], where: str) -> None:
 
 
 def _llava_sample(
-    record: Any, where: str, image_root: Optional[PathLike], default_id: str
+    record: Any, where: str, image_root: Optional[PathLike], default_id: str, allow_outside_root: bool = False
 ) -> Sample:
     """Build a Sample from one LLaVA record ({id, image?, conversations})."""
     conversations = _require(record, "conversations", list, where, "conversations")
@@ -141,7 +165,7 @@ def _llava_sample(
         raise DataFormatError(
             f"{where}: field 'image' must be a string or a list of strings, got {_type_name(image)}"
         )
-    images = [_resolve(n, image_root) for n in names]
+    images = [_resolve(n, image_root, f"{where}: field 'image'", allow_outside_root) for n in names]
 
     marker = image_marker()
     markers = sum(t.content.count(marker) for t in turns)
@@ -164,7 +188,8 @@ def _llava_sample(
 
 
 @READERS.register("llava_json")
-def read_llava_json(path: PathLike, image_root: Optional[PathLike] = None) -> List[Sample]:
+def read_llava_json(path: PathLike, image_root: Optional[PathLike] = None,
+                    allow_outside_root: bool = False) -> List[Sample]:
     """Read a LLaVA conversation file: a JSON list of ``{id, image?, conversations}``.
 
     ``image`` is a path, a list of paths, or absent (text-only). Speakers human/gpt/system (or
@@ -178,13 +203,15 @@ def read_llava_json(path: PathLike, image_root: Optional[PathLike] = None) -> Li
         raise DataFormatError(f"{path}: expected a JSON list of records, got {_type_name(records)}")
     name = os.path.basename(path)
     return [
-        _llava_sample(rec, f"{path}#{i}", image_root, default_id=f"{name}#{i}")
+        _llava_sample(rec, f"{path}#{i}", image_root, default_id=f"{name}#{i}",
+                      allow_outside_root=allow_outside_root)
         for i, rec in enumerate(records)
     ]
 
 
 @READERS.register("jsonl")
-def read_jsonl(path: PathLike, image_root: Optional[PathLike] = None) -> List[Sample]:
+def read_jsonl(path: PathLike, image_root: Optional[PathLike] = None,
+               allow_outside_root: bool = False) -> List[Sample]:
     """Read one record per line: a LLaVA record (as in `read_llava_json`) or ``{"text": ...}``.
 
     A ``{"text"}`` line is text-only language-modelling data: it becomes a Sample with a single
@@ -194,33 +221,32 @@ def read_jsonl(path: PathLike, image_root: Optional[PathLike] = None) -> List[Sa
     path = os.fspath(path)
     name = os.path.basename(path)
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(
-                    f"{where}: invalid JSON: {e.msg} (column {e.colno})"
-                ) from None
-            if isinstance(record, dict) and "conversations" not in record and "text" in record:
-                text = _require(record, "text", str, where, "text")
-                samples.append(
-                    Sample(
-                        id=str(record.get("id", f"{name}:{lineno}")),
-                        turns=[Turn("assistant", text)],
-                        meta={"source": where, "text_only": True},
-                    )
+    for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(
+                f"{where}: invalid JSON: {e.msg} (column {e.colno})"
+            ) from None
+        if isinstance(record, dict) and "conversations" not in record and "text" in record:
+            text = _require(record, "text", str, where, "text")
+            samples.append(
+                Sample(
+                    id=str(record.get("id", f"{name}:{lineno}")),
+                    turns=[Turn("assistant", text)],
+                    meta={"source": where, "text_only": True},
                 )
-            elif isinstance(record, dict) and "conversations" not in record:
-                raise DataFormatError(
-                    f"{where}: expected field 'conversations' (LLaVA record) or 'text' "
-                    f"(text-only record); found {sorted(record)}"
-                )
-            else:
-                samples.append(_llava_sample(record, where, image_root, f"{name}:{lineno}"))
+            )
+        elif isinstance(record, dict) and "conversations" not in record:
+            raise DataFormatError(
+                f"{where}: expected field 'conversations' (LLaVA record) or 'text' "
+                f"(text-only record); found {sorted(record)}"
+            )
+        else:
+            samples.append(_llava_sample(record, where, image_root, f"{name}:{lineno}", allow_outside_root))
     return samples
 
 
@@ -282,6 +308,7 @@ def read_coco_captions(
     prompt: str = CAPTION_PROMPT,
     per: str = "caption",
     split: Union[str, Iterable[str], None] = None,
+    allow_outside_root: bool = False,
 ) -> List[Sample]:
     """Read captions from an official COCO ``captions_*.json`` or a Karpathy ``dataset_*.json``.
 
@@ -296,21 +323,21 @@ def read_coco_captions(
     """
     path = os.fspath(path)
     if per not in ("caption", "image"):
-        raise ValueError(f"per must be 'caption' or 'image', got {per!r}")
+        raise ConfigError(f"per must be 'caption' or 'image', got {per!r}")
     if isinstance(split, str):
         split = (split,)
     if split is not None:
         split = tuple(split)
         unknown = [s for s in split if s not in KARPATHY_SPLITS]
         if unknown:
-            raise ValueError(f"unknown Karpathy split(s) {unknown}; expected {KARPATHY_SPLITS}")
+            raise ConfigError(f"unknown Karpathy split(s) {unknown}; expected {KARPATHY_SPLITS}")
 
     data = _load_json(path)
     keys = sorted(data) if isinstance(data, dict) else _type_name(data)
     has_images = isinstance(data, dict) and isinstance(data.get("images"), list)
     if has_images and isinstance(data.get("annotations"), list):
         if split is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: split={list(split)} was given but this is an official COCO captions "
                 "file, which has no splits (read the captions file of the split you want)"
             )
@@ -326,7 +353,7 @@ def read_coco_captions(
     user = f"{image_marker()}\n{prompt}"
     samples = []
     for image_id, file_name, captions, where in images:
-        image = _resolve(file_name, image_root)
+        image = _resolve(file_name, image_root, f"{where}: file name", allow_outside_root)
         if per == "image":
             turns = [Turn("user", user)] + [Turn("assistant", c) for _, c, _ in captions[:1]]
             meta = {
@@ -369,6 +396,7 @@ def read_vqav2(
     image_pattern: str = "COCO_{subset}_{image_id:012d}.jpg",
     prompt_suffix: str = VQA_PROMPT_SUFFIX,
     answer_types: Optional[Sequence[str]] = None,
+    allow_outside_root: bool = False,
 ) -> List[Sample]:
     """Read VQAv2 questions (and optionally their annotations): one sample per question.
 
@@ -384,9 +412,9 @@ def read_vqav2(
     """
     if answer_types is not None:
         if annotations_path is None:
-            raise ValueError("answer_types: filtering by answer type needs annotations_path")
+            raise ConfigError("answer_types: filtering by answer type needs annotations_path")
         if isinstance(answer_types, str):
-            raise ValueError(f"answer_types: a list of answer types, got the string {answer_types!r}")
+            raise ConfigError(f"answer_types: a list of answer types, got the string {answer_types!r}")
     qpath = os.fspath(questions_path)
     qdata = _load_json(qpath)
     questions = _require_list(qdata, "questions", qpath)
@@ -394,7 +422,7 @@ def read_vqav2(
     fields = _pattern_fields(image_pattern)
     unknown = fields - {"subset", "image_id", "question_id"}
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"image_pattern {image_pattern!r} uses unknown field(s) {sorted(unknown)}; "
             "available: subset, image_id, question_id"
         )
@@ -488,6 +516,7 @@ def read_vqav2(
                 question_type=ann["question_type"],
             )
         samples.append(
-            Sample(id=str(qid), turns=turns, images=[_resolve(image, image_root)], meta=meta)
+            Sample(id=str(qid), turns=turns, images=[_resolve(image, image_root, f"{where}: image", allow_outside_root)],
+                   meta=meta)
         )
     return samples

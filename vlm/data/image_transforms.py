@@ -17,6 +17,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from vlm.data.images import to_rgb  # noqa: F401  (re-exported: vlm.data.image_transforms.to_rgb)
 from vlm.registry import Registry
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -24,17 +25,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 PREPROCESSING: Registry = Registry("preprocessing strategy")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; transparent pixels become white, as on a page."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

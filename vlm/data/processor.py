@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
+from vlm.data.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
 from vlm.data.image_transforms import ImageTransform
 from vlm.data.templates import ChatTemplate
 from vlm.data.types import IMAGE_TOKEN, Sample, Turn
@@ -33,6 +34,7 @@ class VLMProcessor:
         num_image_tokens: int,
         image_token: str = IMAGE_TOKEN,
         max_length: int = 2048,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         self.tokenizer = tokenizer
         self.template = template
@@ -42,6 +44,7 @@ class VLMProcessor:
         template.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.max_length = max_length
+        self.max_image_pixels = max_image_pixels
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no '{image_token}' token; add it (vlm.modeling.llm.load_tokenizer)")
 
@@ -82,18 +85,13 @@ class VLMProcessor:
         return turns
 
     def load_image(self, path: "str | Image.Image") -> torch.Tensor:
-        """Open and transform one image (a path, or a PIL image already in memory);
-        ImageLoadError names the file on any failure."""
-        if isinstance(path, Image.Image):
-            try:
-                return self.image_transform(path)
-            except Exception as exc:
-                raise ImageLoadError(f"cannot transform image {path!r}: {exc}") from exc
+        """Open (pixel limit, EXIF orientation: :func:`vlm.data.images.open_image`) and transform
+        one image, given as a path or as a PIL image already in memory (converted to RGB by
+        :func:`vlm.data.images.to_rgb`); ImageLoadError names the file on any failure."""
+        image = to_rgb(path) if isinstance(path, Image.Image) else open_image(path, self.max_image_pixels)
         try:
-            with Image.open(path) as image:
-                image.load()
-                return self.image_transform(image)
-        except Exception as exc:  # PIL raises many types for corrupt files
+            return self.image_transform(image)
+        except Exception as exc:  # an odd mode or size the transform cannot take
             raise ImageLoadError(f"cannot load image {path}: {exc}") from exc
 
     def encode(self, sample: Sample, for_generation: bool = False) -> Dict:

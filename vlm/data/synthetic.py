@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from vlm.data.formats import CAPTION_PROMPT, VQA_PROMPT_SUFFIX
 from vlm.data.types import IMAGE_TOKEN
+from vlm.errors import ConfigError
 
 COLORS = {
     "red": (220, 30, 30),
@@ -334,13 +335,13 @@ def generate_shapes(
     different random stream than train.
     """
     if num_train < 0 or num_test < 0:
-        raise ValueError("num_train and num_test must be >= 0")
+        raise ConfigError("num_train and num_test must be >= 0")
     if image_size < 32:
-        raise ValueError(
+        raise ConfigError(
             f"image_size must be >= 32 for the shapes to stay recognisable, got {image_size}"
         )
     if captions_per_image < 1:
-        raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+        raise ConfigError(f"captions_per_image must be >= 1, got {captions_per_image}")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     result: Dict[str, Any] = {"out_dir": out_dir, "image_pattern": IMAGE_PATTERN}

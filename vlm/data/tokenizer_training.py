@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from vlm.data.templates import VICUNA_SYSTEM
+from vlm.errors import DataFormatError
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<|im_start|>", "<|im_end|>"]
 
@@ -43,7 +44,7 @@ def iter_text(paths: Sequence[str | Path]) -> Iterator[str]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON: {exc}") from None
+                    raise DataFormatError(f"{path}:{lineno}: invalid JSON: {exc}") from None
                 if "text" in record:
                     yield record["text"]
                 for turn in record.get("conversations", []):

@@ -14,6 +14,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from vlm.errors import DataFormatError
 from vlm.evaluation.vqa_metric import _load_json, _records, _require
 
 __all__ = ["score_captions"]
@@ -26,28 +27,28 @@ def _references(annotations, label: str) -> dict:
     for i, ann in enumerate(_records(annotations, "annotations", label)):
         _require(ann, ("image_id", "caption"), f"annotation #{i} in {label}")
         if not isinstance(ann["caption"], str):
-            raise ValueError(f"annotation #{i} in {label} has a non-string caption: {ann!r}")
+            raise DataFormatError(f"annotation #{i} in {label} has a non-string caption: {ann!r}")
         refs[ann["image_id"]].append({"caption": ann["caption"]})
     return refs
 
 
 def _candidates(results, label: str, refs: dict, refs_label: str) -> dict:
     if not isinstance(results, list):
-        raise ValueError(f"{label} must be a JSON list of {{'image_id', 'caption'}} objects, "
+        raise DataFormatError(f"{label} must be a JSON list of {{'image_id', 'caption'}} objects, "
                          f"got {type(results).__name__}")
     if not results:
-        raise ValueError(f"{label} is empty: no captions to score")
+        raise DataFormatError(f"{label} is empty: no captions to score")
     cands = {}
     for i, res in enumerate(results):
         _require(res, ("image_id", "caption"), f"result #{i} in {label}")
         image_id = res["image_id"]
         if image_id not in refs:
-            raise ValueError(f"result image_id {image_id!r} (result #{i} in {label}) has no "
+            raise DataFormatError(f"result image_id {image_id!r} (result #{i} in {label}) has no "
                              f"reference caption in {refs_label}")
         if image_id in cands:
-            raise ValueError(f"image_id {image_id!r} appears more than once in {label}")
+            raise DataFormatError(f"image_id {image_id!r} appears more than once in {label}")
         if not isinstance(res["caption"], str):
-            raise ValueError(f"result for image_id {image_id!r} in {label} has a non-string "
+            raise DataFormatError(f"result for image_id {image_id!r} in {label} has a non-string "
                              f"caption: {res['caption']!r}")
         cands[image_id] = [{"caption": res["caption"]}]
     return cands

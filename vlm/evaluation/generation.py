@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import logging
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from vlm.data.processor import VLMProcessor, pad_batch
 from vlm.data.types import Sample
+from vlm.errors import ImageLoadError
+
+logger = logging.getLogger(__name__)
 
 
 def stop_settings(processor: VLMProcessor) -> Dict:
@@ -39,8 +43,9 @@ def clean_answer(text: str, stops: Sequence[str]) -> str:
 @torch.no_grad()
 def generate_answers(model, processor: VLMProcessor, samples: Sequence[Sample], *, batch_size: int = 16,
                      max_new_tokens: int = 32, num_beams: int = 1, desc: str = "generate",
-                     **generation_kwargs) -> List[str]:
-    """One decoded answer per sample (greedy unless told otherwise), in order."""
+                     skip_unreadable: bool = False, **generation_kwargs) -> List[Optional[str]]:
+    """One decoded answer per sample (greedy unless told otherwise), in order. With
+    ``skip_unreadable``, a sample whose image cannot be read gets None instead of an error."""
     model.eval()
     device = next(model.parameters()).device
     settings = stop_settings(processor)
@@ -49,13 +54,26 @@ def generate_answers(model, processor: VLMProcessor, samples: Sequence[Sample], 
     stops = processor.template.stop_strings()
     answers: List[str] = []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
-        chunk = samples[start:start + batch_size]
-        batch = pad_batch([processor.encode(s, for_generation=True) for s in chunk],
-                          processor.tokenizer.pad_token_id, padding_side="left")
+        encoded = [_encode(processor, s, skip_unreadable) for s in samples[start:start + batch_size]]
+        if not any(encoded):
+            answers.extend([None] * len(encoded))
+            continue
+        batch = pad_batch([e for e in encoded if e is not None], processor.tokenizer.pad_token_id,
+                          padding_side="left")
         pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
         new_tokens = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                     pixel_values, instructions=batch["instructions"],
                                     max_new_tokens=max_new_tokens, num_beams=num_beams, **settings)
-        texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        answers.extend(clean_answer(t, stops) for t in texts)
+        texts = iter(processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        answers.extend(None if e is None else clean_answer(next(texts), stops) for e in encoded)
     return answers
+
+
+def _encode(processor: VLMProcessor, sample: Sample, skip_unreadable: bool) -> Optional[Dict]:
+    try:
+        return processor.encode(sample, for_generation=True)
+    except ImageLoadError as exc:
+        if not skip_unreadable:
+            raise
+        logger.warning("skipping %s: %s", sample.meta.get("source", sample.id), exc)
+        return None

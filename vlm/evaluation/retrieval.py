@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlm.data.types import Sample
+from vlm.errors import ConfigError, DataFormatError
 from vlm.modeling.connectors.image_text import ImageTextMatcher, similarity
 
 KS = (1, 5, 10)
@@ -52,7 +53,7 @@ def retrieval_pairs(samples: Sequence[Sample]) -> Tuple[List[str], List[str], to
     for index, sample in enumerate(samples):
         references = sample.meta.get("references")
         if len(sample.images) != 1 or not references:
-            raise ValueError(f"retrieval needs one image and its captions per sample; sample {sample.id} has "
+            raise DataFormatError(f"retrieval needs one image and its captions per sample; sample {sample.id} has "
                              f"{len(sample.images)} image(s) and {len(references or [])} caption(s)")
         images.append(sample.images[0])
         texts.extend(references)
@@ -62,7 +63,7 @@ def retrieval_pairs(samples: Sequence[Sample]) -> Tuple[List[str], List[str], to
 
 def _matcher(model) -> ImageTextMatcher:
     if not isinstance(model.connector, ImageTextMatcher):
-        raise ValueError(f"retrieval needs a connector with image-text heads (qformer); this model's connector "
+        raise ConfigError(f"retrieval needs a connector with image-text heads (qformer); this model's connector "
                          f"is {type(model.connector).__name__}")
     return model.connector
 

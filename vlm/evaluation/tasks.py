@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import ClassVar, Dict, List
 
-from vlm.errors import ConfigError
+from vlm.errors import ConfigError, ImageLoadError
 from vlm.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -58,10 +58,25 @@ class EvalTask:
 
 
 def _generate(model, processor, cfg, samples, name):
+    """``(samples, answers, skipped)``: the answers for the samples whose images could be read,
+    and how many were skipped for unreadable images (an ImageLoadError when none could be)."""
     from vlm.evaluation.generation import generate_answers
 
-    return generate_answers(model, processor, samples, batch_size=cfg.batch_size,
-                            max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, desc=f"eval {name}")
+    answers = generate_answers(model, processor, samples, batch_size=cfg.batch_size, skip_unreadable=True,
+                               max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, desc=f"eval {name}")
+    skipped = sum(a is None for a in answers)
+    if samples and skipped == len(samples):
+        raise ImageLoadError(f"eval {name}: none of the {len(samples)} images could be read (see the warnings); "
+                             "check the eval's image_root")
+    if skipped:
+        logger.warning("eval %s: %d of %d samples skipped for unreadable images; scored the rest", name,
+                       skipped, len(samples))
+    kept = [(s, a) for s, a in zip(samples, answers) if a is not None]
+    return [s for s, _ in kept], [a for _, a in kept], skipped
+
+
+def _with_skips(scores: Dict[str, float], skipped: int) -> Dict[str, float]:
+    return {**scores, "skipped_unreadable": skipped} if skipped else scores
 
 
 class CaptionTask(EvalTask):
@@ -75,10 +90,10 @@ class CaptionTask(EvalTask):
     def run(cls, model, processor, cfg, samples, out_dir, name):
         from vlm.evaluation.caption_metric import score_captions
 
-        answers = _generate(model, processor, cfg, samples, name)
+        samples, answers, skipped = _generate(model, processor, cfg, samples, name)
         results = [{"image_id": s.meta["image_id"], "caption": a} for s, a in zip(samples, answers)]
         (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
-        return score_captions(cfg.data.args["path"], results)
+        return _with_skips(score_captions(cfg.data.args["path"], results), skipped)
 
 
 class VQATask(EvalTask):
@@ -98,14 +113,15 @@ class VQATask(EvalTask):
     def run(cls, model, processor, cfg, samples, out_dir, name):
         from vlm.evaluation.vqa_metric import score_vqa
 
-        answers = _generate(model, processor, cfg, samples, name)
+        samples, answers, skipped = _generate(model, processor, cfg, samples, name)
         results = [{"question_id": s.meta["question_id"], "answer": a} for s, a in zip(samples, answers)]
         (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
         args = cfg.data.args
         full = score_vqa(args["questions_path"], args["annotations_path"], results,
-                         allow_missing=bool(cfg.data.max_samples))
+                         allow_missing=bool(cfg.data.max_samples) or skipped > 0)
         (out_dir / f"{name}_per_question.json").write_text(json.dumps(full["per_question"]))
-        return {"accuracy": full["overall"], **{f"accuracy_{k}": v for k, v in full["per_answer_type"].items()}}
+        scores = {"accuracy": full["overall"], **{f"accuracy_{k}": v for k, v in full["per_answer_type"].items()}}
+        return _with_skips(scores, skipped)
 
 
 class RetrievalTask(EvalTask):

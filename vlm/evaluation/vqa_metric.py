@@ -26,6 +26,8 @@ import re
 from collections import defaultdict
 from typing import Any
 
+from vlm.errors import DataFormatError
+
 __all__ = ["EvalAIAnswerProcessor", "vqa_accuracy", "score_vqa"]
 
 # Data tables of the official code (identical in vqaEval.py and m4c_evaluators.py), including its
@@ -152,27 +154,28 @@ def _load_json(source: Any, what: str) -> tuple[Any, str]:
     if isinstance(source, (str, os.PathLike)):
         label = f"{what} file {os.fspath(source)!r}"
         try:
-            with open(source, encoding="utf-8") as f:
-                return json.load(f), label
+            from vlm.data.formats import read_utf8
+
+            return json.loads(read_utf8(source)), label
         except FileNotFoundError:
             raise FileNotFoundError(f"{what} file not found: {os.fspath(source)!r}") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{label} is not valid JSON: {e}") from None
+            raise DataFormatError(f"{label} is not valid JSON: {e}") from None
     return source, f"{what} (in-memory object)"
 
 
 def _records(obj: Any, key: str, label: str) -> list:
     if not isinstance(obj, dict) or not isinstance(obj.get(key), list):
-        raise ValueError(f"{label} must be a JSON object whose {key!r} is a list")
+        raise DataFormatError(f"{label} must be a JSON object whose {key!r} is a list")
     return obj[key]
 
 
 def _require(entry: Any, keys: tuple[str, ...], where: str) -> None:
     if not isinstance(entry, dict):
-        raise ValueError(f"{where} is not a JSON object: {entry!r}")
+        raise DataFormatError(f"{where} is not a JSON object: {entry!r}")
     missing = [key for key in keys if key not in entry]
     if missing:
-        raise ValueError(f"{where} is missing key(s) {missing}: {entry!r}")
+        raise DataFormatError(f"{where} is missing key(s) {missing}: {entry!r}")
 
 
 def _index_annotations(annotations: list, label: str) -> dict:
@@ -181,14 +184,14 @@ def _index_annotations(annotations: list, label: str) -> dict:
         _require(ann, ("question_id", "answers", "answer_type"), f"annotation #{i} in {label}")
         qid = ann["question_id"]
         if qid in by_id:
-            raise ValueError(f"question_id {qid!r} appears twice in {label}")
+            raise DataFormatError(f"question_id {qid!r} appears twice in {label}")
         answers = ann["answers"]
         if not isinstance(answers, list) or not answers:
-            raise ValueError(f"question_id {qid!r} in {label} has no answers")
+            raise DataFormatError(f"question_id {qid!r} in {label} has no answers")
         for ans in answers:
             _require(ans, ("answer",), f"an answer of question_id {qid!r} in {label}")
             if not isinstance(ans["answer"], str):
-                raise ValueError(f"question_id {qid!r} in {label} has a non-string answer: {ans!r}")
+                raise DataFormatError(f"question_id {qid!r} in {label} has a non-string answer: {ans!r}")
         by_id[qid] = ann
     return by_id
 
@@ -196,22 +199,22 @@ def _index_annotations(annotations: list, label: str) -> dict:
 def _index_results(results: Any, label: str, questions: set, q_label: str,
                    annotations: dict, a_label: str) -> dict:
     if not isinstance(results, list):
-        raise ValueError(f"{label} must be a JSON list of {{'question_id', 'answer'}} objects, "
+        raise DataFormatError(f"{label} must be a JSON list of {{'question_id', 'answer'}} objects, "
                          f"got {type(results).__name__}")
     by_id = {}
     for i, res in enumerate(results):
         _require(res, ("question_id", "answer"), f"result #{i} in {label}")
         qid = res["question_id"]
         if qid not in annotations:
-            raise ValueError(f"result question_id {qid!r} (result #{i} in {label}) "
+            raise DataFormatError(f"result question_id {qid!r} (result #{i} in {label}) "
                              f"is not in {a_label}")
         if qid not in questions:
-            raise ValueError(f"result question_id {qid!r} (result #{i} in {label}) "
+            raise DataFormatError(f"result question_id {qid!r} (result #{i} in {label}) "
                              f"is not in {q_label}")
         if qid in by_id:
-            raise ValueError(f"question_id {qid!r} appears more than once in {label}")
+            raise DataFormatError(f"question_id {qid!r} appears more than once in {label}")
         if not isinstance(res["answer"], str):
-            raise ValueError(f"result for question_id {qid!r} in {label} has a non-string "
+            raise DataFormatError(f"result for question_id {qid!r} in {label} has a non-string "
                              f"answer: {res['answer']!r}")
         by_id[qid] = res["answer"]
     return by_id
@@ -238,23 +241,23 @@ def score_vqa(questions, annotations, results, *, normalize_predictions: bool = 
         _require(question, ("question_id",), f"question #{i} in {q_label}")
         qid = question["question_id"]
         if qid in seen:
-            raise ValueError(f"question_id {qid!r} appears twice in {q_label}")
+            raise DataFormatError(f"question_id {qid!r} appears twice in {q_label}")
         seen.add(qid)
         question_ids.append(qid)
     anns = _index_annotations(_records(a_obj, "annotations", a_label), a_label)
     unannotated = [qid for qid in question_ids if qid not in anns]
     if unannotated:
-        raise ValueError(f"{len(unannotated)} question(s) of {q_label} have no annotation in "
+        raise DataFormatError(f"{len(unannotated)} question(s) of {q_label} have no annotation in "
                          f"{a_label}, e.g. question_id {unannotated[:5]}")
     predictions = _index_results(r_obj, r_label, set(question_ids), q_label, anns, a_label)
 
     missing = [qid for qid in question_ids if qid not in predictions]
     if missing and not allow_missing:
-        raise ValueError(f"{len(missing)} of {len(question_ids)} questions in {q_label} have no "
+        raise DataFormatError(f"{len(missing)} of {len(question_ids)} questions in {q_label} have no "
                          f"result in {r_label}, e.g. question_id {missing[:5]}; pass "
-                         f"allow_missing=True to score only the answered subset")
+                         f"--allow-missing (vlm score) / allow_missing=True to score only the answered subset")
     if not predictions:
-        raise ValueError(f"{r_label} contains no results to score")
+        raise DataFormatError(f"{r_label} contains no results to score")
 
     normalize = EvalAIAnswerProcessor() if normalize_predictions else (lambda answer: answer)
     accs, per_question, per_type = [], {}, defaultdict(list)

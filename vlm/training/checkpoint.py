@@ -18,9 +18,12 @@ half-written checkpoint.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -29,46 +32,174 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from peft import PeftModel, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
 from vlm.config import ModelConfig, StageConfig, Train
+from vlm.errors import CheckpointError, describe_os_error
+from vlm.training.nonfinite import check_finite_weights
 from vlm.training.stages import COMPONENTS, train_mode
 
 MANIFEST = "manifest.json"
 TRAINING_STATE = "training_state.pt"
+SHA256 = "sha256"  # a manifest entry's checksum of its weight file
+
+logger = logging.getLogger(__name__)
+
+
+TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_tmp(parent: str | Path) -> List[Path]:
+    """Delete the ``.NAME.tmp-PID`` / ``.NAME.old-PID`` folders that :func:`atomic_dir` left in
+    ``parent`` when the process PID died mid-write (and only those: nothing vlm did not write)."""
+    parent = Path(parent)
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for path in parent.iterdir():
+        match = TMP_PATTERN.match(path.name)
+        if match and path.is_dir() and not _pid_alive(int(match["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        logger.info("removed %d stale temporary folder(s) of dead runs in %s", len(removed), parent)
+    return removed
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` (and the folders themselves) to disk."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def io_error(exc: OSError, path: Path, doing: str) -> CheckpointError:
+    """A CheckpointError for an I/O failure: says what (disk full, permission...) and names the path."""
+    return CheckpointError(f"{doing} {path}: {describe_os_error(exc, exc.filename or path)}")
 
 
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder that replaces ``final`` only if the block completes."""
+    """Yield a temporary folder that replaces ``final`` only if the block completes. Its files
+    are fsynced before the rename; stale temporary folders of dead processes are removed first.
+    An OSError (disk full, permission) becomes a CheckpointError naming the path."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(final.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise io_error(exc, final.parent, "cannot write") from exc
     try:
         yield tmp
-    except BaseException:
+        _fsync_tree(tmp)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+            raise io_error(exc, final, "cannot write") from exc
+        if isinstance(exc, (RuntimeError, SafetensorError)) and _looks_like_short_write(exc):
+            free = shutil.disk_usage(final.parent).free / 2**20
+            raise CheckpointError(f"cannot write {final}: the write failed ({str(exc).splitlines()[0]}); "
+                                  f"is the disk full? {free:.0f} MiB free there") from exc
         raise
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    _fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _looks_like_short_write(exc: BaseException) -> bool:
+    """torch.save / safetensors report a full disk as a failed or short write, not an OSError."""
+    text = str(exc).lower()
+    return any(k in text for k in ("unexpected pos", "failed to write", "write failed", "no space", "file write"))
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hashed_file(kind: str, path: str | Path) -> Path:
+    """The file an entry's sha256 covers: the weights file, or an adapter's safetensors."""
+    return Path(path) if kind == "weights" else Path(path) / "adapter_model.safetensors"
+
+
+def _contained(path: Path, folder: Path) -> bool:
+    """``path`` is inside ``folder``, or inside another vlm stage output (a folder with a
+    manifest: an earlier stage of the chain)."""
+    for parent in [path.parent, *path.parent.parents]:
+        if parent == folder or (parent / MANIFEST).is_file():
+            return True
+    return False
 
 
 def read_manifest(folder: str | Path) -> Dict[str, List[dict]]:
     """The manifest of a stage output, with paths made absolute."""
-    folder = Path(folder)
+    folder = Path(folder).resolve()
     path = folder / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a vlm checkpoint: {MANIFEST} is missing")
-    manifest = json.loads(path.read_text())
-    return {
-        comp: [{kind: str((folder / rel).resolve()) for kind, rel in entry.items()} for entry in entries]
-        for comp, entries in manifest.items()
-    }
+        raise CheckpointError(f"{folder} is not a vlm checkpoint: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        resolved: Dict[str, List[dict]] = {}
+        for comp, entries in manifest.items():
+            resolved[comp] = []
+            for entry in entries:
+                out = {}
+                for kind, rel in entry.items():
+                    if kind == SHA256:
+                        out[kind] = rel
+                        continue
+                    target = (folder / rel).resolve()
+                    if kind not in ("weights", "adapter") or not _contained(target, folder):
+                        raise CheckpointError(f"{path}: {comp} entry '{kind}: {rel}' points outside the checkpoint "
+                                              "(only weights / adapters inside vlm stage outputs are read)")
+                    out[kind] = str(target)
+                resolved[comp].append(out)
+    except (ValueError, AttributeError, TypeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: not a valid manifest ({exc})") from None
+    return resolved
 
 
 def _has_pretrained_source(model_cfg: ModelConfig, component: str) -> bool:
@@ -89,7 +220,7 @@ def save_model_state(model, folder: Path, stage: StageConfig, model_cfg: ModelCo
         mode = train_mode(stage, comp)
         unsourced = not entries and not _has_pretrained_source(model_cfg, comp)
         if unsourced and mode is Train.lora:
-            raise ValueError(f"{comp}: LoRA on randomly initialised weights cannot be saved; "
+            raise CheckpointError(f"{comp}: LoRA on randomly initialised weights cannot be saved; "
                              "train the component fully in an earlier stage or load pretrained weights")
         if mode is Train.full or unsourced:
             save_model(module, str(folder / f"{comp}.safetensors"))
@@ -101,8 +232,13 @@ def save_model_state(model, folder: Path, stage: StageConfig, model_cfg: ModelCo
 
                 record_adapter_base(module, folder / "llm_adapter", model_cfg, tokenizer, entries)
             entries.append({"adapter": str(folder / f"{comp}_adapter")})
+        for entry in entries:  # a checksum for every weight file (the earlier stages' are carried)
+            if SHA256 not in entry:
+                kind = "weights" if "weights" in entry else "adapter"
+                entry[SHA256] = sha256_file(_hashed_file(kind, entry[kind]))
         manifest[comp] = [
-            {kind: os.path.relpath(path, folder) for kind, path in entry.items()} for entry in entries
+            {kind: (path if kind == SHA256 else os.path.relpath(path, folder)) for kind, path in entry.items()}
+            for entry in entries
         ]
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     # resolved: `model_cfg` is usually a node of the run config (`${prepare.tokenizer.out}`,
@@ -116,11 +252,41 @@ def load_model_state(model, folder: str | Path) -> None:
     for comp, entries in read_manifest(folder).items():
         module = getattr(model, comp)
         for entry in entries:
+            verify_entry(entry, folder)
             if "weights" in entry:
-                load_model(module, entry["weights"], strict=True)
+                load_safetensors(module, entry["weights"])
             else:
                 module = PeftModel.from_pretrained(module, entry["adapter"]).merge_and_unload()
         setattr(model, comp, module)
+    check_finite_weights(model, str(folder))  # a diverged run's weights are refused, never used
+
+
+def verify_entry(entry: dict, folder) -> None:
+    """CheckpointError naming the file when its sha256 differs from the manifest's (flipped
+    bytes, a truncated copy); entries written before checksums existed are not checked."""
+    expected = entry.get(SHA256)
+    if expected is None:
+        return
+    kind = "weights" if "weights" in entry else "adapter"
+    path = _hashed_file(kind, entry[kind])
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:
+        raise io_error(exc, path, f"checkpoint {folder}: cannot read") from exc
+    if actual != expected:
+        raise CheckpointError(f"{path}: sha256 {actual[:12]}... does not match the manifest of {folder} "
+                              f"({expected[:12]}...); the file is corrupt or was changed: copy it again")
+
+
+def load_safetensors(module, path: str | Path) -> None:
+    """``safetensors.torch.load_model`` (strict), with errors naming the file."""
+    try:
+        load_model(module, str(path), strict=True)
+    except OSError as exc:
+        raise io_error(exc, Path(path), "cannot read") from exc
+    except (SafetensorError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot load ({str(exc).splitlines()[0]}); the file is truncated, "
+                              "corrupt or of another model") from None
 
 
 def load_trained_state(model, folder: str | Path, stage: StageConfig) -> None:
@@ -134,9 +300,9 @@ def load_trained_state(model, folder: str | Path, stage: StageConfig) -> None:
             adapter = load_file(str(folder / f"{comp}_adapter" / "adapter_model.safetensors"))
             result = set_peft_model_state_dict(module, adapter)
             if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"{folder}: adapter keys do not match the model: {result.unexpected_keys[:3]}")
+                raise CheckpointError(f"{folder}: adapter keys do not match the model: {result.unexpected_keys[:3]}")
         elif weights.is_file():
-            load_model(module, str(weights), strict=True)
+            load_safetensors(module, weights)
 
 
 def rng_state() -> dict:
@@ -176,7 +342,14 @@ def save_training_state(folder: Path, optimizer, scheduler, position: dict,
 
 def load_training_state(folder: str | Path) -> dict:
     """The saved training state, loaded with ``weights_only=True``."""
-    return torch.load(Path(folder) / TRAINING_STATE, weights_only=True, map_location="cpu")
+    path = Path(folder) / TRAINING_STATE
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except OSError as exc:
+        raise io_error(exc, path, "cannot read") from exc
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot load the training state ({str(exc).splitlines()[0]}); "
+                              "resume from an earlier checkpoint (delete this one)") from None
 
 
 def latest_checkpoint(checkpoints: str | Path) -> Optional[Path]:

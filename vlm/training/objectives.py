@@ -26,6 +26,7 @@ from torch import nn
 
 from vlm.config import ConfigError, StageConfig, Train
 from vlm.data.processor import IGNORE_INDEX
+from vlm.errors import DataFormatError
 from vlm.modeling.vision.base import pool_patch_grid
 from vlm.registry import Registry
 
@@ -115,10 +116,10 @@ class CaptionBagOfWords(Objective):
 
     def forward(self, model, batch):
         if batch["pixel_values"] is None:
-            raise ValueError("objective 'caption_bow' needs samples with images")
+            raise DataFormatError("objective 'caption_bow' needs samples with images")
         images_per_row = (batch["input_ids"] == model.image_token_id).sum(1) // model.num_image_tokens
         if not bool((images_per_row == 1).all()):
-            raise ValueError("objective 'caption_bow' needs exactly one image per sample")
+            raise DataFormatError("objective 'caption_bow' needs exactly one image per sample")
         features = model.vision(batch["pixel_values"])
         if self.cells == 4:
             # channel-major (D x 4 cells), the head's input layout

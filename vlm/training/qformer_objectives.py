@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from vlm.config import ConfigError, Train
 from vlm.data.processor import IGNORE_INDEX
+from vlm.errors import DataFormatError
 from vlm.modeling.connectors.qformer import QFormer
 from vlm.training.objectives import Objective, StepOutput
 
@@ -184,10 +185,10 @@ class QFormerStage1(Objective):
             features = batch["image_features"]
         else:
             if batch.get("pixel_values") is None:
-                raise ValueError("objective 'qformer_stage1' needs samples with images")
+                raise DataFormatError("objective 'qformer_stage1' needs samples with images")
             features = model.vision(batch["pixel_values"])
         if features.shape[0] != batch["input_ids"].shape[0]:
-            raise ValueError(f"objective 'qformer_stage1' needs exactly one image per sample; got "
+            raise DataFormatError(f"objective 'qformer_stage1' needs exactly one image per sample; got "
                              f"{features.shape[0]} images for {batch['input_ids'].shape[0]} samples")
         return features
 

@@ -6,6 +6,7 @@ import logging
 from typing import Dict, List
 
 from vlm.config import StageConfig, Train
+from vlm.errors import ConfigError
 from vlm.modeling.llm import add_lora
 from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training.objectives import OBJECTIVES
@@ -78,5 +79,5 @@ def parameter_groups(model: VisionLanguageModel, stage: StageConfig) -> List[dic
             if params:
                 groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": component + suffix})
     if not groups:
-        raise ValueError("this stage trains nothing: every component is frozen")
+        raise ConfigError("this stage trains nothing: every component is frozen")
     return groups

@@ -24,10 +24,13 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vlm.config import Precision, StageConfig
+from vlm.errors import DataFormatError, TrainingError
 from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback, CallbackList
 from vlm.training.metrics_log import MetricsLog
+from vlm.training.nonfinite import NonFiniteGuard, check_finite_weights
 from vlm.training.objectives import LanguageModeling, Objective
+from vlm.training.skips import SkipCounter
 from vlm.training.stages import parameter_groups, set_train_modes
 
 logger = logging.getLogger(__name__)
@@ -101,7 +104,7 @@ class Trainer:
         self.accelerator = accelerator or make_accelerator(stage.precision)
         self.dataset = dataset
         if len(dataset) == 0:
-            raise ValueError(f"stage '{stage_name}': no trainable samples")
+            raise DataFormatError(f"stage '{stage_name}': no trainable samples")
         self.sampler = EpochShuffleSampler(len(dataset), stage.seed)
         # the loader's own generator: creating an iterator must not draw from the global torch
         # RNG, or a resumed run (which creates one mid-epoch) shifts every dropout mask after it
@@ -136,6 +139,7 @@ class Trainer:
     def save_checkpoint(self, folder: Path, position: Optional[dict]) -> None:
         """Atomically write the model state (and, with a position, the training state)."""
         self.accelerator.wait_for_everyone()
+        check_finite_weights(self._unwrapped(), f"stage '{self.stage_name}', not saving {folder}", TrainingError)
         if self.is_main:
             with ckpt.atomic_dir(folder) as tmp:
                 self.save_state(self._unwrapped(), tmp)
@@ -188,11 +192,16 @@ class Trainer:
         window: Dict[str, float] = {}
         window_samples, window_start = 0, time.perf_counter()
         micro = 0
+        guard = NonFiniteGuard(stage, self.stage_name, acc)
+        self.skips = SkipCounter(self.stage_name, stage.max_image_failure_ratio, self.micro_per_epoch, acc)
         self.callbacks.on_train_start(self, position)
         batches = self._batches(position["epoch"], position["batch"])
         while position["step"] < self.total_steps:
             epoch, index, batch = next(batches)
             last_of_epoch = index + 1 == self.micro_per_epoch
+            if not self.skips.observe(batch, position["step"] + 1):  # no sample left: skipped, counted
+                position.update(epoch=epoch + last_of_epoch, batch=0 if last_of_epoch else index + 1)
+                continue
             micro += 1
             sync = micro % stage.grad_accum == 0 or last_of_epoch
             n = batch["input_ids"].shape[0]
@@ -203,9 +212,10 @@ class Trainer:
             with context, acc.autocast():
                 out = self.model(batch)
                 acc.backward(out.loss / window_length)
-            for name, value in _losses(out).items():
-                window[name] = window.get(name, 0.0) + float(value) * n
-            window_samples += n
+            if guard.observe_loss(out.loss):
+                for name, value in _losses(out).items():
+                    window[name] = window.get(name, 0.0) + float(value) * n
+                window_samples += n
             position.update(epoch=epoch, batch=index + 1, samples=position["samples"] + n)
             if last_of_epoch:
                 position.update(epoch=epoch + 1, batch=0)
@@ -215,6 +225,9 @@ class Trainer:
             grad_norm = None
             if stage.max_grad_norm:
                 grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), stage.max_grad_norm))
+            if not guard.step_ok(grad_norm, self.model.parameters(), position["step"] + 1):
+                self.optimizer.zero_grad(set_to_none=True)
+                continue
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -240,6 +253,8 @@ class Trainer:
                 self.callbacks.on_checkpoint(self, folder)
             self.callbacks.on_step_end(self, position)
         bar.close()
+        if self.skips.skipped_samples:
+            logger.warning(self.skips.summary())
         final = self.out_dir / "final"
         self.save_checkpoint(final, None)
         self.callbacks.on_train_end(self, final)

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from vlm.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "beit3."
@@ -48,7 +50,7 @@ def strip_prefix(state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, 
     """The ``beit3.*`` entries without the prefix; ValueError naming ``source`` when there are none."""
     weights = {k[len(PREFIX):]: v for k, v in state_dict.items() if k.startswith(PREFIX)}
     if not weights:
-        raise ValueError(f"{source}: no '{PREFIX}*' weights; not a unilm BEiT3 checkpoint "
+        raise CheckpointError(f"{source}: no '{PREFIX}*' weights; not a unilm BEiT3 checkpoint "
                          f"(first keys: {list(state_dict)[:3]})")
     ignored = len(state_dict) - len(weights)
     if ignored:
@@ -61,7 +63,7 @@ def resize_vision_positions(weight: torch.Tensor, grid: Tuple[int, int]) -> torc
     extra rows unchanged, the square grid resized bicubically (as unilm does)."""
     old = math.isqrt(weight.shape[0] - EXTRA_POSITIONS)
     if old * old != weight.shape[0] - EXTRA_POSITIONS:
-        raise ValueError(f"vision position table of {weight.shape[0]} rows is not "
+        raise CheckpointError(f"vision position table of {weight.shape[0]} rows is not "
                          f"{EXTRA_POSITIONS} + a square grid")
     if (old, old) == tuple(grid):
         return weight
@@ -88,8 +90,8 @@ def load_unilm_checkpoint(model: nn.Module, path: str | Path) -> None:
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise ValueError(f"{path}: does not fit this BEiT3 architecture: {exc}") from None
+        raise CheckpointError(f"{path}: does not fit this BEiT3 architecture: {exc}") from None
     if missing or unexpected:
-        raise ValueError(f"{path}: does not fit this BEiT3 architecture; missing {missing[:5]}"
+        raise CheckpointError(f"{path}: does not fit this BEiT3 architecture; missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{'...' if len(unexpected) > 5 else ''}")

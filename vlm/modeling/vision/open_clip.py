@@ -10,6 +10,7 @@ import torch
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
 from vlm.config import VisionConfig
+from vlm.errors import ConfigError
 from vlm.modeling.vision.base import VisionEncoder, layer_count
 
 
@@ -50,7 +51,7 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         opts = OpenCLIPOptions(**dict(cfg.options))
         if cfg.pretrained or opts.model_name:
             if not opts.model_name:
-                raise ValueError("open_clip encoder: options.model_name is required with pretrained")
+                raise ConfigError("open_clip encoder: options.model_name is required with pretrained")
             model = open_clip.create_model(
                 opts.model_name, pretrained=cfg.pretrained, force_quick_gelu=opts.quick_gelu
             )

@@ -12,6 +12,7 @@ from omegaconf import MISSING
 from timm.models.vision_transformer import VisionTransformer
 
 from vlm.config import VisionConfig
+from vlm.errors import ConfigError
 from vlm.modeling.vision.base import VisionEncoder, layer_count
 
 
@@ -58,7 +59,7 @@ class TimmViTEncoder(VisionEncoder):
     def from_config(cls, cfg: VisionConfig) -> "TimmViTEncoder":
         opts = TimmViTOptions(**dict(cfg.options))
         if opts.model_name == MISSING:
-            raise ValueError("timm_vit encoder: options.model_name is required (a timm model name)")
+            raise ConfigError("timm_vit encoder: options.model_name is required (a timm model name)")
         kwargs = dict(cfg.arch)
         if opts.quick_gelu:
             kwargs["act_layer"] = "quick_gelu"

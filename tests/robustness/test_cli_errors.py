@@ -1,0 +1,60 @@
+"""The command's error contract: expected errors are one line and exit 2; --debug (anywhere on
+the line) or VLM_DEBUG=1 shows their traceback; a genuine bug always keeps its traceback."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+import vlm.cli
+from robust_helpers import Project, error_line, run_vlm
+from vlm.cli import main
+from vlm.errors import ConfigError
+
+
+@pytest.fixture
+def bad_recipe(tmp_path, shapes_data, tokenizer_dir):
+    project = Project(tmp_path, shapes_data, tokenizer_dir)
+    project.stage()["batch_size"] = 0
+    return project.write(), tmp_path / "out"
+
+
+@pytest.mark.parametrize("argv_of", [
+    lambda r, o: ["--debug", "train", r, "--out", o],
+    lambda r, o: ["train", r, "--out", o, "--debug"],
+], ids=["before", "after"])
+def test_debug_flag_shows_the_traceback(bad_recipe, argv_of):
+    with pytest.raises(ConfigError, match="stages.align.batch_size = 0"):
+        main([str(a) for a in argv_of(*bad_recipe)])
+
+
+def test_vlm_debug_env_shows_the_traceback(bad_recipe, monkeypatch):
+    monkeypatch.setenv("VLM_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        main(["train", str(bad_recipe[0]), "--out", str(bad_recipe[1])])
+
+
+def test_without_debug_one_line_and_exit_2(bad_recipe, capsys, monkeypatch):
+    monkeypatch.setenv("VLM_DEBUG", "0")
+    code, _, err = run_vlm(["train", *bad_recipe[:1], "--out", bad_recipe[1]], capsys)
+    assert code == 2 and "stages.align.batch_size = 0" in error_line(err)
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_genuine_bug_keeps_its_traceback(monkeypatch):
+    def buggy(args):
+        return 1 / 0
+
+    monkeypatch.setattr(vlm.cli, "cmd_models", buggy)
+    with pytest.raises(ZeroDivisionError):
+        main(["models"])
+
+
+def test_an_os_error_is_one_line_with_the_path_and_what_to_do(monkeypatch, capsys):
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/x.bin")
+
+    monkeypatch.setattr(vlm.cli, "cmd_models", full)
+    code, _, err = run_vlm(["models"], capsys)
+    assert code == 2 and error_line(err) == "error: /data/out/x.bin: disk full; free space or write elsewhere"

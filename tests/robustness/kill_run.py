@@ -14,7 +14,7 @@ import os
 import signal
 
 import vlm.pipeline
-from vlm.config import load_config
+from vlm.wiring import load_run_config as load_config
 from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback
 

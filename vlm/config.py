@@ -157,6 +157,12 @@ class StageConfig:
     # (vlm/training/features.py); None: <out_dir>/feature_cache
     feature_cache: bool = False
     feature_cache_dir: Optional[str] = None
+    # how the stage spreads over processes (vlm/training/strategies.py): ddp | fsdp | zero2 | zero3
+    strategy: str = "ddp"
+    # recompute activations in the backward pass (LLM, and the vision encoder when it trains)
+    gradient_checkpointing: bool = False
+    # fsdp: keep parameters, gradients and optimizer state on the CPU (zero2 / zero3: the optimizer)
+    fsdp_cpu_offload: bool = False
 
 
 @dataclass
@@ -213,6 +219,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: Dict[str, StageConfig] = field(default_factory=dict)
     evals: Dict[str, EvalConfig] = field(default_factory=dict)
+
+
+STRATEGY_NAMES = ("ddp", "fsdp", "zero2", "zero3")  # vlm.training.strategies.STRATEGIES
 
 
 def _schema_fields(node_type) -> list[str]:
@@ -400,6 +409,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{where}.train: LoRA is supported for the llm only")
         if stage.feature_cache:
             _check_feature_cache(stage, connector_cls, objective, f"{where}.feature_cache")
+        if stage.strategy not in STRATEGY_NAMES:
+            raise ConfigError(f"{where}.strategy: unknown strategy '{stage.strategy}'"
+                              f"{closest(stage.strategy, STRATEGY_NAMES)}; known: {', '.join(STRATEGY_NAMES)}")
     for name, ev in cfg.evals.items():
         where = f"evals.{name}"
         expected = {"caption": "coco_captions", "vqa": "vqav2", "retrieval": "coco_captions"}

@@ -24,7 +24,8 @@ from vlm.training.callbacks import Callback
 from vlm.training.features import BuildReport, build_stage_feature_cache
 from vlm.training.objectives import build_objective
 from vlm.training.stages import apply_stage
-from vlm.training.trainer import Trainer, make_accelerator
+from vlm.training.strategies import build_strategy, check_launch
+from vlm.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,10 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     stage = cfg.stages[name]
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg.out_dir) / name
     init_from = stage.init_from if load_init else None
-    accelerator = make_accelerator(stage.precision)
+    # refuse what this launch cannot run before anything is built
+    strategy = build_strategy(stage, f"stages.{name}")
+    accelerator = strategy.make_accelerator()
+    check_launch(accelerator, strategy, f"stages.{name}")
     if accelerator.is_main_process:
         save_config(cfg, out_dir / "config.yaml")
     set_seed(stage.seed)
@@ -112,11 +116,11 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     dataset = ConversationDataset(samples, processor, name=name, progress=accelerator.is_main_process,
                                   image_features=features.load if features is not None else None)
 
-    def save_state(trained_model, folder):
-        ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior)
+    def save_state(trained_model, folder, state=None):
+        ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior, state=state)
 
     trainer = Trainer(model, dataset, processor.collate, stage, out_dir, save_state, accelerator, name,
-                      objective=objective, callbacks=callbacks)
+                      objective=objective, callbacks=callbacks, strategy=strategy)
     return StageRun(trainer, dataset, report)
 
 

@@ -24,7 +24,7 @@ from vlm.training.callbacks import Callback
 from vlm.training.features import BuildReport, build_stage_feature_cache
 from vlm.training.objectives import build_objective
 from vlm.training.stages import apply_stage
-from vlm.training.strategies import build_strategy, check_launch
+from vlm.training.strategies import build_strategy, check_environment, check_launch
 from vlm.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     init_from = stage.init_from if load_init else None
     # refuse what this launch cannot run before anything is built
     strategy = build_strategy(stage, f"stages.{name}")
+    check_environment(strategy, f"stages.{name}")
     accelerator = strategy.make_accelerator()
     check_launch(accelerator, strategy, f"stages.{name}")
     if accelerator.is_main_process:

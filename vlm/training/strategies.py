@@ -14,7 +14,8 @@ module, gathers the model and optimizer state for saving and puts them back on r
   the ``deepspeed`` package (``pip install -e ".[deepspeed]"``), refused before the model is built
   otherwise.
 
-:func:`check_launch` stops a launch whose processes do not match what the environment announces.
+:func:`check_environment` and :func:`check_launch` stop a launch whose processes do not match what
+the environment announces or the stage asks for.
 """
 
 from __future__ import annotations
@@ -54,22 +55,61 @@ def launched_world_size() -> Optional[int]:
     return int(value) if value else None
 
 
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def accelerate_requested_processes(parent_cmdline: Optional[List[str]] = None) -> Optional[int]:
+    """``--num_processes N`` of the ``accelerate launch`` that started this process (read from
+    the parent's command line on Linux), or None when not known."""
+    if parent_cmdline is None:
+        try:
+            raw = open(f"/proc/{os.getppid()}/cmdline", "rb").read()
+        except OSError:
+            return None
+        parent_cmdline = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+    for i, arg in enumerate(parent_cmdline):
+        value = None
+        if arg == "--num_processes" and i + 1 < len(parent_cmdline):
+            value = parent_cmdline[i + 1]
+        elif arg.startswith("--num_processes="):
+            value = arg.split("=", 1)[1]
+        if value is not None and value.isdigit():
+            return int(value)
+    return None
+
+
+def check_environment(strategy: "Strategy", where: str) -> None:
+    """Before the Accelerator exists: refuse a launch environment that cannot give what the stage
+    asks (a stray ``WORLD_SIZE``, an accelerate config that shards on its own)."""
+    announced = launched_world_size()
+    if announced is not None and announced > 1 and not os.environ.get("MASTER_ADDR"):
+        raise ConfigError(f"{where}: WORLD_SIZE={announced} is set but no launcher started the processes "
+                          f"(MASTER_ADDR is unset); run `{TORCHRUN_CPU}` or unset WORLD_SIZE")
+    if _truthy("ACCELERATE_USE_FSDP"):
+        raise ConfigError(f"{where}: an accelerate FSDP config was given; vlm shards per stage from its YAML "
+                          f"({where}.strategy: fsdp): launch with `{TORCHRUN_CPU}` or a ddp accelerate config")
+    if _truthy("ACCELERATE_USE_DEEPSPEED") and not strategy.name.startswith("zero"):
+        raise ConfigError(f"{where}: an accelerate DeepSpeed config was given but {where}.strategy is "
+                          f"'{strategy.name}'; set {where}.strategy: zero2 | zero3, or launch with torchrun")
+
+
 def check_launch(accelerator: Accelerator, strategy: "Strategy", where: str) -> None:
-    """Refuse, in one line, a launch whose process count disagrees with what the environment
-    announces, or an accelerate config that shards on its own (the stage's YAML says that)."""
+    """Once the Accelerator exists: refuse, in one line, a process group whose size disagrees
+    with what the launcher announced or was asked for."""
     announced = launched_world_size()
     seen = accelerator.num_processes
     if announced is not None and announced != seen:
         raise ConfigError(f"{where}: the launcher announced WORLD_SIZE={announced} but the process group has "
                           f"{seen} process(es) ({accelerator.distributed_type}); launch with `{TORCHRUN_CPU}` "
                           "on CPU, or `accelerate launch --config_file configs/accelerate/ddp_8gpu.yaml ...` on GPUs")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        raise ConfigError(f"{where}: an accelerate FSDP config was given; vlm shards per stage from its YAML "
-                          f"({where}.strategy: fsdp): launch with `{TORCHRUN_CPU}` or a ddp accelerate config")
-    deepspeed_env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-    if deepspeed_env and not strategy.name.startswith("zero"):
-        raise ConfigError(f"{where}: an accelerate DeepSpeed config was given but {where}.strategy is "
-                          f"'{strategy.name}'; set {where}.strategy: zero2 | zero3, or launch with torchrun")
+    if seen == 1 and any(k.startswith("ACCELERATE_") for k in os.environ):
+        asked = accelerate_requested_processes()
+        if asked is not None and asked > 1:
+            command = TORCHRUN_CPU.replace(" N ", f" {asked} ")
+            raise ConfigError(f"{where}: `accelerate launch --num_processes {asked}` started ONE process (no "
+                              f"distributed config: --cpu alone runs single-process); run `{command}`, "
+                              "or add --multi_gpu on GPUs")
     if strategy.name == "fsdp" and seen == 1:
         logger.info("%s: strategy fsdp in one process: nothing to shard, the model trains unwrapped", where)
 

@@ -130,11 +130,15 @@ def _checkpointed(forward: Callable) -> Callable:
 
 
 def _enable_module_checkpointing(module: nn.Module, what: str) -> bool:
-    """The module's own switch (HF ``gradient_checkpointing_enable``, timm / open_clip
+    """The module's own switch (HF ``gradient_checkpointing_enable``, ``activation_checkpointing_enable``
+    in transformers 5, timm / open_clip
     ``set_grad_checkpointing``), else torch.utils.checkpoint around each transformer block."""
     for sub in module.modules():
-        if hasattr(sub, "gradient_checkpointing_enable") and getattr(sub, "supports_gradient_checkpointing", False):
-            sub.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(sub, "supports_gradient_checkpointing", False):
+            if hasattr(sub, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+                sub.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                sub.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return True
         if hasattr(sub, "set_grad_checkpointing"):
             sub.set_grad_checkpointing(True)
@@ -170,13 +174,14 @@ def enable_gradient_checkpointing(model, stage: StageConfig) -> List[str]:
 
 def transformer_blocks(module: nn.Module) -> List[nn.Module]:
     """The transformer blocks of a component: HF models name their block classes in
-    ``_no_split_modules``; other encoders keep them in a ``blocks`` / ``layers`` / ``resblocks``
+    ``_no_split_modules`` (the blocks are those kept in a ModuleList); other encoders keep them in a ``blocks`` / ``layers`` / ``resblocks``
     ModuleList."""
     names = set()
     for sub in module.modules():
         names.update(getattr(sub, "_no_split_modules", None) or [])
-    if names:
-        blocks = [sub for sub in module.modules() if type(sub).__name__ in names]
+    if names:  # the repeated ones: _no_split_modules also lists embeddings
+        blocks = [block for sub in module.modules() if isinstance(sub, nn.ModuleList)
+                  for block in sub if type(block).__name__ in names]
         if blocks:
             return blocks
     for name, sub in module.named_modules():

@@ -114,3 +114,37 @@ def test_accelerate_launch_that_runs_one_process_is_refused(tmp_path, tokenizer_
     assert done.returncode != 0
     assert "started ONE process" in done.stderr and "torchrun --nproc_per_node 2" in done.stderr
     assert not (tmp_path / "out" / "base" / "checkpoints").exists() and cfg
+
+
+def test_distributed_eval_answers_each_question_once_and_matches_one_process(tmp_path, tokenizer_dir, shapes_data,
+                                                                              capsys):
+    from vlm.recipes import run_evals
+
+    cfg = run_config(tmp_path, tokenizer_dir, stages(shapes_data, tmp_path / "none"))
+    final = vlm.pipeline.run_stage(cfg, "base")
+    test = shapes_data["test"]
+    evals = {
+        "vqa": {"task": "vqa", "max_new_tokens": 4, "batch_size": 3,
+                "data": {"format": "vqav2", "args": {"questions_path": test["questions"],
+                                                     "annotations_path": test["annotations"],
+                                                     "image_root": test["image_root"],
+                                                     "image_pattern": test["image_pattern"]}}},
+    }
+    import yaml
+
+    recipe = yaml.safe_load(Path(sorted(tmp_path.glob("recipe_*.yaml"))[-1]).read_text())
+    recipe["evals"] = evals
+    config = tmp_path / "with_evals.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    from vlm.config import load_config
+
+    one = run_evals(load_config(config, out_dir=str(tmp_path / "one")), checkpoint=str(final))
+    two = launch(torchrun("-m", "vlm", "eval", str(config), "--checkpoint", str(final), "--out", str(tmp_path / "two")))
+    assert two.returncode == 0, two.stderr[-3000:]
+    printed = [line for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1 and json.loads(printed[0]) == json.loads(json.dumps(one))  # printed by rank 0 only
+    for name in ("vqa_results.json", "vqa_per_question.json"):
+        assert (tmp_path / "two" / "eval" / name).read_text() == (tmp_path / "one" / "eval" / name).read_text(), name
+    answered = [r["question_id"] for r in json.loads((tmp_path / "two" / "eval" / "vqa_results.json").read_text())]
+    questions = [q["question_id"] for q in json.loads(Path(test["questions"]).read_text())["questions"]]
+    assert sorted(answered) == sorted(questions) and len(set(answered)) == len(answered) > 2

@@ -54,8 +54,11 @@ def cmd_eval(args) -> None:
             raise ConfigError(f"{', '.join(given)}: only for `vlm eval retrieval`; a config's evals take "
                               "their settings from the config")
         metrics = run_evals(_load(args), checkpoint=args.checkpoint)
-    print(format_table(metrics))
-    print(json.dumps(metrics))
+    from vlm.evaluation.distributed import is_main
+
+    if is_main():  # under torchrun the ranks share the samples and agree on the scores
+        print(format_table(metrics))
+        print(json.dumps(metrics))
 
 
 def _eval_retrieval(args) -> dict:

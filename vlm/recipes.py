@@ -77,7 +77,10 @@ def run_recipe(cfg: DictConfig, resume: bool = False) -> Dict[str, Dict[str, flo
     metrics = run_evals(cfg)
     timings["evaluation"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
-    (out / "metrics.json").write_text(json.dumps({**metrics, "timings_s": timings}, indent=2))
-    print(format_table(metrics))
-    print(f"total time: {timings['total']:.1f} s  ->  {out / 'metrics.json'}")
+    from vlm.evaluation.distributed import is_main
+
+    if is_main():  # under several processes, every rank has the same scores; one writes them
+        (out / "metrics.json").write_text(json.dumps({**metrics, "timings_s": timings}, indent=2))
+        print(format_table(metrics))
+        print(f"total time: {timings['total']:.1f} s  ->  {out / 'metrics.json'}")
     return metrics

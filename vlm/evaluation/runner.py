@@ -9,6 +9,7 @@ from typing import Dict
 
 from vlm.config import EvalConfig
 from vlm.data.formats import read_dataset
+from vlm.evaluation import distributed
 from vlm.evaluation.caption_metric import score_captions
 from vlm.evaluation.generation import generate_answers
 from vlm.evaluation.vqa_metric import score_vqa
@@ -23,6 +24,9 @@ def run_eval(model, processor, cfg: EvalConfig, out_dir: str | Path, name: str =
     ROUGE-L, CIDEr). ``vqa``: results ``[{question_id, answer}]`` scored by the official VQAv2
     accuracy after EvalAI answer normalisation. ``retrieval``: image<->text recall@1/5/10 of a
     Q-Former model (``vlm/evaluation/retrieval.py``); results are each query's top 10.
+
+    Under several processes, each rank generates for its share of the samples; rank 0 writes
+    the files and scores them; every rank returns rank 0's scores.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -37,11 +41,22 @@ def run_eval(model, processor, cfg: EvalConfig, out_dir: str | Path, name: str =
 
         scores, results = evaluate_retrieval(model, processor.load_image, samples, cfg.rerank_k,
                                              batch_size=cfg.batch_size, desc=f"eval {name}")
-        (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
+        if distributed.is_main():  # every rank ranks everything; one writes
+            (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
         logger.info("%s: %s", name, scores)
         return scores
-    answers = generate_answers(model, processor, samples, batch_size=cfg.batch_size,
+    rank, world = distributed.rank_and_world()
+    mine = distributed.shard_indices(len(samples), rank, world)
+    answers = generate_answers(model, processor, [samples[i] for i in mine], batch_size=cfg.batch_size,
                                max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, desc=f"eval {name}")
+    answers = distributed.gather_in_order(mine, answers, len(samples))
+    if rank != 0:
+        return distributed.broadcast_from_main(None)
+    scores = _write_and_score(cfg, args, samples, answers, out_dir, name)
+    return distributed.broadcast_from_main(scores)
+
+
+def _write_and_score(cfg: EvalConfig, args: dict, samples, answers, out_dir: Path, name: str) -> Dict[str, float]:
     results_path = out_dir / f"{name}_results.json"
     if cfg.task == "caption":
         results = [{"image_id": s.meta["image_id"], "caption": a} for s, a in zip(samples, answers)]

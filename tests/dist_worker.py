@@ -1,7 +1,7 @@
 """A training / evaluation entry point for the multi-process tests, started by ``torchrun``.
 
-``python tests/dist_worker.py train CONFIG OUT STAGE [--kill-after-step N] [override ...]``
-trains ``STAGE`` of ``CONFIG`` under ``OUT`` as ``vlm train`` does, and writes each rank's own
+``python tests/dist_worker.py train CONFIG STAGE OUT [--kill-after-step N] [override ...]
+[--then OUT ...]`` trains ``STAGE`` of ``CONFIG`` under ``OUT`` as ``vlm train`` does, and writes each rank's own
 window losses to ``OUT/STAGE/rank_losses_<rank>.jsonl`` (what the logged rank means are checked
 against). ``--kill-after-step N``: every rank SIGKILLs itself after step N (a crash, not an exit).
 """
@@ -50,7 +50,21 @@ class KillAfter(Callback):
 
 
 def train(argv) -> None:
-    config, out, stage, *rest = argv
+    """``CONFIG STAGE OUT [--kill-after-step N] [override ...] [--then OUT [...] ...]``: one run per
+    ``--then``-separated part, in this launch (one process group for all)."""
+    config, stage, *rest = argv
+    parts, part = [], []
+    for arg in rest:
+        if arg == "--then":
+            parts.append(part)
+            part = []
+        else:
+            part.append(arg)
+    for out, *overrides in parts + [part]:
+        run_one(config, stage, out, overrides)
+
+
+def run_one(config: str, stage: str, out: str, rest) -> None:
     kill = None
     if rest[:1] == ["--kill-after-step"]:
         kill, rest = int(rest[1]), rest[2:]

@@ -67,11 +67,10 @@ def test_fsdp_matches_ddp_survives_sigkill_and_resumes_exactly(tmp_path, tokeniz
     fsdp = ["stages.s.strategy=fsdp", "stages.s.gradient_checkpointing=true"]
 
     # uninterrupted: DDP, then FSDP (with gradient checkpointing)
-    for out, overrides in (("ddp", []), ("fsdp", fsdp)):
-        done = launch(torchrun(WORKER, "train", config, str(tmp_path / out), "s", *overrides))
-        assert done.returncode == 0, done.stderr[-3000:]
+    done = launch(torchrun(WORKER, "train", config, "s", str(tmp_path / "ddp"), "--then", str(tmp_path / "fsdp"), *fsdp))
+    assert done.returncode == 0, done.stderr[-3000:]
     # FSDP killed after step 4 (checkpoint at step 3), then `vlm train --resume` from the CLI
-    killed = launch(torchrun(WORKER, "train", config, str(tmp_path / "resumed"), "s", "--kill-after-step", "4", *fsdp))
+    killed = launch(torchrun(WORKER, "train", config, "s", str(tmp_path / "resumed"), "--kill-after-step", "4", *fsdp))
     assert killed.returncode != 0
     out = tmp_path / "resumed" / "s"
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000003"] and not (out / "final").exists()

@@ -276,9 +276,6 @@ class FSDPStrategy(Strategy):
         optimizer, loader = accelerator.prepare(make_optimizer(), loader)
         return module, optimizer, loader
 
-    def unwrap(self, accelerator, model):
-        return model
-
     def clip_grad_norm(self, accelerator, model, max_norm):
         from torch.distributed.tensor import DTensor
 

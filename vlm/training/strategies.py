@@ -332,16 +332,24 @@ class ZeroStrategy(Strategy):
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(f"{where}.strategy: '{self.name}' needs the deepspeed package: "
                               "pip install -e \".[deepspeed]\", or use strategy=fsdp")
+        if self.stage.grad_accum != 1:
+            raise ConfigError(f"{where}.grad_accum: strategy '{self.name}' needs grad_accum 1 (DeepSpeed would "
+                              f"scale the loss a second time); raise batch_size or use strategy=fsdp")
 
     def make_accelerator(self):
         from accelerate.utils import DeepSpeedPlugin
 
         stage = self.stage
-        plugin = DeepSpeedPlugin(zero_stage=self.zero_stage, gradient_accumulation_steps=stage.grad_accum,
+        plugin = DeepSpeedPlugin(zero_stage=self.zero_stage, gradient_accumulation_steps=1,
                                  gradient_clipping=stage.max_grad_norm or 0.0,
                                  offload_optimizer_device="cpu" if stage.fsdp_cpu_offload else "none",
-                                 zero3_save_16bit_model=False)
+                                 zero3_save_16bit_model=True)  # get_state_dict gathers under ZeRO-3
         return _accelerator(MIXED_PRECISION[Precision(stage.precision)], deepspeed_plugin=plugin)
+
+    def clip_grad_norm(self, accelerator, model, max_norm):
+        # DeepSpeed clips inside its step (gradient_clipping); the norm it measured, when it has one
+        norm = getattr(model, "get_global_grad_norm", lambda: None)()
+        return float(norm) if norm is not None else float("nan")
 
     def gathered_state(self, accelerator, model):
         if self.zero_stage < 3:

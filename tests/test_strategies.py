@@ -43,6 +43,15 @@ def test_zero_without_cuda_is_refused_before_the_model_is_built(tmp_path, tokeni
     assert ("CUDA" in message or "deepspeed" in message) and "strategy=fsdp" in message
 
 
+def test_fsdp_cpu_offload_without_cuda_is_refused_before_the_model_is_built(tmp_path, tokenizer_dir, shapes_data,
+                                                                             no_model):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: offloading is allowed")
+    cfg = run_config(tmp_path, tokenizer_dir, {"s": stage(shapes_data, strategy="fsdp", fsdp_cpu_offload=True)})
+    with pytest.raises(ConfigError, match=r"stages\.s\.fsdp_cpu_offload: .*needs CUDA"):
+        vlm.pipeline.build_stage(cfg, "s")
+
+
 @pytest.mark.parametrize("env, expected", [
     ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but no launcher started the processes"),
     ({"ACCELERATE_USE_FSDP": "true"}, "an accelerate FSDP config was given"),

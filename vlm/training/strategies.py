@@ -245,6 +245,11 @@ class FSDPStrategy(Strategy):
 
     name = "fsdp"
 
+    def check_available(self, where):
+        if self.stage.fsdp_cpu_offload and not torch.cuda.is_available():
+            raise ConfigError(f"{where}.fsdp_cpu_offload: offloading moves GPU memory to the CPU and needs CUDA "
+                              f"(pinned memory); without a GPU the parameters are on the CPU already: set it false")
+
     def prepare(self, accelerator, module, make_optimizer, loader):
         if accelerator.num_processes == 1:
             return super().prepare(accelerator, module, make_optimizer, loader)

@@ -62,6 +62,12 @@ def gather_in_order(indices: Sequence[int], values: Sequence[Any], count: int) -
     return merged
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing in one process)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
 def broadcast_from_main(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     _, world = rank_and_world()

@@ -105,6 +105,7 @@ def test_fsdp_matches_ddp_survives_sigkill_and_resumes_exactly(tmp_path, tokeniz
     assert [r["loss"] for r in read_jsonl(out / "metrics.jsonl")] == fsdp_losses
 
 
+@pytest.mark.slow  # a fifth launch; the check itself is unit-tested in test_strategies.py
 def test_accelerate_launch_that_runs_one_process_is_refused(tmp_path, tokenizer_dir, shapes_data):
     cfg = run_config(tmp_path, tokenizer_dir, stages(shapes_data, tmp_path / "none"))
     config = str(sorted(tmp_path.glob("recipe_*.yaml"))[-1])

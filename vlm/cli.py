@@ -77,8 +77,11 @@ def cmd_eval(args) -> None:
         if args.config is None:
             raise ConfigError("vlm eval needs a CONFIG, or --task NAME with --checkpoint and --captions")
         metrics = run_evals(_load(args), checkpoint=args.checkpoint)
-    print(format_table(metrics))
-    print(json.dumps(metrics))
+    from vlm.evaluation.distributed import is_main
+
+    if is_main():  # under torchrun the ranks share the samples and agree on the scores
+        print(format_table(metrics))
+        print(json.dumps(metrics))
 
 
 def _eval_task(args) -> dict:

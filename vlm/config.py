@@ -170,6 +170,12 @@ class StageConfig:
     # (vlm/training/features.py); None: <out_dir>/feature_cache
     feature_cache: bool = False
     feature_cache_dir: Optional[str] = None
+    # how the stage spreads over processes (vlm/training/strategies.py): ddp | fsdp | zero2 | zero3
+    strategy: str = "ddp"
+    # recompute activations in the backward pass (LLM, and the vision encoder when it trains)
+    gradient_checkpointing: bool = False
+    # fsdp: keep parameters, gradients and optimizer state on the CPU (zero2 / zero3: the optimizer)
+    fsdp_cpu_offload: bool = False
 
 
 @dataclass
@@ -238,6 +244,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: Dict[str, StageConfig] = field(default_factory=dict)
     evals: Dict[str, EvalConfig] = field(default_factory=dict)
+
+
+STRATEGY_NAMES = ("ddp", "fsdp", "zero2", "zero3")  # vlm.training.strategies.STRATEGIES
 
 
 def _schema_fields(node_type) -> list[str]:

@@ -27,7 +27,8 @@ from vlm.training.features import BuildReport, build_stage_feature_cache
 from vlm.training.objectives import build_objective
 from vlm.training.skips import CountingCollate
 from vlm.training.stages import apply_stage
-from vlm.training.trainer import Trainer, make_accelerator
+from vlm.training.strategies import build_strategy, check_environment, check_launch
+from vlm.training.trainer import Trainer
 from vlm.wiring import load_saved_plugins, save_plugins
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,11 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     stage = cfg.stages[name]
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg.out_dir) / name
     init_from = stage.init_from if load_init else None
-    accelerator = make_accelerator(stage.precision)
+    # refuse what this launch cannot run before anything is built
+    strategy = build_strategy(stage, f"stages.{name}")
+    check_environment(strategy, f"stages.{name}")
+    accelerator = strategy.make_accelerator()
+    check_launch(accelerator, strategy, f"stages.{name}")
     if accelerator.is_main_process:
         save_config(cfg, out_dir / "config.yaml")
         for folder in (out_dir, out_dir / "checkpoints"):  # what killed runs left half-written
@@ -141,13 +146,13 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     dataset = ConversationDataset(samples, processor, name=name, progress=accelerator.is_main_process,
                                   image_features=features.load if features is not None else None)
 
-    def save_state(trained_model, folder):
-        ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior)
+    def save_state(trained_model, folder, state=None):
+        ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior, state=state)
         save_plugins(folder, list(cfg.plugins))
 
     trainer = Trainer(model, dataset, collate=CountingCollate(processor.collate), stage=stage, out_dir=out_dir,
                       save_state=save_state, accelerator=accelerator, stage_name=name,
-                      objective=objective, callbacks=callbacks)
+                      objective=objective, callbacks=callbacks, strategy=strategy)
     return StageRun(trainer, dataset, report)
 
 

@@ -60,14 +60,17 @@ def format_table(metrics: Dict[str, Dict[str, float]]) -> str:
 
 def run_recipe(cfg: DictConfig, resume: bool = False) -> Dict[str, Dict[str, float]]:
     """Prepare, train every stage in order, evaluate; writes ``out_dir/metrics.json``."""
+    from vlm.evaluation.distributed import barrier, is_main
     from vlm.pipeline import run_stage
 
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     timings: Dict[str, float] = {}
     start = time.perf_counter()
-    run_prepare(cfg)
+    if is_main():  # under several processes, rank 0 prepares and the others wait for its files
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        run_prepare(cfg)
+    barrier()
     timings["prepare"] = time.perf_counter() - start
     for name in cfg.stages:
         t0 = time.perf_counter()
@@ -77,7 +80,8 @@ def run_recipe(cfg: DictConfig, resume: bool = False) -> Dict[str, Dict[str, flo
     metrics = run_evals(cfg)
     timings["evaluation"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
-    (out / "metrics.json").write_text(json.dumps({**metrics, "timings_s": timings}, indent=2))
-    print(format_table(metrics))
-    print(f"total time: {timings['total']:.1f} s  ->  {out / 'metrics.json'}")
+    if is_main():  # under several processes, every rank has the same scores; one writes them
+        (out / "metrics.json").write_text(json.dumps({**metrics, "timings_s": timings}, indent=2))
+        print(format_table(metrics))
+        print(f"total time: {timings['total']:.1f} s  ->  {out / 'metrics.json'}")
     return metrics

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from vlm.config import Train, _one_hint, _schema_fields, load_config
+from vlm.config import STRATEGY_NAMES, Train, _one_hint, _schema_fields, load_config
 from vlm.errors import ConfigError
 from vlm.registry import Registry, closest, import_object, load_entry_point_plugins
 
@@ -170,6 +170,9 @@ def check_stage(stage, connector_cls, where: str) -> None:
         raise ConfigError(f"{where}.train: LoRA is supported for the llm only")
     if stage.feature_cache:
         check_feature_cache(stage, connector_cls, objective, f"{where}.feature_cache")
+    if stage.strategy not in STRATEGY_NAMES:
+        raise ConfigError(f"{where}.strategy: unknown strategy '{stage.strategy}'"
+                          f"{closest(stage.strategy, STRATEGY_NAMES)}; known: {', '.join(STRATEGY_NAMES)}")
 
 
 def check_eval(ev, where: str) -> None:

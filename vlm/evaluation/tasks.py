@@ -53,17 +53,24 @@ class EvalTask:
     @classmethod
     def run(cls, model, processor, cfg, samples: List, out_dir: Path, name: str) -> Dict[str, float]:
         """Evaluate ``model`` on ``samples``; write ``{name}_results.json`` under ``out_dir`` and
-        return the scores."""
+        return the scores. Under several processes it runs on every rank; rank 0's return value
+        is what the runner reports (the others may return None)."""
         raise NotImplementedError
 
 
 def _generate(model, processor, cfg, samples, name):
     """``(samples, answers, skipped)``: the answers for the samples whose images could be read,
-    and how many were skipped for unreadable images (an ImageLoadError when none could be)."""
+    and how many were skipped for unreadable images (an ImageLoadError when none could be). Under
+    several processes each rank answers every world-th sample and every rank gets all answers."""
+    from vlm.evaluation import distributed
     from vlm.evaluation.generation import generate_answers
 
-    answers = generate_answers(model, processor, samples, batch_size=cfg.batch_size, skip_unreadable=True,
-                               max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, desc=f"eval {name}")
+    rank, world = distributed.rank_and_world()
+    mine = distributed.shard_indices(len(samples), rank, world)  # each rank answers its share
+    answers = generate_answers(model, processor, [samples[i] for i in mine], batch_size=cfg.batch_size,
+                               skip_unreadable=True, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
+                               desc=f"eval {name}")
+    answers = distributed.gather_in_order(mine, answers, len(samples))
     skipped = sum(a is None for a in answers)
     if samples and skipped == len(samples):
         raise ImageLoadError(f"eval {name}: none of the {len(samples)} images could be read (see the warnings); "
@@ -73,6 +80,12 @@ def _generate(model, processor, cfg, samples, name):
                        skipped, len(samples))
     kept = [(s, a) for s, a in zip(samples, answers) if a is not None]
     return [s for s, _ in kept], [a for _, a in kept], skipped
+
+
+def _is_main() -> bool:
+    from vlm.evaluation import distributed
+
+    return distributed.is_main()
 
 
 def _with_skips(scores: Dict[str, float], skipped: int) -> Dict[str, float]:
@@ -91,6 +104,8 @@ class CaptionTask(EvalTask):
         from vlm.evaluation.caption_metric import score_captions
 
         samples, answers, skipped = _generate(model, processor, cfg, samples, name)
+        if not _is_main():
+            return None  # rank 0 writes and scores (the runner broadcasts its scores)
         results = [{"image_id": s.meta["image_id"], "caption": a} for s, a in zip(samples, answers)]
         (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
         return _with_skips(score_captions(cfg.data.args["path"], results), skipped)
@@ -114,6 +129,8 @@ class VQATask(EvalTask):
         from vlm.evaluation.vqa_metric import score_vqa
 
         samples, answers, skipped = _generate(model, processor, cfg, samples, name)
+        if not _is_main():
+            return None
         results = [{"question_id": s.meta["question_id"], "answer": a} for s, a in zip(samples, answers)]
         (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
         args = cfg.data.args
@@ -143,5 +160,6 @@ class RetrievalTask(EvalTask):
 
         scores, results = evaluate_retrieval(model, processor.load_image, samples, cfg.rerank_k,
                                              batch_size=cfg.batch_size, desc=f"eval {name}")
-        (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
+        if _is_main():  # every rank ranks everything; one writes
+            (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
         return scores

@@ -9,7 +9,11 @@ A stage output (``final/`` or ``checkpoints/step_N/``) holds:
 - ``llm_adapter/``: LoRA adapters in PEFT's own format;
 - ``model.yaml`` and ``tokenizer/``: everything needed to rebuild the model with
   :func:`load_pretrained`;
-- ``training_state.pt`` (checkpoints only): optimizer, scheduler, RNG and data position.
+- ``training_state.pt`` (checkpoints only): optimizer, scheduler, every rank's RNG and the data
+  position.
+
+Under a sharding strategy (``fsdp``, ``zero3``) the trainer gathers the full state first and passes
+it as ``state``; the files are the same as without sharding.
 
 Every folder is written under a temporary name and renamed into place, so a crash never leaves a
 half-written checkpoint.
@@ -33,7 +37,7 @@ import torch
 from omegaconf import OmegaConf
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from vlm.config import ModelConfig, StageConfig, Train
 from vlm.errors import CheckpointError, describe_os_error
@@ -210,9 +214,18 @@ def _has_pretrained_source(model_cfg: ModelConfig, component: str) -> bool:
     return False
 
 
+def _component_state(state: Dict[str, torch.Tensor], comp: str) -> Dict[str, torch.Tensor]:
+    prefix = comp + "."
+    return {k[len(prefix):]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
+
+
 def save_model_state(model, folder: Path, stage: StageConfig, model_cfg: ModelConfig,
-                     tokenizer, prior: Optional[Dict[str, List[dict]]]) -> None:
-    """Write what this stage trained, carrying earlier entries forward, into ``folder``."""
+                     tokenizer, prior: Optional[Dict[str, List[dict]]],
+                     state: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Write what this stage trained, carrying earlier entries forward, into ``folder``.
+
+    ``state``: the model's full state dict gathered from shards; the tensors are taken from it
+    instead of from ``model`` (whose parameters are then shards)."""
     manifest: Dict[str, List[dict]] = {}
     for comp in COMPONENTS:
         entries = [dict(e) for e in (prior or {}).get(comp, [])]
@@ -223,10 +236,14 @@ def save_model_state(model, folder: Path, stage: StageConfig, model_cfg: ModelCo
             raise CheckpointError(f"{comp}: LoRA on randomly initialised weights cannot be saved; "
                              "train the component fully in an earlier stage or load pretrained weights")
         if mode is Train.full or unsourced:
-            save_model(module, str(folder / f"{comp}.safetensors"))
+            if state is None:
+                save_model(module, str(folder / f"{comp}.safetensors"))
+            else:
+                save_file(_component_state(state, comp), str(folder / f"{comp}.safetensors"))
             entries = [{"weights": str(folder / f"{comp}.safetensors")}]
         elif mode is Train.lora:
-            module.save_pretrained(str(folder / f"{comp}_adapter"))
+            extra = {} if state is None else {"state_dict": _component_state(state, comp)}
+            module.save_pretrained(str(folder / f"{comp}_adapter"), **extra)
             if comp == "llm":  # so that plain PEFT can load it (vlm.interop.peft_adapter)
                 from vlm.interop.peft_adapter import record_adapter_base
 
@@ -305,6 +322,28 @@ def load_trained_state(model, folder: str | Path, stage: StageConfig) -> None:
             load_safetensors(module, weights)
 
 
+def trained_state(model, folder: str | Path, stage: StageConfig) -> Dict[str, torch.Tensor]:
+    """What :func:`load_trained_state` loads, as one state dict keyed like ``model.state_dict()``
+    (adapter keys carry the live adapter name), for loading into a sharded model."""
+    folder = Path(folder)
+    state: Dict[str, torch.Tensor] = {}
+    for comp in COMPONENTS:
+        module = getattr(model, comp)
+        weights = folder / f"{comp}.safetensors"
+        if train_mode(stage, comp) is Train.lora:
+            adapter = load_file(str(folder / f"{comp}_adapter" / "adapter_model.safetensors"))
+            name = module.active_adapter
+            # PEFT saves lora keys without the adapter name (".default"): map the live names back
+            live = {k.replace(f".{name}", ""): k for k in module.state_dict() if f".{name}." in k}
+            unknown = [k for k in adapter if k not in live]
+            if unknown:
+                raise CheckpointError(f"{folder}: adapter keys do not match the model: {unknown[:3]}")
+            state.update({f"{comp}.{live[k]}": v for k, v in adapter.items()})
+        elif weights.is_file():
+            state.update({f"{comp}.{k}": v for k, v in load_file(str(weights)).items()})
+    return state
+
+
 def rng_state() -> dict:
     """Python, NumPy and torch RNG states in types ``torch.load(weights_only=True)`` accepts."""
     np_state = np.random.get_state()
@@ -329,13 +368,39 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gather_rng_states() -> List[dict]:
+    """Every process's :func:`rng_state`, in rank order (collective when distributed)."""
+    import torch.distributed as dist
+
+    own = rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [own]
+    import io
+
+    buffer = io.BytesIO()  # tensors travel as torch.save bytes (all_gather_object mangles them)
+    torch.save(own, buffer)
+    blobs: List[Optional[bytes]] = [None] * dist.get_world_size()
+    dist.all_gather_object(blobs, buffer.getvalue())
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in blobs]
+
+
+def rank_rng_state(state: dict, rank: int) -> dict:
+    """The RNG state saved for ``rank`` (rank 0's when the checkpoint has only one)."""
+    per_rank = state.get("rng_per_rank") or [state["rng"]]
+    return per_rank[rank] if rank < len(per_rank) else per_rank[0]
+
+
 def save_training_state(folder: Path, optimizer, scheduler, position: dict,
-                        objective_state: Optional[dict] = None) -> None:
-    """Optimizer, scheduler, RNG, data position (``step``, ``epoch``, ``batch``...) and the
-    objective's own parameters (e.g. a warm-up head), if any."""
+                        objective_state: Optional[dict] = None, optimizer_state: Optional[dict] = None,
+                        rng: Optional[List[dict]] = None) -> None:
+    """Optimizer, scheduler, RNG (``rng_per_rank``: every process's), data position (``step``,
+    ``epoch``, ``batch``...) and the objective's own parameters (e.g. a warm-up head), if any.
+    ``optimizer_state``: the state gathered from shards, instead of ``optimizer.state_dict()``."""
+    rng = rng or [rng_state()]
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "rng": rng_state(), "position": dict(position), "objective": dict(objective_state or {})},
+        {"optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+         "scheduler": scheduler.state_dict(), "rng": rng[0], "rng_per_rank": rng,
+         "position": dict(position), "objective": dict(objective_state or {})},
         folder / TRAINING_STATE,
     )
 

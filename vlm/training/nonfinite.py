@@ -23,17 +23,19 @@ from vlm.errors import CheckpointError, TrainingError
 logger = logging.getLogger(__name__)
 
 
-def first_nonfinite(module: torch.nn.Module) -> Optional[str]:
-    """The name of the first floating-point parameter or buffer of ``module`` holding a NaN or
-    an infinity, or None when all are finite."""
-    for name, tensor in module.state_dict().items():
+def first_nonfinite(module) -> Optional[str]:
+    """The name of the first floating-point parameter or buffer of ``module`` (a module, or a
+    state dict) holding a NaN or an infinity, or None when all are finite."""
+    state = module if isinstance(module, dict) else module.state_dict()
+    for name, tensor in state.items():
         if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return name
     return None
 
 
-def check_finite_weights(module: torch.nn.Module, where: str, error=CheckpointError) -> None:
-    """Raise ``error`` naming ``where`` and the tensor when ``module`` has non-finite weights."""
+def check_finite_weights(module, where: str, error=CheckpointError) -> None:
+    """Raise ``error`` naming ``where`` and the tensor when ``module`` (a module or a state dict)
+    has non-finite weights."""
     name = first_nonfinite(module)
     if name is not None:
         raise error(f"{where}: tensor '{name}' holds NaN or infinite values; these weights are unusable "

@@ -1,9 +1,10 @@
 """The accelerate-based training loop for one stage.
 
-It runs on one CPU, one GPU, or many processes launched by ``accelerate launch`` (DDP, FSDP and
-DeepSpeed through accelerate's config). Gradient accumulation, clipping, warmup + cosine
-schedule, bf16 / fp16 autocast, tqdm progress with loss / lr / samples/s, atomic checkpoints
-and exact resume live here; the JSON-lines metrics and the loss-curve PNG are written by a
+It runs on one CPU, one GPU, or many processes launched by ``torchrun`` or ``accelerate launch``;
+how the stage is spread over them (DDP, FSDP2, DeepSpeed ZeRO) is the stage's ``strategy``
+(:mod:`vlm.training.strategies`). Gradient accumulation, clipping, warmup + cosine schedule,
+bf16 / fp16 autocast, tqdm progress with loss / lr / samples/s, atomic checkpoints, a non-finite
+guard and exact resume live here; the JSON-lines metrics and the loss-curve PNG are written by a
 callback (``vlm.training.metrics_log.MetricsLog``), the seam everything else plugs into too.
 """
 
@@ -32,10 +33,9 @@ from vlm.training.nonfinite import NonFiniteGuard, check_finite_weights
 from vlm.training.objectives import LanguageModeling, Objective
 from vlm.training.skips import SkipCounter
 from vlm.training.stages import parameter_groups, set_train_modes
+from vlm.training.strategies import MIXED_PRECISION, Strategy, build_strategy, split_module_state
 
 logger = logging.getLogger(__name__)
-
-MIXED_PRECISION = {Precision.fp32: "no", Precision.bf16: "bf16", Precision.fp16: "fp16"}
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -59,15 +59,10 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 def make_accelerator(precision: Precision) -> Accelerator:
-    """An Accelerator for one stage. accelerate keeps one process-wide state, fixed at its first
-    mixed-precision setting; a later stage with another precision resets it first."""
-    from accelerate.state import AcceleratorState
+    """A DDP Accelerator for one stage at ``precision`` (see :mod:`vlm.training.strategies`)."""
+    from vlm.training.strategies import _accelerator
 
-    mixed = MIXED_PRECISION[Precision(precision)]
-    state = AcceleratorState._shared_state
-    if state and str(state.get("_mixed_precision", mixed)) != mixed:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed)
+    return _accelerator(MIXED_PRECISION[Precision(precision)])
 
 
 class TrainingModule(torch.nn.Module):
@@ -94,14 +89,16 @@ class Trainer:
 
     def __init__(self, model, dataset, *, collate: Callable, stage: StageConfig, out_dir: str | Path,
                  save_state: Callable, accelerator: Optional[Accelerator] = None, stage_name: str = "stage",
-                 objective: Optional[Objective] = None, callbacks: Sequence[Callback] = ()):
+                 objective: Optional[Objective] = None, callbacks: Sequence[Callback] = (),
+                 strategy: Optional[Strategy] = None):
         self.stage = stage
+        self.strategy = strategy or build_strategy(stage, f"stages.{stage_name}")
         # the metrics log comes last: it writes the keys the caller's callbacks add to a record
         self.callbacks = CallbackList([*callbacks, MetricsLog()])
         self.stage_name = stage_name
         self.out_dir = Path(out_dir)
         self.save_state = save_state
-        self.accelerator = accelerator or make_accelerator(stage.precision)
+        self.accelerator = accelerator or self.strategy.make_accelerator()
         self.dataset = dataset
         if len(dataset) == 0:
             raise DataFormatError(f"stage '{stage_name}': no trainable samples")
@@ -112,14 +109,18 @@ class Trainer:
                             collate_fn=collate, num_workers=stage.num_workers, drop_last=False,
                             generator=torch.Generator().manual_seed(stage.seed))
         objective = objective if objective is not None else LanguageModeling(model, None)
-        groups = parameter_groups(model, stage)
-        extra = [p for p in objective.parameters() if p.requires_grad]
-        if extra:  # an objective's own head learns at the vision rate (it reads vision features)
-            lr = stage.lr.vision if stage.lr.vision is not None else stage.learning_rate
-            groups.append({"params": extra, "lr": lr, "weight_decay": stage.weight_decay, "name": "objective"})
-        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
-        self.model, self.optimizer, self.loader = self.accelerator.prepare(
-            TrainingModule(model, objective), optimizer, loader)
+        module = TrainingModule(model, objective)
+
+        def make_optimizer():  # after wrapping: a sharding strategy replaces the parameters
+            groups = parameter_groups(module.model, stage)
+            extra = [p for p in module.objective.parameters() if p.requires_grad]
+            if extra:  # an objective's own head learns at the vision rate (it reads vision features)
+                lr = stage.lr.vision if stage.lr.vision is not None else stage.learning_rate
+                groups.append({"params": extra, "lr": lr, "weight_decay": stage.weight_decay, "name": "objective"})
+            return torch.optim.AdamW(groups, betas=(0.9, 0.999))
+
+        self.model, self.optimizer, self.loader = self.strategy.prepare(self.accelerator, module, make_optimizer,
+                                                                        loader)
         self.micro_per_epoch = len(self.loader)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / stage.grad_accum)
         self.total_steps = stage.max_steps or max(1, math.ceil(self.steps_per_epoch * stage.epochs))
@@ -134,28 +135,49 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def _unwrapped(self):
-        return self.accelerator.unwrap_model(self.model).model
+        return self.strategy.unwrap(self.accelerator, self.model).model
 
     def save_checkpoint(self, folder: Path, position: Optional[dict]) -> None:
-        """Atomically write the model state (and, with a position, the training state)."""
-        self.accelerator.wait_for_everyone()
-        check_finite_weights(self._unwrapped(), f"stage '{self.stage_name}', not saving {folder}", TrainingError)
+        """Atomically write the model state (and, with a position, the training state). Every
+        process takes part: a sharding strategy gathers the state first."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        gathered = self.strategy.gathered_state(acc, self.model)
+        model_state = objective_state = None
+        if gathered is not None:
+            model_state, objective_state = split_module_state(gathered)
+        optimizer_state = rng = None
+        if position is not None:
+            optimizer_state = self.strategy.optimizer_state(acc, self.model, self.optimizer)
+            rng = ckpt.gather_rng_states()
+        where = f"stage '{self.stage_name}', not saving {folder}"
+        if model_state is not None:
+            check_finite_weights(model_state, where, TrainingError)
+        elif gathered is None:
+            check_finite_weights(self._unwrapped(), where, TrainingError)
         if self.is_main:
             with ckpt.atomic_dir(folder) as tmp:
-                self.save_state(self._unwrapped(), tmp)
+                if model_state is None:
+                    self.save_state(self._unwrapped(), tmp)
+                else:
+                    self.save_state(self._unwrapped(), tmp, state=model_state)
                 if position is not None:
-                    objective = self.accelerator.unwrap_model(self.model).objective
-                    ckpt.save_training_state(tmp, self.optimizer, self.scheduler, position,
-                                             objective.state_dict())
-        self.accelerator.wait_for_everyone()
+                    if objective_state is None:
+                        objective_state = self.strategy.unwrap(acc, self.model).objective.state_dict()
+                    ckpt.save_training_state(tmp, self.optimizer, self.scheduler, position, objective_state,
+                                             optimizer_state=optimizer_state, rng=rng)
+        acc.wait_for_everyone()
 
     def _restore(self, folder: Path) -> dict:
-        ckpt.load_trained_state(self._unwrapped(), folder, self.stage)
         state = ckpt.load_training_state(folder)
-        self.accelerator.unwrap_model(self.model).objective.load_state_dict(state.get("objective", {}))
-        self.optimizer.load_state_dict(state["optimizer"])
+        module_state = {f"model.{k}": v for k, v in ckpt.trained_state(self._unwrapped(), folder, self.stage).items()}
+        module_state.update({f"objective.{k}": v for k, v in state.get("objective", {}).items()})
+        if not self.strategy.load_module_state(self.model, module_state):
+            ckpt.load_trained_state(self._unwrapped(), folder, self.stage)
+            self.strategy.unwrap(self.accelerator, self.model).objective.load_state_dict(state.get("objective", {}))
+        self.strategy.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(ckpt.rank_rng_state(state, self.accelerator.process_index))
         logger.info("resumed from %s at step %d", folder, state["position"]["step"])
         return state["position"]
 
@@ -184,7 +206,7 @@ class Trainer:
             else:
                 position = self._restore(latest)
         set_train_modes(self._unwrapped(), stage)
-        self.accelerator.unwrap_model(self.model).objective.train()
+        self.strategy.unwrap(self.accelerator, self.model).objective.train()
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=self.total_steps, initial=position["step"], desc=f"train {self.stage_name}",
@@ -224,7 +246,7 @@ class Trainer:
             micro = 0
             grad_norm = None
             if stage.max_grad_norm:
-                grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), stage.max_grad_norm))
+                grad_norm = self.strategy.clip_grad_norm(acc, self.model, stage.max_grad_norm)
             if not guard.step_ok(grad_norm, self.model.parameters(), position["step"] + 1):
                 self.optimizer.zero_grad(set_to_none=True)
                 continue
@@ -236,11 +258,12 @@ class Trainer:
             bar.update(1)
             if step % stage.log_every == 0 or step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
+                sums, all_samples = rank_sums(acc, window, window_samples)
                 record = {"stage": self.stage_name, "step": step, "epoch": round(step / self.steps_per_epoch, 4),
-                          **{k: v / window_samples for k, v in window.items()},
+                          **{k: v / all_samples for k, v in sums.items()},
                           "lr": self.scheduler.get_last_lr()[0],
-                          "samples": window_samples * acc.num_processes,
-                          "samples_per_s": window_samples * acc.num_processes / max(elapsed, 1e-9),
+                          "samples": all_samples,
+                          "samples_per_s": all_samples / max(elapsed, 1e-9),
                           "grad_norm": grad_norm}
                 self.callbacks.on_log(self, record)
                 self.history.append(record)
@@ -259,6 +282,18 @@ class Trainer:
         self.save_checkpoint(final, None)
         self.callbacks.on_train_end(self, final)
         return final
+
+
+def rank_sums(accelerator: Accelerator, window: Dict[str, float], samples: int):
+    """The window's sample-weighted loss sums and sample count, summed over every process (so the
+    logged losses are the means over all ranks' samples)."""
+    if accelerator.num_processes == 1:
+        return window, samples
+    keys = sorted(window)
+    values = torch.tensor([window[k] for k in keys] + [float(samples)], dtype=torch.float64,
+                          device=accelerator.device)
+    values = accelerator.reduce(values, reduction="sum")
+    return dict(zip(keys, values[:-1].tolist())), int(values[-1].item())
 
 
 def _losses(out) -> Dict[str, torch.Tensor]:

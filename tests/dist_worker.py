@@ -1,0 +1,83 @@
+"""A training / evaluation entry point for the multi-process tests, started by ``torchrun``.
+
+``python tests/dist_worker.py train CONFIG STAGE OUT [--kill-after-step N] [override ...]
+[--then OUT ...]`` trains ``STAGE`` of ``CONFIG`` under ``OUT`` as ``vlm train`` does, and writes each rank's own
+window losses to ``OUT/STAGE/rank_losses_<rank>.jsonl`` (what the logged rank means are checked
+against). ``--kill-after-step N``: every rank SIGKILLs itself after step N (a crash, not an exit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from vlm.config import load_config
+from vlm.pipeline import build_stage
+from vlm.training.callbacks import Callback
+
+
+class RankLosses(Callback):
+    """Keeps this rank's sample-weighted loss per logging window."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.window = [0.0, 0]
+
+    def forward_hook(self, module, args, out):
+        n = args[0]["input_ids"].shape[0]
+        self.window[0] += float(out.loss.detach()) * n
+        self.window[1] += n
+
+    def on_log(self, trainer, record):
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": record["step"], "loss": self.window[0] / self.window[1],
+                                "samples": self.window[1]}) + "\n")
+        self.window = [0.0, 0]
+
+
+class KillAfter(Callback):
+    """SIGKILL this process once step ``step`` has finished."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, position):
+        if position["step"] == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train(argv) -> None:
+    """``CONFIG STAGE OUT [--kill-after-step N] [override ...] [--then OUT [...] ...]``: one run per
+    ``--then``-separated part, in this launch (one process group for all)."""
+    config, stage, *rest = argv
+    parts, part = [], []
+    for arg in rest:
+        if arg == "--then":
+            parts.append(part)
+            part = []
+        else:
+            part.append(arg)
+    for out, *overrides in parts + [part]:
+        run_one(config, stage, out, overrides)
+
+
+def run_one(config: str, stage: str, out: str, rest) -> None:
+    kill = None
+    if rest[:1] == ["--kill-after-step"]:
+        kill, rest = int(rest[1]), rest[2:]
+    cfg = load_config(config, rest, out_dir=out)
+    rank = int(os.environ.get("RANK", "0"))
+    folder = Path(out) / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    losses = RankLosses(folder / f"rank_losses_{rank}.jsonl")
+    callbacks = [losses] + ([KillAfter(kill)] if kill else [])
+    run = build_stage(cfg, stage, callbacks=callbacks)
+    run.trainer.model.register_forward_hook(losses.forward_hook)
+    run.trainer.train()
+
+
+if __name__ == "__main__":
+    {"train": train}[sys.argv[1]](sys.argv[2:])

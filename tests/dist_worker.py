@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from vlm.config import load_config
+from vlm.wiring import load_run_config as load_config
 from vlm.pipeline import build_stage
 from vlm.training.callbacks import Callback
 

@@ -136,7 +136,7 @@ def test_distributed_eval_answers_each_question_once_and_matches_one_process(tmp
     recipe["evals"] = evals
     config = tmp_path / "with_evals.yaml"
     config.write_text(yaml.safe_dump(recipe))
-    from vlm.config import load_config
+    from vlm.wiring import load_run_config as load_config
 
     one = run_evals(load_config(config, out_dir=str(tmp_path / "one")), checkpoint=str(final))
     two = launch(torchrun("-m", "vlm", "eval", str(config), "--checkpoint", str(final), "--out", str(tmp_path / "two")))

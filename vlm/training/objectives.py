@@ -68,7 +68,7 @@ class LanguageModeling(Objective):
             param.requires_grad_(False)
 
     def forward(self, model, batch):
-        return StepOutput(model(**batch).loss)
+        return StepOutput(model(**batch, return_logits=False).loss)
 
 
 @OBJECTIVES.register("caption_bow")

@@ -157,6 +157,10 @@ class StageConfig:
     # (vlm/training/features.py); None: <out_dir>/feature_cache
     feature_cache: bool = False
     feature_cache_dir: Optional[str] = None
+    # pack several samples into each row up to max_length (vlm/data/packing.py; objective lm)
+    packing: bool = False
+    # batches of similar length, image and text-only samples apart (vlm/training/samplers.py)
+    group_by_length: bool = False
 
 
 @dataclass
@@ -400,6 +404,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{where}.train: LoRA is supported for the llm only")
         if stage.feature_cache:
             _check_feature_cache(stage, connector_cls, objective, f"{where}.feature_cache")
+        if stage.packing and not objective.supports_packing:
+            raise ConfigError(f"{where}.packing: objective '{stage.objective}' reads padded batches; "
+                              "packing needs an objective that supports it (e.g. 'lm')")
     for name, ev in cfg.evals.items():
         where = f"evals.{name}"
         expected = {"caption": "coco_captions", "vqa": "vqav2", "retrieval": "coco_captions"}

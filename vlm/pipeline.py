@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, set_seed
 from vlm.config import ModelConfig, save_config
 from vlm.data.dataset import ConversationDataset
 from vlm.data.formats import read_dataset
+from vlm.data.packing import PackingCollator
 from vlm.data.processor import VLMProcessor
 from vlm.data.templates import build_template
 from vlm.data.types import Sample
@@ -23,6 +24,7 @@ from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback
 from vlm.training.features import BuildReport, build_stage_feature_cache
 from vlm.training.objectives import build_objective
+from vlm.training.samplers import LengthGroupedSampler
 from vlm.training.stages import apply_stage
 from vlm.training.trainer import Trainer, make_accelerator
 
@@ -115,8 +117,14 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     def save_state(trained_model, folder):
         ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior)
 
-    trainer = Trainer(model, dataset, processor.collate, stage, out_dir, save_state, accelerator, name,
-                      objective=objective, callbacks=callbacks)
+    collate = PackingCollator(tokenizer.pad_token_id, stage.max_length) if stage.packing else processor.collate
+    sampler = None
+    if stage.group_by_length:
+        sampler = LengthGroupedSampler([len(ids) for _, ids, _ in dataset.entries],
+                                       [bool(sample.images) for sample, _, _ in dataset.entries],
+                                       stage.batch_size, stage.seed, accelerator.num_processes)
+    trainer = Trainer(model, dataset, collate, stage, out_dir, save_state, accelerator, name,
+                      objective=objective, callbacks=callbacks, sampler=sampler)
     return StageRun(trainer, dataset, report)
 
 

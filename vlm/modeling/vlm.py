@@ -141,6 +141,9 @@ class VisionLanguageModel(nn.Module):
         without a vocabulary-wide projection of every prompt, image and padding position.
         """
         inputs_embeds, visual = self.embed(input_ids, pixel_values, image_features, instructions)
+        if labels is not None:
+            # a loss needs no KV cache, and with one transformers ignores packed position ids
+            llm_kwargs.setdefault("use_cache", False)
         if labels is not None and not return_logits and self._plain_lm_head():
             loss = self._labelled_loss(inputs_embeds, attention_mask, labels, llm_kwargs)
             return VLMOutput(loss, None, visual, None)
@@ -160,8 +163,7 @@ class VisionLanguageModel(nn.Module):
         # LoRA layers live inside those modules, so calling them directly keeps the adapters
         decoder = self.llm.get_decoder()
         head = self.llm.get_output_embeddings()
-        hidden = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False,
-                         **llm_kwargs).last_hidden_state
+        hidden = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **llm_kwargs).last_hidden_state
         targets = labels[:, 1:]
         labelled = targets != IGNORE_INDEX
         logits = head(hidden[:, :-1][labelled]).float()

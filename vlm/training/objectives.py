@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.config import ConfigError, StageConfig, Train
+from vlm.data.packing import model_inputs
 from vlm.data.processor import IGNORE_INDEX
 from vlm.modeling.vision.base import pool_patch_grid
 from vlm.registry import Registry
@@ -47,6 +48,7 @@ class Objective(nn.Module):
     """
 
     needs_pixels: ClassVar[bool] = False
+    supports_packing: ClassVar[bool] = False
 
     @classmethod
     def check_stage(cls, stage: StageConfig, where: str) -> None:
@@ -62,13 +64,15 @@ class LanguageModeling(Objective):
     Q-Former's text path and stage-1 heads) are frozen for the stage: DDP would otherwise wait
     for their gradients, and weight decay would shrink them."""
 
+    supports_packing = True
+
     def __init__(self, model, tokenizer):
         super().__init__()
         for param in model.connector.llm_unused_parameters():
             param.requires_grad_(False)
 
     def forward(self, model, batch):
-        return StepOutput(model(**batch, return_logits=False).loss)
+        return StepOutput(model(**model_inputs(batch), return_logits=False).loss)
 
 
 @OBJECTIVES.register("caption_bow")

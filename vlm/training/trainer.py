@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -24,34 +24,16 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vlm.config import Precision, StageConfig
+from vlm.data.packing import batch_samples
 from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback, CallbackList
 from vlm.training.objectives import LanguageModeling, Objective
+from vlm.training.samplers import EpochShuffleSampler  # noqa: F401  (re-exported)
 from vlm.training.stages import parameter_groups, set_train_modes
 
 logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = {Precision.fp32: "no", Precision.bf16: "bf16", Precision.fp16: "fp16"}
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation that depends only on ``seed`` and the epoch, so resume can replay it."""
-
-    def __init__(self, length: int, seed: int):
-        self.length = length
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the permutation of ``epoch``."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.length
 
 
 def make_accelerator(precision: Precision) -> Accelerator:
@@ -90,7 +72,8 @@ class Trainer:
 
     def __init__(self, model, dataset, collate: Callable, stage: StageConfig, out_dir: str | Path,
                  save_state: Callable, accelerator: Optional[Accelerator] = None, stage_name: str = "stage",
-                 objective: Optional[Objective] = None, callbacks: Sequence[Callback] = ()):
+                 objective: Optional[Objective] = None, callbacks: Sequence[Callback] = (),
+                 sampler: Optional[Sampler] = None):
         self.stage = stage
         self.callbacks = CallbackList(callbacks)
         self.stage_name = stage_name
@@ -100,7 +83,8 @@ class Trainer:
         self.dataset = dataset
         if len(dataset) == 0:
             raise ValueError(f"stage '{stage_name}': no trainable samples")
-        self.sampler = EpochShuffleSampler(len(dataset), stage.seed)
+        # any sampler with set_epoch whose order depends only on the seed and the epoch
+        self.sampler = sampler if sampler is not None else EpochShuffleSampler(len(dataset), stage.seed)
         # the loader's own generator: creating an iterator must not draw from the global torch
         # RNG, or a resumed run (which creates one mid-epoch) shifts every dropout mask after it
         loader = DataLoader(dataset, batch_size=stage.batch_size, sampler=self.sampler,
@@ -200,7 +184,7 @@ class Trainer:
             last_of_epoch = index + 1 == self.micro_per_epoch
             micro += 1
             sync = micro % stage.grad_accum == 0 or last_of_epoch
-            n = batch["input_ids"].shape[0]
+            n = batch_samples(batch)
             context = contextlib.nullcontext() if sync else acc.no_sync(self.model)
             with context, acc.autocast():
                 out = self.model(batch)

@@ -1,8 +1,9 @@
 """Sequence packing: several samples share one row, so a batch carries no padding to speak of.
 
 A packed batch holds the same samples as the unpacked one (``batch_size`` of them, so steps,
-epochs and resume positions do not change), laid end to end in as few rows of at most
-``max_length`` tokens as first-fit-decreasing finds. Each sample keeps its own position ids
+epochs and resume positions do not change), laid end to end in as few rows as
+first-fit-decreasing finds, each row at most twice the batch's longest sample and at most
+``max_length`` tokens (see :func:`row_capacity`). Each sample keeps its own position ids
 (restarting at 0), its labels (a sample's first token never predicts from the previous
 sample's last: the shifted loss pairs only positions of one sample, because every sample's
 first label is -100 or is preceded by a position of the same sample; see ``_fence``), and its
@@ -46,13 +47,23 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int
     return [sorted(b) for b in bins]
 
 
+def row_capacity(lengths: Sequence[int], max_length: int) -> int:
+    """How long a packed row may grow: twice the batch's longest sample, at most ``max_length``.
+
+    Attention inside a packed row runs over the whole row (a dense block-diagonal mask), so its
+    cost grows with the row's width; rows of twice the longest sample still pack with little
+    padding while keeping that cost near a padded batch's."""
+    return min(max_length, 2 * max(lengths, default=0))
+
+
 def pack_batch(items: Sequence[Optional[Dict]], pad_id: int, max_length: int) -> Dict:
     """Pack encoded samples (``VLMProcessor.encode`` / dataset items; None items are dropped)
-    into rows of at most ``max_length`` tokens: ``input_ids``, ``labels``, ``position_ids``,
+    into rows of at most :func:`row_capacity` tokens: ``input_ids``, ``labels``, ``position_ids``,
     images (``pixel_values`` or ``image_features``, None when there are none), ``instructions``
     and ``num_samples``."""
     items = [it for it in items if it is not None]
-    rows = first_fit_decreasing([len(it["input_ids"]) for it in items], max_length)
+    lengths = [len(it["input_ids"]) for it in items]
+    rows = first_fit_decreasing(lengths, row_capacity(lengths, max_length))
     longest = max((sum(len(items[i]["input_ids"]) for i in row) for row in rows), default=0)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from vlm.data.processor import VLMProcessor, pad_batch
 from vlm.data.types import Sample
+from vlm.evaluation.decode import greedy_decode
 
 
 def stop_settings(processor: VLMProcessor) -> Dict:
@@ -36,16 +37,28 @@ def clean_answer(text: str, stops: Sequence[str]) -> str:
     return text.strip()
 
 
+def uses_lean_decode(settings: Dict, num_beams: int) -> bool:
+    """Whether :func:`vlm.evaluation.decode.greedy_decode` can stand in for transformers'
+    ``generate``: greedy, one beam, single-token stops, nothing else asked for."""
+    plain = {"eos_token_id", "pad_token_id", "do_sample"}
+    return num_beams == 1 and not settings.get("do_sample") and set(settings) <= plain
+
+
 @torch.no_grad()
 def generate_answers(model, processor: VLMProcessor, samples: Sequence[Sample], *, batch_size: int = 16,
                      max_new_tokens: int = 32, num_beams: int = 1, desc: str = "generate",
-                     **generation_kwargs) -> List[str]:
-    """One decoded answer per sample (greedy unless told otherwise), in order."""
+                     lean: bool = True, **generation_kwargs) -> List[str]:
+    """One decoded answer per sample (greedy unless told otherwise), in order.
+
+    Plain greedy decoding runs the lean loop of :mod:`vlm.evaluation.decode` (the same tokens as
+    transformers' greedy ``generate``, less overhead); beam search, sampling, multi-token stop
+    strings or ``lean=False`` go through transformers' ``generate``."""
     model.eval()
     device = next(model.parameters()).device
     settings = stop_settings(processor)
     settings.update(generation_kwargs)
     settings.setdefault("do_sample", False)
+    lean = lean and uses_lean_decode(settings, num_beams)
     stops = processor.template.stop_strings()
     answers: List[str] = []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
@@ -53,9 +66,14 @@ def generate_answers(model, processor: VLMProcessor, samples: Sequence[Sample], 
         batch = pad_batch([processor.encode(s, for_generation=True) for s in chunk],
                           processor.tokenizer.pad_token_id, padding_side="left")
         pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
-        new_tokens = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                    pixel_values, instructions=batch["instructions"],
-                                    max_new_tokens=max_new_tokens, num_beams=num_beams, **settings)
+        if lean:
+            new_tokens = greedy_decode(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                       pixel_values, batch["instructions"], max_new_tokens=max_new_tokens,
+                                       eos_token_ids=settings["eos_token_id"], pad_token_id=settings["pad_token_id"])
+        else:
+            new_tokens = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                        pixel_values, instructions=batch["instructions"],
+                                        max_new_tokens=max_new_tokens, num_beams=num_beams, **settings)
         texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         answers.extend(clean_answer(t, stops) for t in texts)
     return answers

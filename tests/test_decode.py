@@ -16,6 +16,7 @@ QUESTIONS = [
     "Describe the image briefly.\n<image>",
     "<image>\nwhere is it? answer with the corner and the size of the shape in the image",
     "what shape is it?",
+    "<image>\nwhat shape is it?",
 ]
 
 
@@ -23,7 +24,8 @@ def _setup(tokenizer_dir, tokenizer, image_paths):
     cfg = tiny_model_config(tokenizer_dir, template="vicuna_v1")
     model = build_tiny_model(cfg, tokenizer, seed=0)
     processor = build_processor(model, tokenizer, cfg)
-    samples = [Sample(str(i), [Turn("user", q)], [image_paths[i]] if "<image>" in q else [])
+    # the last question asks about the first image again (the eval path loads and encodes it once)
+    samples = [Sample(str(i), [Turn("user", q)], [image_paths[i % 4]] if "<image>" in q else [])
                for i, q in enumerate(QUESTIONS)]
     batch = processor.collate([processor.encode(s, for_generation=True) for s in samples], padding_side="left")
     return model, processor, samples, batch

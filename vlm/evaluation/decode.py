@@ -22,9 +22,13 @@ from transformers import DynamicCache
 @torch.no_grad()
 def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   pixel_values: Optional[torch.Tensor] = None, instructions: Optional[Sequence[str]] = None,
-                  *, max_new_tokens: int, eos_token_ids: Sequence[int], pad_token_id: int) -> torch.Tensor:
+                  *, max_new_tokens: int, eos_token_ids: Sequence[int], pad_token_id: int,
+                  image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """New token ids ``(B, T)`` of greedy decoding from left-padded prompts; ``T`` is the longest
-    answer (at most ``max_new_tokens``), each row stopping after its first token in ``eos_token_ids``."""
+    answer (at most ``max_new_tokens``), each row stopping after its first token in ``eos_token_ids``.
+
+    ``image_index`` (one entry per ``<image>`` of the batch, in order) says which of
+    ``pixel_values`` each one shows, so an image asked about several times is passed once."""
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("greedy_decode needs left padding: the last position is padding in some rows")
     batch = input_ids.shape[0]
@@ -35,7 +39,7 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     stops = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
     out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
 
-    inputs_embeds, _ = model.embed(input_ids, pixel_values, instructions=instructions)
+    inputs_embeds = _prompt_embeds(model, input_ids, pixel_values, instructions, image_index)
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     cache = DynamicCache(config=model.llm.config)
@@ -60,3 +64,22 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         positions = positions[:, -1:] + 1
         inputs_embeds = embeddings(token[:, None])
     return out[:, :length]
+
+
+def _prompt_embeds(model, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                   instructions: Optional[Sequence[str]], image_index: Optional[torch.Tensor]) -> torch.Tensor:
+    """The prompts' embeddings with visual tokens in place; distinct images encoded once unless
+    the connector reads each image's question (then every occurrence is encoded with its own)."""
+    if image_index is None or pixel_values is None:
+        return model.embed(input_ids, pixel_values, instructions=instructions)[0]
+    if model.connector.reads_instructions:
+        return model.embed(input_ids, pixel_values[image_index], instructions=instructions)[0]
+    visual = model.encode_images(pixel_values)[image_index]
+    inputs_embeds = model.llm.get_input_embeddings()(input_ids)
+    placeholders = (input_ids == model.image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
+    if int(placeholders[..., 0].sum()) != visual.shape[0] * visual.shape[1]:
+        from vlm.modeling.vlm import ImageTokenMismatch
+
+        raise ImageTokenMismatch(f"input has {int(placeholders[..., 0].sum())} image placeholder tokens but "
+                                 f"{visual.shape[0]} image(s) give {visual.shape[0] * visual.shape[1]} visual tokens")
+    return inputs_embeds.masked_scatter(placeholders, visual.to(inputs_embeds.dtype))

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from vlm.data.processor import VLMProcessor, pad_batch
+from vlm.data.processor import VLMProcessor, image_instructions, pad_batch
 from vlm.data.types import Sample
 from vlm.evaluation.decode import greedy_decode
 
@@ -60,20 +60,47 @@ def generate_answers(model, processor: VLMProcessor, samples: Sequence[Sample], 
     settings.setdefault("do_sample", False)
     lean = lean and uses_lean_decode(settings, num_beams)
     stops = processor.template.stop_strings()
+    if lean:
+        return _lean_answers(model, processor, samples, batch_size, max_new_tokens, settings, stops, desc)
     answers: List[str] = []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
         chunk = samples[start:start + batch_size]
         batch = pad_batch([processor.encode(s, for_generation=True) for s in chunk],
                           processor.tokenizer.pad_token_id, padding_side="left")
         pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
-        if lean:
-            new_tokens = greedy_decode(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                       pixel_values, batch["instructions"], max_new_tokens=max_new_tokens,
-                                       eos_token_ids=settings["eos_token_id"], pad_token_id=settings["pad_token_id"])
-        else:
-            new_tokens = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                        pixel_values, instructions=batch["instructions"],
-                                        max_new_tokens=max_new_tokens, num_beams=num_beams, **settings)
+        new_tokens = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                    pixel_values, instructions=batch["instructions"],
+                                    max_new_tokens=max_new_tokens, num_beams=num_beams, **settings)
         texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         answers.extend(clean_answer(t, stops) for t in texts)
+    return answers
+
+
+def _lean_answers(model, processor: VLMProcessor, samples: Sequence[Sample], batch_size: int,
+                  max_new_tokens: int, settings: Dict, stops: Sequence[str], desc: str) -> List[str]:
+    """Greedy answers by :func:`greedy_decode`, with the work a padded, one-image-per-question
+    loop repeats removed: prompts batched by length (less left padding), and each distinct image
+    of a batch loaded (and, unless the connector reads the question, encoded) once."""
+    device = next(model.parameters()).device
+    prompts = [processor.tokenize(processor.prompt_turns(s.turns), add_generation_prompt=True)[0] for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
+    answers: List[str] = [""] * len(samples)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        chunk = order[start:start + batch_size]
+        paths: Dict[str, int] = {}
+        image_index: List[int] = []
+        instructions: List[str] = []
+        for i in chunk:
+            image_index += [paths.setdefault(p, len(paths)) for p in samples[i].images]
+            instructions += image_instructions(processor.prompt_turns(samples[i].turns))
+        pixels = torch.stack([processor.load_image(p) for p in paths]).to(device) if paths else None
+        items = [{"input_ids": prompts[i], "labels": prompts[i], "pixel_values": [], "instructions": []} for i in chunk]
+        batch = pad_batch(items, processor.tokenizer.pad_token_id, padding_side="left")
+        new_tokens = greedy_decode(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), pixels,
+                                   instructions, max_new_tokens=max_new_tokens, eos_token_ids=settings["eos_token_id"],
+                                   pad_token_id=settings["pad_token_id"],
+                                   image_index=torch.tensor(image_index, dtype=torch.long, device=device))
+        texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for i, text in zip(chunk, texts):
+            answers[i] = clean_answer(text, stops)
     return answers

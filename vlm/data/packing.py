@@ -2,8 +2,8 @@
 
 A packed batch holds the same samples as the unpacked one (``batch_size`` of them, so steps,
 epochs and resume positions do not change), laid end to end in as few rows as
-first-fit-decreasing finds, each row at most twice the batch's longest sample and at most
-``max_length`` tokens (see :func:`row_capacity`). Each sample keeps its own position ids
+first-fit-decreasing finds, each row at most as long as the batch's longest sample (and
+``max_length``; see :func:`row_capacity`). Each sample keeps its own position ids
 (restarting at 0), its labels (a sample's first token never predicts from the previous
 sample's last: the shifted loss pairs only positions of one sample, because every sample's
 first label is -100 or is preceded by a position of the same sample; see ``_fence``), and its
@@ -48,12 +48,14 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int
 
 
 def row_capacity(lengths: Sequence[int], max_length: int) -> int:
-    """How long a packed row may grow: twice the batch's longest sample, at most ``max_length``.
+    """How long a packed row may grow: as long as the batch's longest sample (at most ``max_length``).
 
     Attention inside a packed row runs over the whole row (a dense block-diagonal mask), so its
-    cost grows with the row's width; rows of twice the longest sample still pack with little
-    padding while keeping that cost near a padded batch's."""
-    return min(max_length, 2 * max(lengths, default=0))
+    cost grows with the square of the row's width. Rows as wide as the padded batch's never cost
+    more attention than it, while shorter samples fill the room the padding took: on the demo's
+    instruct data this processes 1.21x the real tokens (padding: 2.05x) with 0.58x the padded
+    batch's attention; rows twice as wide pack to 1.14x but cost 1.05x the attention."""
+    return min(max_length, max(lengths, default=0))
 
 
 def pack_batch(items: Sequence[Optional[Dict]], pad_id: int, max_length: int) -> Dict:

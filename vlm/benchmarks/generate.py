@@ -56,7 +56,7 @@ def _hf_answers(llava, processor, samples, batch_size: int, max_new_tokens: int,
     from vlm.evaluation.generation import clean_answer
 
     stops = processor.template.stop_strings()
-    answers, tokens = [], 0
+    answers, tokens, rows = [], 0, []
     device = next(llava.parameters()).device
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
@@ -69,9 +69,19 @@ def _hf_answers(llava, processor, samples, batch_size: int, max_new_tokens: int,
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **settings)
         new = out[:, batch["input_ids"].shape[1]:]
         tokens += _generated_tokens(new, settings["pad_token_id"], settings["eos_token_id"])
+        rows += _trimmed(new, settings["pad_token_id"], settings["eos_token_id"])
         texts = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
         answers.extend(clean_answer(t, stops) for t in texts)
-    return answers, tokens
+    return answers, tokens, rows
+
+
+def _trimmed(new: torch.Tensor, pad_id: int, eos_ids: Sequence[int]) -> List[List[int]]:
+    """Each row's generated ids up to and including its first stop token."""
+    rows = []
+    for row in new.tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+        rows.append(row[:cut])
+    return rows
 
 
 def _generated_tokens(new: torch.Tensor, pad_id: int, eos_ids: Sequence[int]) -> int:
@@ -112,17 +122,18 @@ def bench_generate(target: str, eval_name: str = "vqa", overrides: Sequence[str]
                           "generate on both sides; nothing to compare")
     llava = to_hf_llava(model).to(next(model.parameters()).device).eval()
     ours_t, theirs_t = [], []
-    ours, theirs, ours_tokens, theirs_tokens = [], [], 0, 0
+    ours, theirs, ours_tokens, theirs_tokens, theirs_rows = [], [], 0, 0, []
     for _ in range(repeats):
         start = time.perf_counter()
         ours = generate_answers(model, processor, samples, batch_size=ev.batch_size,
                                 max_new_tokens=ev.max_new_tokens, desc="vlm")
         ours_t.append(time.perf_counter() - start)
         start = time.perf_counter()
-        theirs, theirs_tokens = _hf_answers(llava, processor, samples, ev.batch_size, ev.max_new_tokens, settings)
+        theirs, theirs_tokens, theirs_rows = _hf_answers(llava, processor, samples, ev.batch_size, ev.max_new_tokens, settings)
         theirs_t.append(time.perf_counter() - start)
     # vlm's generated token count (untimed): the same decode once more, counting
     from vlm.data.processor import pad_batch
+    ours_rows: List[List[int]] = []
     for s in range(0, len(samples), ev.batch_size):
         batch = pad_batch([processor.encode(x, for_generation=True) for x in samples[s:s + ev.batch_size]],
                           tokenizer.pad_token_id, padding_side="left")
@@ -130,6 +141,7 @@ def bench_generate(target: str, eval_name: str = "vqa", overrides: Sequence[str]
                             batch["instructions"], max_new_tokens=ev.max_new_tokens,
                             eos_token_ids=settings["eos_token_id"], pad_token_id=settings["pad_token_id"])
         ours_tokens += _generated_tokens(new, settings["pad_token_id"], settings["eos_token_id"])
+        ours_rows += _trimmed(new, settings["pad_token_id"], settings["eos_token_id"])
     o, t = statistics.median(ours_t), statistics.median(theirs_t)
     mismatches = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
     return {
@@ -143,5 +155,6 @@ def bench_generate(target: str, eval_name: str = "vqa", overrides: Sequence[str]
                          "runs_s": [round(x, 3) for x in theirs_t]},
         "ratio": round(t / o, 3),
         "answers_identical": not mismatches, "mismatches": len(mismatches),
+        "tokens_identical": ours_rows == theirs_rows,
         "example": {"vlm": ours[0], "transformers": theirs[0]} if samples else None,
     }

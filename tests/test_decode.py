@@ -56,3 +56,20 @@ def test_eval_answers_are_the_same_through_the_lean_decode(tokenizer_dir, tokeni
     lean = generate_answers(model, processor, samples, batch_size=3, max_new_tokens=8)
     reference = generate_answers(model, processor, samples, batch_size=3, max_new_tokens=8, lean=False)
     assert lean == reference and any(lean)
+
+
+def test_the_eval_image_memo_loads_each_image_once_within_its_byte_budget():
+    from vlm.evaluation.generation import _ImageMemo
+
+    loads = []
+
+    def load(path):
+        loads.append(path)
+        return torch.zeros(1000)  # 4000 bytes
+
+    memo = _ImageMemo(load, max_bytes=8000)
+    for path in ["a", "b", "a", "b", "c", "a"]:
+        memo.load(path)
+    # a and b fit together; c pushes out the least recently used (a), which then loads again
+    assert loads == ["a", "b", "c", "a"]
+    assert memo.bytes <= 8000

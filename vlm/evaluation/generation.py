@@ -79,11 +79,13 @@ def generate_answers(model, processor: VLMProcessor, samples: Sequence[Sample], 
 def _lean_answers(model, processor: VLMProcessor, samples: Sequence[Sample], batch_size: int,
                   max_new_tokens: int, settings: Dict, stops: Sequence[str], desc: str) -> List[str]:
     """Greedy answers by :func:`greedy_decode`, with the work a padded, one-image-per-question
-    loop repeats removed: prompts batched by length (less left padding), and each distinct image
-    of a batch loaded (and, unless the connector reads the question, encoded) once."""
+    loop repeats removed: prompts batched by length (less left padding), each distinct image
+    loaded once (kept while a byte budget allows) and, within a batch, encoded once unless the
+    connector reads the question."""
     device = next(model.parameters()).device
     prompts = [processor.tokenize(processor.prompt_turns(s.turns), add_generation_prompt=True)[0] for s in samples]
     order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
+    images = _ImageMemo(processor.load_image)
     answers: List[str] = [""] * len(samples)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         chunk = order[start:start + batch_size]
@@ -93,7 +95,7 @@ def _lean_answers(model, processor: VLMProcessor, samples: Sequence[Sample], bat
         for i in chunk:
             image_index += [paths.setdefault(p, len(paths)) for p in samples[i].images]
             instructions += image_instructions(processor.prompt_turns(samples[i].turns))
-        pixels = torch.stack([processor.load_image(p) for p in paths]).to(device) if paths else None
+        pixels = torch.stack([images.load(p) for p in paths]).to(device) if paths else None
         items = [{"input_ids": prompts[i], "labels": prompts[i], "pixel_values": [], "instructions": []} for i in chunk]
         batch = pad_batch(items, processor.tokenizer.pad_token_id, padding_side="left")
         new_tokens = greedy_decode(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), pixels,
@@ -104,3 +106,28 @@ def _lean_answers(model, processor: VLMProcessor, samples: Sequence[Sample], bat
         for i, text in zip(chunk, texts):
             answers[i] = clean_answer(text, stops)
     return answers
+
+
+class _ImageMemo:
+    """Loaded images by path, least recently used dropped beyond ``max_bytes`` (an eval asks
+    several questions about one image; loading it again is wasted work)."""
+
+    def __init__(self, load, max_bytes: int = 256 * 2**20):
+        from collections import OrderedDict
+
+        self.load_image = load
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.items: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+
+    def load(self, path: str) -> torch.Tensor:
+        if path in self.items:
+            self.items.move_to_end(path)
+            return self.items[path]
+        image = self.load_image(path)
+        self.items[path] = image
+        self.bytes += image.numel() * image.element_size()
+        while self.bytes > self.max_bytes and len(self.items) > 1:
+            _, dropped = self.items.popitem(last=False)
+            self.bytes -= dropped.numel() * dropped.element_size()
+        return image

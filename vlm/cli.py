@@ -159,6 +159,24 @@ def cmd_bench_feature_cache(args) -> None:
     print(json.dumps({"config": args.config, **result}, indent=2))
 
 
+def cmd_bench_train(args) -> None:
+    """Train a stage in vlm and in transformers, alternating step by step; print samples/s and tokens/s."""
+    from vlm.benchmarks.train import bench_train
+
+    result = bench_train(_load(args), args.stage, steps=args.steps, warmup=args.warmup,
+                         precision=args.precision, prepare=args.prepare)
+    print(json.dumps({"config": args.config, **result}, indent=None if args.json else 2))
+
+
+def cmd_bench_generate(args) -> None:
+    """Generate the eval's answers with vlm's decode and with transformers' generate; print tok/s."""
+    from vlm.benchmarks.generate import bench_generate
+
+    result = bench_generate(args.target, eval_name=args.eval, overrides=args.overrides, repeats=args.repeats,
+                            limit=args.limit, prepare=args.prepare, out=args.out)
+    print(json.dumps(result, indent=None if args.json else 2))
+
+
 def _require_registered(registry, name: str, flag: str) -> None:
     """ConfigError naming ``flag`` (with the registry's "did you mean") when ``name`` is unknown."""
     try:
@@ -323,6 +341,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=3, help="encoder / cache runs in turn; medians are reported")
     s.add_argument("--prepare", action="store_true", help="run the recipe's prepare step first (demo data)")
     s.set_defaults(func=cmd_bench_feature_cache)
+    s = bench_sub.add_parser("train", help=cmd_bench_train.__doc__)
+    with_config(s, out_help="sets out_dir; the benchmark writes under OUT/bench_train")
+    s.add_argument("--stage", required=True, help="the stage to train (objective lm)")
+    s.add_argument("--against", choices=["hf"], default="hf", help="the library to compare with (transformers)")
+    s.add_argument("--steps", type=int, default=30, help="timed optimizer steps per side")
+    s.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    s.add_argument("--precision", choices=["fp32", "bf16"], help="override the stage's precision")
+    s.add_argument("--prepare", action="store_true", help="run the recipe's prepare step first (demo data)")
+    s.add_argument("--json", action="store_true", help="one line of JSON")
+    s.set_defaults(func=cmd_bench_train)
+    s = bench_sub.add_parser("generate", help=cmd_bench_generate.__doc__)
+    s.add_argument("target", help="a stage output folder (.../final) or a recipe YAML (its last stage's final)")
+    s.add_argument("overrides", nargs="*", help="dotted overrides of the recipe")
+    s.add_argument("--eval", default="vqa", help="the recipe's evaluation whose prompts to answer")
+    s.add_argument("--against", choices=["hf"], default="hf", help="the library to compare with (transformers)")
+    s.add_argument("--repeats", type=int, default=3, help="vlm / transformers passes in turn; medians reported")
+    s.add_argument("--limit", type=int, help="only the first N prompts")
+    s.add_argument("--out", help="sets out_dir of a recipe")
+    s.add_argument("--prepare", action="store_true", help="run the recipe's prepare step first (demo data)")
+    s.add_argument("--json", action="store_true", help="one line of JSON")
+    s.set_defaults(func=cmd_bench_generate)
 
     p = sub.add_parser("export", help="write a trained model in another library's format")
     export_sub = p.add_subparsers(dest="format", required=True)

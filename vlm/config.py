@@ -176,6 +176,10 @@ class StageConfig:
     gradient_checkpointing: bool = False
     # fsdp: keep parameters, gradients and optimizer state on the CPU (zero2 / zero3: the optimizer)
     fsdp_cpu_offload: bool = False
+    # pack several samples into each row up to max_length (vlm/data/packing.py; objective lm)
+    packing: bool = False
+    # batches of similar length, image and text-only samples apart (vlm/training/samplers.py)
+    group_by_length: bool = False
 
 
 @dataclass

@@ -15,6 +15,7 @@ from vlm.config import ModelConfig, save_config
 from vlm.data.dataset import ConversationDataset
 from vlm.data.formats import read_dataset
 from vlm.data.images import DEFAULT_MAX_PIXELS, check_image_files
+from vlm.data.packing import PackingCollator
 from vlm.data.processor import VLMProcessor
 from vlm.data.templates import build_template
 from vlm.data.types import IMAGE_TOKEN, Sample
@@ -26,6 +27,7 @@ from vlm.training.callbacks import Callback
 from vlm.training.features import BuildReport, build_stage_feature_cache
 from vlm.training.objectives import build_objective
 from vlm.training.skips import CountingCollate
+from vlm.training.samplers import LengthGroupedSampler
 from vlm.training.stages import apply_stage
 from vlm.training.strategies import build_strategy, check_environment, check_launch
 from vlm.training.trainer import Trainer
@@ -150,9 +152,15 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
         ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior, state=state)
         save_plugins(folder, list(cfg.plugins))
 
-    trainer = Trainer(model, dataset, collate=CountingCollate(processor.collate), stage=stage, out_dir=out_dir,
+    collate = PackingCollator(tokenizer.pad_token_id, stage.max_length) if stage.packing else processor.collate
+    sampler = None
+    if stage.group_by_length:
+        sampler = LengthGroupedSampler([len(ids) for _, ids, _ in dataset.entries],
+                                       [bool(sample.images) for sample, _, _ in dataset.entries],
+                                       stage.batch_size, stage.seed, accelerator.num_processes)
+    trainer = Trainer(model, dataset, collate=CountingCollate(collate), stage=stage, out_dir=out_dir,
                       save_state=save_state, accelerator=accelerator, stage_name=name,
-                      objective=objective, callbacks=callbacks, strategy=strategy)
+                      objective=objective, callbacks=callbacks, strategy=strategy, sampler=sampler)
     return StageRun(trainer, dataset, report)
 
 

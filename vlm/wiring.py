@@ -170,6 +170,9 @@ def check_stage(stage, connector_cls, where: str) -> None:
         raise ConfigError(f"{where}.train: LoRA is supported for the llm only")
     if stage.feature_cache:
         check_feature_cache(stage, connector_cls, objective, f"{where}.feature_cache")
+    if stage.packing and not objective.supports_packing:
+        raise ConfigError(f"{where}.packing: objective '{stage.objective}' reads padded batches; "
+                          "packing needs an objective that supports it (e.g. 'lm')")
     if stage.strategy not in STRATEGY_NAMES:
         raise ConfigError(f"{where}.strategy: unknown strategy '{stage.strategy}'"
                           f"{closest(stage.strategy, STRATEGY_NAMES)}; known: {', '.join(STRATEGY_NAMES)}")

@@ -8,9 +8,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from vlm.data.processor import VLMProcessor, pad_batch
+from vlm.data.processor import VLMProcessor, image_instructions, pad_batch
 from vlm.data.types import Sample
 from vlm.errors import ImageLoadError
+
+from vlm.evaluation.decode import greedy_decode
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +42,32 @@ def clean_answer(text: str, stops: Sequence[str]) -> str:
     return text.strip()
 
 
+def uses_lean_decode(settings: Dict, num_beams: int) -> bool:
+    """Whether :func:`vlm.evaluation.decode.greedy_decode` can stand in for transformers'
+    ``generate``: greedy, one beam, single-token stops, nothing else asked for."""
+    plain = {"eos_token_id", "pad_token_id", "do_sample"}
+    return num_beams == 1 and not settings.get("do_sample") and set(settings) <= plain
+
+
 @torch.no_grad()
 def generate_answers(model, processor: VLMProcessor, samples: Sequence[Sample], *, batch_size: int = 16,
                      max_new_tokens: int = 32, num_beams: int = 1, desc: str = "generate",
-                     skip_unreadable: bool = False, **generation_kwargs) -> List[Optional[str]]:
+                     skip_unreadable: bool = False, lean: bool = True, **generation_kwargs) -> List[Optional[str]]:
     """One decoded answer per sample (greedy unless told otherwise), in order. With
-    ``skip_unreadable``, a sample whose image cannot be read gets None instead of an error."""
+    ``skip_unreadable``, a sample whose image cannot be read gets None instead of an error.
+
+    Plain greedy decoding runs the lean loop of :mod:`vlm.evaluation.decode` (the same tokens as
+    transformers' greedy ``generate``, less overhead); beam search, sampling, multi-token stop
+    strings or ``lean=False`` go through transformers' ``generate``."""
     model.eval()
     device = next(model.parameters()).device
     settings = stop_settings(processor)
     settings.update(generation_kwargs)
     settings.setdefault("do_sample", False)
+    lean = lean and uses_lean_decode(settings, num_beams)
     stops = processor.template.stop_strings()
+    if lean:
+        return _lean_answers(model, processor, samples, batch_size, max_new_tokens, settings, stops, desc)
     answers: List[str] = []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
         encoded = [_encode(processor, s, skip_unreadable) for s in samples[start:start + batch_size]]
@@ -77,3 +93,60 @@ def _encode(processor: VLMProcessor, sample: Sample, skip_unreadable: bool) -> O
             raise
         logger.warning("skipping %s: %s", sample.meta.get("source", sample.id), exc)
         return None
+
+
+def _lean_answers(model, processor: VLMProcessor, samples: Sequence[Sample], batch_size: int,
+                  max_new_tokens: int, settings: Dict, stops: Sequence[str], desc: str) -> List[str]:
+    """Greedy answers by :func:`greedy_decode`, with the work a padded, one-image-per-question
+    loop repeats removed: prompts batched by length (less left padding), each distinct image
+    loaded once (kept while a byte budget allows) and, within a batch, encoded once unless the
+    connector reads the question."""
+    device = next(model.parameters()).device
+    prompts = [processor.tokenize(processor.prompt_turns(s.turns), add_generation_prompt=True)[0] for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
+    images = _ImageMemo(processor.load_image)
+    answers: List[str] = [""] * len(samples)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        chunk = order[start:start + batch_size]
+        paths: Dict[str, int] = {}
+        image_index: List[int] = []
+        instructions: List[str] = []
+        for i in chunk:
+            image_index += [paths.setdefault(p, len(paths)) for p in samples[i].images]
+            instructions += image_instructions(processor.prompt_turns(samples[i].turns))
+        pixels = torch.stack([images.load(p) for p in paths]).to(device) if paths else None
+        items = [{"input_ids": prompts[i], "labels": prompts[i], "pixel_values": [], "instructions": []} for i in chunk]
+        batch = pad_batch(items, processor.tokenizer.pad_token_id, padding_side="left")
+        new_tokens = greedy_decode(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), pixels,
+                                   instructions, max_new_tokens=max_new_tokens, eos_token_ids=settings["eos_token_id"],
+                                   pad_token_id=settings["pad_token_id"],
+                                   image_index=torch.tensor(image_index, dtype=torch.long, device=device))
+        texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for i, text in zip(chunk, texts):
+            answers[i] = clean_answer(text, stops)
+    return answers
+
+
+class _ImageMemo:
+    """Loaded images by path, least recently used dropped beyond ``max_bytes`` (an eval asks
+    several questions about one image; loading it again is wasted work)."""
+
+    def __init__(self, load, max_bytes: int = 256 * 2**20):
+        from collections import OrderedDict
+
+        self.load_image = load
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.items: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+
+    def load(self, path: str) -> torch.Tensor:
+        if path in self.items:
+            self.items.move_to_end(path)
+            return self.items[path]
+        image = self.load_image(path)
+        self.items[path] = image
+        self.bytes += image.numel() * image.element_size()
+        while self.bytes > self.max_bytes and len(self.items) > 1:
+            _, dropped = self.items.popitem(last=False)
+            self.bytes -= dropped.numel() * dropped.element_size()
+        return image

@@ -12,9 +12,15 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlm.config import ModelConfig
+from vlm.data.processor import IGNORE_INDEX
+
+# config fields of causal LMs whose logits are more than ``lm_head(hidden)`` (soft-capping,
+# scaling): for those the labelled-only loss falls back to the LLM's own full forward
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 class ImageTokenMismatch(ValueError):
@@ -26,7 +32,7 @@ class VLMOutput:
     """What a forward pass returns: loss (when labels are given), logits, visual tokens."""
 
     loss: Optional[torch.Tensor]
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     vision_hidden_states: Optional[torch.Tensor] = None
     past_key_values: Any = None
 
@@ -121,13 +127,44 @@ class VisionLanguageModel(nn.Module):
         labels: Optional[torch.Tensor] = None,
         image_features: Optional[torch.Tensor] = None,
         instructions: Optional[Sequence[str]] = None,
+        return_logits: bool = True,
         **llm_kwargs,
     ) -> VLMOutput:
         """Logits for every position, and the shifted next-token loss when ``labels`` are given
-        (positions labelled -100 are ignored)."""
+        (positions labelled -100 are ignored).
+
+        With labels and ``return_logits=False`` (what training asks for) the LM head and the
+        cross-entropy run on the labelled positions only and ``logits`` is None: the same loss,
+        without a vocabulary-wide projection of every prompt, image and padding position.
+        """
         inputs_embeds, visual = self.embed(input_ids, pixel_values, image_features, instructions)
+        if labels is not None:
+            # a loss needs no KV cache, and with one transformers ignores packed position ids
+            llm_kwargs.setdefault("use_cache", False)
+        if labels is not None and not return_logits and self._plain_lm_head():
+            loss = self._labelled_loss(inputs_embeds, attention_mask, labels, llm_kwargs)
+            return VLMOutput(loss, None, visual, None)
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
         return VLMOutput(out.loss, out.logits, visual, getattr(out, "past_key_values", None))
+
+    def _plain_lm_head(self) -> bool:
+        """Whether the LLM's logits are exactly ``output_embeddings(last hidden state)``."""
+        config = self.llm.config.get_text_config()
+        return not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+
+    def _labelled_loss(self, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                       labels: torch.Tensor, llm_kwargs: dict) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labelled positions, with the LM head applied
+        to those positions only (transformers' causal LM loss, computed on a gather)."""
+        # get_decoder / get_output_embeddings reach through a PEFT wrapper to the base model;
+        # LoRA layers live inside those modules, so calling them directly keeps the adapters
+        decoder = self.llm.get_decoder()
+        head = self.llm.get_output_embeddings()
+        hidden = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **llm_kwargs).last_hidden_state
+        targets = labels[:, 1:]
+        labelled = targets != IGNORE_INDEX
+        logits = head(hidden[:, :-1][labelled]).float()
+        return F.cross_entropy(logits, targets[labelled])
 
     @torch.no_grad()
     def generate(

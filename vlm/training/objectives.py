@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from vlm.config import ConfigError, StageConfig, Train
+from vlm.data.packing import model_inputs
 from vlm.data.processor import IGNORE_INDEX
 from vlm.errors import DataFormatError
 from vlm.modeling.vision.base import pool_patch_grid
@@ -53,6 +54,7 @@ class Objective(nn.Module):
     """
 
     needs_pixels: ClassVar[bool] = False
+    supports_packing: ClassVar[bool] = False
 
     @classmethod
     def check_stage(cls, stage: StageConfig, where: str) -> None:
@@ -73,6 +75,8 @@ class LanguageModeling(Objective):
     """The model's own next-token loss. Connector parameters the LLM path never reads (the
     Q-Former's text path and stage-1 heads) are frozen for the stage."""
 
+    supports_packing = True
+
     def __init__(self, model, tokenizer):
         super().__init__()
 
@@ -81,7 +85,7 @@ class LanguageModeling(Objective):
         return model.connector.llm_unused_parameters()
 
     def forward(self, model, batch):
-        return StepOutput(model(**batch).loss)
+        return StepOutput(model(**model_inputs(batch), return_logits=False).loss)
 
 
 class CaptionBagOfWords(Objective):

@@ -15,6 +15,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from vlm.data.packing import batch_samples
 from vlm.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class SkipCounter:
         """Take the count out of ``batch``; False when the batch has no sample left (skip it).
         Raises TrainingError when too large a share of the samples failed."""
         skipped = int(batch.pop(SKIPPED_KEY, 0))
-        kept = int(batch["input_ids"].shape[0])
+        kept = batch_samples(batch)
         acc = self.accelerator
         empty = kept == 0
         if acc is not None and acc.num_processes > 1:  # decide alike on every rank, or they desynchronise

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -26,36 +26,18 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vlm.config import Precision, StageConfig
 from vlm.errors import DataFormatError, TrainingError
+from vlm.data.packing import batch_samples
 from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback, CallbackList
 from vlm.training.metrics_log import MetricsLog
 from vlm.training.nonfinite import NonFiniteGuard, check_finite_weights
 from vlm.training.objectives import LanguageModeling, Objective
 from vlm.training.skips import SkipCounter
+from vlm.training.samplers import EpochShuffleSampler  # noqa: F401  (re-exported)
 from vlm.training.stages import parameter_groups, set_train_modes
 from vlm.training.strategies import MIXED_PRECISION, Strategy, build_strategy, split_module_state
 
 logger = logging.getLogger(__name__)
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation that depends only on ``seed`` and the epoch, so resume can replay it."""
-
-    def __init__(self, length: int, seed: int):
-        self.length = length
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the permutation of ``epoch``."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.length
 
 
 def make_accelerator(precision: Precision) -> Accelerator:
@@ -90,7 +72,7 @@ class Trainer:
     def __init__(self, model, dataset, *, collate: Callable, stage: StageConfig, out_dir: str | Path,
                  save_state: Callable, accelerator: Optional[Accelerator] = None, stage_name: str = "stage",
                  objective: Optional[Objective] = None, callbacks: Sequence[Callback] = (),
-                 strategy: Optional[Strategy] = None):
+                 strategy: Optional[Strategy] = None, sampler: Optional[Sampler] = None):
         self.stage = stage
         self.strategy = strategy or build_strategy(stage, f"stages.{stage_name}")
         # the metrics log comes last: it writes the keys the caller's callbacks add to a record
@@ -102,7 +84,8 @@ class Trainer:
         self.dataset = dataset
         if len(dataset) == 0:
             raise DataFormatError(f"stage '{stage_name}': no trainable samples")
-        self.sampler = EpochShuffleSampler(len(dataset), stage.seed)
+        # any sampler with set_epoch whose order depends only on the seed and the epoch
+        self.sampler = sampler if sampler is not None else EpochShuffleSampler(len(dataset), stage.seed)
         # the loader's own generator: creating an iterator must not draw from the global torch
         # RNG, or a resumed run (which creates one mid-epoch) shifts every dropout mask after it
         loader = DataLoader(dataset, batch_size=stage.batch_size, sampler=self.sampler,
@@ -226,7 +209,7 @@ class Trainer:
                 continue
             micro += 1
             sync = micro % stage.grad_accum == 0 or last_of_epoch
-            n = batch["input_ids"].shape[0]
+            n = batch_samples(batch)
             # windows start at multiples of grad_accum in each epoch; an epoch's last may be shorter
             window_start = index // stage.grad_accum * stage.grad_accum
             window_length = min(stage.grad_accum, self.micro_per_epoch - window_start)

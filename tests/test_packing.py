@@ -83,7 +83,7 @@ def test_packing_needs_an_objective_that_supports_it(tmp_path, tokenizer_dir, sh
     stage = {"objective": "caption_bow", "train": {"vision": "full", "connector": "frozen", "llm": "frozen"},
              "data": [conversations(shapes_data)], "packing": True}
     with pytest.raises(ConfigError, match="stages.s.packing"):
-        from vlm.config import validate
+        from vlm.wiring import validate
         validate(run_config(tmp_path, tokenizer_dir, {"s": stage}))
 
 

@@ -23,7 +23,7 @@ from vlm.errors import ConfigError
 
 def _recipe_and_model(target: str, overrides: Sequence[str], out: Optional[str], prepare: bool):
     """``(cfg, model, tokenizer, model_cfg, weights)`` for a recipe YAML or a stage output folder."""
-    from vlm.config import load_config
+    from vlm.wiring import load_run_config as load_config
     from vlm.pipeline import load_pretrained, load_stage_tokenizer
     from vlm.modeling.vlm import VisionLanguageModel
     from vlm.recipes import run_prepare
@@ -100,6 +100,7 @@ def bench_generate(target: str, eval_name: str = "vqa", overrides: Sequence[str]
     samples/s (medians), their ratio and whether every answer is identical."""
     from vlm.data.formats import read_dataset
     from vlm.evaluation.decode import greedy_decode
+    from vlm.evaluation.tasks import TASKS
     from vlm.evaluation.generation import generate_answers, stop_settings
     from vlm.interop.hf_llava import to_hf_llava
     from vlm.pipeline import build_processor
@@ -110,10 +111,9 @@ def bench_generate(target: str, eval_name: str = "vqa", overrides: Sequence[str]
     if eval_name not in cfg.evals:
         raise ConfigError(f"--eval: no evaluation '{eval_name}'; evals: {list(cfg.evals)}")
     ev = cfg.evals[eval_name]
-    args = dict(ev.data.args)
-    if ev.task == "caption":
-        args.setdefault("per", "image")
-    samples = read_dataset(ev.data.format, **args)
+    task = TASKS.get(ev.task)
+    args = {**task.reader_defaults, **dict(ev.data.args)}
+    samples = read_dataset(ev.data.format or task.data_format, image_token=model_cfg.image_token, **args)
     samples = samples[: limit or ev.data.max_samples or len(samples)]
     processor = build_processor(model, tokenizer, model_cfg, ev.template)
     settings = stop_settings(processor)

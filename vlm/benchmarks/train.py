@@ -30,7 +30,8 @@ import torch
 from omegaconf import DictConfig
 
 from vlm.benchmarks import cpu_model
-from vlm.config import Precision, Train, validate
+from vlm.config import Precision, Train
+from vlm.wiring import validate
 from vlm.errors import ConfigError
 from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback

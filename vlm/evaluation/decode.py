@@ -72,7 +72,7 @@ def _prompt_embeds(model, input_ids: torch.Tensor, pixel_values: Optional[torch.
     the connector reads each image's question (then every occurrence is encoded with its own)."""
     if image_index is None or pixel_values is None:
         return model.embed(input_ids, pixel_values, instructions=instructions)[0]
-    if model.connector.reads_instructions:
+    if getattr(model.connector, "instruction_aware", False):  # visual tokens depend on the question
         return model.embed(input_ids, pixel_values[image_index], instructions=instructions)[0]
     visual = model.encode_images(pixel_values)[image_index]
     inputs_embeds = model.llm.get_input_embeddings()(input_ids)

@@ -23,6 +23,8 @@ import json
 import shutil
 from pathlib import Path
 
+from typing import Optional
+
 from omegaconf import OmegaConf
 
 ADAPTER_INFO = "vlm_adapter.json"
@@ -35,9 +37,11 @@ def _strip_lora(state: dict) -> dict:
     return {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
 
 
-def record_adapter_base(peft_model, adapter_dir: Path, model_cfg, tokenizer, prior_llm_entries) -> None:
+def record_adapter_base(peft_model, adapter_dir: Path, model_cfg, tokenizer, prior_llm_entries,
+                        state: Optional[dict] = None) -> None:
     """Write ``adapter_dir``'s base (``base_model_name_or_path``, and ``llm_base/`` when the base
-    is not a pretrained folder) and ``vlm_adapter.json`` (see the module docstring)."""
+    is not a pretrained folder) and ``vlm_adapter.json`` (see the module docstring). ``state``:
+    the PEFT model's full state dict gathered from shards, when its own parameters are shards."""
     adapter_dir = Path(adapter_dir)
     base = peft_model.get_base_model()
     name_or_path = model_cfg.llm.name_or_path
@@ -51,7 +55,9 @@ def record_adapter_base(peft_model, adapter_dir: Path, model_cfg, tokenizer, pri
         # the LLM this stage started from exists nowhere as a transformers folder: write it
         folder = adapter_dir.parent / BASE_DIR
         plain = type(base)(base.config)
-        plain.load_state_dict(_strip_lora(base.state_dict()), strict=True)
+        prefix = "base_model.model."
+        base_state = base.state_dict() if state is None else {k[len(prefix):]: v for k, v in state.items()}
+        plain.load_state_dict(_strip_lora(base_state), strict=True)
         plain.save_pretrained(str(folder), safe_serialization=True)
         base_ref = BASE_DIR
         base_vocab = base.get_input_embeddings().num_embeddings

@@ -247,7 +247,8 @@ def save_model_state(model, folder: Path, stage: StageConfig, model_cfg: ModelCo
             if comp == "llm":  # so that plain PEFT can load it (vlm.interop.peft_adapter)
                 from vlm.interop.peft_adapter import record_adapter_base
 
-                record_adapter_base(module, folder / "llm_adapter", model_cfg, tokenizer, entries)
+                record_adapter_base(module, folder / "llm_adapter", model_cfg, tokenizer, entries,
+                                    state=None if state is None else _component_state(state, comp))
             entries.append({"adapter": str(folder / f"{comp}_adapter")})
         for entry in entries:  # a checksum for every weight file (the earlier stages' are carried)
             if SHA256 not in entry:

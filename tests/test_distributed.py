@@ -89,7 +89,7 @@ def test_fsdp_matches_ddp_survives_sigkill_and_resumes_exactly(tmp_path, tokeniz
         assert torch.allclose(fsdp_w[key], ddp_w[key], atol=1e-5, rtol=0), (key, (fsdp_w[key] - ddp_w[key]).abs().max())
     assert any(not torch.equal(start[k], fsdp_w[k]) for k in start)  # training moved the weights
     manifest = json.loads((out / "final" / "manifest.json").read_text())
-    assert manifest["llm"][-1] == {"adapter": "llm_adapter"}
+    assert manifest["llm"][-1]["adapter"] == "llm_adapter" and len(manifest["llm"][-1]["sha256"]) == 64
 
     # the logged loss is the mean over both ranks' samples, not rank 0's
     for run in ("ddp", "fsdp"):

@@ -54,7 +54,10 @@ def record_adapter_base(peft_model, adapter_dir: Path, model_cfg, tokenizer, pri
     else:
         # the LLM this stage started from exists nowhere as a transformers folder: write it
         folder = adapter_dir.parent / BASE_DIR
-        plain = type(base)(base.config)
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # building it must not move the run's RNG (exact resume)
+            plain = type(base)(base.config)
         prefix = "base_model.model."
         base_state = base.state_dict() if state is None else {k[len(prefix):]: v for k, v in state.items()}
         plain.load_state_dict(_strip_lora(base_state), strict=True)

@@ -211,8 +211,8 @@ class Trainer:
             sync = micro % stage.grad_accum == 0 or last_of_epoch
             n = batch_samples(batch)
             # windows start at multiples of grad_accum in each epoch; an epoch's last may be shorter
-            window_start = index // stage.grad_accum * stage.grad_accum
-            window_length = min(stage.grad_accum, self.micro_per_epoch - window_start)
+            accum_start = index // stage.grad_accum * stage.grad_accum
+            window_length = min(stage.grad_accum, self.micro_per_epoch - accum_start)
             context = contextlib.nullcontext() if sync else acc.no_sync(self.model)
             with context, acc.autocast():
                 out = self.model(batch)

@@ -4,6 +4,7 @@ writing a checkpoint leaves the previous one intact, and stages chain through th
 from __future__ import annotations
 
 import json
+import time
 import math
 import shutil
 from pathlib import Path

@@ -232,3 +232,29 @@ def test_did_you_mean_appears_once(recipe, override, suggestion):
     message = str(info.value)
     assert message.lower().count("did you mean") == 1, message
     assert f"(did you mean '{suggestion}'?)" in message
+
+
+def test_vars_interpolate_are_set_from_the_command_line_and_saved_resolved(tmp_path, recipe):
+    data = yaml.safe_load(recipe.read_text())
+    data["vars"] = {"images": "???", "captions": "${vars.images}/../captions.json"}
+    data["stages"]["align"]["data"][0]["args"] = {"path": "${vars.captions}", "image_root": "${vars.images}"}
+    path = tmp_path / "vars.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"vars\.images.*vars\.images=\.\.\."):
+        load_config(path)
+    cfg = load_config(path, ["vars.images=/data/img"])
+    assert cfg.stages.align.data[0].args.image_root == "/data/img"
+    assert cfg.stages.align.data[0].args.path == "/data/img/../captions.json"
+    save_config(cfg, tmp_path / "saved.yaml")
+    saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())
+    assert saved["stages"]["align"]["data"][0]["args"]["image_root"] == "/data/img"
+    assert saved["vars"]["images"] == "/data/img"
+
+
+def test_an_unknown_variable_is_a_config_error_naming_the_key(tmp_path, recipe):
+    data = yaml.safe_load(recipe.read_text())
+    data["stages"]["align"]["data"][0]["args"]["image_root"] = "${vars.imgs}"
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"stages\.align\.data\[0\]\.args\.image_root.*vars\.imgs"):
+        load_config(path)

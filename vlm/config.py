@@ -213,6 +213,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: Dict[str, StageConfig] = field(default_factory=dict)
     evals: Dict[str, EvalConfig] = field(default_factory=dict)
+    # free user variables for interpolation (``${vars.train_images}``); ``???`` marks one required
+    vars: Dict[str, Any] = field(default_factory=dict)
 
 
 def _schema_fields(node_type) -> list[str]:
@@ -302,8 +304,23 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         if isinstance(exc, ConfigError):
             raise
         raise _explain(exc, origin) from None
+    _check_vars(schema, origin)
     validate(schema)
     return schema
+
+
+def _check_vars(cfg: DictConfig, origin: str) -> None:
+    """ConfigError naming every ``vars`` entry left at ``???`` (a recipe's required variables)."""
+    missing = sorted(OmegaConf.missing_keys(cfg.vars)) if "vars" in cfg else []
+    if missing:
+        sets = " ".join(f"{k}=..." for k in missing)  # missing_keys gives full keys (vars.x)
+        raise ConfigError(f"{origin}: required variable(s) not set: {', '.join(missing)} "
+                          f"(set them on the command line: {sets})")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:  # e.g. ${vars.typo}: name the key and the bad reference
+        key = getattr(exc, "full_key", None) or ""
+        raise ConfigError(f"{origin}: cannot resolve '{key}': {str(exc).splitlines()[0]}") from None
 
 
 def _check_options(options: Dict[str, Any], options_type, where: str) -> None:

@@ -258,3 +258,8 @@ def test_an_unknown_variable_is_a_config_error_naming_the_key(tmp_path, recipe):
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(ConfigError, match=r"stages\.align\.data\[0\]\.args\.image_root.*vars\.imgs"):
         load_config(path)
+
+
+def test_an_override_that_is_not_yaml_is_taken_as_a_string(recipe):
+    cfg = load_config(recipe, ["vars.image_pattern={image_id:012d}.png"])
+    assert cfg.vars.image_pattern == "{image_id:012d}.png"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import inspect
 import re
 import typing
@@ -192,6 +193,8 @@ class TokenizerTrainConfig:
 
     out: str = "tokenizer"
     files: List[str] = field(default_factory=list)
+    # datasets read with vlm's readers (format + args, as a stage's data): every turn's text
+    data: List[DataConfig] = field(default_factory=list)
     vocab_size: int = 512
     min_frequency: int = 1
 
@@ -273,6 +276,19 @@ def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(f"{origin}: invalid config key '{key}': {_one_hint(msg, hint)}")
 
 
+def _plain_string_if_not_yaml(item: str) -> str:
+    """``key=value`` with ``value`` quoted when it is not valid YAML, so that a value such as
+    ``{image_id:012d}.png`` (a file-name pattern) is taken as the string it is."""
+    import yaml
+
+    key, value = item.split("=", 1)
+    try:
+        yaml.safe_load(value)
+    except yaml.YAMLError:
+        return f"{key}={json.dumps(value)}"
+    return item
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), **defaults) -> DictConfig:
     """Load a recipe YAML (or none), apply dotted ``key=value`` overrides, validate the schema.
 
@@ -294,6 +310,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         if overrides:
             origin = f"{origin} with overrides {list(overrides)}"
             for item in overrides:
+                item = _plain_string_if_not_yaml(item)
                 try:
                     schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([item]))
                 except TypeError:  # a list index (data.0.format=...): merge cannot address list items
@@ -403,6 +420,9 @@ def validate(cfg: DictConfig) -> None:
         if data.repeat < 1:
             raise ConfigError(f"{where}.repeat: must be at least 1, got {data.repeat}")
 
+    if cfg.prepare.tokenizer is not None:
+        for i, data in enumerate(cfg.prepare.tokenizer.data):
+            check_data(data, f"prepare.tokenizer.data.{i}")
     for name, stage in cfg.stages.items():
         where = f"stages.{name}"
         if stage.template is not None and stage.template != "tokenizer":

@@ -158,6 +158,11 @@ class StageConfig:
     # (vlm/training/features.py); None: <out_dir>/feature_cache
     feature_cache: bool = False
     feature_cache_dir: Optional[str] = None
+    # evaluation during training (vlm/training/eval_callback.py): run these entries of ``evals``
+    # every ``eval_every`` steps; ``keep_best: <eval>/<metric>`` keeps the best model in <stage>/best
+    eval_every: Optional[int] = None
+    evals: List[str] = field(default_factory=list)
+    keep_best: Optional[str] = None
 
 
 @dataclass
@@ -174,6 +179,8 @@ class EvalConfig:
     checkpoint: Optional[str] = None
     # retrieval only: re-rank each query's k best ITC candidates with the ITM head; None: ITC only
     rerank_k: Optional[int] = None
+    # cap on the samples read when a stage runs this eval during training (stages.<name>.evals)
+    max_samples_in_training: Optional[int] = None
 
 
 @dataclass
@@ -437,6 +444,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{where}.train: LoRA is supported for the llm only")
         if stage.feature_cache:
             _check_feature_cache(stage, connector_cls, objective, f"{where}.feature_cache")
+        _check_stage_evals(cfg, stage, where)
     for name, ev in cfg.evals.items():
         where = f"evals.{name}"
         expected = {"caption": "coco_captions", "vqa": "vqav2", "retrieval": "coco_captions"}
@@ -453,6 +461,23 @@ def validate(cfg: DictConfig) -> None:
         if ev.rerank_k is not None and (ev.task != "retrieval" or ev.rerank_k < 1):
             raise ConfigError(f"{where}.rerank_k: ITM re-ranking of the top k (k >= 1) applies to task "
                               f"'retrieval' only; got {ev.rerank_k} for task '{ev.task}'")
+
+
+def _check_stage_evals(cfg: DictConfig, stage, where: str) -> None:
+    """``evals`` name entries of ``cfg.evals``, need ``eval_every`` >= 1; ``keep_best`` is
+    ``<one of them>/<metric>``."""
+    for name in stage.evals:
+        if name not in cfg.evals:
+            raise ConfigError(f"{where}.evals: no eval '{name}' in evals{closest(name, list(cfg.evals))}; "
+                              f"evals: {list(cfg.evals)}")
+    if stage.evals and (stage.eval_every is None or stage.eval_every < 1):
+        raise ConfigError(f"{where}.eval_every: evals {list(stage.evals)} need eval_every >= 1 (steps), "
+                          f"got {stage.eval_every}")
+    if stage.keep_best is not None:
+        name = stage.keep_best.split("/", 1)[0]
+        if "/" not in stage.keep_best or name not in stage.evals:
+            raise ConfigError(f"{where}.keep_best: expected '<eval>/<metric>' with <eval> one of the stage's "
+                              f"evals {list(stage.evals)}, got '{stage.keep_best}'")
 
 
 def to_container(cfg: DictConfig) -> dict:

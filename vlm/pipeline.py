@@ -21,6 +21,7 @@ from vlm.modeling.llm import load_tokenizer
 from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback
+from vlm.training.eval_callback import build_eval_callback
 from vlm.training.features import BuildReport, build_stage_feature_cache
 from vlm.training.objectives import build_objective
 from vlm.training.stages import apply_stage
@@ -115,6 +116,9 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     def save_state(trained_model, folder):
         ckpt.save_model_state(trained_model, folder, stage, cfg.model, tokenizer, prior)
 
+    evaluation = build_eval_callback(
+        cfg, name, lambda m, template: build_processor(m, tokenizer, cfg.model, template))
+    callbacks = list(callbacks) + ([evaluation] if evaluation is not None else [])
     trainer = Trainer(model, dataset, processor.collate, stage, out_dir, save_state, accelerator, name,
                       objective=objective, callbacks=callbacks)
     return StageRun(trainer, dataset, report)

@@ -123,6 +123,8 @@ class Trainer:
             num_training_steps=self.total_steps, min_lr_rate=stage.min_lr_ratio,
         )
         self.history: List[dict] = []
+        # extra progress-bar fields callbacks may set (evaluation scores)
+        self.progress_extras: Dict[str, str] = {}
 
     @property
     def is_main(self) -> bool:
@@ -234,7 +236,7 @@ class Trainer:
                 self.callbacks.on_log(self, record)
                 self.history.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                samples_s=f"{record['samples_per_s']:.1f}")
+                                samples_s=f"{record['samples_per_s']:.1f}", **self.progress_extras)
                 if self.is_main:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
@@ -271,7 +273,9 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     keys = sorted({k for r in records for k in r if k.startswith("loss")})
-    fig, ax = plt.subplots(figsize=(6, 4))
+    evals = sorted({k for r in records for k in r if k.startswith("eval/")})
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
+    ax = axes[0][0]
     for key in keys:
         points = [(r["step"], r[key]) for r in records if key in r]
         ax.plot(*zip(*points), label=key)
@@ -280,6 +284,15 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     ax.set_yscale("log")
     ax.legend()
     ax.set_title(metrics_path.parent.name)
+    if evals:  # evaluation during training, beside the loss
+        panel = axes[0][1]
+        for key in evals:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            panel.plot(*zip(*points), marker="o", label=key[len("eval/"):])
+        panel.set_xlabel("step")
+        panel.set_ylabel("score")
+        panel.legend(fontsize="small")
+        panel.set_title("evaluation during training")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

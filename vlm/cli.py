@@ -105,10 +105,17 @@ def cmd_score(args) -> None:
 
 def cmd_data_shapes(args) -> None:
     """Write the synthetic shapes dataset."""
-    from vlm.data.synthetic import generate_shapes
+    from vlm.data.synthetic import ShapesStyle, generate_shapes
 
+    colors = tuple(c.strip() for c in args.colors.split(",")) if args.colors else None
+    style = ShapesStyle(shape_scale=args.shape_scale, jitter=args.jitter, shapes_per_image=args.shapes_per_image,
+                        background=args.background, colors=colors, phrasing=args.phrasing)
+    try:
+        style.check()
+    except ValueError as exc:
+        raise ConfigError(f"vlm data shapes: {exc}") from None
     paths = generate_shapes(args.out, num_train=args.num_train, num_test=args.num_test,
-                            image_size=args.image_size, seed=args.seed)
+                            image_size=args.image_size, seed=args.seed, style=style)
     print(json.dumps(paths, indent=2, default=str))
 
 
@@ -228,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-test", type=int, default=200)
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shape-scale", type=float, default=1.0, help="multiply the shapes' sizes (0.3-1.6)")
+    s.add_argument("--jitter", type=float, default=0.05, help="largest shift of a shape's centre, fraction of the side")
+    s.add_argument("--shapes-per-image", type=int, default=1, choices=[1, 2],
+                   help="2: a shape in each half; questions name which ('the shape on the left')")
+    s.add_argument("--background", default="solid", choices=["solid", "noise", "gradient"])
+    s.add_argument("--colors", help="comma-separated colour names to draw from (default: the six demo colours; "
+                                    "also pink, brown, cyan, gray, black, white, lime, navy)")
+    s.add_argument("--phrasing", default="default", choices=["default", "alt"], help="question wordings")
     s.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("chat", help=cmd_chat.__doc__)

@@ -65,3 +65,28 @@ def test_stage_evals_must_name_entries_of_evals(tmp_path, tokenizer_dir, shapes_
         load_config(path, ["stages.lm.keep_best=caption/CIDEr"])
     with pytest.raises(ConfigError, match=r"stages\.lm\.eval_every"):
         load_config(path, ["stages.lm.eval_every=null"])
+
+
+def test_the_caption_eval_scores_images_with_references_and_counts_the_others(tmp_path, tiny_model, tokenizer,
+                                                                             model_config, shapes_data):
+    from omegaconf import OmegaConf
+
+    from vlm.config import EvalConfig
+    from vlm.evaluation.runner import run_eval
+    from vlm.pipeline import build_processor
+
+    test = shapes_data["test"]
+    data = json.loads(open(test["captions"]).read())
+    first = data["images"][0]["id"]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != first]  # no caption for image 1
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(data))
+    cfg = OmegaConf.structured(EvalConfig)
+    cfg.task = "caption"
+    cfg.data.format = "coco_captions"
+    cfg.data.args = {"path": str(path), "image_root": test["image_root"]}
+    cfg.max_new_tokens = 3
+    processor = build_processor(tiny_model, tokenizer, model_config)
+    scores = run_eval(tiny_model, processor, cfg, tmp_path / "eval", "caption")
+    assert scores["images_without_references"] == 1
+    assert "CIDEr" in scores

@@ -124,7 +124,7 @@ def cmd_chat(args) -> None:
     from vlm.chat import chat
 
     chat(args.checkpoint, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
-         temperature=args.temperature, template=args.template)
+         temperature=args.temperature, template=args.template, use_task_prompt=not args.no_task_prompt)
 
 
 def cmd_bench_feature_cache(args) -> None:
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--template", help="chat template (default: the model's)")
+    p.add_argument("--no-task-prompt", action="store_true",
+                   help="ask the question as typed, without the model's task_prompt_suffix")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("bench", help="benchmarks (measurements, not tests)")

@@ -87,6 +87,9 @@ class ModelConfig:
     image_token: str = "<image>"
     template: str = "vicuna_v1"
     system_prompt: Optional[str] = None
+    # appended to each question `vlm chat` asks (saved in the stage output's model.yaml): the
+    # prompt format of the training data, e.g. the vqav2 reader's answer-format suffix
+    task_prompt_suffix: Optional[str] = None
 
 
 @dataclass

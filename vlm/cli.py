@@ -100,7 +100,19 @@ def cmd_score(args) -> None:
         if not args.questions:
             raise ConfigError("vlm score vqa needs --questions")
         scores = score_vqa(args.questions, args.annotations, args.results)
-    print(json.dumps(scores))
+    if args.details_out:
+        from pathlib import Path
+
+        Path(args.details_out).write_text(json.dumps(scores, indent=1))
+    print(json.dumps(scores if args.details else score_summary(scores)))
+
+
+def score_summary(scores: dict) -> dict:
+    """The scores without per-question detail (a VQA score's ``per_question`` becomes a count)."""
+    summary = {k: v for k, v in scores.items() if k != "per_question"}
+    if "per_question" in scores:
+        summary["questions"] = len(scores["per_question"])
+    return summary
 
 
 def cmd_data_shapes(args) -> None:
@@ -225,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="results JSON in the official format")
     p.add_argument("--questions", help="VQAv2 questions JSON (vqa only)")
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs CoreNLP; not offline)")
+    p.add_argument("--details", action="store_true", help="print every question's score too (vqa: per_question)")
+    p.add_argument("--details-out", help="write the full scores, per-question detail included, to this JSON file")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("data", help="generate datasets")

@@ -317,6 +317,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                         datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from vlm.quiet import silence_third_party_warnings
+
+    silence_third_party_warnings()
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError) as exc:

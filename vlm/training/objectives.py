@@ -144,6 +144,11 @@ class AnswerWords(Objective):
         width = model.vision.embed_dim * max(self.pool, 1) ** 2
         self.image_proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, self.hidden))
         self.question_proj = nn.Linear(self.vocab_size, self.hidden)
+        # logits = what the image shows + what the question asks for + their interaction: the
+        # direct image -> word path gives the encoder a strong gradient from the first step (as
+        # caption_bow's), the question path the answer prior, the MLP questions like "is it red?"
+        self.image_words = nn.Sequential(nn.GELU(), nn.Linear(self.hidden, self.vocab_size))
+        self.question_words = nn.Sequential(nn.GELU(), nn.Linear(self.hidden, self.vocab_size))
         self.head = nn.Sequential(nn.GELU(), nn.Linear(2 * self.hidden, self.hidden), nn.GELU(),
                                   nn.Linear(self.hidden, self.vocab_size))
 
@@ -156,6 +161,12 @@ class AnswerWords(Objective):
         hot[rows[keep], ids[keep]] = 1.0
         hot[:, self.ignored] = 0.0
         return hot
+
+    def logits(self, pooled: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        """``(B, vocab)`` answer-word logits from pooled image features and question bags."""
+        image, asked = self.image_proj(pooled), self.question_proj(question)
+        return (self.image_words(image) + self.question_words(asked)
+                + self.head(torch.cat([image, asked], dim=1)))
 
     def forward(self, model, batch):
         if batch["pixel_values"] is None:
@@ -179,8 +190,7 @@ class AnswerWords(Objective):
         if not bool(has_answer.any()):
             raise ValueError("objective 'answer_words': no sample in the batch has a trained answer word")
         target = answer[has_answer] / answer[has_answer].sum(1, keepdim=True)
-        hidden = torch.cat([self.image_proj(pooled), self.question_proj(question)], dim=1)
-        logits = self.head(hidden)[has_answer]
+        logits = self.logits(pooled, question)[has_answer]
         loss = -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
         return StepOutput(loss, {"loss_answer": loss.detach()})
 

@@ -263,3 +263,16 @@ def test_an_unknown_variable_is_a_config_error_naming_the_key(tmp_path, recipe):
 def test_an_override_that_is_not_yaml_is_taken_as_a_string(recipe):
     cfg = load_config(recipe, ["vars.image_pattern={image_id:012d}.png"])
     assert cfg.vars.image_pattern == "{image_id:012d}.png"
+
+
+def test_the_vqa_from_scratch_recipe_takes_all_its_data_from_vars():
+    names = ["train_images", "train_captions", "train_questions", "train_annotations", "test_images",
+             "test_captions", "test_questions", "test_annotations"]
+    overrides = [f"vars.{n}=/DATA/{n}" for n in names] + ["vars.image_pattern={image_id:012d}.png"]
+    cfg = load_config("configs/recipes/vqa_from_scratch.yaml", overrides)
+    keys = ("path", "image_root", "questions_path", "annotations_path", "image_pattern")
+    datasets = [d for stage in cfg.stages.values() for d in stage.data] + list(cfg.prepare.tokenizer.data)
+    datasets += [ev.data for ev in cfg.evals.values()]
+    paths = [v for d in datasets for k, v in d.args.items() if k in keys]
+    assert paths and all(v.startswith("/DATA/") or v == "{image_id:012d}.png" for v in paths), paths
+    assert all(stage.eval_every for name, stage in cfg.stages.items() if name != "vision_warmup")

@@ -57,17 +57,18 @@ class EvalDuringTraining(Callback):
 
     def on_train_start(self, trainer, position):
         self.best = None
-        best_file = trainer.out_dir / BEST_FILE
-        if not trainer.is_main or not self.keep_best:
+        if not self.keep_best:
             return
-        if position["step"] == 0:
-            best_file.unlink(missing_ok=True)  # a fresh start: the old best is replaced at the first eval
-        elif best_file.is_file():
-            record = json.loads(best_file.read_text())
-            # a best from past the resumed checkpoint belongs to a history that was trimmed
-            if record.get("metric") == self.keep_best and record["step"] <= position["step"]:
-                self.best = float(record["value"])
-        self.best = self._broadcast(trainer, self.best)
+        best_file = trainer.out_dir / BEST_FILE
+        if trainer.is_main:
+            if position["step"] == 0:
+                best_file.unlink(missing_ok=True)  # a fresh start: the old best is replaced at the first eval
+            elif best_file.is_file():
+                record = json.loads(best_file.read_text())
+                # a best from past the resumed checkpoint belongs to a history that was trimmed
+                if record.get("metric") == self.keep_best and record["step"] <= position["step"]:
+                    self.best = float(record["value"])
+        self.best = self._broadcast(trainer, self.best)  # every process, or the others would wait forever
 
     def on_step_end(self, trainer, position):
         step = position["step"]

@@ -155,3 +155,12 @@ def test_missing_keys():
 def test_results_not_a_list():
     with pytest.raises(ValueError, match="must be a JSON list"):
         score_captions(_coco_annotations(), {"image_id": 1, "caption": "a red square"})
+
+
+def test_images_listed_without_references_are_reported_not_scored(scores):
+    annotations = _coco_annotations()
+    annotations["images"].append({"id": 77, "file_name": "77.png"})  # listed, no caption
+    with_extra = score_captions(annotations, CANDIDATES + [{"image_id": 77, "caption": "a shape"}])
+    assert with_extra.pop("images_without_references") == 1
+    ours, _, _ = scores
+    assert with_extra == pytest.approx(ours)  # the same score as without that image

@@ -89,13 +89,25 @@ def test_score_vqa_prints_what_score_vqa_returns(vqa_files, capsys):
 
     code, out, err = run_main(["score", "vqa", "--questions", vqa_files["questions"],
                                "--annotations", vqa_files["annotations"],
-                               "--results", vqa_files["results"]], capsys)
+                               "--results", vqa_files["results"], "--details"], capsys)
     assert code == 0, err
     printed = only_json_object(out)
     expected = score_vqa(str(vqa_files["questions"]), str(vqa_files["annotations"]), str(vqa_files["results"]))
     assert printed == json.loads(json.dumps(expected))  # JSON turns question ids into strings
     assert 0 < printed["overall"] < 100
     assert set(printed["per_answer_type"]) == {"other", "number", "yes/no"}
+
+
+def test_score_vqa_prints_a_summary_by_default_and_the_detail_into_a_file(vqa_files, tmp_path, capsys):
+    details = tmp_path / "details.json"
+    code, out, err = run_main(["score", "vqa", "--questions", vqa_files["questions"],
+                               "--annotations", vqa_files["annotations"], "--results", vqa_files["results"],
+                               "--details-out", details], capsys)
+    assert code == 0, err
+    summary, full = only_json_object(out), json.loads(details.read_text())
+    assert "per_question" not in summary and summary["questions"] == len(full["per_question"]) > 0
+    assert summary["overall"] == full["overall"]
+    assert summary["per_answer_type"] == full["per_answer_type"]
 
 
 def test_score_vqa_without_questions_is_a_usage_error(vqa_files, capsys):

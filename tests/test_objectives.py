@@ -51,3 +51,35 @@ def test_unknown_objective_is_named_with_a_suggestion(tmp_path, tokenizer_dir, s
     stage = {"objective": "caption_bw", "data": [{"format": "coco_captions", "args": {"path": shapes_data["train"]["captions"]}}]}
     with pytest.raises(ConfigError, match="did you mean 'caption_bow'"):
         run_config(tmp_path, tokenizer_dir, {"warm": stage})
+
+
+def test_answer_words_warmup_conditions_on_the_question_and_its_loss_falls(tmp_path, tokenizer_dir, shapes_data):
+    train = shapes_data["train"]
+    vqa = {"questions_path": train["questions"], "annotations_path": train["annotations"],
+           "image_root": train["image_root"], "image_pattern": shapes_data["image_pattern"]}
+    stage = {"objective": "answer_words", "train": {"vision": "full", "connector": "frozen", "llm": "frozen"},
+             "template": "chatml", "data": [{"format": "vqav2", "args": vqa}],
+             "learning_rate": 3e-3, "batch_size": 16, "max_steps": 30, "log_every": 5, "warmup_ratio": 0.0}
+    cfg = run_config(tmp_path, tokenizer_dir, {"warm": stage})
+    final = run_stage(cfg, "warm")
+    records = [json.loads(line) for line in (tmp_path / "run" / "warm" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss_answer"] < 0.7 * records[0]["loss_answer"]
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["vision"] == [{"weights": "vision.safetensors"}]  # the head is not part of the model
+
+
+def test_answer_words_reads_the_question_apart_from_the_answer(model_config, tokenizer):
+    from vlm.training.objectives import AnswerWords
+
+    model = build_tiny_model(model_config, tokenizer)
+    objective = AnswerWords(model, tokenizer)
+    processor = build_processor(model, tokenizer, model_config, "chatml")
+    row = processor.tokenize([Turn("user", "<image>\nwhat color is it?"), Turn("assistant", "red")])
+    ids, labels = torch.tensor([row[0]]), torch.tensor([row[1]])
+    answer = objective._bag(labels.clamp(min=0), labels != -100)
+    question = objective._bag(ids, labels == -100)
+    red = set(tokenizer("red", add_special_tokens=False)["input_ids"])
+    assert set(torch.nonzero(answer[0]).flatten().tolist()) == red
+    assert not red & set(torch.nonzero(question[0]).flatten().tolist())
+    color = set(tokenizer(" color", add_special_tokens=False)["input_ids"])
+    assert color <= set(torch.nonzero(question[0]).flatten().tolist())

@@ -19,9 +19,20 @@ def answer(model, processor, image: str, turns: List[Turn], max_new_tokens: int 
                             desc="chat", **sampling)[0]
 
 
+def task_prompt(question: str, model_cfg, enabled: bool = True) -> str:
+    """``question`` in the prompt format the model was trained with: ``model.task_prompt_suffix``
+    appended (when set, ``enabled`` and not already there)."""
+    suffix = model_cfg.get("task_prompt_suffix") if enabled else None
+    if not suffix or question.endswith(suffix):
+        return question
+    return question + suffix
+
+
 def chat(checkpoint: str, image: str, prompt: Optional[str] = None, max_new_tokens: int = 64,
-         temperature: float = 0.0, template: Optional[str] = None, trust_remote_code: bool = False) -> None:
-    """Answer ``prompt`` about ``image``, or loop over questions read from stdin."""
+         temperature: float = 0.0, template: Optional[str] = None, trust_remote_code: bool = False,
+         use_task_prompt: bool = True) -> None:
+    """Answer ``prompt`` about ``image``, or loop over questions read from stdin. Each question
+    gets the checkpoint's ``task_prompt_suffix`` unless ``use_task_prompt`` is False."""
     from vlm.pipeline import build_processor, load_pretrained
 
     model, tokenizer, model_cfg = load_pretrained(checkpoint, trust_remote_code=trust_remote_code)
@@ -40,6 +51,7 @@ def chat(checkpoint: str, image: str, prompt: Optional[str] = None, max_new_toke
                 return
             if question in ("", "exit", "quit"):
                 return
+        question = task_prompt(question, model_cfg, use_task_prompt)
         content = f"{processor.image_token}\n{question}" if not turns else question
         turns.append(Turn("user", content))
         reply = answer(model, processor, image, turns, max_new_tokens, temperature)

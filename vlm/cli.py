@@ -130,15 +130,34 @@ def cmd_score(args) -> None:
         if not args.questions:
             raise ConfigError("vlm score vqa needs --questions")
         scores = score_vqa(args.questions, args.annotations, args.results, allow_missing=args.allow_missing)
-    print(json.dumps(scores))
+    if args.details_out:
+        from pathlib import Path
+
+        Path(args.details_out).write_text(json.dumps(scores, indent=1))
+    print(json.dumps(scores if args.details else score_summary(scores)))
+
+
+def score_summary(scores: dict) -> dict:
+    """The scores without per-question detail (a VQA score's ``per_question`` becomes a count)."""
+    summary = {k: v for k, v in scores.items() if k != "per_question"}
+    if "per_question" in scores:
+        summary["questions"] = len(scores["per_question"])
+    return summary
 
 
 def cmd_data_shapes(args) -> None:
     """Write the synthetic shapes dataset."""
-    from vlm.data.synthetic import generate_shapes
+    from vlm.data.synthetic import ShapesStyle, generate_shapes
 
+    colors = tuple(c.strip() for c in args.colors.split(",")) if args.colors else None
+    style = ShapesStyle(shape_scale=args.shape_scale, jitter=args.jitter, shapes_per_image=args.shapes_per_image,
+                        background=args.background, colors=colors, phrasing=args.phrasing)
+    try:
+        style.check()
+    except ValueError as exc:
+        raise ConfigError(f"vlm data shapes: {exc}") from None
     paths = generate_shapes(args.out, num_train=args.num_train, num_test=args.num_test,
-                            image_size=args.image_size, seed=args.seed)
+                            image_size=args.image_size, seed=args.seed, style=style)
     print(json.dumps(paths, indent=2, default=str))
 
 
@@ -147,7 +166,8 @@ def cmd_chat(args) -> None:
     from vlm.chat import chat
 
     chat(args.checkpoint, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
-         temperature=args.temperature, template=args.template, trust_remote_code=args.trust_remote_code)
+         temperature=args.temperature, template=args.template, trust_remote_code=args.trust_remote_code,
+         use_task_prompt=not args.no_task_prompt)
 
 
 def cmd_bench_feature_cache(args) -> None:
@@ -308,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs CoreNLP; not offline)")
     p.add_argument("--allow-missing", action="store_true",
                    help="vqa: score only the answered questions when results lack some")
+    p.add_argument("--details", action="store_true", help="print every question's score too (vqa: per_question)")
+    p.add_argument("--details-out", help="write the full scores, per-question detail included, to this JSON file")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("data", help="generate datasets")
@@ -318,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-test", type=int, default=200)
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shape-scale", type=float, default=1.0, help="multiply the shapes' sizes (0.3-1.6)")
+    s.add_argument("--jitter", type=float, default=0.05, help="largest shift of a shape's centre, fraction of the side")
+    s.add_argument("--shapes-per-image", type=int, default=1, choices=[1, 2],
+                   help="2: a shape in each half; questions name which ('the shape on the left')")
+    s.add_argument("--background", default="solid", choices=["solid", "noise", "gradient"])
+    s.add_argument("--colors", help="comma-separated colour names to draw from (default: the six demo colours; "
+                                    "also pink, brown, cyan, gray, black, white, lime, navy)")
+    s.add_argument("--phrasing", default="default", choices=["default", "alt"], help="question wordings")
     s.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("chat", help=cmd_chat.__doc__)
@@ -329,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", help="chat template (default: the model's)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the LLM's own Python code (never taken from the checkpoint's model.yaml)")
+    p.add_argument("--no-task-prompt", action="store_true",
+                   help="ask the question as typed, without the model's task_prompt_suffix")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("bench", help="benchmarks (measurements, not tests)")
@@ -429,6 +461,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     for noisy in ("httpx", "urllib3", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     debug = args.debug or os.environ.get("VLM_DEBUG", "") not in ("", "0")
+    from vlm.quiet import silence_third_party_warnings
+
+    silence_third_party_warnings()
     try:
         args.func(args)
     except (VLMError, OSError, UnicodeDecodeError) as exc:

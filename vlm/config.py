@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import re
 import typing
 from dataclasses import dataclass, field
@@ -91,6 +92,9 @@ class ModelConfig:
     image_token: str = "<image>"
     template: str = "vicuna_v1"
     system_prompt: Optional[str] = None
+    # appended to each question `vlm chat` asks (saved in the stage output's model.yaml): the
+    # prompt format of the training data, e.g. the vqav2 reader's answer-format suffix
+    task_prompt_suffix: Optional[str] = None
 
 
 @dataclass
@@ -187,6 +191,11 @@ class EvalDataConfig(DataConfig):
     """An evaluation's dataset; ``format`` None: the task's own (``vlm.evaluation.tasks``)."""
 
     format: Optional[str] = None
+    # evaluation during training (vlm/training/eval_callback.py): run these entries of ``evals``
+    # every ``eval_every`` steps; ``keep_best: <eval>/<metric>`` keeps the best model in <stage>/best
+    eval_every: Optional[int] = None
+    evals: List[str] = field(default_factory=list)
+    keep_best: Optional[str] = None
 
 
 @dataclass
@@ -206,6 +215,8 @@ class EvalConfig:
     rerank_k: Optional[int] = None
     # images with more pixels are refused before decoding (the sample is skipped and counted)
     max_image_pixels: int = 40_000_000
+    # cap on the samples read when a stage runs this eval during training (stages.<name>.evals)
+    max_samples_in_training: Optional[int] = None
 
 
 @dataclass
@@ -225,6 +236,8 @@ class TokenizerTrainConfig:
 
     out: str = "tokenizer"
     files: List[str] = field(default_factory=list)
+    # datasets read with vlm's readers (format + args, as a stage's data): every turn's text
+    data: List[DataConfig] = field(default_factory=list)
     vocab_size: int = 512
     min_frequency: int = 1
 
@@ -248,6 +261,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: Dict[str, StageConfig] = field(default_factory=dict)
     evals: Dict[str, EvalConfig] = field(default_factory=dict)
+    # free user variables for interpolation (``${vars.train_images}``); ``???`` marks one required
+    vars: Dict[str, Any] = field(default_factory=dict)
 
 
 STRATEGY_NAMES = ("ddp", "fsdp", "zero2", "zero3")  # vlm.training.strategies.STRATEGIES
@@ -309,6 +324,19 @@ def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(f"{origin}: invalid config key '{key}': {_one_hint(msg, hint)}")
 
 
+def _plain_string_if_not_yaml(item: str) -> str:
+    """``key=value`` with ``value`` quoted when it is not valid YAML, so that a value such as
+    ``{image_id:012d}.png`` (a file-name pattern) is taken as the string it is."""
+    import yaml
+
+    key, value = item.split("=", 1)
+    try:
+        yaml.safe_load(value)
+    except yaml.YAMLError:
+        return f"{key}={json.dumps(value)}"
+    return item
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), **defaults) -> DictConfig:
     """Load a recipe YAML (or none), apply dotted ``key=value`` overrides, check the schema
     (keys and types; not registry names: :func:`vlm.wiring.load_run_config` does both).
@@ -331,6 +359,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         if overrides:
             origin = f"{origin} with overrides {list(overrides)}"
             for item in overrides:
+                item = _plain_string_if_not_yaml(item)
                 try:
                     schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([item]))
                 except TypeError:  # a list index (data.0.format=...): merge cannot address list items
@@ -344,6 +373,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{origin}: not UTF-8 at byte {exc.start}; re-save the file as UTF-8") from None
     check_ranges(schema, origin)
+    _check_vars(schema, origin)
+    for name, stage in schema.stages.items():
+        _check_stage_evals(schema, stage, f"stages.{name}")
     return schema
 
 
@@ -429,6 +461,54 @@ def check_ranges(cfg: DictConfig, origin: str = "config") -> None:
             _check_range(ev, key, test, must, f"evals.{name}.", origin)
         for key, test, must in _DATA_RANGES:
             _check_range(ev.data, key, test, must, f"evals.{name}.data.", origin)
+
+
+def _check_stage_evals(cfg: DictConfig, stage, where: str) -> None:
+    """``evals`` name entries of ``cfg.evals``, need ``eval_every`` >= 1; ``keep_best`` is
+    ``<one of them>/<metric>``."""
+    for name in stage.evals:
+        if name not in cfg.evals:
+            raise ConfigError(f"{where}.evals: no eval '{name}' in evals{closest(name, list(cfg.evals))}; "
+                              f"evals: {list(cfg.evals)}")
+    if stage.evals and (stage.eval_every is None or stage.eval_every < 1):
+        raise ConfigError(f"{where}.eval_every: evals {list(stage.evals)} need eval_every >= 1 (steps), "
+                          f"got {stage.eval_every}")
+    if stage.keep_best is not None:
+        name = stage.keep_best.split("/", 1)[0]
+        if "/" not in stage.keep_best or name not in stage.evals:
+            raise ConfigError(f"{where}.keep_best: expected '<eval>/<metric>' with <eval> one of the stage's "
+                              f"evals {list(stage.evals)}, got '{stage.keep_best}'")
+
+
+def _check_vars(cfg: DictConfig, origin: str) -> None:
+    """ConfigError naming every ``vars`` entry left at ``???`` (a recipe's required variables)."""
+    missing = sorted(OmegaConf.missing_keys(cfg.vars)) if "vars" in cfg else []
+    if missing:
+        sets = " ".join(f"{k}=..." for k in missing)  # missing_keys gives full keys (vars.x)
+        raise ConfigError(f"{origin}: required variable(s) not set: {', '.join(missing)} "
+                          f"(set them on the command line: {sets})")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:  # e.g. ${vars.typo}: name the key and the bad reference
+        key = getattr(exc, "full_key", None) or ""
+        raise ConfigError(f"{origin}: cannot resolve '{key}': {str(exc).splitlines()[0]}") from None
+
+
+def _check_stage_evals(cfg: DictConfig, stage, where: str) -> None:
+    """``evals`` name entries of ``cfg.evals``, need ``eval_every`` >= 1; ``keep_best`` is
+    ``<one of them>/<metric>``."""
+    for name in stage.evals:
+        if name not in cfg.evals:
+            raise ConfigError(f"{where}.evals: no eval '{name}' in evals{closest(name, list(cfg.evals))}; "
+                              f"evals: {list(cfg.evals)}")
+    if stage.evals and (stage.eval_every is None or stage.eval_every < 1):
+        raise ConfigError(f"{where}.eval_every: evals {list(stage.evals)} need eval_every >= 1 (steps), "
+                          f"got {stage.eval_every}")
+    if stage.keep_best is not None:
+        name = stage.keep_best.split("/", 1)[0]
+        if "/" not in stage.keep_best or name not in stage.evals:
+            raise ConfigError(f"{where}.keep_best: expected '<eval>/<metric>' with <eval> one of the stage's "
+                              f"evals {list(stage.evals)}, got '{stage.keep_best}'")
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -24,6 +24,7 @@ from vlm.modeling.llm import load_tokenizer
 from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback
+from vlm.training.eval_callback import build_eval_callback
 from vlm.training.features import BuildReport, build_stage_feature_cache
 from vlm.training.objectives import build_objective
 from vlm.training.skips import CountingCollate
@@ -158,6 +159,9 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
         sampler = LengthGroupedSampler([len(ids) for _, ids, _ in dataset.entries],
                                        [bool(sample.images) for sample, _, _ in dataset.entries],
                                        stage.batch_size, stage.seed, accelerator.num_processes)
+    evaluation = build_eval_callback(
+        cfg, name, lambda m, template: build_processor(m, tokenizer, cfg.model, template))
+    callbacks = list(callbacks) + ([evaluation] if evaluation is not None else [])
     trainer = Trainer(model, dataset, collate=CountingCollate(collate), stage=stage, out_dir=out_dir,
                       save_state=save_state, accelerator=accelerator, stage_name=name,
                       objective=objective, callbacks=callbacks, strategy=strategy, sampler=sampler)

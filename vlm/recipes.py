@@ -28,7 +28,8 @@ def run_prepare(cfg: DictConfig) -> None:
     tok = cfg.prepare.tokenizer
     if tok is not None:
         logger.info("prepare: tokenizer -> %s", tok.out)
-        train_tokenizer_from_files(list(tok.files), tok.out, tok.vocab_size, tok.min_frequency)
+        train_tokenizer_from_files(list(tok.files), tok.out, tok.vocab_size, tok.min_frequency,
+                                   datasets=list(tok.data))
 
 
 def run_evals(cfg: DictConfig, checkpoint: Optional[str] = None) -> Dict[str, Dict[str, float]]:

@@ -196,6 +196,9 @@ def validate(cfg: DictConfig) -> None:
     An eval's ``data.format`` left unset is filled with its task's."""
     check_model(cfg.model)
     connector_cls = registry("connectors").get(cfg.model.connector.name)
+    if cfg.prepare.tokenizer is not None:
+        for i, data in enumerate(cfg.prepare.tokenizer.data):
+            check_data(data, f"prepare.tokenizer.data.{i}")
     for name, stage in cfg.stages.items():
         check_stage(stage, connector_cls, f"stages.{name}")
     for name, ev in cfg.evals.items():

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -26,6 +27,18 @@ COLORS = {
     "yellow": (240, 210, 20),
     "purple": (140, 50, 190),
     "orange": (250, 135, 20),
+}
+# extra colours for ``colors=`` (ShapesStyle); the default set is COLORS
+PALETTE = {
+    **COLORS,
+    "pink": (240, 120, 180),
+    "brown": (130, 80, 40),
+    "cyan": (30, 200, 210),
+    "gray": (128, 128, 128),
+    "black": (20, 20, 20),
+    "white": (250, 250, 250),
+    "lime": (160, 230, 40),
+    "navy": (20, 30, 110),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = ("small", "large")
@@ -62,36 +75,140 @@ QUESTION_KINDS = ("color", "shape", "size", "position", "is_color", "is_shape")
 _QUESTIONS_PER_IMAGE = 3
 
 
+BACKGROUND_KINDS = ("solid", "noise", "gradient")
+PHRASINGS = ("default", "alt")
+# question texts per phrasing: (color, shape, size, position, is_color, is_shape)
+_ALT_QUESTIONS = {
+    "color": "which colour does the object have?",
+    "shape": "what kind of shape is shown?",
+    "size": "how big is the object, large or small?",
+    "position": "in which part of the picture is the object?",
+    "is_color": "is the object {v}?",
+    "is_shape": "does the picture contain a {v}?",
+}
+
+
+@dataclass(frozen=True)
+class ShapesStyle:
+    """How the images and questions look; the defaults give the demo's dataset byte for byte.
+
+    ``shape_scale`` multiplies the shapes' radii; ``jitter`` is the largest centre offset (a
+    fraction of the side); ``shapes_per_image`` 1 or 2 (two: one in the left half, one in the
+    right half, of different colours; questions name which one, "the shape on the left");
+    ``background`` ``solid`` (light tones, faint noise), ``noise`` (strong pixel noise) or
+    ``gradient`` (a light diagonal gradient); ``colors`` the colour names to draw from
+    (``PALETTE``; None: the six of ``COLORS``); ``phrasing`` ``default`` or ``alt`` (other
+    question wordings).
+    """
+
+    shape_scale: float = 1.0
+    jitter: float = _POSITION_JITTER
+    shapes_per_image: int = 1
+    background: str = "solid"
+    colors: Optional[Tuple[str, ...]] = None
+    phrasing: str = "default"
+
+    def check(self) -> None:
+        """ValueError naming the first bad option."""
+        if not 0.3 <= self.shape_scale <= 1.6:
+            raise ValueError(f"shape_scale must be in [0.3, 1.6], got {self.shape_scale}")
+        if not 0.0 <= self.jitter <= 0.15:
+            raise ValueError(f"jitter must be in [0, 0.15], got {self.jitter}")
+        if self.shapes_per_image not in (1, 2):
+            raise ValueError(f"shapes_per_image must be 1 or 2, got {self.shapes_per_image}")
+        if self.background not in BACKGROUND_KINDS:
+            raise ValueError(f"background must be one of {BACKGROUND_KINDS}, got {self.background!r}")
+        if self.phrasing not in PHRASINGS:
+            raise ValueError(f"phrasing must be one of {PHRASINGS}, got {self.phrasing!r}")
+        if self.colors is not None:
+            unknown = [c for c in self.colors if c not in PALETTE]
+            if unknown or len(set(self.colors)) < 2:
+                raise ValueError(f"colors: at least two distinct names from {sorted(PALETTE)}; "
+                                 f"unknown {unknown}" if unknown else "colors: at least two distinct names")
+
+    @property
+    def palette(self) -> Dict[str, Tuple[int, int, int]]:
+        """The colours drawn from, name -> RGB."""
+        return COLORS if self.colors is None else {c: PALETTE[c] for c in self.colors}
+
+
+DEFAULT_STYLE = ShapesStyle()
+
+
 def _choice(rng: np.random.Generator, options) -> Any:
     return options[int(rng.integers(len(options)))]
 
 
-def _sample_attributes(rng: np.random.Generator) -> Dict[str, Any]:
+def _sample_attributes(rng: np.random.Generator, style: ShapesStyle = DEFAULT_STYLE) -> Dict[str, Any]:
     """Attributes of one image, each drawn independently, plus its jittered geometry."""
     a = {
-        "color": _choice(rng, list(COLORS)),
+        "color": _choice(rng, list(style.palette)),
         "shape": _choice(rng, SHAPES),
         "size": _choice(rng, SIZES),
         "position": _choice(rng, POSITIONS),
         "background": int(rng.integers(len(BACKGROUNDS))),
     }
     cx, cy = _CENTERS[a["position"]]
-    dx, dy = rng.uniform(-_POSITION_JITTER, _POSITION_JITTER, size=2)
+    dx, dy = rng.uniform(-style.jitter, style.jitter, size=2)
     a["center"] = [round(cx + dx, 4), round(cy + dy, 4)]
-    a["radius"] = round(_RADII[a["size"]] * rng.uniform(1 - _SIZE_JITTER, 1 + _SIZE_JITTER), 4)
+    radius = _RADII[a["size"]] * rng.uniform(1 - _SIZE_JITTER, 1 + _SIZE_JITTER)
+    a["radius"] = round(radius * style.shape_scale, 4)
+    if style.shapes_per_image == 2:
+        a.update(_second_shape(a, rng, style))
     return a
 
 
+_SIDES = ("left", "right")
+
+
+def _second_shape(a: Dict[str, Any], rng: np.random.Generator, style: ShapesStyle) -> Dict[str, Any]:
+    """Two shapes, one per half of the image (the first one's position word becomes its side),
+    of different colours: ``objects`` lists both, left first."""
+    objects = []
+    colors = [a["color"], _choice(rng, [c for c in style.palette if c != a["color"]])]
+    for side, color in zip(_SIDES, colors):
+        shape = a["shape"] if side == "left" else _choice(rng, SHAPES)
+        size = a["size"] if side == "left" else _choice(rng, SIZES)
+        radius = _RADII[size] * style.shape_scale * rng.uniform(1 - _SIZE_JITTER, 1 + _SIZE_JITTER)
+        radius = min(radius, 0.2)  # two shapes must fit side by side
+        cx = (0.27 if side == "left" else 0.73) + rng.uniform(-style.jitter, style.jitter) / 2
+        cy = 0.5 + rng.uniform(-0.2, 0.2)
+        objects.append({"side": side, "color": color, "shape": shape, "size": size,
+                        "center": [round(cx, 4), round(cy, 4)], "radius": round(radius, 4)})
+    return {"objects": objects, "position": "left", "center": objects[0]["center"],
+            "radius": objects[0]["radius"]}
+
+
 def draw_shape(
-    attributes: Dict[str, Any], image_size: int, rng: np.random.Generator
+    attributes: Dict[str, Any], image_size: int, rng: np.random.Generator,
+    style: ShapesStyle = DEFAULT_STYLE,
 ) -> Image.Image:
     """Render one image from `attributes` (as stored in ``attributes_{split}.json``)."""
     s = image_size
     image = Image.new("RGB", (s, s), BACKGROUNDS[attributes["background"]])
+    if style.background == "gradient":
+        image = _gradient(BACKGROUNDS[attributes["background"]], s)
     draw = ImageDraw.Draw(image)
+    for obj in attributes.get("objects") or [attributes]:
+        _draw_one(draw, obj, s, PALETTE[obj["color"]])
+    pixels = np.asarray(image, dtype=np.int16)
+    noise = _NOISE if style.background != "noise" else 24
+    pixels = pixels + rng.integers(-noise, noise + 1, size=pixels.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _gradient(base: Tuple[int, int, int], size: int) -> Image.Image:
+    """A diagonal gradient from ``base`` to a darker tone of it."""
+    t = np.add.outer(np.arange(size), np.arange(size)) / max(1, 2 * (size - 1))
+    dark = np.array(base) * 0.7
+    pixels = (1 - t)[..., None] * np.array(base) + t[..., None] * dark
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def _draw_one(draw: ImageDraw.ImageDraw, attributes: Dict[str, Any], s: int, fill) -> None:
+    """Draw one shape (``shape``, ``center``, ``radius``) filled with ``fill``."""
     cx, cy = attributes["center"][0] * s, attributes["center"][1] * s
     r = attributes["radius"] * s
-    fill = COLORS[attributes["color"]]
     shape = attributes["shape"]
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -111,14 +228,13 @@ def draw_shape(
         draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
     else:
         raise ValueError(f"unknown shape '{shape}'")
-    pixels = np.asarray(image, dtype=np.int16)
-    pixels = pixels + rng.integers(-_NOISE, _NOISE + 1, size=pixels.shape, dtype=np.int16)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def _captions(a: Dict[str, Any], n: int, rng: np.random.Generator) -> List[str]:
     """`n` captions, each naming size, colour, shape and position, from distinct templates
     while there are enough of them."""
+    if a.get("objects"):
+        return _captions_two(a["objects"], n, rng)
     order = list(rng.permutation(len(_TEMPLATES)))
     while len(order) < n:
         order += list(rng.permutation(len(_TEMPLATES)))
@@ -133,16 +249,75 @@ def _captions(a: Dict[str, Any], n: int, rng: np.random.Generator) -> List[str]:
     return captions
 
 
-def _question(kind: str, a: Dict[str, Any], rng: np.random.Generator) -> Dict[str, Any]:
+_TWO_TEMPLATES = (
+    "a {s0} {c0} {h0} on the left and a {s1} {c1} {h1} on the right",
+    "on the left a {s0} {c0} {h0}, on the right a {s1} {c1} {h1}",
+    "there is a {s0} {c0} {h0} on the left and a {s1} {c1} {h1} on the right",
+    "a {s1} {c1} {h1} on the right and a {s0} {c0} {h0} on the left",
+)
+
+
+def _captions_two(objects: List[Dict[str, Any]], n: int, rng: np.random.Generator) -> List[str]:
+    """`n` captions of a two-shape image, naming each shape's size, colour, shape and side."""
+    order = list(rng.permutation(len(_TWO_TEMPLATES)))
+    while len(order) < n:
+        order += list(rng.permutation(len(_TWO_TEMPLATES)))
+    fields = {}
+    for i, o in enumerate(objects):
+        fields.update({f"s{i}": _choice(rng, _SIZE_WORDS[o["size"]]), f"c{i}": o["color"], f"h{i}": o["shape"]})
+    return [_TWO_TEMPLATES[t].format(**fields) for t in order[:n]]
+
+
+def _question_two(kind: str, a: Dict[str, Any], rng: np.random.Generator,
+                  style: ShapesStyle) -> Dict[str, Any]:
+    """A question about one of two shapes, naming it by its side ("the shape on the left"), or
+    (``position``) asking for the side of the shape of a colour."""
+    obj = a["objects"][int(rng.integers(2))]
+    side = obj["side"]
+    alt = style.phrasing == "alt"
+    if kind == "position":
+        text = (f"on which side is the {obj['color']} object?" if alt
+                else f"where is the {obj['color']} shape?")
+        return dict(question=text, answer=side, answer_type="other", question_type="where is the",
+                    wrong=[s for s in _SIDES if s != side])
+    if kind in ("is_color", "is_shape"):
+        key, values = ("color", list(style.palette)) if kind == "is_color" else ("shape", list(SHAPES))
+        yes = bool(rng.random() < 0.5)
+        asked = obj[key] if yes else _choice(rng, [v for v in values if v != obj[key]])
+        if kind == "is_color":
+            text = f"is the object on the {side} {asked}?" if alt else f"is the shape on the {side} {asked}?"
+        else:
+            text = f"is the {side} object a {asked}?" if alt else f"is there a {asked} on the {side}?"
+        return dict(question=text, answer="yes" if yes else "no", answer_type="yes/no",
+                    question_type="is the" if kind == "is_color" else "is there a",
+                    wrong=["no" if yes else "yes"])
+    values = {"color": list(style.palette), "shape": list(SHAPES), "size": list(SIZES)}[kind]
+    text = {
+        "color": f"which colour does the object on the {side} have?" if alt else f"what color is the shape on the {side}?",
+        "shape": f"what kind of shape is on the {side}?" if alt else f"what shape is on the {side}?",
+        "size": f"how big is the object on the {side}, large or small?" if alt else f"is the shape on the {side} large or small?",
+    }[kind]
+    qtype = {"color": "what color is the", "shape": "what shape is", "size": "is the"}[kind]
+    return dict(question=text, answer=obj[kind], answer_type="other", question_type=qtype,
+                wrong=[v for v in values if v != obj[kind]])
+
+
+def _question(kind: str, a: Dict[str, Any], rng: np.random.Generator,
+              style: ShapesStyle = DEFAULT_STYLE) -> Dict[str, Any]:
     """One question of `kind` about `a`: text, answer, answer type, question type and the
     plausible wrong answers (used for annotator noise)."""
+    if a.get("objects"):
+        return _question_two(kind, a, rng, style)
+    alt = style.phrasing == "alt"
     if kind in ("is_color", "is_shape"):
-        key, values = ("color", list(COLORS)) if kind == "is_color" else ("shape", list(SHAPES))
+        key, values = ("color", list(style.palette)) if kind == "is_color" else ("shape", list(SHAPES))
         yes = bool(rng.random() < 0.5)
         asked = a[key] if yes else _choice(rng, [v for v in values if v != a[key]])
         text = (
             f"is the shape {asked}?" if kind == "is_color" else f"is there a {asked} in the image?"
         )
+        if alt:
+            text = _ALT_QUESTIONS[kind].format(v=asked)
         qtype = "is the" if kind == "is_color" else "is there a"
         answer = "yes" if yes else "no"
         return dict(
@@ -153,12 +328,14 @@ def _question(kind: str, a: Dict[str, Any], rng: np.random.Generator) -> Dict[st
             wrong=["no" if yes else "yes"],
         )
     text, qtype, values = {
-        "color": ("what color is the shape?", "what color is the", list(COLORS)),
+        "color": ("what color is the shape?", "what color is the", list(style.palette)),
         "shape": ("what shape is in the image?", "what shape is", list(SHAPES)),
         "size": ("is the shape large or small?", "is the", list(SIZES)),
         "position": ("where is the shape?", "where is the", list(POSITIONS)),
     }[kind]
     answer = a[kind]
+    if alt:
+        text = _ALT_QUESTIONS[kind]
     return dict(
         question=text,
         answer=answer,
@@ -186,7 +363,8 @@ def _annotator_answers(answer: str, wrong: List[str], rng: np.random.Generator) 
     ]
 
 
-def _conversation(a: Dict[str, Any], captions: List[str], rng: np.random.Generator) -> List[dict]:
+def _conversation(a: Dict[str, Any], captions: List[str], rng: np.random.Generator,
+                  style: ShapesStyle = DEFAULT_STYLE) -> List[dict]:
     """A LLaVA conversation of 2-4 rounds: one "describe" round and distinct question kinds,
     in random order. Short-answer questions carry the VQA prompt suffix (as in LLaVA-1.5)."""
     n_rounds = int(rng.integers(2, 5))
@@ -197,7 +375,7 @@ def _conversation(a: Dict[str, Any], captions: List[str], rng: np.random.Generat
         if kind == "caption":
             prompt, answer = CAPTION_PROMPT, _choice(rng, captions)
         else:
-            q = _question(kind, a, rng)
+            q = _question(kind, a, rng, style)
             prompt, answer = q["question"] + VQA_PROMPT_SUFFIX, q["answer"]
         turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
     turns[0]["value"] = f"{IMAGE_TOKEN}\n" + turns[0]["value"]
@@ -218,6 +396,7 @@ def _generate_split(
     rng: np.random.Generator,
     captions_per_image: int,
     progress: bool,
+    style: ShapesStyle = DEFAULT_STYLE,
 ) -> Dict[str, str]:
     image_root = os.path.join(out_dir, "images", split)
     os.makedirs(image_root, exist_ok=True)
@@ -227,9 +406,9 @@ def _generate_split(
     for image_id in tqdm(
         range(first_id, first_id + n), desc=f"shapes {split}", disable=not progress
     ):
-        a = _sample_attributes(rng)
+        a = _sample_attributes(rng, style)
         file_name = IMAGE_PATTERN.format(image_id=image_id)
-        draw_shape(a, image_size, rng).save(os.path.join(image_root, file_name), compress_level=1)
+        draw_shape(a, image_size, rng, style).save(os.path.join(image_root, file_name), compress_level=1)
         attributes.append({"image_id": image_id, "file_name": file_name, **a})
         images.append(
             {"id": image_id, "file_name": file_name, "width": image_size, "height": image_size}
@@ -243,7 +422,7 @@ def _generate_split(
             texts.append({"text": f"{caption}. {caps[(i + 1) % len(caps)]}"})
 
         for k, kind in enumerate(rng.choice(QUESTION_KINDS, _QUESTIONS_PER_IMAGE, replace=False)):
-            q = _question(str(kind), a, rng)
+            q = _question(str(kind), a, rng, style)
             qid = image_id * 1000 + k  # the VQAv2 convention
             questions.append({"image_id": image_id, "question": q["question"], "question_id": qid})
             answers.append(
@@ -259,7 +438,7 @@ def _generate_split(
             texts.append({"text": f"{caps[k % len(caps)]}. {q['question']} {q['answer']}"})
 
         conversations.append(
-            {"id": str(image_id), "image": file_name, "conversations": _conversation(a, caps, rng)}
+            {"id": str(image_id), "image": file_name, "conversations": _conversation(a, caps, rng, style)}
         )
 
     info = {"description": f"synthetic shapes dataset ({split} split)", "version": "1.0"}
@@ -307,6 +486,7 @@ def generate_shapes(
     seed: int = 0,
     captions_per_image: int = 5,
     progress: bool = True,
+    style: ShapesStyle = DEFAULT_STYLE,
 ) -> Dict[str, Any]:
     """Write the shapes dataset under `out_dir` and return the paths written.
 
@@ -332,7 +512,8 @@ def generate_shapes(
     Returns ``{"out_dir", "image_pattern", "train": {...}, "test": {...}}`` where each split
     maps image_root, captions, questions, annotations, conversations, text, attributes and
     image_pattern to paths. The same seed gives identical files; the test split draws from a
-    different random stream than train.
+    different random stream than train. ``style`` (:class:`ShapesStyle`) makes datasets unlike
+    the demo's; its defaults write exactly the demo's files.
     """
     if num_train < 0 or num_test < 0:
         raise ConfigError("num_train and num_test must be >= 0")
@@ -342,6 +523,7 @@ def generate_shapes(
         )
     if captions_per_image < 1:
         raise ConfigError(f"captions_per_image must be >= 1, got {captions_per_image}")
+    style.check()
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     result: Dict[str, Any] = {"out_dir": out_dir, "image_pattern": IMAGE_PATTERN}
@@ -349,7 +531,7 @@ def generate_shapes(
     for split_index, (split, n) in enumerate(zip(SPLITS, (num_train, num_test))):
         rng = np.random.default_rng([seed, split_index])
         result[split] = _generate_split(
-            out_dir, split, first_id, n, image_size, rng, captions_per_image, progress
+            out_dir, split, first_id, n, image_size, rng, captions_per_image, progress, style
         )
         first_id += n
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Iterable, Iterator, List, Sequence
@@ -51,6 +52,21 @@ def iter_text(paths: Sequence[str | Path]) -> Iterator[str]:
                     yield turn["value"].replace("<image>", "")
 
 
+def iter_dataset_text(datasets) -> Iterator[str]:
+    """Every turn's text (``<image>`` markers removed) of datasets read with vlm's readers:
+    each item has ``format``, ``args`` and optionally ``max_samples`` (a ``DataConfig``)."""
+    from vlm.data.formats import read_dataset
+
+    for data in datasets:
+        samples = read_dataset(data.format, **dict(data.args))
+        limit = getattr(data, "max_samples", None)
+        for sample in samples[:limit] if limit else samples:
+            for turn in sample.turns:
+                text = turn.content.replace("<image>", "").strip()
+                if text:
+                    yield text
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 1) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with bos/eos/pad/unk, ``<image>`` and ChatML tokens."""
     tokenizer = Tokenizer(models.BPE())
@@ -77,8 +93,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: 
     return fast
 
 
-def train_tokenizer_from_files(files: Sequence[str], out: str, vocab_size: int = 512, min_frequency: int = 1) -> PreTrainedTokenizerFast:
-    """Train on text files and save in transformers' format to ``out``."""
-    tokenizer = train_tokenizer(iter_text(files), vocab_size, min_frequency)
+def train_tokenizer_from_files(files: Sequence[str], out: str, vocab_size: int = 512, min_frequency: int = 1,
+                               datasets=()) -> PreTrainedTokenizerFast:
+    """Train on text files and on ``datasets`` (read by format name, see
+    :func:`iter_dataset_text`) and save in transformers' format to ``out``."""
+    texts = itertools.chain(iter_text(files), iter_dataset_text(datasets))
+    tokenizer = train_tokenizer(texts, vocab_size, min_frequency)
     tokenizer.save_pretrained(out)
     return tokenizer

@@ -6,6 +6,7 @@ result: PTB-tokenise references and candidates, then call the official scorers d
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
 from pycocoevalcap.bleu.bleu import Bleu
@@ -18,6 +19,8 @@ from vlm.errors import DataFormatError
 from vlm.evaluation.vqa_metric import _load_json, _records, _require
 
 __all__ = ["score_captions"]
+
+logger = logging.getLogger(__name__)
 
 _BLEU_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
 
@@ -32,7 +35,18 @@ def _references(annotations, label: str) -> dict:
     return refs
 
 
-def _candidates(results, label: str, refs: dict, refs_label: str) -> dict:
+def _listed_images(annotations) -> set:
+    """Ids of the file's ``images`` list (COCO files may list images that have no caption)."""
+    images = annotations.get("images") if isinstance(annotations, dict) else None
+    if not isinstance(images, list):
+        return set()
+    return {img["id"] for img in images if isinstance(img, dict) and "id" in img}
+
+
+def _candidates(results, label: str, refs: dict, refs_label: str, listed: frozenset = frozenset(),
+                unreferenced: list | None = None) -> dict:
+    """Results by image id. A result for an image the annotations list without any caption is
+    left out and its id appended to ``unreferenced``; any other unknown id is an error."""
     if not isinstance(results, list):
         raise DataFormatError(f"{label} must be a JSON list of {{'image_id', 'caption'}} objects, "
                          f"got {type(results).__name__}")
@@ -42,6 +56,9 @@ def _candidates(results, label: str, refs: dict, refs_label: str) -> dict:
     for i, res in enumerate(results):
         _require(res, ("image_id", "caption"), f"result #{i} in {label}")
         image_id = res["image_id"]
+        if image_id not in refs and image_id in listed and unreferenced is not None:
+            unreferenced.append(image_id)
+            continue
         if image_id not in refs:
             raise DataFormatError(f"result image_id {image_id!r} (result #{i} in {label}) has no "
                              f"reference caption in {refs_label}")
@@ -74,14 +91,24 @@ def score_captions(annotations, results, *, spice: bool = False) -> dict:
 
     ``annotations`` is a COCO captions JSON (path or dict with an ``"annotations"`` list of
     ``{"image_id", "caption"}``); ``results`` a list of ``{"image_id", "caption"}`` (path or list),
-    at most one per image. Only images with a result are scored. Returns ``Bleu_1..Bleu_4``,
+    at most one per image. Only images with a result are scored; a result for an image that
+    the file's ``images`` lists without any caption is left out, counted in
+    ``images_without_references`` (present only then) and logged. Returns ``Bleu_1..Bleu_4``,
     ``METEOR``, ``ROUGE_L``, ``CIDEr`` (and ``SPICE`` if ``spice=True``; it needs a network
     connection on first use) on pycocoevalcap's raw scale.
     """
     ann_obj, ann_label = _load_json(annotations, "annotations")
     res_obj, res_label = _load_json(results, "results")
     refs = _references(ann_obj, ann_label)
-    cands = _candidates(res_obj, res_label, refs, ann_label)
+    unreferenced: list = []
+    cands = _candidates(res_obj, res_label, refs, ann_label, _listed_images(ann_obj), unreferenced)
+    if unreferenced:
+        logger.warning("%d result(s) are for images %s lists without a reference caption; scored the %d "
+                       "others (first ids left out: %s)", len(unreferenced), ann_label, len(cands),
+                       unreferenced[:5])
+    if not cands:
+        raise ValueError(f"none of the results in {res_label} is for an image with a reference caption "
+                         f"in {ann_label}")
 
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({image_id: refs[image_id] for image_id in cands})
@@ -96,4 +123,7 @@ def score_captions(annotations, results, *, spice: bool = False) -> dict:
         from pycocoevalcap.spice.spice import Spice
 
         scores["SPICE"], _ = Spice().compute_score(gts, res)
-    return {name: float(value) for name, value in scores.items()}
+    scores = {name: float(value) for name, value in scores.items()}
+    if unreferenced:
+        scores["images_without_references"] = len(unreferenced)
+    return scores

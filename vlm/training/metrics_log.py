@@ -48,7 +48,9 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     keys = sorted({k for r in records for k in r if k.startswith("loss")})
-    fig, ax = plt.subplots(figsize=(6, 4))
+    evals = sorted({k for r in records for k in r if k.startswith("eval/")})
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
+    ax = axes[0][0]
     for key in keys:
         points = [(r["step"], r[key]) for r in records if key in r]
         ax.plot(*zip(*points), label=key)
@@ -57,6 +59,15 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     ax.set_yscale("log")
     ax.legend()
     ax.set_title(metrics_path.parent.name)
+    if evals:  # evaluation during training, beside the loss
+        panel = axes[0][1]
+        for key in evals:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            panel.plot(*zip(*points), marker="o", label=key[len("eval/"):])
+        panel.set_xlabel("step")
+        panel.set_ylabel("score")
+        panel.legend(fontsize="small")
+        panel.set_title("evaluation during training")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

@@ -33,6 +33,7 @@ from vlm.registry import Registry
 
 OBJECTIVES: Registry = Registry("training objective", {
     "caption_bow": "vlm.training.objectives:CaptionBagOfWords",
+    "answer_words": "vlm.training.objectives:AnswerWords",
     "lm": "vlm.training.objectives:LanguageModeling",
     "qformer_stage1": "vlm.training.qformer_objectives:QFormerStage1",
 })
@@ -132,6 +133,82 @@ class CaptionBagOfWords(Objective):
             pooled = features.mean(dim=1)
         loss = F.binary_cross_entropy_with_logits(self.head(pooled), self.targets(batch["labels"]))
         return StepOutput(loss, {"loss_bow": loss.detach()})
+
+
+class AnswerWords(Objective):
+    """Vision warm-up that learns what the questions ask about: from the patch features pooled to
+    at most 4x4 cells and the bag of the question's words, a small MLP predicts the words of the trained
+    answer (soft-target softmax cross-entropy over the vocabulary; special and whitespace-only
+    tokens left out). Unlike ``caption_bow``'s binary cross-entropy averaged over the whole
+    vocabulary, a wrong answer costs ~log(#choices) on every question of its kind, so an encoder
+    blind to one attribute (shape, say) cannot hide. On captions (a constant question) it is a
+    softmax bag-of-words caption prediction. The head is discarded after the stage."""
+
+    needs_pixels = True
+    hidden = 256
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.vocab_size = len(tokenizer)
+        special = set(tokenizer.all_special_ids)
+        blank = [i for i in range(self.vocab_size)
+                 if i in special or not tokenizer.decode([i]).strip()]
+        self.register_buffer("ignored", torch.tensor(sorted(set(blank)), dtype=torch.long), persistent=False)
+        grid = math.isqrt(model.vision.num_patches)
+        # keep where things are: pool the patch grid to at most 4x4 cells (mean if not a square)
+        self.pool = min(grid, 4) if grid * grid == model.vision.num_patches else 0
+        width = model.vision.embed_dim * max(self.pool, 1) ** 2
+        self.image_proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, self.hidden))
+        self.question_proj = nn.Linear(self.vocab_size, self.hidden)
+        # logits = what the image shows + what the question asks for + their interaction: the
+        # direct image -> word path gives the encoder a strong gradient from the first step (as
+        # caption_bow's), the question path the answer prior, the MLP questions like "is it red?"
+        self.image_words = nn.Sequential(nn.GELU(), nn.Linear(self.hidden, self.vocab_size))
+        self.question_words = nn.Sequential(nn.GELU(), nn.Linear(self.hidden, self.vocab_size))
+        self.head = nn.Sequential(nn.GELU(), nn.Linear(2 * self.hidden, self.hidden), nn.GELU(),
+                                  nn.Linear(self.hidden, self.vocab_size))
+
+    check_stage = CaptionBagOfWords.check_stage
+
+    def _bag(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Multi-hot ``(B, vocab)`` of the ``ids`` where ``keep``, ignored tokens cleared."""
+        hot = torch.zeros(ids.shape[0], self.vocab_size, device=ids.device)
+        rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(ids)
+        hot[rows[keep], ids[keep]] = 1.0
+        hot[:, self.ignored] = 0.0
+        return hot
+
+    def logits(self, pooled: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        """``(B, vocab)`` answer-word logits from pooled image features and question bags."""
+        image, asked = self.image_proj(pooled), self.question_proj(question)
+        return (self.image_words(image) + self.question_words(asked)
+                + self.head(torch.cat([image, asked], dim=1)))
+
+    def forward(self, model, batch):
+        if batch["pixel_values"] is None:
+            raise DataFormatError("objective 'answer_words' needs samples with images")
+        ids, labels = batch["input_ids"], batch["labels"]
+        images_per_row = (ids == model.image_token_id).sum(1) // model.num_image_tokens
+        if not bool((images_per_row == 1).all()):
+            raise DataFormatError("objective 'answer_words' needs exactly one image per sample")
+        features = model.vision(batch["pixel_values"])
+        if self.pool:
+            pooled = pool_patch_grid(features, self.pool).transpose(1, 2).flatten(1)
+        else:
+            pooled = features.mean(dim=1)
+        mask = batch.get("attention_mask")
+        prompt = (labels == IGNORE_INDEX) & (ids != model.image_token_id)
+        if mask is not None:
+            prompt &= mask.bool()
+        question = self._bag(ids, prompt)
+        answer = self._bag(labels.clamp(min=0), labels != IGNORE_INDEX)
+        has_answer = answer.sum(1) > 0
+        if not bool(has_answer.any()):
+            raise DataFormatError("objective 'answer_words': no sample in the batch has a trained answer word")
+        target = answer[has_answer] / answer[has_answer].sum(1, keepdim=True)
+        logits = self.logits(pooled, question)[has_answer]
+        loss = -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+        return StepOutput(loss, {"loss_answer": loss.detach()})
 
 
 def build_objective(name: str, model, tokenizer) -> Optional[Objective]:

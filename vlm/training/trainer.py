@@ -112,6 +112,8 @@ class Trainer:
             num_training_steps=self.total_steps, min_lr_rate=stage.min_lr_ratio,
         )
         self.history: List[dict] = []
+        # extra progress-bar fields callbacks may set (evaluation scores)
+        self.progress_extras: Dict[str, str] = {}
 
     @property
     def is_main(self) -> bool:
@@ -251,7 +253,7 @@ class Trainer:
                 self.callbacks.on_log(self, record)
                 self.history.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                samples_s=f"{record['samples_per_s']:.1f}")
+                                samples_s=f"{record['samples_per_s']:.1f}", **self.progress_extras)
                 window, window_samples, window_start = {}, 0, time.perf_counter()
             if stage.save_every and step % stage.save_every == 0 and step < self.total_steps:
                 folder = self.out_dir / "checkpoints" / f"step_{step:07d}"

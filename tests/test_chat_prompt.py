@@ -1,5 +1,7 @@
 """`vlm chat` asks in the prompt format the model was trained with (model.task_prompt_suffix)."""
 
+from types import SimpleNamespace
+
 from omegaconf import OmegaConf
 
 import vlm.chat
@@ -15,8 +17,8 @@ def _chat_turns(monkeypatch, tmp_path, suffix, **kwargs):
     (tmp_path / "model.yaml").write_text(OmegaConf.to_yaml(model_cfg, resolve=True))
     loaded = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(tmp_path / "model.yaml"))
     seen = []
-    monkeypatch.setattr(vlm.pipeline, "load_pretrained", lambda checkpoint: (None, None, loaded))
-    monkeypatch.setattr(vlm.pipeline, "build_processor", lambda *a, **k: None)
+    monkeypatch.setattr(vlm.pipeline, "load_pretrained", lambda checkpoint, **k: (None, None, loaded))
+    monkeypatch.setattr(vlm.pipeline, "build_processor", lambda *a, **k: SimpleNamespace(image_token="<image>"))
     monkeypatch.setattr(vlm.chat, "answer", lambda model, processor, image, turns, *a: seen.append(
         [t.content for t in turns]) or "red")
     vlm.chat.chat(str(tmp_path), "img.png", "what color is the shape?", **kwargs)

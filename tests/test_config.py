@@ -242,8 +242,8 @@ def test_vars_interpolate_are_set_from_the_command_line_and_saved_resolved(tmp_p
     path = tmp_path / "vars.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(ConfigError, match=r"vars\.images.*vars\.images=\.\.\."):
-        load_config(path)
-    cfg = load_config(path, ["vars.images=/data/img"])
+        load_run_config(path)
+    cfg = load_run_config(path, ["vars.images=/data/img"])
     assert cfg.stages.align.data[0].args.image_root == "/data/img"
     assert cfg.stages.align.data[0].args.path == "/data/img/../captions.json"
     save_config(cfg, tmp_path / "saved.yaml")
@@ -258,11 +258,11 @@ def test_an_unknown_variable_is_a_config_error_naming_the_key(tmp_path, recipe):
     path = tmp_path / "typo.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(ConfigError, match=r"stages\.align\.data\[0\]\.args\.image_root.*vars\.imgs"):
-        load_config(path)
+        load_run_config(path)
 
 
 def test_an_override_that_is_not_yaml_is_taken_as_a_string(recipe):
-    cfg = load_config(recipe, ["vars.image_pattern={image_id:012d}.png"])
+    cfg = load_run_config(recipe, ["vars.image_pattern={image_id:012d}.png"])
     assert cfg.vars.image_pattern == "{image_id:012d}.png"
 
 
@@ -270,7 +270,7 @@ def test_the_vqa_from_scratch_recipe_takes_all_its_data_from_vars():
     names = ["train_images", "train_captions", "train_questions", "train_annotations", "test_images",
              "test_captions", "test_questions", "test_annotations"]
     overrides = [f"vars.{n}=/DATA/{n}" for n in names] + ["vars.image_pattern={image_id:012d}.png"]
-    cfg = load_config("configs/recipes/vqa_from_scratch.yaml", overrides)
+    cfg = load_run_config("configs/recipes/vqa_from_scratch.yaml", overrides)
     keys = ("path", "image_root", "questions_path", "annotations_path", "image_pattern")
     datasets = [d for stage in cfg.stages.values() for d in stage.data] + list(cfg.prepare.tokenizer.data)
     datasets += [ev.data for ev in cfg.evals.values()]

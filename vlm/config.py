@@ -184,6 +184,11 @@ class StageConfig:
     packing: bool = False
     # batches of similar length, image and text-only samples apart (vlm/training/samplers.py)
     group_by_length: bool = False
+    # evaluation during training (vlm/training/eval_callback.py): run these entries of ``evals``
+    # every ``eval_every`` steps; ``keep_best: <eval>/<metric>`` keeps the best model in <stage>/best
+    eval_every: Optional[int] = None
+    evals: List[str] = field(default_factory=list)
+    keep_best: Optional[str] = None
 
 
 @dataclass
@@ -191,11 +196,6 @@ class EvalDataConfig(DataConfig):
     """An evaluation's dataset; ``format`` None: the task's own (``vlm.evaluation.tasks``)."""
 
     format: Optional[str] = None
-    # evaluation during training (vlm/training/eval_callback.py): run these entries of ``evals``
-    # every ``eval_every`` steps; ``keep_best: <eval>/<metric>`` keeps the best model in <stage>/best
-    eval_every: Optional[int] = None
-    evals: List[str] = field(default_factory=list)
-    keep_best: Optional[str] = None
 
 
 @dataclass

@@ -67,7 +67,8 @@ def generate_answers(model, processor: VLMProcessor, samples: Sequence[Sample], 
     lean = lean and uses_lean_decode(settings, num_beams)
     stops = processor.template.stop_strings()
     if lean:
-        return _lean_answers(model, processor, samples, batch_size, max_new_tokens, settings, stops, desc)
+        return _lean_answers(model, processor, samples, batch_size, max_new_tokens, settings, stops, desc,
+                             skip_unreadable)
     answers: List[str] = []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
         encoded = [_encode(processor, s, skip_unreadable) for s in samples[start:start + batch_size]]
@@ -96,25 +97,44 @@ def _encode(processor: VLMProcessor, sample: Sample, skip_unreadable: bool) -> O
 
 
 def _lean_answers(model, processor: VLMProcessor, samples: Sequence[Sample], batch_size: int,
-                  max_new_tokens: int, settings: Dict, stops: Sequence[str], desc: str) -> List[str]:
+                  max_new_tokens: int, settings: Dict, stops: Sequence[str], desc: str,
+                  skip_unreadable: bool = False) -> List[Optional[str]]:
     """Greedy answers by :func:`greedy_decode`, with the work a padded, one-image-per-question
     loop repeats removed: prompts batched by length (less left padding), each distinct image
     loaded once (kept while a byte budget allows) and, within a batch, encoded once unless the
-    connector reads the question."""
+    connector reads the question. Images may be paths or PIL images; with ``skip_unreadable`` a
+    sample whose image cannot be read gets None."""
     device = next(model.parameters()).device
     prompts = [processor.tokenize(processor.prompt_turns(s.turns), add_generation_prompt=True)[0] for s in samples]
-    order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
     images = _ImageMemo(processor.load_image)
-    answers: List[str] = [""] * len(samples)
+    answers: List[Optional[str]] = [""] * len(samples)
+    readable = []
+    for i, sample in enumerate(samples):
+        try:
+            for image in sample.images:
+                images.load(image)
+            readable.append(i)
+        except ImageLoadError as exc:
+            if not skip_unreadable:
+                raise
+            logger.warning("skipping %s: %s", sample.meta.get("source", sample.id), exc)
+            answers[i] = None
+    order = sorted(readable, key=lambda i: len(prompts[i]))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         chunk = order[start:start + batch_size]
-        paths: Dict[str, int] = {}
+        distinct: Dict[object, int] = {}  # image key -> index among the batch's distinct images
+        sources: List[object] = []
         image_index: List[int] = []
         instructions: List[str] = []
         for i in chunk:
-            image_index += [paths.setdefault(p, len(paths)) for p in samples[i].images]
+            for image in samples[i].images:
+                key = _image_key(image)
+                if key not in distinct:
+                    distinct[key] = len(sources)
+                    sources.append(image)
+                image_index.append(distinct[key])
             instructions += image_instructions(processor.prompt_turns(samples[i].turns))
-        pixels = torch.stack([images.load(p) for p in paths]).to(device) if paths else None
+        pixels = torch.stack([images.load(image) for image in sources]).to(device) if sources else None
         items = [{"input_ids": prompts[i], "labels": prompts[i], "pixel_values": [], "instructions": []} for i in chunk]
         batch = pad_batch(items, processor.tokenizer.pad_token_id, padding_side="left")
         new_tokens = greedy_decode(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), pixels,
@@ -125,6 +145,11 @@ def _lean_answers(model, processor: VLMProcessor, samples: Sequence[Sample], bat
         for i, text in zip(chunk, texts):
             answers[i] = clean_answer(text, stops)
     return answers
+
+
+def _image_key(image) -> object:
+    """A hashable key for an image given as a path or as a PIL image (by identity)."""
+    return image if isinstance(image, str) else ("object", id(image))
 
 
 class _ImageMemo:
@@ -139,12 +164,14 @@ class _ImageMemo:
         self.bytes = 0
         self.items: "OrderedDict[str, torch.Tensor]" = OrderedDict()
 
-    def load(self, path: str) -> torch.Tensor:
-        if path in self.items:
-            self.items.move_to_end(path)
-            return self.items[path]
+    def load(self, path) -> torch.Tensor:
+        """The transformed image of ``path`` (a path, or a PIL image kept by identity)."""
+        key = _image_key(path)
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
         image = self.load_image(path)
-        self.items[path] = image
+        self.items[key] = image
         self.bytes += image.numel() * image.element_size()
         while self.bytes > self.max_bytes and len(self.items) > 1:
             _, dropped = self.items.popitem(last=False)

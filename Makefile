@@ -8,7 +8,8 @@ DEMO_OUT ?= runs/demo
 
 install:
 	$(PIP) install "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -e ".[test]"
+	# the eval extra (lmms-eval) too: its adapter test is part of `make test`
+	$(PIP) install -e ".[test,eval]"
 	# torchscale 0.3.0 pins timm==0.6.13 / fairscale==0.4.0, which clash with open_clip 3.x;
 	# it runs on timm 1.x, so install fairscale normally and torchscale without its pins.
 	$(PIP) install fairscale

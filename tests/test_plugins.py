@@ -64,8 +64,11 @@ def test_a_connector_from_a_plugin_module_trains(tmp_path, tokenizer_dir, shapes
     code = ("import sys; from vlm.pipeline import load_pretrained; "
             f"model, _, _ = load_pretrained({str(final)!r}, device='cpu'); "
             "print(type(model.connector).__name__, round(float(model.connector.gate), 6))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(PLUGINS)])}
+    refused = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert refused.returncode != 0 and "VLM_PLUGINS=my_connector" in refused.stderr  # a checkpoint names, the user allows
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(PLUGINS)])})
+                          env={**env, "VLM_PLUGINS": "my_connector"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["GatedLinearConnector", str(round(float(snapshots.end["gate"]), 6))]
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -19,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from vlm.config import STRATEGY_NAMES, Train, _one_hint, _schema_fields, load_config
-from vlm.errors import ConfigError
+from vlm.errors import CheckpointError, ConfigError
 from vlm.registry import Registry, closest, import_object, load_entry_point_plugins
 
 # every registry, by the kind ``vlm models`` lists it under: "module:ATTRIBUTE"
@@ -59,12 +61,27 @@ def save_plugins(folder: str | Path, modules: Sequence[str]) -> None:
         (Path(folder) / PLUGINS_FILE).write_text(json.dumps(list(modules)))
 
 
+PLUGINS_ENV = "VLM_PLUGINS"
+
+
 def load_saved_plugins(folder: str | Path) -> None:
-    """Import the plugin modules a stage output recorded (:func:`save_plugins`), so that its
-    model can be rebuilt in a process that did not load its run config."""
+    """Make the plugin modules a stage output recorded (:func:`save_plugins`) available, so that
+    its model can be rebuilt in a process that did not load its run config.
+
+    A checkpoint names modules; it never decides which code runs. A recorded module is imported
+    only when the user allowed it: already imported, or listed in the ``VLM_PLUGINS``
+    environment variable (comma-separated). Otherwise a CheckpointError names the modules."""
     path = Path(folder) / PLUGINS_FILE
-    if path.is_file():
-        load_plugins(json.loads(path.read_text()), where=str(path))
+    if not path.is_file():
+        return
+    recorded = [str(m) for m in json.loads(path.read_text())]
+    allowed = {m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()}
+    refused = [m for m in recorded if m not in sys.modules and m not in allowed]
+    if refused:
+        raise CheckpointError(f"{path}: this model's components come from plugin module(s) {', '.join(refused)}; "
+                              "vlm does not import code a checkpoint names: if you trust them, set "
+                              f"{PLUGINS_ENV}={','.join(refused)} (or import them yourself)")
+    load_plugins(recorded, where=str(path))
 
 
 def load_run_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), **defaults) -> DictConfig:

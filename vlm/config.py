@@ -494,23 +494,6 @@ def _check_vars(cfg: DictConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: cannot resolve '{key}': {str(exc).splitlines()[0]}") from None
 
 
-def _check_stage_evals(cfg: DictConfig, stage, where: str) -> None:
-    """``evals`` name entries of ``cfg.evals``, need ``eval_every`` >= 1; ``keep_best`` is
-    ``<one of them>/<metric>``."""
-    for name in stage.evals:
-        if name not in cfg.evals:
-            raise ConfigError(f"{where}.evals: no eval '{name}' in evals{closest(name, list(cfg.evals))}; "
-                              f"evals: {list(cfg.evals)}")
-    if stage.evals and (stage.eval_every is None or stage.eval_every < 1):
-        raise ConfigError(f"{where}.eval_every: evals {list(stage.evals)} need eval_every >= 1 (steps), "
-                          f"got {stage.eval_every}")
-    if stage.keep_best is not None:
-        name = stage.keep_best.split("/", 1)[0]
-        if "/" not in stage.keep_best or name not in stage.evals:
-            raise ConfigError(f"{where}.keep_best: expected '<eval>/<metric>' with <eval> one of the stage's "
-                              f"evals {list(stage.evals)}, got '{stage.keep_best}'")
-
-
 def to_container(cfg: DictConfig) -> dict:
     """A plain resolved dict of `cfg` (enums as their names), for saving beside a run."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

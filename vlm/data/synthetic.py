@@ -111,19 +111,19 @@ class ShapesStyle:
     def check(self) -> None:
         """ValueError naming the first bad option."""
         if not 0.3 <= self.shape_scale <= 1.6:
-            raise ValueError(f"shape_scale must be in [0.3, 1.6], got {self.shape_scale}")
+            raise ConfigError(f"shape_scale must be in [0.3, 1.6], got {self.shape_scale}")
         if not 0.0 <= self.jitter <= 0.15:
-            raise ValueError(f"jitter must be in [0, 0.15], got {self.jitter}")
+            raise ConfigError(f"jitter must be in [0, 0.15], got {self.jitter}")
         if self.shapes_per_image not in (1, 2):
-            raise ValueError(f"shapes_per_image must be 1 or 2, got {self.shapes_per_image}")
+            raise ConfigError(f"shapes_per_image must be 1 or 2, got {self.shapes_per_image}")
         if self.background not in BACKGROUND_KINDS:
-            raise ValueError(f"background must be one of {BACKGROUND_KINDS}, got {self.background!r}")
+            raise ConfigError(f"background must be one of {BACKGROUND_KINDS}, got {self.background!r}")
         if self.phrasing not in PHRASINGS:
-            raise ValueError(f"phrasing must be one of {PHRASINGS}, got {self.phrasing!r}")
+            raise ConfigError(f"phrasing must be one of {PHRASINGS}, got {self.phrasing!r}")
         if self.colors is not None:
             unknown = [c for c in self.colors if c not in PALETTE]
             if unknown or len(set(self.colors)) < 2:
-                raise ValueError(f"colors: at least two distinct names from {sorted(PALETTE)}; "
+                raise ConfigError(f"colors: at least two distinct names from {sorted(PALETTE)}; "
                                  f"unknown {unknown}" if unknown else "colors: at least two distinct names")
 
     @property

@@ -125,3 +125,16 @@ def shapes_data(tmp_path_factory) -> Dict[str, Any]:
 
     return generate_shapes(str(tmp_path_factory.mktemp("shapes")), num_train=16, num_test=4,
                            image_size=32, progress=False)
+
+
+def run_vlm(argv, capsys) -> tuple:
+    """``vlm ARGV`` in this process (``vlm.cli.main``): ``(exit code, stdout, stderr)``."""
+    from vlm.cli import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err

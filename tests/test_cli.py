@@ -12,22 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import LLM_ARCH, VISION_ARCH
-from vlm.cli import main
+from conftest import LLM_ARCH, VISION_ARCH, run_vlm
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "llava_shapes.yaml"
-
-
-def run_main(argv, capsys):
-    """``vlm.cli.main(argv)`` in this process: ``(exit code, stdout, stderr)``."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def only_json_object(stdout: str) -> dict:
@@ -51,7 +39,7 @@ def test_models_json_lists_the_registered_components():
 
 
 def test_models_plain_text_lists_one_kind_per_line(capsys):
-    code, out, _ = run_main(["models"], capsys)
+    code, out, _ = run_vlm(["models"], capsys)
     assert code == 0
     assert "vision_encoders: " in out and "mlp2x_gelu" in out
 
@@ -87,7 +75,7 @@ def vqa_files(tmp_path):
 def test_score_vqa_prints_what_score_vqa_returns(vqa_files, capsys):
     from vlm.evaluation.vqa_metric import score_vqa
 
-    code, out, err = run_main(["score", "vqa", "--questions", vqa_files["questions"],
+    code, out, err = run_vlm(["score", "vqa", "--questions", vqa_files["questions"],
                                "--annotations", vqa_files["annotations"],
                                "--results", vqa_files["results"], "--details"], capsys)
     assert code == 0, err
@@ -100,7 +88,7 @@ def test_score_vqa_prints_what_score_vqa_returns(vqa_files, capsys):
 
 def test_score_vqa_prints_a_summary_by_default_and_the_detail_into_a_file(vqa_files, tmp_path, capsys):
     details = tmp_path / "details.json"
-    code, out, err = run_main(["score", "vqa", "--questions", vqa_files["questions"],
+    code, out, err = run_vlm(["score", "vqa", "--questions", vqa_files["questions"],
                                "--annotations", vqa_files["annotations"], "--results", vqa_files["results"],
                                "--details-out", details], capsys)
     assert code == 0, err
@@ -111,7 +99,7 @@ def test_score_vqa_prints_a_summary_by_default_and_the_detail_into_a_file(vqa_fi
 
 
 def test_score_vqa_without_questions_is_a_usage_error(vqa_files, capsys):
-    code, _, err = run_main(["score", "vqa", "--annotations", vqa_files["annotations"],
+    code, _, err = run_vlm(["score", "vqa", "--annotations", vqa_files["annotations"],
                              "--results", vqa_files["results"]], capsys)
     assert code == 2
     assert "--questions" in err
@@ -146,7 +134,7 @@ def test_score_caption_prints_what_score_captions_returns(tmp_path, capsys, monk
         return scores
 
     monkeypatch.setattr(caption_metric, "score_captions", spy)
-    code, out, err = run_main(["score", "caption", "--annotations", ann_path, "--results", res_path], capsys)
+    code, out, err = run_vlm(["score", "caption", "--annotations", ann_path, "--results", res_path], capsys)
     assert code == 0, err
     printed = only_json_object(out)
     assert len(calls) == 1
@@ -161,7 +149,7 @@ def test_score_caption_prints_what_score_captions_returns(tmp_path, capsys, monk
 
 def test_data_shapes_writes_the_dataset(tmp_path, capsys):
     out_dir = tmp_path / "shapes"
-    code, out, err = run_main(["data", "shapes", "--out", out_dir, "--num-train", "4", "--num-test", "2",
+    code, out, err = run_vlm(["data", "shapes", "--out", out_dir, "--num-train", "4", "--num-test", "2",
                                "--image-size", "32"], capsys)
     assert code == 0, err
     paths = json.loads(out)
@@ -189,7 +177,7 @@ def test_config_error_exits_2_with_the_key_and_a_suggestion_before_building_anyt
     monkeypatch.setattr(vlm.recipes, "run_recipe", forbidden)
     monkeypatch.setattr(vlm.data.synthetic, "generate_shapes", forbidden)
     out_dir = tmp_path / "out"
-    code, out, err = run_main(["train", DEMO, "stages.align.lerning_rate=1", "--out", out_dir], capsys)
+    code, out, err = run_vlm(["train", DEMO, "stages.align.lerning_rate=1", "--out", out_dir], capsys)
     assert code == 2
     assert "stages.align.lerning_rate" in err
     assert "did you mean 'learning_rate'" in err
@@ -199,7 +187,7 @@ def test_config_error_exits_2_with_the_key_and_a_suggestion_before_building_anyt
 
 
 def test_missing_config_file_exits_2(tmp_path, capsys):
-    code, _, err = run_main(["train", tmp_path / "nope.yaml", "--out", tmp_path / "out"], capsys)
+    code, _, err = run_vlm(["train", tmp_path / "nope.yaml", "--out", tmp_path / "out"], capsys)
     assert code == 2
     assert "nope.yaml" in err
 
@@ -263,7 +251,7 @@ def test_run_then_chat_end_to_end(tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(out_dir), sort_keys=False))
 
-    code, out, err = run_main(["run", recipe, "--out", out_dir], capsys)
+    code, out, err = run_vlm(["run", recipe, "--out", out_dir], capsys)
     assert code == 0, err[-4000:]
 
     metrics = json.loads((out_dir / "metrics.json").read_text())

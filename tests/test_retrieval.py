@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from conftest import LLM_ARCH, VISION_ARCH, build_tiny_model, run_config, tiny_model_config
-from test_cli import run_main
+from conftest import run_vlm
 from test_qformer_objectives import QFORMER
 from vlm.config import ConfigError
 from vlm.wiring import load_run_config
@@ -128,20 +128,20 @@ def test_vlm_eval_retrieval_on_a_stage_output(tmp_path, tokenizer_dir, shapes_da
              "batch_size": 8, "max_steps": 1}
     cfg = run_config(tmp_path, tokenizer_dir, {"s1": stage}, model={"connector": QFORMER})
     final = run_stage(cfg, "s1")
-    code, out, err = run_main(["eval", "--task", "retrieval", "--checkpoint", final, "--captions", test["captions"],
+    code, out, err = run_vlm(["eval", "--task", "retrieval", "--checkpoint", final, "--captions", test["captions"],
                                "--image-root", test["image_root"], "--rerank-k", "2", "--out", tmp_path / "ev"],
                               capsys)
     assert code == 0, err
     metrics = json.loads(out.strip().splitlines()[-1])["retrieval"]
     assert {"i2t_r1", "t2i_r5", "itm_t2i_r1", "t2i_r5_chance"} <= set(metrics)
     assert (tmp_path / "ev" / "retrieval_results.json").is_file()
-    code, _, err = run_main(["eval", "--task", "retrieval", "--checkpoint", final], capsys)
+    code, _, err = run_vlm(["eval", "--task", "retrieval", "--checkpoint", final], capsys)
     assert code == 2 and "needs --checkpoint (a stage output) and --captions" in err
-    code, _, err = run_main(["eval", str(tmp_path / "recipe_0.yaml"), "--rerank-k", "3"], capsys)
+    code, _, err = run_vlm(["eval", str(tmp_path / "recipe_0.yaml"), "--rerank-k", "3"], capsys)
     assert code == 2 and "--rerank-k: only with `vlm eval --task`" in err
-    code, _, err = run_main(["eval", "--task", "retreival", "--checkpoint", final], capsys)
+    code, _, err = run_vlm(["eval", "--task", "retreival", "--checkpoint", final], capsys)
     assert code == 2 and "--task: unknown task 'retreival' (did you mean 'retrieval'?)" in err
     # a config file named like a task is a config
     (tmp_path / "retrieval").write_text((tmp_path / "recipe_0.yaml").read_text())
-    code, _, err = run_main(["eval", str(tmp_path / "retrieval"), "--checkpoint", final], capsys)
+    code, _, err = run_vlm(["eval", str(tmp_path / "retrieval"), "--checkpoint", final], capsys)
     assert code == 0, err

@@ -397,20 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a trained model in another library's format")
     export_sub = p.add_subparsers(dest="format", required=True)
-    s = export_sub.add_parser("hf-llava", help=cmd_export_hf_llava.__doc__)
-    s.add_argument("checkpoint", help="stage output folder (hf_clip + mlp2x_gelu + a causal LM)")
-    s.add_argument("--out", required=True, help="folder to write (LlavaForConditionalGeneration.from_pretrained reads it)")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights' dtype (default: the checkpoint's model.llm.dtype)")
-    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    s.set_defaults(func=cmd_export_hf_llava)
-    s = export_sub.add_parser("hf-blip2", help=cmd_export_hf_blip2.__doc__)
-    s.add_argument("checkpoint", help="stage output folder (hf_blip2_vision + qformer + a causal LM)")
-    s.add_argument("--out", required=True, help="folder to write (Blip2ForConditionalGeneration.from_pretrained reads it)")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights' dtype (default: the checkpoint's model.llm.dtype)")
-    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    s.set_defaults(func=cmd_export_hf_blip2)
+    for name, func, layout, reader in (
+            ("hf-llava", cmd_export_hf_llava, "hf_clip + mlp2x_gelu + a causal LM", "LlavaForConditionalGeneration"),
+            ("hf-blip2", cmd_export_hf_blip2, "hf_blip2_vision + qformer + a causal LM", "Blip2ForConditionalGeneration")):
+        s = export_sub.add_parser(name, help=func.__doc__)
+        s.add_argument("checkpoint", help=f"stage output folder ({layout})")
+        s.add_argument("--out", required=True, help=f"folder to write ({reader}.from_pretrained reads it)")
+        s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="weights' dtype (default: the checkpoint's model.llm.dtype)")
+        s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+        s.set_defaults(func=func)
 
     p = sub.add_parser("import", help="turn another library's model into a vlm stage output")
     import_sub = p.add_subparsers(dest="format", required=True)

@@ -11,19 +11,7 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from conftest import LLM_ARCH, VISION_ARCH
-from vlm.cli import main
-
-
-def run_vlm(argv, capsys) -> tuple:
-    """``vlm ARGV`` in this process: ``(exit code, stdout, stderr)``."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import LLM_ARCH, VISION_ARCH, run_vlm  # noqa: F401  (run_vlm re-exported)
 
 
 def error_line(err: str) -> str:

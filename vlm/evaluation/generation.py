@@ -108,20 +108,14 @@ def _lean_answers(model, processor: VLMProcessor, samples: Sequence[Sample], bat
     prompts = [processor.tokenize(processor.prompt_turns(s.turns), add_generation_prompt=True)[0] for s in samples]
     images = _ImageMemo(processor.load_image)
     answers: List[Optional[str]] = [""] * len(samples)
-    readable = []
-    for i, sample in enumerate(samples):
-        try:
-            for image in sample.images:
-                images.load(image)
-            readable.append(i)
-        except ImageLoadError as exc:
-            if not skip_unreadable:
-                raise
-            logger.warning("skipping %s: %s", sample.meta.get("source", sample.id), exc)
-            answers[i] = None
-    order = sorted(readable, key=lambda i: len(prompts[i]))
+    order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-        chunk = order[start:start + batch_size]
+        batch_ids = order[start:start + batch_size]
+        chunk = [i for i in batch_ids if _images_readable(samples[i], images, skip_unreadable)]
+        for i in set(batch_ids) - set(chunk):
+            answers[i] = None
+        if not chunk:
+            continue
         distinct: Dict[object, int] = {}  # image key -> index among the batch's distinct images
         sources: List[object] = []
         image_index: List[int] = []
@@ -145,6 +139,20 @@ def _lean_answers(model, processor: VLMProcessor, samples: Sequence[Sample], bat
         for i, text in zip(chunk, texts):
             answers[i] = clean_answer(text, stops)
     return answers
+
+
+def _images_readable(sample: Sample, images: "_ImageMemo", skip_unreadable: bool) -> bool:
+    """Load ``sample``'s images into ``images``; False (logged) for an unreadable one when
+    ``skip_unreadable``, else its ImageLoadError."""
+    try:
+        for image in sample.images:
+            images.load(image)
+    except ImageLoadError as exc:
+        if not skip_unreadable:
+            raise
+        logger.warning("skipping %s: %s", sample.meta.get("source", sample.id), exc)
+        return False
+    return True
 
 
 def _image_key(image) -> object:

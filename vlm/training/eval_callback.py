@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from pathlib import Path
 from typing import Dict, Optional
 
 from vlm.training.callbacks import Callback

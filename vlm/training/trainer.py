@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from vlm.config import Precision, StageConfig
+from vlm.config import StageConfig
 from vlm.errors import DataFormatError, TrainingError
 from vlm.data.packing import batch_samples
 from vlm.training import checkpoint as ckpt
@@ -35,16 +35,9 @@ from vlm.training.objectives import LanguageModeling, Objective
 from vlm.training.skips import SkipCounter
 from vlm.training.samplers import EpochShuffleSampler  # noqa: F401  (re-exported)
 from vlm.training.stages import parameter_groups, set_train_modes
-from vlm.training.strategies import MIXED_PRECISION, Strategy, build_strategy, split_module_state
+from vlm.training.strategies import Strategy, build_strategy, split_module_state
 
 logger = logging.getLogger(__name__)
-
-
-def make_accelerator(precision: Precision) -> Accelerator:
-    """A DDP Accelerator for one stage at ``precision`` (see :mod:`vlm.training.strategies`)."""
-    from vlm.training.strategies import _accelerator
-
-    return _accelerator(MIXED_PRECISION[Precision(precision)])
 
 
 class TrainingModule(torch.nn.Module):

@@ -22,7 +22,6 @@ feed-forward paths (as LAVIS does); the cross-attention layers start random.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 

@@ -8,6 +8,7 @@ import errno
 import pytest
 
 import vlm.cli
+import vlm.errors
 from robust_helpers import Project, error_line, run_vlm
 from vlm.cli import main
 from vlm.errors import ConfigError
@@ -58,3 +59,29 @@ def test_an_os_error_is_one_line_with_the_path_and_what_to_do(monkeypatch, capsy
     monkeypatch.setattr(vlm.cli, "cmd_models", full)
     code, _, err = run_vlm(["models"], capsys)
     assert code == 2 and error_line(err) == "error: /data/out/x.bin: disk full; free space or write elsewhere"
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--jitter", "0.5"], "jitter must be in [0, 0.15], got 0.5"),
+    (["--shape-scale", "5"], "shape_scale must be in [0.3, 1.6], got 5"),
+    (["--colors", "red"], "colors: at least two distinct names"),
+])
+def test_bad_shapes_options_are_one_line_and_write_nothing(tmp_path, capsys, flags, named):
+    out = tmp_path / "shapes"
+    code, _, err = run_vlm(["data", "shapes", "--out", out, *flags], capsys)
+    assert code == 2 and named in error_line(err)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_checkpoint_naming_plugin_modules_is_refused_without_importing_them(tmp_path, capsys):
+    import json
+    import sys
+
+    folder = tmp_path / "final"
+    folder.mkdir()
+    (folder / "plugins.json").write_text(json.dumps(["vlm_untrusted_plugin_mod"]))
+    from vlm.wiring import load_saved_plugins
+
+    with pytest.raises(vlm.errors.CheckpointError, match="VLM_PLUGINS=vlm_untrusted_plugin_mod"):
+        load_saved_plugins(folder)
+    assert "vlm_untrusted_plugin_mod" not in sys.modules

@@ -27,6 +27,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from vlm.config import StageConfig
 from vlm.errors import DataFormatError, TrainingError
 from vlm.data.packing import batch_samples
+from vlm.modeling.attention import use_training_attention
 from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback, CallbackList
 from vlm.training.metrics_log import MetricsLog
@@ -85,6 +86,7 @@ class Trainer:
                             collate_fn=collate, num_workers=stage.num_workers, drop_last=False,
                             generator=torch.Generator().manual_seed(stage.seed))
         objective = objective if objective is not None else LanguageModeling(model, None)
+        use_training_attention(model)  # sdpa with an fp32 kernel under CPU autocast (faster backward)
         module = TrainingModule(model, objective)
 
         def make_optimizer():  # after wrapping: a sharding strategy replaces the parameters

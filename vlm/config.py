@@ -184,6 +184,9 @@ class StageConfig:
     packing: bool = False
     # batches of similar length, image and text-only samples apart (vlm/training/samplers.py)
     group_by_length: bool = False
+    # compile the model's repeated blocks (decoder / encoder layers) with torch.compile for the
+    # training steps (vlm/training/compile.py)
+    compile: bool = False
     # evaluation during training (vlm/training/eval_callback.py): run these entries of ``evals``
     # every ``eval_every`` steps; ``keep_best: <eval>/<metric>`` keeps the best model in <stage>/best
     eval_every: Optional[int] = None

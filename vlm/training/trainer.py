@@ -30,6 +30,7 @@ from vlm.data.packing import batch_samples
 from vlm.modeling.attention import use_training_attention
 from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback, CallbackList
+from vlm.training.compile import compile_repeated_blocks, eager, restore_eager
 from vlm.training.metrics_log import MetricsLog
 from vlm.training.nonfinite import NonFiniteGuard, check_finite_weights
 from vlm.training.objectives import LanguageModeling, Objective
@@ -107,6 +108,7 @@ class Trainer:
             num_training_steps=self.total_steps, min_lr_rate=stage.min_lr_ratio,
         )
         self.history: List[dict] = []
+        self._callback_context = contextlib.nullcontext  # eager() while compiled blocks train
         # extra progress-bar fields callbacks may set (evaluation scores)
         self.progress_extras: Dict[str, str] = {}
 
@@ -176,7 +178,17 @@ class Trainer:
             epoch, skip = epoch + 1, 0
 
     def train(self, resume: bool = False) -> Path:
-        """Run the stage to ``total_steps``; returns the ``final`` output folder."""
+        """Run the stage to ``total_steps``; returns the ``final`` output folder. With
+        ``compile`` on, the model's repeated blocks are compiled for the training steps
+        (vlm.training.compile) and callbacks run eagerly."""
+        blocks = compile_repeated_blocks(self._unwrapped()) if self.stage.compile else []
+        self._callback_context = eager if blocks else contextlib.nullcontext
+        try:
+            return self._train(resume)
+        finally:
+            restore_eager(blocks)
+
+    def _train(self, resume: bool) -> Path:
         stage, acc = self.stage, self.accelerator
         position = {"step": 0, "epoch": 0, "batch": 0, "samples": 0}
         if resume:
@@ -196,7 +208,8 @@ class Trainer:
         micro = 0
         guard = NonFiniteGuard(stage, self.stage_name, acc)
         self.skips = SkipCounter(self.stage_name, stage.max_image_failure_ratio, self.micro_per_epoch, acc)
-        self.callbacks.on_train_start(self, position)
+        with self._callback_context():
+            self.callbacks.on_train_start(self, position)
         batches = self._batches(position["epoch"], position["batch"])
         while position["step"] < self.total_steps:
             epoch, index, batch = next(batches)
@@ -245,7 +258,8 @@ class Trainer:
                           "samples": all_samples,
                           "samples_per_s": all_samples / max(elapsed, 1e-9),
                           "grad_norm": grad_norm}
-                self.callbacks.on_log(self, record)
+                with self._callback_context():
+                    self.callbacks.on_log(self, record)
                 self.history.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 samples_s=f"{record['samples_per_s']:.1f}", **self.progress_extras)
@@ -253,14 +267,17 @@ class Trainer:
             if stage.save_every and step % stage.save_every == 0 and step < self.total_steps:
                 folder = self.out_dir / "checkpoints" / f"step_{step:07d}"
                 self.save_checkpoint(folder, position)
-                self.callbacks.on_checkpoint(self, folder)
-            self.callbacks.on_step_end(self, position)
+                with self._callback_context():
+                    self.callbacks.on_checkpoint(self, folder)
+            with self._callback_context():
+                self.callbacks.on_step_end(self, position)
         bar.close()
         if self.skips.skipped_samples:
             logger.warning(self.skips.summary())
         final = self.out_dir / "final"
         self.save_checkpoint(final, None)
-        self.callbacks.on_train_end(self, final)
+        with self._callback_context():
+            self.callbacks.on_train_end(self, final)
         return final
 
 

@@ -24,13 +24,14 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from vlm.config import StageConfig
+from vlm.config import Precision, StageConfig
 from vlm.errors import DataFormatError, TrainingError
 from vlm.data.packing import batch_samples
 from vlm.modeling.attention import use_training_attention
 from vlm.training import checkpoint as ckpt
 from vlm.training.callbacks import Callback, CallbackList
 from vlm.training.compile import compile_repeated_blocks, eager, restore_eager
+from vlm.training.frozen_weights import FrozenWeightCast
 from vlm.training.metrics_log import MetricsLog
 from vlm.training.nonfinite import NonFiniteGuard, check_finite_weights
 from vlm.training.objectives import LanguageModeling, Objective
@@ -108,7 +109,8 @@ class Trainer:
             num_training_steps=self.total_steps, min_lr_rate=stage.min_lr_ratio,
         )
         self.history: List[dict] = []
-        self._callback_context = contextlib.nullcontext  # eager() while compiled blocks train
+        # what runs between training steps (callbacks, checkpoints): eager, fp32 frozen weights
+        self._outside_steps = contextlib.nullcontext
         # extra progress-bar fields callbacks may set (evaluation scores)
         self.progress_extras: Dict[str, str] = {}
 
@@ -180,13 +182,35 @@ class Trainer:
     def train(self, resume: bool = False) -> Path:
         """Run the stage to ``total_steps``; returns the ``final`` output folder. With
         ``compile`` on, the model's repeated blocks are compiled for the training steps
-        (vlm.training.compile) and callbacks run eagerly."""
+        (vlm.training.compile); under bf16 / fp16 the frozen linear weights are cast once, not
+        every step. Callbacks and checkpoints see the eager fp32 model."""
+        casts = self._frozen_weight_cast()
         blocks = compile_repeated_blocks(self._unwrapped()) if self.stage.compile else []
-        self._callback_context = eager if blocks else contextlib.nullcontext
+
+        @contextlib.contextmanager
+        def outside_steps():
+            with eager() if blocks else contextlib.nullcontext(), \
+                    casts.full_precision() if casts else contextlib.nullcontext():
+                yield
+
+        self._outside_steps = outside_steps
         try:
+            if casts:
+                casts.to_low()
             return self._train(resume)
         finally:
             restore_eager(blocks)
+            if casts:
+                casts.to_full()
+            self._outside_steps = contextlib.nullcontext
+
+    def _frozen_weight_cast(self) -> Optional[FrozenWeightCast]:
+        """Frozen weights pre-cast to the autocast dtype (vlm.training.frozen_weights), for a
+        bf16 / fp16 stage whose parameters this process holds whole (not sharded)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(Precision(self.stage.precision).value)
+        if dtype is None or self.strategy.name != "ddp":
+            return None
+        return FrozenWeightCast(self._unwrapped(), dtype)
 
     def _train(self, resume: bool) -> Path:
         stage, acc = self.stage, self.accelerator
@@ -208,7 +232,7 @@ class Trainer:
         micro = 0
         guard = NonFiniteGuard(stage, self.stage_name, acc)
         self.skips = SkipCounter(self.stage_name, stage.max_image_failure_ratio, self.micro_per_epoch, acc)
-        with self._callback_context():
+        with self._outside_steps():
             self.callbacks.on_train_start(self, position)
         batches = self._batches(position["epoch"], position["batch"])
         while position["step"] < self.total_steps:
@@ -258,7 +282,7 @@ class Trainer:
                           "samples": all_samples,
                           "samples_per_s": all_samples / max(elapsed, 1e-9),
                           "grad_norm": grad_norm}
-                with self._callback_context():
+                with self._outside_steps():
                     self.callbacks.on_log(self, record)
                 self.history.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -266,17 +290,19 @@ class Trainer:
                 window, window_samples, window_start = {}, 0, time.perf_counter()
             if stage.save_every and step % stage.save_every == 0 and step < self.total_steps:
                 folder = self.out_dir / "checkpoints" / f"step_{step:07d}"
-                self.save_checkpoint(folder, position)
-                with self._callback_context():
+                with self._outside_steps():
+                    self.save_checkpoint(folder, position)
+                with self._outside_steps():
                     self.callbacks.on_checkpoint(self, folder)
-            with self._callback_context():
+            with self._outside_steps():
                 self.callbacks.on_step_end(self, position)
         bar.close()
         if self.skips.skipped_samples:
             logger.warning(self.skips.summary())
         final = self.out_dir / "final"
-        self.save_checkpoint(final, None)
-        with self._callback_context():
+        with self._outside_steps():
+            self.save_checkpoint(final, None)
+        with self._outside_steps():
             self.callbacks.on_train_end(self, final)
         return final
 

@@ -73,3 +73,58 @@ def test_the_eval_image_memo_loads_each_image_once_within_its_byte_budget():
     # a and b fit together; c pushes out the least recently used (a), which then loads again
     assert loads == ["a", "b", "c", "a"]
     assert memo.bytes <= 8000
+
+
+SHARED = [  # several questions about each image, of different lengths: prompts that share a prefix
+    ("<image>\nWhat color is the shape?", 0),
+    ("<image>\nwhere is it? answer with the corner and the size of the shape in the image", 0),
+    ("<image>\nwhat shape is it?", 1),
+    ("<image>\nWhat color is the shape?", 1),
+    ("<image>\ndescribe the image briefly.", 0),
+    ("<image>\nwhat shape is it?", 2),
+]
+
+
+def _shared_setup(tokenizer_dir, tokenizer, image_paths):
+    cfg = tiny_model_config(tokenizer_dir, template="chatml")
+    model = build_tiny_model(cfg, tokenizer, seed=0)
+    processor = build_processor(model, tokenizer, cfg)
+    samples = [Sample(str(i), [Turn("user", q)], [image_paths[k]]) for i, (q, k) in enumerate(SHARED)]
+    return model, processor, samples
+
+
+def test_decoding_shared_prefixes_once_equals_transformers_greedy(tokenizer_dir, tokenizer, image_paths):
+    from vlm.evaluation.generation import _ImageMemo, _decode_sharing_prefixes, _shared_prefix_keys
+
+    model, processor, samples = _shared_setup(tokenizer_dir, tokenizer, image_paths)
+    pad = tokenizer.pad_token_id
+    prompts = [processor.tokenize(processor.prompt_turns(s.turns), add_generation_prompt=True)[0] for s in samples]
+    keys = _shared_prefix_keys(model, samples, prompts)
+    assert all(k is not None for k in keys) and len(set(keys)) == 3
+    assert len({len(p) - len(k[0]) for p, k in zip(prompts, keys)}) > 1, "suffixes must differ in length"
+    batch = processor.collate([processor.encode(s, for_generation=True) for s in samples], padding_side="left")
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    free = model.generate(*args, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=pad)
+    rows = free.tolist()
+    stops = [next(t for a in rows for b in rows for t in a if t not in b)]
+    expected = model.generate(*args, max_new_tokens=10, do_sample=False, eos_token_id=stops, pad_token_id=pad)
+    memo = _ImageMemo(processor.load_image)
+    distinct = {path: j for j, path in enumerate(image_paths)}
+    pixels = torch.stack([memo.load(path) for path in image_paths])
+    got = _decode_sharing_prefixes(model, processor, list(range(len(samples))), keys, prompts, distinct, pixels,
+                                   "cpu", dict(max_new_tokens=10, eos_token_ids=stops, pad_token_id=pad))
+    assert torch.equal(got, expected)
+    assert any((row == pad).any() for row in got) and got.shape[1] > 3, "rows must stop apart"
+
+
+def test_eval_answers_sharing_prefixes_are_transformers_answers(tokenizer_dir, tokenizer, image_paths, monkeypatch):
+    import vlm.evaluation.generation as generation
+
+    model, processor, samples = _shared_setup(tokenizer_dir, tokenizer, image_paths)
+    calls = []
+    shared = generation.greedy_decode_shared_prefixes
+    monkeypatch.setattr(generation, "greedy_decode_shared_prefixes", lambda *a, **k: calls.append(1) or shared(*a, **k))
+    lean = generate_answers(model, processor, samples, batch_size=4, max_new_tokens=8)
+    reference = generate_answers(model, processor, samples, batch_size=4, max_new_tokens=8, lean=False)
+    assert calls, "the batches share prefixes: the shared-prefix decode must run"
+    assert lean == reference and any(lean)

@@ -31,20 +31,58 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     ``pixel_values`` each one shows, so an image asked about several times is passed once."""
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("greedy_decode needs left padding: the last position is padding in some rows")
-    batch = input_ids.shape[0]
-    device = input_ids.device
-    decoder = model.llm.get_decoder()
-    head = model.llm.get_output_embeddings()
-    embeddings = model.llm.get_input_embeddings()
-    stops = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
-    out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-
     inputs_embeds = _prompt_embeds(model, input_ids, pixel_values, instructions, image_index)
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     cache = DynamicCache(config=model.llm.config)
-    # transformers renamed the decoder's cache argument (past_key_values -> cache)
-    cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    return _decode_loop(model, inputs_embeds, mask, positions, cache, max_new_tokens, eos_token_ids, pad_token_id)
+
+
+@torch.no_grad()
+def greedy_decode_shared_prefixes(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
+                                  pixel_values: Optional[torch.Tensor], image_index: Optional[torch.Tensor],
+                                  owner: torch.Tensor, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor, *,
+                                  max_new_tokens: int, eos_token_ids: Sequence[int],
+                                  pad_token_id: int) -> torch.Tensor:
+    """:func:`greedy_decode` for prompts that share prefixes: row ``r``'s prompt is prefix
+    ``owner[r]`` followed by suffix ``r`` (both left-padded). Each distinct prefix (e.g. the
+    template's opening and an image's visual tokens, asked several questions) runs through the
+    LLM once; its KV cache is copied to the rows that share it and the suffixes continue from it.
+    The attention sees the same tokens at the same positions as for the whole prompt (the
+    suffix's padding, between prefix and suffix, is masked), so the tokens are greedy's."""
+    if bool((suffix_mask[:, -1] == 0).any()) or bool((prefix_mask[:, -1] == 0).any()):
+        raise ValueError("greedy_decode_shared_prefixes needs left-padded prefixes and suffixes")
+    decoder = model.llm.get_decoder()
+    cache = DynamicCache(config=model.llm.config)
+    prefix_mask = prefix_mask.long()
+    embeds = _prompt_embeds(model, prefix_ids, pixel_values, None, image_index)
+    positions = (prefix_mask.cumsum(-1) - 1).masked_fill(prefix_mask == 0, 0)
+    decoder(inputs_embeds=embeds, attention_mask=prefix_mask, position_ids=positions, use_cache=True,
+            **{_cache_arg(decoder): cache})
+    cache.batch_select_indices(owner)  # each row gets its prefix's keys and values
+    suffix_mask = suffix_mask.long()
+    mask = torch.cat([prefix_mask[owner], suffix_mask], dim=1)
+    start = prefix_mask.sum(-1)[owner].unsqueeze(1)
+    positions = (start + suffix_mask.cumsum(-1) - 1).masked_fill(suffix_mask == 0, 0)
+    embeds = model.llm.get_input_embeddings()(suffix_ids)
+    return _decode_loop(model, embeds, mask, positions, cache, max_new_tokens, eos_token_ids, pad_token_id)
+
+
+def _cache_arg(decoder) -> str:
+    """transformers renamed the decoder's cache argument (past_key_values -> cache)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _decode_loop(model, inputs_embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
+                 max_new_tokens: int, eos_token_ids: Sequence[int], pad_token_id: int) -> torch.Tensor:
+    """Greedy steps from ``inputs_embeds`` (the prompt, or what follows the cached part) on."""
+    decoder = model.llm.get_decoder()
+    head = model.llm.get_output_embeddings()
+    embeddings = model.llm.get_input_embeddings()
+    batch, device = inputs_embeds.shape[0], inputs_embeds.device
+    stops = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
+    out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    cache_arg = _cache_arg(decoder)
     rows = torch.arange(batch, device=device)  # the original row of each running row
     length = 0
     for step in range(max_new_tokens):

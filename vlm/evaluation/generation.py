@@ -12,7 +12,7 @@ from vlm.data.processor import VLMProcessor, image_instructions, pad_batch
 from vlm.data.types import Sample
 from vlm.errors import ImageLoadError
 
-from vlm.evaluation.decode import greedy_decode
+from vlm.evaluation.decode import greedy_decode, greedy_decode_shared_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -102,13 +102,16 @@ def _lean_answers(model, processor: VLMProcessor, samples: Sequence[Sample], bat
     """Greedy answers by :func:`greedy_decode`, with the work a padded, one-image-per-question
     loop repeats removed: prompts batched by length (less left padding), each distinct image
     loaded once (kept while a byte budget allows) and, within a batch, encoded once unless the
-    connector reads the question. Images may be paths or PIL images; with ``skip_unreadable`` a
-    sample whose image cannot be read gets None."""
+    connector reads the question. Questions about one image whose prompts open alike (the
+    template's opening and the image) are batched together and that shared prefix runs
+    through the LLM once (:func:`greedy_decode_shared_prefixes`). Images may be paths or PIL
+    images; with ``skip_unreadable`` a sample whose image cannot be read gets None."""
     device = next(model.parameters()).device
     prompts = [processor.tokenize(processor.prompt_turns(s.turns), add_generation_prompt=True)[0] for s in samples]
     images = _ImageMemo(processor.load_image)
     answers: List[Optional[str]] = [""] * len(samples)
-    order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
+    prefixes = _shared_prefix_keys(model, samples, prompts)
+    order = _batch_order(prompts, prefixes)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         batch_ids = order[start:start + batch_size]
         chunk = [i for i in batch_ids if _images_readable(samples[i], images, skip_unreadable)]
@@ -129,16 +132,74 @@ def _lean_answers(model, processor: VLMProcessor, samples: Sequence[Sample], bat
                 image_index.append(distinct[key])
             instructions += image_instructions(processor.prompt_turns(samples[i].turns))
         pixels = torch.stack([images.load(image) for image in sources]).to(device) if sources else None
-        items = [{"input_ids": prompts[i], "labels": prompts[i], "pixel_values": [], "instructions": []} for i in chunk]
-        batch = pad_batch(items, processor.tokenizer.pad_token_id, padding_side="left")
-        new_tokens = greedy_decode(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), pixels,
-                                   instructions, max_new_tokens=max_new_tokens, eos_token_ids=settings["eos_token_id"],
-                                   pad_token_id=settings["pad_token_id"],
-                                   image_index=torch.tensor(image_index, dtype=torch.long, device=device))
+        stop_args = dict(max_new_tokens=max_new_tokens, eos_token_ids=settings["eos_token_id"],
+                         pad_token_id=settings["pad_token_id"])
+        keys = [prefixes[i] for i in chunk]
+        if all(k is not None for k in keys) and len(set(keys)) < len(keys):
+            new_tokens = _decode_sharing_prefixes(model, processor, chunk, keys, prompts, distinct, pixels, device,
+                                                  stop_args)
+        else:
+            items = [_item(prompts[i]) for i in chunk]
+            batch = pad_batch(items, processor.tokenizer.pad_token_id, padding_side="left")
+            new_tokens = greedy_decode(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                       pixels, instructions,
+                                       image_index=torch.tensor(image_index, dtype=torch.long, device=device),
+                                       **stop_args)
         texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for i, text in zip(chunk, texts):
             answers[i] = clean_answer(text, stops)
     return answers
+
+
+def _item(ids: Sequence[int]) -> Dict:
+    return {"input_ids": list(ids), "labels": list(ids), "pixel_values": [], "instructions": []}
+
+
+def _shared_prefix_keys(model, samples: Sequence[Sample], prompts: Sequence[Sequence[int]]) -> List[Optional[tuple]]:
+    """Per sample, ``(prefix ids, image keys)`` when its prompt can share a prefix: the tokens
+    through its last image placeholder (which show all its images), with text after them;
+    None otherwise (no image, or a connector whose visual tokens depend on the question)."""
+    if getattr(model.connector, "instruction_aware", False):
+        return [None] * len(samples)
+    keys: List[Optional[tuple]] = []
+    for sample, ids in zip(samples, prompts):
+        placeholders = [j for j, t in enumerate(ids) if t == model.image_token_id]
+        end = placeholders[-1] + 1 if placeholders and sample.images else 0
+        keys.append((tuple(ids[:end]), tuple(_image_key(x) for x in sample.images)) if 0 < end < len(ids) else None)
+    return keys
+
+
+def _batch_order(prompts: Sequence[Sequence[int]], prefixes: Sequence[Optional[tuple]]) -> List[int]:
+    """Samples by prompt length (less left padding), those sharing a prefix next to each other
+    (at the length of their group's longest prompt)."""
+    groups: Dict[tuple, List[int]] = {}
+    for i, key in enumerate(prefixes):
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    rank = {}
+    for members in groups.values():
+        longest = max(len(prompts[i]) for i in members)
+        for i in members:
+            rank[i] = (longest, members[0], i)
+    return sorted(range(len(prompts)), key=lambda i: rank.get(i, (len(prompts[i]), i, i)))
+
+
+def _decode_sharing_prefixes(model, processor: VLMProcessor, chunk: Sequence[int], keys: Sequence[tuple],
+                             prompts: Sequence[Sequence[int]], distinct: Dict[object, int],
+                             pixels: Optional[torch.Tensor], device, stop_args: Dict) -> torch.Tensor:
+    """One batch through :func:`greedy_decode_shared_prefixes`: each distinct prefix once."""
+    pad = processor.tokenizer.pad_token_id
+    unique: Dict[tuple, int] = {}
+    for key in keys:
+        unique.setdefault(key, len(unique))
+    prefix_batch = pad_batch([_item(key[0]) for key in unique], pad, padding_side="left")
+    image_index = [distinct[image] for key in unique for image in key[1]]
+    suffixes = pad_batch([_item(prompts[i][len(key[0]):]) for i, key in zip(chunk, keys)], pad, padding_side="left")
+    return greedy_decode_shared_prefixes(
+        model, prefix_batch["input_ids"].to(device), prefix_batch["attention_mask"].to(device), pixels,
+        torch.tensor(image_index, dtype=torch.long, device=device),
+        torch.tensor([unique[key] for key in keys], dtype=torch.long, device=device),
+        suffixes["input_ids"].to(device), suffixes["attention_mask"].to(device), **stop_args)
 
 
 def _images_readable(sample: Sample, images: "_ImageMemo", skip_unreadable: bool) -> bool:

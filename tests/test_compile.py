@@ -80,3 +80,13 @@ def test_only_the_outermost_repeated_blocks_compile(tiny_model):
         torch.testing.assert_close(compiled, plain, atol=1e-5, rtol=1e-5)
     finally:
         restore_eager(blocks)
+
+
+@pytest.mark.slow  # compiles a second set of graphs (~15 s on one core)
+def test_compiled_bf16_training_tracks_eager_bf16(tmp_path, tokenizer_dir, shapes_data):
+    """bf16 autocast through the compiled blocks (with the training attention and the
+    frozen-weight cast): the losses track eager bf16 to bf16 precision."""
+    _, _, eager_losses, _ = _run(tmp_path, tokenizer_dir, shapes_data, False, "plain16", "bf16")
+    _, _, compiled_losses, seen = _run(tmp_path, tokenizer_dir, shapes_data, True, "compiled16", "bf16")
+    assert seen.compiled == [True] * 4
+    torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), atol=2e-2, rtol=0)

@@ -5,10 +5,8 @@ CPU autocast runs ``scaled_dot_product_attention`` in bf16, and torch's CPU flas
 14 ms vs 3.4 ms for 10 x 4 heads x 130 tokens x 48; 25 ms vs 18 ms at 8 x 8 x 240 x 64), while
 the forward is cheap either way. :func:`sdpa_fp32_under_cpu_autocast` is transformers'
 ``sdpa_attention_forward`` run with autocast off on fp32 queries, keys and values whenever it
-is called on CPU, under autocast, on inputs that will take a gradient (a training step through
-a trained or LoRA-adapted model); everywhere else (GPU, fp32, inference, a frozen encoder's
-forward) it is exactly ``sdpa``, whose bf16 forward is the faster one. The linears around it
-still run in bf16.
+is called on CPU, under autocast, with gradients enabled (a training step); everywhere else
+(GPU, fp32, inference) it is exactly ``sdpa``. The linears around it still run in bf16.
 
 :func:`use_training_attention` switches the Hugging Face sub-models of a model that use
 ``sdpa`` to it (registered as :data:`TRAINING_SDPA`, with ``sdpa``'s mask builder); the
@@ -31,10 +29,8 @@ TRAINING_SDPA = "vlm_sdpa"
 
 def sdpa_fp32_under_cpu_autocast(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attention_mask: Optional[torch.Tensor], **kwargs) -> Tuple[torch.Tensor, None]:
-    """transformers' ``sdpa`` attention; in a CPU autocast step that will backpropagate through
-    it, computed in fp32."""
-    if (query.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
-            and (query.requires_grad or key.requires_grad or value.requires_grad)):
+    """transformers' ``sdpa`` attention; in a CPU autocast training step, computed in fp32."""
+    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled():
         with torch.autocast("cpu", enabled=False):
             return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
                                           **kwargs)

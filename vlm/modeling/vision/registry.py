@@ -7,5 +7,6 @@ VISION_ENCODERS: Registry = Registry("vision encoder", {
     "hf_blip2_vision": "vlm.modeling.vision.hf_blip2:HFBlip2VisionEncoder",
     "hf_clip": "vlm.modeling.vision.hf_clip:HFCLIPVisionEncoder",
     "open_clip": "vlm.modeling.vision.open_clip:OpenCLIPVisionEncoder",
+    "timm_cnn": "vlm.modeling.vision.timm_cnn:TimmCNNEncoder",
     "timm_vit": "vlm.modeling.vision.timm_vit:TimmViTEncoder",
 })

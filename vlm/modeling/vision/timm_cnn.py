@@ -1,0 +1,73 @@
+"""Any timm convolutional network by name (``timm.create_model(..., features_only=True)``): one
+stage's feature map, read row by row as the patch tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from einops import rearrange
+from omegaconf import MISSING
+
+from vlm.config import VisionConfig
+from vlm.errors import ConfigError
+from vlm.modeling.vision.base import VisionEncoder
+
+
+@dataclass
+class TimmCNNOptions:
+    """``model_name``: a timm model with ``features_only`` support ('resnet10t', 'convnext_atto',
+    ...); ``out_index``: which of its feature stages to read (timm's ``out_indices``; for ResNets
+    2 is stride 8, an 8x8 grid at 64 px); ``image_size``: the input side (square)."""
+
+    model_name: str = MISSING
+    out_index: int = 2
+    image_size: int = 224
+
+
+class TimmCNNEncoder(VisionEncoder):
+    """A timm CNN truncated after feature stage ``out_index``; its ``(C, H, W)`` map becomes
+    ``H * W`` tokens of width ``C``. ``model.vision.feature_layer`` does not apply (the stage is
+    ``options.out_index``); ``arch`` holds ``timm.create_model`` keyword arguments. Mean and std
+    come from the model's ``pretrained_cfg``."""
+
+    Options = TimmCNNOptions
+    default_preprocess = "resize"
+
+    def __init__(self, cfg: VisionConfig, model: torch.nn.Module, image_size: int):
+        super().__init__(cfg)
+        self.model = model
+        info = model.feature_info
+        self.embed_dim = info.channels()[-1]
+        self.image_size = image_size
+        with torch.no_grad():  # the exact grid (padding and rounding differ between networks)
+            side = model(torch.zeros(1, 3, image_size, image_size))[-1].shape[-1]
+        self.num_patches = side * side
+        pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+        self.mean = tuple(pretrained_cfg.get("mean", self.mean))
+        self.std = tuple(pretrained_cfg.get("std", self.std))
+
+    @classmethod
+    def from_config(cls, cfg: VisionConfig) -> "TimmCNNEncoder":
+        opts = TimmCNNOptions(**dict(cfg.options))
+        if opts.model_name == MISSING:
+            raise ConfigError("timm_cnn encoder: options.model_name is required (a timm CNN name)")
+        kwargs = dict(features_only=True, out_indices=(opts.out_index,), **dict(cfg.arch))
+        try:
+            if cfg.pretrained:
+                if not Path(cfg.pretrained).is_file():
+                    raise FileNotFoundError(f"timm_cnn: model.vision.pretrained is not a file: {cfg.pretrained}")
+                model = timm.create_model(opts.model_name, pretrained=True,
+                                          pretrained_cfg_overlay={"file": str(cfg.pretrained)}, **kwargs)
+            else:
+                model = timm.create_model(opts.model_name, pretrained=False, **kwargs)
+        except (RuntimeError, IndexError) as exc:
+            raise ConfigError(f"model.vision: timm_cnn cannot build '{opts.model_name}' with feature stage "
+                              f"out_index={opts.out_index}: {exc}") from exc
+        return cls(cfg, model, opts.image_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        feature_map = self.model(pixel_values)[-1]
+        return rearrange(feature_map, "b c h w -> b (h w) c")

@@ -138,3 +138,20 @@ def run_vlm(argv, capsys) -> tuple:
         code = exc.code if isinstance(exc.code, int) else 1
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def lora_instruct_model(model, seed: int = 1):
+    """``model`` as an instruct stage trains it: vision and LLM frozen, LoRA (r=4) on the LLM,
+    its B matrices drawn non-zero (seeded) so the adapters change the outputs."""
+    from vlm.config import LoraConfig
+    from vlm.training.stages import add_lora
+
+    model.vision.requires_grad_(False)
+    model.llm.requires_grad_(False)
+    model.llm = add_lora(model.llm, LoraConfig(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    return model

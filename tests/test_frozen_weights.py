@@ -10,23 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 import vlm.pipeline
-from conftest import run_config
-from vlm.config import LoraConfig
+from conftest import lora_instruct_model, run_config
 from vlm.training.frozen_weights import FrozenWeightCast
-from vlm.training.stages import add_lora
 from vlm.training.trainer import Trainer
 
 
 def _lora_model(tiny_model):
-    tiny_model.vision.requires_grad_(False)
-    tiny_model.llm.requires_grad_(False)
-    tiny_model.llm = add_lora(tiny_model.llm, LoraConfig(r=4, alpha=8, dropout=0.0))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in tiny_model.llm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
-    return tiny_model
+    return lora_instruct_model(tiny_model)
 
 
 def test_the_cast_copy_gives_the_autocast_step_bitwise(tiny_model):

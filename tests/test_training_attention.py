@@ -6,12 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlm.config import LoraConfig
+from conftest import lora_instruct_model
 from vlm.data.packing import pack_batch
 from vlm.data.types import Sample, Turn
 from vlm.modeling.attention import TRAINING_SDPA, sdpa_fp32_under_cpu_autocast, use_training_attention
 from vlm.pipeline import build_processor
-from vlm.training.stages import add_lora
 
 
 def _qkv_and_block_mask(seed: int = 0):
@@ -71,14 +70,7 @@ def test_a_packed_lora_training_step_matches_sdpa(tiny_model, tokenizer, model_c
     to bf16 precision, and both match the fp32 step (a dropped mask would not)."""
     batch = _packed_batch(tiny_model, tokenizer, model_config, image_paths)
     assert batch["input_ids"].shape[0] < batch["num_samples"], "samples must share a row"
-    tiny_model.vision.requires_grad_(False)  # as an instruct stage: connector and LoRA train
-    tiny_model.llm.requires_grad_(False)
-    tiny_model.llm = add_lora(tiny_model.llm, LoraConfig(r=4, alpha=8, dropout=0.0))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in tiny_model.llm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
+    lora_instruct_model(tiny_model)  # as an instruct stage: connector and LoRA train
     tiny_model.train()
     inputs = {k: v for k, v in batch.items() if k != "num_samples"}
 

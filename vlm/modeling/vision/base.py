@@ -68,6 +68,12 @@ class VisionEncoder(nn.Module, ABC):
         return build_transform(strategy, self.image_size, self.mean, self.std)
 
 
+def timm_mean_std(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> tuple:
+    """``(mean, std)`` from a timm model's ``pretrained_cfg``, else the given ones."""
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(pretrained_cfg.get("mean", mean)), tuple(pretrained_cfg.get("std", std))
+
+
 def layer_count(feature_layer: int, num_layers: int) -> int:
     """How many transformer blocks produce hidden state ``feature_layer``.
 

@@ -13,7 +13,7 @@ from omegaconf import MISSING
 
 from vlm.config import VisionConfig
 from vlm.errors import ConfigError
-from vlm.modeling.vision.base import VisionEncoder
+from vlm.modeling.vision.base import VisionEncoder, timm_mean_std
 
 
 @dataclass
@@ -45,9 +45,7 @@ class TimmCNNEncoder(VisionEncoder):
         with torch.no_grad():  # the exact grid (padding and rounding differ between networks)
             side = model(torch.zeros(1, 3, image_size, image_size))[-1].shape[-1]
         self.num_patches = side * side
-        pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
-        self.mean = tuple(pretrained_cfg.get("mean", self.mean))
-        self.std = tuple(pretrained_cfg.get("std", self.std))
+        self.mean, self.std = timm_mean_std(model, self.mean, self.std)
 
     @classmethod
     def from_config(cls, cfg: VisionConfig) -> "TimmCNNEncoder":

@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from vlm.config import VisionConfig
 from vlm.errors import ConfigError
-from vlm.modeling.vision.base import VisionEncoder, layer_count
+from vlm.modeling.vision.base import VisionEncoder, timm_mean_std, layer_count
 
 
 @dataclass
@@ -51,9 +51,7 @@ class TimmViTEncoder(VisionEncoder):
         grid = model.patch_embed.grid_size
         self.num_prefix_tokens = model.num_prefix_tokens
         self.num_patches = grid[0] * grid[1] + (self.num_prefix_tokens if cfg.keep_cls else 0)
-        pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
-        self.mean = tuple(pretrained_cfg.get("mean", self.mean))
-        self.std = tuple(pretrained_cfg.get("std", self.std))
+        self.mean, self.std = timm_mean_std(model, self.mean, self.std)
 
     @classmethod
     def from_config(cls, cfg: VisionConfig) -> "TimmViTEncoder":

@@ -32,3 +32,22 @@ def test_pooling_refuses_a_grid_that_is_not_square():
     connector = CONNECTORS.get("mlp2x_gelu")(8, 12, pool=2)
     with pytest.raises(ValueError, match="square patch grid"):
         connector.num_tokens(17)  # 16 patches + CLS
+
+
+@pytest.mark.parametrize("pool", [None, 2])
+def test_global_token_is_the_projected_mean_in_front(pool):
+    torch.manual_seed(0)
+    summary = CONNECTORS.get("mlp2x_gelu")(8, 12, pool=pool, global_token=True)
+    plain = CONNECTORS.get("mlp2x_gelu")(8, 12, pool=pool)
+    plain.load_state_dict(summary.state_dict())
+    features = torch.randn(2, 16, 8)
+    out = summary(features)
+    assert summary.num_tokens(16) == plain.num_tokens(16) + 1 == out.shape[1]
+    torch.testing.assert_close(out[:, 1:], plain(features))
+    torch.testing.assert_close(out[:, :1], summary.proj(features.mean(dim=1, keepdim=True)))
+
+
+def test_global_token_option_from_config():
+    connector = build_connector(ConnectorConfig(name="mlp2x_gelu", options={"pool": 4, "global_token": True}),
+                                BuildContext(vision_dim=8, llm_dim=12))
+    assert connector.num_tokens(64) == 17

@@ -78,6 +78,10 @@ def test_layouts_transformers_llava_cannot_hold_are_refused(tokenizer_dir, token
     pooled = build_tiny_model(tiny_model_config(tokenizer_dir, **{"connector.options": {"pool": 2}}), tokenizer)
     with pytest.raises(LlavaLayoutError, match=r"^model\.connector: .* with pool=2"):
         to_hf_llava(pooled)
+    summary = build_tiny_model(tiny_model_config(tokenizer_dir, **{"connector.options": {"global_token": True}}),
+                               tokenizer)
+    with pytest.raises(LlavaLayoutError, match=r"^model\.connector: .* with global_token"):
+        to_hf_llava(summary)
     linear = build_tiny_model(tiny_model_config(tokenizer_dir, **{"connector.name": "linear"}), tokenizer)
     with pytest.raises(LlavaLayoutError, match=r"^model\.connector: .*LinearProjector"):
         to_hf_llava(linear)

@@ -30,6 +30,17 @@ def blip2_config(tokenizer_dir, **overrides):
                                                **overrides})
 
 
+def _saved_with_answer(tmp_path, ours, cfg, tokenizer):
+    """``(image, stop, stage_out, expected)``: an image, the token that stops ``ours`` early on it,
+    ``ours`` written as a stage output, and vlm chat's answer from the reloaded stage."""
+    image = write_images(tmp_path / "img", sizes=[(40, 40)])[0]
+    stop = stop_early(ours, build_processor(ours, tokenizer, cfg), image)
+    stage_out = write_stage_output(tmp_path / "s" / "final", ours, cfg, tokenizer)
+    model, tok, model_cfg = load_pretrained(stage_out, device="cpu")
+    expected = answer(model, build_processor(model, tok, model_cfg), image, [Turn("user", f"<image>\n{QUESTION}")])
+    return image, stop, stage_out, expected
+
+
 @pytest.mark.parametrize("template,norm", [("vicuna_v1", "encoder"), ("chatml", "qformer")])
 def test_exported_blip2_gives_vlm_chats_answer(tmp_path, tokenizer_dir, tokenizer, template, norm):
     overrides = {"template": template}
@@ -43,12 +54,8 @@ def test_exported_blip2_gives_vlm_chats_answer(tmp_path, tokenizer_dir, tokenize
         with torch.no_grad():  # a trained-looking ln_vision, so that mapping it matters
             ours.connector.vision_norm.weight.uniform_(0.5, 1.5)
             ours.connector.vision_norm.bias.uniform_(-0.2, 0.2)
-    image = write_images(tmp_path / "img", sizes=[(40, 40)])[0]
     processor = build_processor(ours, tokenizer, cfg)
-    stop = stop_early(ours, processor, image)
-    stage_out = write_stage_output(tmp_path / "s" / "final", ours, cfg, tokenizer)
-    model, tok, model_cfg = load_pretrained(stage_out, device="cpu")
-    expected = answer(model, build_processor(model, tok, model_cfg), image, [Turn("user", f"<image>\n{QUESTION}")])
+    image, stop, stage_out, expected = _saved_with_answer(tmp_path, ours, cfg, tokenizer)
 
     hf_dir = export_hf_blip2(stage_out, tmp_path / "hf")
     hf_processor = AutoProcessor.from_pretrained(str(hf_dir))
@@ -112,12 +119,7 @@ def test_instruction_aware_qformer_exports_as_instructblip(tmp_path, tokenizer_d
     cfg = blip2_config(tokenizer_dir, template="chatml",
                        **{"connector.options": {**QFORMER, "instruction_aware": True, "dropout": 0.0}})
     ours = build_tiny_model(cfg, tokenizer, seed=8)
-    image = write_images(tmp_path / "img", sizes=[(40, 40)])[0]
-    processor = build_processor(ours, tokenizer, cfg)
-    stop = stop_early(ours, processor, image)
-    stage_out = write_stage_output(tmp_path / "s" / "final", ours, cfg, tokenizer)
-    model, tok, model_cfg = load_pretrained(stage_out, device="cpu")
-    expected = answer(model, build_processor(model, tok, model_cfg), image, [Turn("user", f"<image>\n{QUESTION}")])
+    image, stop, stage_out, expected = _saved_with_answer(tmp_path, ours, cfg, tokenizer)
 
     hf_dir = export_hf_blip2(stage_out, tmp_path / "hf")
     hf_processor = AutoProcessor.from_pretrained(str(hf_dir))

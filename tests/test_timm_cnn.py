@@ -97,3 +97,8 @@ def test_warms_up_with_answer_words_and_reloads(tmp_path, tokenizer_dir, shapes_
     assert reloaded.num_image_tokens == 4  # 4x4 feature map pooled to 2x2
     with torch.no_grad():
         torch.testing.assert_close(reloaded.vision(pixels), seen.features)
+
+
+def test_unknown_network_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match="no_such_net"):
+        build_vision_encoder(config(model_name="no_such_net"))

@@ -37,6 +37,19 @@ def test_tokens_are_the_feature_map_row_by_row():
     assert tuple(enc.mean) == timm.create_model("resnet10t").pretrained_cfg["mean"]
 
 
+def test_channels_last_run_gives_timm_gradients():
+    # forward() feeds the network channels-last (faster on CPU): the weights' gradients must not change
+    torch.manual_seed(2)
+    enc = build_vision_encoder(config())
+    reference = timm.create_model("resnet10t", pretrained=False, features_only=True, out_indices=(2,))
+    reference.load_state_dict(enc.model.state_dict())
+    pixels = torch.randn(2, 3, 64, 64)
+    enc(pixels).square().mean().backward()
+    reference(pixels)[0].square().mean().backward()
+    for (name, ours), theirs in zip(enc.model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_other_stage_other_grid():
     enc = build_vision_encoder(config(out_index=3))
     assert enc.num_patches == 16 and enc.embed_dim == 256

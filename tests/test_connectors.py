@@ -1,5 +1,7 @@
 """Connectors: token counts, pooling and the options they accept."""
 
+import types
+
 import pytest
 import torch
 
@@ -45,6 +47,32 @@ def test_global_token_is_the_projected_mean_in_front(pool):
     assert summary.num_tokens(16) == plain.num_tokens(16) + 1 == out.shape[1]
     torch.testing.assert_close(out[:, 1:], plain(features))
     torch.testing.assert_close(out[:, :1], summary.proj(features.mean(dim=1, keepdim=True)))
+
+
+@pytest.mark.parametrize("connector", ["mlp2x_gelu", "linear"])
+def test_position_embedding_tells_equal_cells_apart(connector):
+    torch.manual_seed(0)
+    placed = CONNECTORS.get(connector)(8, 12, pool=2, global_token=True, position_embedding=True, num_patches=16)
+    plain = CONNECTORS.get(connector)(8, 12, pool=2, global_token=True)
+    plain.load_state_dict({k: v for k, v in placed.state_dict().items() if k != "position"})
+    features = torch.randn(1, 1, 8).expand(2, 16, 8)  # every patch the same: the cells differ only by position
+    out = placed(features)
+    assert placed.position.shape == (5, 12)
+    torch.testing.assert_close(out, plain(features) + placed.position)
+    assert not torch.allclose(out[:, 1], out[:, 2])
+    every_patch = CONNECTORS.get(connector)(8, 12, position_embedding=True, num_patches=16)
+    with pytest.raises(ValueError, match="built for 16 visual tokens; these features give 64"):
+        every_patch(torch.randn(1, 64, 8))  # an image of another size than the encoder was built for
+
+
+def test_position_embedding_from_config_needs_the_encoder():
+    ctx = BuildContext(vision_dim=8, llm_dim=12, vision=types.SimpleNamespace(num_patches=64))
+    connector = build_connector(ConnectorConfig(name="mlp2x_gelu", options={"pool": 4, "position_embedding": True}),
+                                ctx)
+    assert connector.position.shape == (16, 12)
+    with pytest.raises(ValueError, match="position_embedding needs the encoder's number of patches"):
+        build_connector(ConnectorConfig(name="linear", options={"position_embedding": True}),
+                        BuildContext(vision_dim=8, llm_dim=12))
 
 
 def test_global_token_option_from_config():

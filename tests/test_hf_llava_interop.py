@@ -82,6 +82,10 @@ def test_layouts_transformers_llava_cannot_hold_are_refused(tokenizer_dir, token
                                tokenizer)
     with pytest.raises(LlavaLayoutError, match=r"^model\.connector: .* with global_token"):
         to_hf_llava(summary)
+    placed = build_tiny_model(tiny_model_config(tokenizer_dir, **{"connector.options": {"position_embedding": True}}),
+                              tokenizer)
+    with pytest.raises(LlavaLayoutError, match=r"^model\.connector: .* with position_embedding"):
+        to_hf_llava(placed)
     linear = build_tiny_model(tiny_model_config(tokenizer_dir, **{"connector.name": "linear"}), tokenizer)
     with pytest.raises(LlavaLayoutError, match=r"^model\.connector: .*LinearProjector"):
         to_hf_llava(linear)

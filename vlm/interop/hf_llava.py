@@ -63,11 +63,14 @@ def _check_layout(model: VisionLanguageModel) -> None:
                                f"this model's encoder is {type(model.vision).__name__}")
     pool = getattr(model.connector, "pool", None)
     summary = getattr(model.connector, "global_token", False)
-    if type(model.connector) is not MLPProjector or pool is not None or summary:
+    positions = getattr(model.connector, "position", None) is not None
+    if type(model.connector) is not MLPProjector or pool is not None or summary or positions:
         detail = f" with pool={pool}" if pool is not None else ""
         detail += " with global_token" if summary else ""
+        detail += " with position_embedding" if positions else ""
         raise LlavaLayoutError("model.connector: transformers' LLaVA projector is Linear-GELU-Linear over every "
-                               "patch (vlm 'mlp2x_gelu' without pool or global_token); this model's connector is "
+                               "patch (vlm 'mlp2x_gelu' without pool, global_token or position_embedding); "
+                               "this model's connector is "
                                f"{type(model.connector).__name__}{detail}")
     if not isinstance(model.llm, PreTrainedModel) or model.llm.get_output_embeddings() is None:
         raise LlavaLayoutError(f"model.llm: needs a plain transformers causal LM (LoRA merged), got "

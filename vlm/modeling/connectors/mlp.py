@@ -18,11 +18,15 @@ class MLPOptions:
     """``bias`` on the projection layers; ``pool``: average the square patch grid down to a
     ``pool x pool`` grid before projecting (fewer visual tokens; None keeps every patch);
     ``global_token``: one more token in front, the mean of every patch (a summary of the whole
-    image the LLM finds in one place, beside the spatial tokens)."""
+    image the LLM finds in one place, beside the spatial tokens); ``position_embedding``: a learned
+    vector added to each visual token, so that a token says which cell it is. A ViT's features
+    carry their position; a CNN's pooled cells do not, and the LLM's rotary positions only give
+    the distance to the question, which changes with the question's length."""
 
     bias: bool = True
     pool: Optional[int] = None
     global_token: bool = False
+    position_embedding: bool = False
 
 
 class _TokenwiseProjector(Connector):
@@ -31,6 +35,15 @@ class _TokenwiseProjector(Connector):
     Options = MLPOptions
     pool: Optional[int] = None
     global_token: bool = False
+
+    def _init_position_embedding(self, enabled: bool, num_patches: Optional[int], llm_dim: int) -> None:
+        self.register_parameter("position", None)
+        if not enabled:
+            return
+        if num_patches is None:
+            raise ValueError("connector position_embedding needs the encoder's number of patches")
+        self.position = nn.Parameter(torch.empty(self.num_tokens(num_patches), llm_dim))
+        nn.init.trunc_normal_(self.position, std=0.02)  # the scale of a transformers LLM's token embeddings
 
     def num_tokens(self, num_patches: int) -> int:
         extra = int(self.global_token)
@@ -49,36 +62,43 @@ class _TokenwiseProjector(Connector):
             features = pool_patch_grid(features, self.pool)
         if summary is not None:
             features = torch.cat([summary, features], dim=1)
-        return self.proj(features)
+        tokens = self.proj(features)
+        if self.position is not None:
+            if tokens.shape[1] != self.position.shape[0]:
+                raise ValueError(f"connector position_embedding was built for {self.position.shape[0]} visual "
+                                 f"tokens; these features give {tokens.shape[1]}")
+            tokens = tokens + self.position.to(tokens.dtype)
+        return tokens
+
+    @classmethod
+    def from_config(cls, options: dict, ctx: BuildContext) -> "_TokenwiseProjector":
+        num_patches = getattr(ctx.vision, "num_patches", None)
+        return cls(ctx.vision_dim, ctx.llm_dim, num_patches=num_patches, **options)
 
 
 class LinearProjector(_TokenwiseProjector):
     """One linear layer, as LLaVA-1.0."""
 
     def __init__(self, vision_dim: int, llm_dim: int, bias: bool = True, pool: Optional[int] = None,
-                 global_token: bool = False):
+                 global_token: bool = False, position_embedding: bool = False,
+                 num_patches: Optional[int] = None):
         super().__init__()
         self.pool = pool
         self.global_token = global_token
         self.proj = nn.Linear(vision_dim, llm_dim, bias=bias)
-
-    @classmethod
-    def from_config(cls, options: dict, ctx: BuildContext) -> "LinearProjector":
-        return cls(ctx.vision_dim, ctx.llm_dim, **options)
+        self._init_position_embedding(position_embedding, num_patches, llm_dim)
 
 
 class MLPProjector(_TokenwiseProjector):
     """Linear -> GELU -> Linear, as LLaVA-1.5 (and transformers' LlavaMultiModalProjector)."""
 
     def __init__(self, vision_dim: int, llm_dim: int, bias: bool = True, pool: Optional[int] = None,
-                 global_token: bool = False):
+                 global_token: bool = False, position_embedding: bool = False,
+                 num_patches: Optional[int] = None):
         super().__init__()
         self.pool = pool
         self.global_token = global_token
         self.proj = nn.Sequential(
             nn.Linear(vision_dim, llm_dim, bias=bias), nn.GELU(), nn.Linear(llm_dim, llm_dim, bias=bias)
         )
-
-    @classmethod
-    def from_config(cls, options: dict, ctx: BuildContext) -> "MLPProjector":
-        return cls(ctx.vision_dim, ctx.llm_dim, **options)
+        self._init_position_embedding(position_embedding, num_patches, llm_dim)

@@ -84,6 +84,18 @@ def test_truncated_weights_without_a_checksum_name_the_file(final, image, capsys
     chat_fails(capsys, final, image, str(path), "cannot load", "truncated")
 
 
+def test_weights_of_another_layout_name_the_keys_that_differ(final, image, capsys):
+    # e.g. a connector saved before an option (position_embedding) was added to the config
+    path = final / "connector.safetensors"
+    tensors = load_file(str(path))
+    dropped = sorted(tensors)[0]
+    tensors["position"] = torch.zeros(2, 2)
+    del tensors[dropped]
+    save_file(tensors, str(path))
+    rewrite_manifest(final, lambda m: [e.pop("sha256", None) for es in m.values() for e in es])
+    chat_fails(capsys, final, image, str(path), "do not fit", f"missing: ['{dropped}']", "unexpected: ['position']")
+
+
 @pytest.mark.parametrize("target", ["../../../etc/passwd", "/etc/hostname"])
 def test_manifest_cannot_point_outside_its_folder(final, image, capsys, target):
     rewrite_manifest(final, lambda m: m["llm"][0].update(weights=target))

@@ -297,14 +297,19 @@ def verify_entry(entry: dict, folder) -> None:
 
 
 def load_safetensors(module, path: str | Path) -> None:
-    """``safetensors.torch.load_model`` (strict), with errors naming the file."""
+    """``safetensors.torch.load_model``, strict: errors name the file and the keys that differ."""
     try:
-        load_model(module, str(path), strict=True)
+        missing, unexpected = load_model(module, str(path), strict=False)
     except OSError as exc:
         raise io_error(exc, Path(path), "cannot read") from exc
     except (SafetensorError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot load ({str(exc).splitlines()[0]}); the file is truncated, "
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[:2])
+        raise CheckpointError(f"{path}: cannot load ({detail}); the file is truncated, "
                               "corrupt or of another model") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: its weights do not fit the model the config builds (missing: "
+                              f"{sorted(missing)[:4] or 'none'}, unexpected: {sorted(unexpected)[:4] or 'none'}); "
+                              "was it saved with other model options, or for another component?")
 
 
 def load_trained_state(model, folder: str | Path, stage: StageConfig) -> None:

@@ -142,7 +142,13 @@ class AnswerWords(Objective):
     tokens left out). Unlike ``caption_bow``'s binary cross-entropy averaged over the whole
     vocabulary, a wrong answer costs ~log(#choices) on every question of its kind, so an encoder
     blind to one attribute (shape, say) cannot hide. On captions (a constant question) it is a
-    softmax bag-of-words caption prediction. The head is discarded after the stage."""
+    softmax bag-of-words caption prediction. The head is discarded after the stage.
+
+    With a question-aware connector (``question_aware_mlp``) and ``train.connector: full``, the
+    connector's question token takes the place of the head's image-question interaction: it is
+    trained here to hold the answer (its words read off it by a linear layer), so the LLM stages
+    start from a token that already answers the comparisons. The connector's other weights stay
+    frozen."""
 
     needs_pixels = True
     hidden = 256
@@ -165,10 +171,27 @@ class AnswerWords(Objective):
         # caption_bow's), the question path the answer prior, the MLP questions like "is it red?"
         self.image_words = nn.Sequential(nn.GELU(), nn.Linear(self.hidden, self.vocab_size))
         self.question_words = nn.Sequential(nn.GELU(), nn.Linear(self.hidden, self.vocab_size))
-        self.head = nn.Sequential(nn.GELU(), nn.Linear(2 * self.hidden, self.hidden), nn.GELU(),
-                                  nn.Linear(self.hidden, self.vocab_size))
+        self.asks_connector = hasattr(model.connector, "question_token")
+        if self.asks_connector:
+            self.answer_from_token = nn.Linear(model.connector.llm_dim, self.vocab_size)
+        else:
+            self.head = nn.Sequential(nn.GELU(), nn.Linear(2 * self.hidden, self.hidden), nn.GELU(),
+                                      nn.Linear(self.hidden, self.vocab_size))
 
-    check_stage = CaptionBagOfWords.check_stage
+    @classmethod
+    def check_stage(cls, stage, where):
+        modes = {c: Train(getattr(stage.train, c)) for c in ("vision", "connector", "llm")}
+        if modes["vision"] is not Train.full or modes["llm"] is not Train.frozen \
+                or modes["connector"] not in (Train.frozen, Train.full):
+            raise ConfigError(f"{where}.train: objective 'answer_words' trains the vision encoder (vision: full, "
+                              "llm: frozen), and a question-aware connector's question token with "
+                              "connector: full (else connector: frozen)")
+
+    @classmethod
+    def frozen_parameters(cls, model):
+        connector = model.connector
+        question = set(map(id, connector.question_parameters())) if hasattr(connector, "question_token") else set()
+        return [p for p in connector.parameters() if id(p) not in question]
 
     def _bag(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Multi-hot ``(B, vocab)`` of the ``ids`` where ``keep``, ignored tokens cleared."""
@@ -178,11 +201,15 @@ class AnswerWords(Objective):
         hot[:, self.ignored] = 0.0
         return hot
 
-    def logits(self, pooled: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
-        """``(B, vocab)`` answer-word logits from pooled image features and question bags."""
+    def logits(self, pooled: torch.Tensor, question: torch.Tensor,
+               question_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, vocab)`` answer-word logits from pooled image features and question bags (and,
+        with a question-aware connector, its question tokens ``(B, llm_dim)``)."""
         image, asked = self.image_proj(pooled), self.question_proj(question)
-        return (self.image_words(image) + self.question_words(asked)
-                + self.head(torch.cat([image, asked], dim=1)))
+        prior = self.image_words(image) + self.question_words(asked)
+        if question_token is not None:
+            return prior + self.answer_from_token(question_token)
+        return prior + self.head(torch.cat([image, asked], dim=1))
 
     def forward(self, model, batch):
         if batch["pixel_values"] is None:
@@ -206,7 +233,10 @@ class AnswerWords(Objective):
         if not bool(has_answer.any()):
             raise DataFormatError("objective 'answer_words': no sample in the batch has a trained answer word")
         target = answer[has_answer] / answer[has_answer].sum(1, keepdim=True)
-        logits = self.logits(pooled, question)[has_answer]
+        token = None
+        if self.asks_connector:
+            token = model.connector.question_token(features, batch["instructions"]).squeeze(1)
+        logits = self.logits(pooled, question, token)[has_answer]
         loss = -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
         return StepOutput(loss, {"loss_answer": loss.detach()})
 

@@ -42,10 +42,15 @@ class _TokenwiseProjector(Connector):
             return
         if num_patches is None:
             raise ValueError("connector position_embedding needs the encoder's number of patches")
-        self.position = nn.Parameter(torch.empty(self.num_tokens(num_patches), llm_dim))
+        self.position = nn.Parameter(torch.empty(self.image_tokens(num_patches), llm_dim))
         nn.init.trunc_normal_(self.position, std=0.02)  # the scale of a transformers LLM's token embeddings
 
     def num_tokens(self, num_patches: int) -> int:
+        return self.image_tokens(num_patches)
+
+    def image_tokens(self, num_patches: int) -> int:
+        """How many tokens the projection of the image's features gives (``num_tokens`` less any
+        token a subclass adds from elsewhere)."""
         extra = int(self.global_token)
         if self.pool is None:
             return num_patches + extra
@@ -58,7 +63,7 @@ class _TokenwiseProjector(Connector):
     def forward(self, features: torch.Tensor, instructions: Optional[Sequence[str]] = None) -> torch.Tensor:
         summary = features.mean(dim=1, keepdim=True) if self.global_token else None
         if self.pool is not None:
-            self.num_tokens(features.shape[1])  # the connector's own error message
+            self.image_tokens(features.shape[1])  # the connector's own error message
             features = pool_patch_grid(features, self.pool)
         if summary is not None:
             features = torch.cat([summary, features], dim=1)

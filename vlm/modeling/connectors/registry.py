@@ -7,4 +7,5 @@ CONNECTORS: Registry = Registry("connector", {
     "linear": "vlm.modeling.connectors.mlp:LinearProjector",
     "mlp2x_gelu": "vlm.modeling.connectors.mlp:MLPProjector",
     "qformer": "vlm.modeling.connectors.qformer:QFormer",
+    "question_aware_mlp": "vlm.modeling.connectors.question_aware:QuestionAwareMLPProjector",
 })

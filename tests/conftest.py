@@ -155,3 +155,15 @@ def lora_instruct_model(model, seed: int = 1):
             if "lora_B" in name:
                 param.normal_(0, 0.1)
     return model
+
+
+def answer_words_stage(split: Dict[str, str], connector: str = "frozen", llm: str = "frozen") -> dict:
+    """A 12-step ``answer_words`` vision warm-up on ``split``'s VQA files (a ``shapes_data`` split)."""
+    return {
+        "objective": "answer_words", "train": {"vision": "full", "connector": connector, "llm": llm},
+        "template": "chatml",
+        "data": [{"format": "vqav2", "args": {"questions_path": split["questions"],
+                                              "annotations_path": split["annotations"],
+                                              "image_root": split["image_root"],
+                                              "image_pattern": "{image_id:012d}.png"}}],
+        "learning_rate": 3e-3, "batch_size": 16, "max_steps": 12, "log_every": 1, "seed": 0}

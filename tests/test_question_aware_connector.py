@@ -108,19 +108,11 @@ def test_trains_and_generates_through_the_model(tokenizer_dir, tokenizer, image_
 def test_answer_words_warm_up_trains_the_question_token_and_nothing_else_of_the_connector(
         tmp_path, tokenizer_dir, shapes_data):
     import vlm.pipeline
-    from conftest import run_config
+    from conftest import answer_words_stage, run_config
     from vlm.pipeline import load_pretrained
     from vlm.training.callbacks import Callback
 
-    train = shapes_data["train"]
-    stages = {"warmup": {
-        "objective": "answer_words", "train": {"vision": "full", "connector": "full", "llm": "frozen"},
-        "template": "chatml",
-        "data": [{"format": "vqav2", "args": {"questions_path": train["questions"],
-                                              "annotations_path": train["annotations"],
-                                              "image_root": train["image_root"],
-                                              "image_pattern": "{image_id:012d}.png"}}],
-        "learning_rate": 3e-3, "batch_size": 16, "max_steps": 12, "log_every": 1, "seed": 0}}
+    stages = {"warmup": answer_words_stage(shapes_data["train"], connector="full")}
     cfg = run_config(tmp_path, tokenizer_dir, stages, model={"connector": {"name": "question_aware_mlp"}})
 
     class Start(Callback):
@@ -140,15 +132,9 @@ def test_answer_words_warm_up_trains_the_question_token_and_nothing_else_of_the_
 
 
 def test_answer_words_refuses_a_trained_llm(tmp_path, tokenizer_dir, shapes_data):
-    from conftest import run_config
+    from conftest import answer_words_stage, run_config
     from vlm.errors import ConfigError
 
-    train = shapes_data["train"]
-    stages = {"warmup": {
-        "objective": "answer_words", "train": {"vision": "full", "connector": "full", "llm": "full"},
-        "data": [{"format": "vqav2", "args": {"questions_path": train["questions"],
-                                              "annotations_path": train["annotations"],
-                                              "image_root": train["image_root"],
-                                              "image_pattern": "{image_id:012d}.png"}}]}}
+    stages = {"warmup": answer_words_stage(shapes_data["train"], connector="full", llm="full")}
     with pytest.raises(ConfigError, match=r"stages\.warmup\.train: objective 'answer_words'"):
         run_config(tmp_path, tokenizer_dir, stages, model={"connector": {"name": "question_aware_mlp"}})

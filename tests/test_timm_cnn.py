@@ -16,7 +16,7 @@ from vlm.errors import ConfigError
 from vlm.modeling.vision import build_vision_encoder
 from vlm.training.callbacks import Callback
 
-from conftest import run_config
+from conftest import answer_words_stage, run_config
 
 
 def config(**options):
@@ -76,15 +76,7 @@ def test_warms_up_with_answer_words_and_reloads(tmp_path, tokenizer_dir, shapes_
     import vlm.pipeline
     from vlm.pipeline import load_pretrained
 
-    train = shapes_data["train"]
-    stages = {"warmup": {
-        "objective": "answer_words", "train": {"vision": "full", "connector": "frozen", "llm": "frozen"},
-        "template": "chatml",
-        "data": [{"format": "vqav2", "args": {"questions_path": train["questions"],
-                                              "annotations_path": train["annotations"],
-                                              "image_root": train["image_root"],
-                                              "image_pattern": "{image_id:012d}.png"}}],
-        "learning_rate": 3e-3, "batch_size": 16, "max_steps": 12, "log_every": 1, "seed": 0}}
+    stages = {"warmup": answer_words_stage(shapes_data["train"])}
     model = {"vision": {"name": "timm_cnn", "options": {"model_name": "resnet10t", "image_size": 32},
                         "preprocess": "resize"},
              "connector": {"name": "mlp2x_gelu", "options": {"pool": 2}}}

@@ -131,6 +131,19 @@ def test_answer_words_warm_up_trains_the_question_token_and_nothing_else_of_the_
         assert moved == key.startswith("question_"), key
 
 
+def test_answer_words_with_the_connector_frozen_keeps_its_own_head(tokenizer_dir, tokenizer):
+    from conftest import build_tiny_model, tiny_model_config
+    from vlm.training.objectives import build_objective
+
+    model = build_tiny_model(tiny_model_config(tokenizer_dir, **{"connector.name": "question_aware_mlp"}), tokenizer)
+    model.connector.requires_grad_(False)
+    frozen = build_objective("answer_words", model, tokenizer)
+    assert not frozen.asks_connector and hasattr(frozen, "head")
+    for param in model.connector.question_parameters():
+        param.requires_grad_(True)
+    assert build_objective("answer_words", model, tokenizer).asks_connector
+
+
 def test_answer_words_refuses_a_trained_llm(tmp_path, tokenizer_dir, shapes_data):
     from conftest import answer_words_stage, run_config
     from vlm.errors import ConfigError

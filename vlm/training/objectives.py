@@ -171,7 +171,9 @@ class AnswerWords(Objective):
         # caption_bow's), the question path the answer prior, the MLP questions like "is it red?"
         self.image_words = nn.Sequential(nn.GELU(), nn.Linear(self.hidden, self.vocab_size))
         self.question_words = nn.Sequential(nn.GELU(), nn.Linear(self.hidden, self.vocab_size))
-        self.asks_connector = hasattr(model.connector, "question_token")
+        # built after the stage's train modes are applied: the question token is used when it trains
+        self.asks_connector = hasattr(model.connector, "question_token") and any(
+            p.requires_grad for p in model.connector.question_parameters())
         if self.asks_connector:
             self.answer_from_token = nn.Linear(model.connector.llm_dim, self.vocab_size)
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar, Dict, Optional, Sequence
 
 import torch
@@ -72,6 +73,20 @@ def timm_mean_std(model: nn.Module, mean: Sequence[float], std: Sequence[float])
     """``(mean, std)`` from a timm model's ``pretrained_cfg``, else the given ones."""
     pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
     return tuple(pretrained_cfg.get("mean", mean)), tuple(pretrained_cfg.get("std", std))
+
+
+def create_timm_model(encoder: str, model_name: str, pretrained: Optional[str], **kwargs) -> nn.Module:
+    """``timm.create_model(model_name, **kwargs)``, its weights from the local file ``pretrained``
+    when given (timm's own loader: safetensors or ``torch.load(weights_only=True)``, and the model's
+    checkpoint filter: OpenAI / open_clip layouts, position-embedding resampling); ``encoder`` names
+    the component in the error for a missing file."""
+    import timm
+
+    if not pretrained:
+        return timm.create_model(model_name, pretrained=False, **kwargs)
+    if not Path(pretrained).is_file():
+        raise FileNotFoundError(f"{encoder}: model.vision.pretrained is not a file: {pretrained}")
+    return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)}, **kwargs)
 
 
 def layer_count(feature_layer: int, num_layers: int) -> int:

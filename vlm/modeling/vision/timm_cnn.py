@@ -4,16 +4,14 @@ stage's feature map, read row by row as the patch tokens."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import timm
 import torch
 from einops import rearrange
 from omegaconf import MISSING
 
 from vlm.config import VisionConfig
 from vlm.errors import ConfigError
-from vlm.modeling.vision.base import VisionEncoder, timm_mean_std
+from vlm.modeling.vision.base import VisionEncoder, create_timm_model, timm_mean_std
 
 
 @dataclass
@@ -54,13 +52,7 @@ class TimmCNNEncoder(VisionEncoder):
             raise ConfigError("timm_cnn encoder: options.model_name is required (a timm CNN name)")
         kwargs = dict(features_only=True, out_indices=(opts.out_index,), **dict(cfg.arch))
         try:
-            if cfg.pretrained:
-                if not Path(cfg.pretrained).is_file():
-                    raise FileNotFoundError(f"timm_cnn: model.vision.pretrained is not a file: {cfg.pretrained}")
-                model = timm.create_model(opts.model_name, pretrained=True,
-                                          pretrained_cfg_overlay={"file": str(cfg.pretrained)}, **kwargs)
-            else:
-                model = timm.create_model(opts.model_name, pretrained=False, **kwargs)
+            model = create_timm_model("timm_cnn", opts.model_name, cfg.pretrained, **kwargs)
         except (RuntimeError, IndexError) as exc:
             raise ConfigError(f"model.vision: timm_cnn cannot build '{opts.model_name}' with feature stage "
                               f"out_index={opts.out_index}: {exc}") from exc

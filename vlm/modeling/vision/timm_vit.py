@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
 
-import timm
 import torch
 from omegaconf import MISSING
 from timm.models.vision_transformer import VisionTransformer
 
 from vlm.config import VisionConfig
 from vlm.errors import ConfigError
-from vlm.modeling.vision.base import VisionEncoder, timm_mean_std, layer_count
+from vlm.modeling.vision.base import VisionEncoder, create_timm_model, layer_count, timm_mean_std
 
 
 @dataclass
@@ -61,15 +59,7 @@ class TimmViTEncoder(VisionEncoder):
         kwargs = dict(cfg.arch)
         if opts.quick_gelu:
             kwargs["act_layer"] = "quick_gelu"
-        if cfg.pretrained:
-            if not Path(cfg.pretrained).is_file():
-                raise FileNotFoundError(f"timm_vit: model.vision.pretrained is not a file: {cfg.pretrained}")
-            # timm's own loader: safetensors or torch.load(weights_only=True), the model's
-            # checkpoint filter (OpenAI / open_clip layouts, position-embedding resampling)
-            model = timm.create_model(opts.model_name, pretrained=True, num_classes=0,
-                                      pretrained_cfg_overlay={"file": str(cfg.pretrained)}, **kwargs)
-        else:
-            model = timm.create_model(opts.model_name, pretrained=False, num_classes=0, **kwargs)
+        model = create_timm_model("timm_vit", opts.model_name, cfg.pretrained, num_classes=0, **kwargs)
         return cls(cfg, model)
 
     @classmethod

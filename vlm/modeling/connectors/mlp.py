@@ -33,12 +33,14 @@ class _TokenwiseProjector(Connector):
     """A per-token projection: K equals the number of patches, or ``pool**2`` when pooling."""
 
     Options = MLPOptions
-    pool: Optional[int] = None
-    global_token: bool = False
 
-    def _init_position_embedding(self, enabled: bool, num_patches: Optional[int], llm_dim: int) -> None:
+    def __init__(self, llm_dim: int, pool: Optional[int], global_token: bool, position_embedding: bool,
+                 num_patches: Optional[int]):
+        super().__init__()
+        self.pool = pool
+        self.global_token = global_token
         self.register_parameter("position", None)
-        if not enabled:
+        if not position_embedding:
             return
         if num_patches is None:
             raise ValueError("connector position_embedding needs the encoder's number of patches")
@@ -87,11 +89,8 @@ class LinearProjector(_TokenwiseProjector):
     def __init__(self, vision_dim: int, llm_dim: int, bias: bool = True, pool: Optional[int] = None,
                  global_token: bool = False, position_embedding: bool = False,
                  num_patches: Optional[int] = None):
-        super().__init__()
-        self.pool = pool
-        self.global_token = global_token
+        super().__init__(llm_dim, pool, global_token, position_embedding, num_patches)
         self.proj = nn.Linear(vision_dim, llm_dim, bias=bias)
-        self._init_position_embedding(position_embedding, num_patches, llm_dim)
 
 
 class MLPProjector(_TokenwiseProjector):
@@ -100,10 +99,7 @@ class MLPProjector(_TokenwiseProjector):
     def __init__(self, vision_dim: int, llm_dim: int, bias: bool = True, pool: Optional[int] = None,
                  global_token: bool = False, position_embedding: bool = False,
                  num_patches: Optional[int] = None):
-        super().__init__()
-        self.pool = pool
-        self.global_token = global_token
+        super().__init__(llm_dim, pool, global_token, position_embedding, num_patches)
         self.proj = nn.Sequential(
             nn.Linear(vision_dim, llm_dim, bias=bias), nn.GELU(), nn.Linear(llm_dim, llm_dim, bias=bias)
         )
-        self._init_position_embedding(position_embedding, num_patches, llm_dim)

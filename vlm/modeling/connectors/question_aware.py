@@ -67,9 +67,9 @@ class QuestionAwareMLPProjector(MLPProjector):
     def _bags(self, questions: Sequence[str], device: torch.device):
         """(flat unique token ids, offsets) of each question, for the EmbeddingBag."""
         ids, offsets = [], []
-        for text in questions:
+        for tokens in self.tokenizer(list(questions), add_special_tokens=False)["input_ids"]:
             offsets.append(len(ids))
-            ids.extend(sorted(set(self.tokenizer(text, add_special_tokens=False)["input_ids"])))
+            ids.extend(sorted(set(tokens)))
         return (torch.tensor(ids, dtype=torch.long, device=device),
                 torch.tensor(offsets, dtype=torch.long, device=device))
 

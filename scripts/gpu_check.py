@@ -70,8 +70,8 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from vlm.config import RunConfig, validate
-    from vlm.pipeline import build_stage
-    from vlm.recipes import run_prepare
+    from vlm.app.stages import build_stage
+    from vlm.app.recipes import run_prepare
     from vlm.training.callbacks import Callback
 
     out = Path(args.out)

@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from vlm.config import ModelConfig
-from vlm.wiring import load_run_config
+from vlm.app.wiring import load_run_config
 from vlm.data.tokenizer_training import train_tokenizer
 
 SENTENCES = [
@@ -128,8 +128,8 @@ def shapes_data(tmp_path_factory) -> Dict[str, Any]:
 
 
 def run_vlm(argv, capsys) -> tuple:
-    """``vlm ARGV`` in this process (``vlm.cli.main``): ``(exit code, stdout, stderr)``."""
-    from vlm.cli import main
+    """``vlm ARGV`` in this process (``vlm.app.cli.main``): ``(exit code, stdout, stderr)``."""
+    from vlm.app.cli import main
 
     try:
         main([str(a) for a in argv])

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import run_config
 from test_training import conversations
-from vlm.benchmarks.train import bench_train
-from vlm.errors import ConfigError
+from vlm.app.bench.train import bench_train
+from vlm.core.errors import ConfigError
 
 
 def _stage(shapes, **extra):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import vlm.pipeline
+import vlm.app.stages
 from conftest import run_config
 from vlm.training.callbacks import Callback
 
@@ -41,7 +41,7 @@ def test_every_hook_is_called_in_order(tmp_path, tokenizer_dir, shapes_data):
                     "batch_size": 4, "max_steps": 4, "log_every": 2, "save_every": 2}}
     cfg = run_config(tmp_path, tokenizer_dir, stages)
     recorder = Recorder()
-    run = vlm.pipeline.build_stage(cfg, "s", callbacks=[recorder])
+    run = vlm.app.stages.build_stage(cfg, "s", callbacks=[recorder])
     run.trainer.train()
     assert recorder.events == [("start", 0), ("step", 1), ("log", 2), ("checkpoint", "step_0000002"),
                                ("step", 2), ("step", 3), ("log", 4), ("step", 4), ("end", "final")]

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 from omegaconf import OmegaConf
 
-import vlm.chat
-import vlm.pipeline
+import vlm.inference.chat
+
 from vlm.config import ModelConfig
 from vlm.data.formats import VQA_PROMPT_SUFFIX
 
@@ -17,11 +17,11 @@ def _chat_turns(monkeypatch, tmp_path, suffix, **kwargs):
     (tmp_path / "model.yaml").write_text(OmegaConf.to_yaml(model_cfg, resolve=True))
     loaded = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(tmp_path / "model.yaml"))
     seen = []
-    monkeypatch.setattr(vlm.pipeline, "load_pretrained", lambda checkpoint, **k: (None, None, loaded))
-    monkeypatch.setattr(vlm.pipeline, "build_processor", lambda *a, **k: SimpleNamespace(image_token="<image>"))
-    monkeypatch.setattr(vlm.chat, "answer", lambda model, processor, image, turns, *a: seen.append(
+    monkeypatch.setattr(vlm.inference.chat, "load_pretrained", lambda checkpoint, **k: (None, None, loaded))
+    monkeypatch.setattr(vlm.inference.chat, "build_processor", lambda *a, **k: SimpleNamespace(image_token="<image>"))
+    monkeypatch.setattr(vlm.inference.chat, "answer", lambda model, processor, image, turns, *a: seen.append(
         [t.content for t in turns]) or "red")
-    vlm.chat.chat(str(tmp_path), "img.png", "what color is the shape?", **kwargs)
+    vlm.inference.chat.chat(str(tmp_path), "img.png", "what color is the shape?", **kwargs)
     return seen[0]
 
 
@@ -37,16 +37,16 @@ def test_no_task_prompt_asks_the_question_as_typed(monkeypatch, tmp_path):
 
 def test_without_a_suffix_and_with_one_typed_nothing_is_added():
     cfg = OmegaConf.structured(ModelConfig)
-    assert vlm.chat.task_prompt("what?", cfg) == "what?"
+    assert vlm.inference.chat.task_prompt("what?", cfg) == "what?"
     cfg.task_prompt_suffix = VQA_PROMPT_SUFFIX
-    assert vlm.chat.task_prompt("what?" + VQA_PROMPT_SUFFIX, cfg) == "what?" + VQA_PROMPT_SUFFIX
+    assert vlm.inference.chat.task_prompt("what?" + VQA_PROMPT_SUFFIX, cfg) == "what?" + VQA_PROMPT_SUFFIX
 
 
 def test_the_cli_flag_turns_it_off(monkeypatch):
-    from vlm.cli import main
+    from vlm.app.cli import main
 
     calls = []
-    monkeypatch.setattr(vlm.chat, "chat", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(vlm.inference.chat, "chat", lambda *a, **k: calls.append(k))
     main(["chat", "ckpt", "--image", "x.png", "--prompt", "q", "--no-task-prompt"])
     main(["chat", "ckpt", "--image", "x.png", "--prompt", "q"])
     assert [c["use_task_prompt"] for c in calls] == [False, True]

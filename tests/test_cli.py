@@ -165,16 +165,16 @@ def test_data_shapes_writes_the_dataset(tmp_path, capsys):
 def test_config_error_exits_2_with_the_key_and_a_suggestion_before_building_anything(tmp_path, capsys,
                                                                                      monkeypatch):
     import vlm.data.synthetic
+    import vlm.app.recipes
+    import vlm.app.stages
     import vlm.modeling.vlm
-    import vlm.pipeline
-    import vlm.recipes
 
     def forbidden(*args, **kwargs):
         raise AssertionError("something was built before the config was validated")
 
     monkeypatch.setattr(vlm.modeling.vlm.VisionLanguageModel, "from_config", classmethod(forbidden))
-    monkeypatch.setattr(vlm.pipeline, "run_stage", forbidden)
-    monkeypatch.setattr(vlm.recipes, "run_recipe", forbidden)
+    monkeypatch.setattr(vlm.app.stages, "run_stage", forbidden)
+    monkeypatch.setattr(vlm.app.recipes, "run_recipe", forbidden)
     monkeypatch.setattr(vlm.data.synthetic, "generate_shapes", forbidden)
     out_dir = tmp_path / "out"
     code, out, err = run_vlm(["train", DEMO, "stages.align.lerning_rate=1", "--out", out_dir], capsys)
@@ -277,9 +277,10 @@ def test_run_then_chat_end_to_end(tmp_path, capsys):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
 
-    from vlm.chat import answer
+    from vlm.inference.chat import answer
     from vlm.data.types import Turn
-    from vlm.pipeline import build_processor, load_pretrained
+    from vlm.checkpoint.pretrained import load_pretrained
+    from vlm.modeling.processing import build_processor
 
     model, tokenizer, model_cfg = load_pretrained(checkpoint)
     processor = build_processor(model, tokenizer, model_cfg)

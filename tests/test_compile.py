@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import vlm.pipeline
+import vlm.app.stages
 from conftest import run_config
 from vlm.training.callbacks import Callback
 from vlm.training.compile import compile_repeated_blocks, restore_eager
@@ -42,7 +42,7 @@ def _run(tmp_path, tokenizer_dir, shapes, compile_: bool, name: str, precision: 
     cfg = run_config(tmp_path, tokenizer_dir, {name: _stage(shapes, compile_, precision)},
                      out_dir=tmp_path / name, model={"template": "chatml"})
     seen = Lengths()
-    run = vlm.pipeline.build_stage(cfg, name, callbacks=[seen])
+    run = vlm.app.stages.build_stage(cfg, name, callbacks=[seen])
     final = run.trainer.train()
     losses = [json.loads(line)["loss"] for line in (Path(cfg.out_dir) / name / "metrics.jsonl").read_text().splitlines()]
     return run.trainer, final, losses, seen

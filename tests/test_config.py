@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from conftest import LLM_ARCH, VISION_ARCH
 from vlm.config import ConfigError, Train, save_config, to_container
-from vlm.wiring import load_run_config
+from vlm.app.wiring import load_run_config
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_unknown_key_in_the_yaml_file_is_reported_with_the_file(tmp_path, recipe
 
 
 def test_unknown_key_fails_in_the_cli_before_any_model_is_built(recipe, monkeypatch, capsys):
-    import vlm.cli
+    import vlm.app.cli
     import vlm.modeling.vlm
 
     def forbidden(*args, **kwargs):
@@ -63,7 +63,7 @@ def test_unknown_key_fails_in_the_cli_before_any_model_is_built(recipe, monkeypa
 
     monkeypatch.setattr(vlm.modeling.vlm.VisionLanguageModel, "from_config", classmethod(forbidden))
     with pytest.raises(SystemExit) as info:
-        vlm.cli.main(["train", str(recipe), "stages.align.lerning_rate=0.1"])
+        vlm.app.cli.main(["train", str(recipe), "stages.align.lerning_rate=0.1"])
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "stages.align.lerning_rate" in err and "learning_rate" in err

@@ -7,9 +7,9 @@ import torch
 
 from conftest import build_tiny_model, tiny_model_config
 from vlm.data.types import Sample, Turn
-from vlm.evaluation.decode import greedy_decode
-from vlm.evaluation.generation import generate_answers
-from vlm.pipeline import build_processor
+from vlm.inference.decode import greedy_decode
+from vlm.inference.generation import generate_answers
+from vlm.modeling.processing import build_processor
 
 QUESTIONS = [
     "<image>\nWhat color is the shape?",
@@ -59,7 +59,7 @@ def test_eval_answers_are_the_same_through_the_lean_decode(tokenizer_dir, tokeni
 
 
 def test_the_eval_image_memo_loads_each_image_once_within_its_byte_budget():
-    from vlm.evaluation.generation import _ImageMemo
+    from vlm.inference.generation import _ImageMemo
 
     loads = []
 
@@ -94,7 +94,7 @@ def _shared_setup(tokenizer_dir, tokenizer, image_paths):
 
 
 def test_decoding_shared_prefixes_once_equals_transformers_greedy(tokenizer_dir, tokenizer, image_paths):
-    from vlm.evaluation.generation import _ImageMemo, _decode_sharing_prefixes, _shared_prefix_keys
+    from vlm.inference.generation import _ImageMemo, _decode_sharing_prefixes, _shared_prefix_keys
 
     model, processor, samples = _shared_setup(tokenizer_dir, tokenizer, image_paths)
     pad = tokenizer.pad_token_id
@@ -118,7 +118,7 @@ def test_decoding_shared_prefixes_once_equals_transformers_greedy(tokenizer_dir,
 
 
 def test_eval_answers_sharing_prefixes_are_transformers_answers(tokenizer_dir, tokenizer, image_paths, monkeypatch):
-    import vlm.evaluation.generation as generation
+    import vlm.inference.generation as generation
 
     model, processor, samples = _shared_setup(tokenizer_dir, tokenizer, image_paths)
     calls = []

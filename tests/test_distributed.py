@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import vlm.pipeline
+import vlm.app.stages
 from conftest import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def stages(shapes, base_final=None):
 
 def test_fsdp_matches_ddp_survives_sigkill_and_resumes_exactly(tmp_path, tokenizer_dir, shapes_data):
     cfg = run_config(tmp_path, tokenizer_dir, stages(shapes_data, tmp_path / "run" / "base" / "final"))
-    vlm.pipeline.run_stage(cfg, "base")
+    vlm.app.stages.run_stage(cfg, "base")
     config = str(sorted(tmp_path.glob("recipe_*.yaml"))[-1])
     fsdp = ["stages.s.strategy=fsdp", "stages.s.gradient_checkpointing=true"]
 
@@ -118,10 +118,10 @@ def test_accelerate_launch_that_runs_one_process_is_refused(tmp_path, tokenizer_
 
 def test_distributed_eval_answers_each_question_once_and_matches_one_process(tmp_path, tokenizer_dir, shapes_data,
                                                                               capsys):
-    from vlm.recipes import run_evals
+    from vlm.app.recipes import run_evals
 
     cfg = run_config(tmp_path, tokenizer_dir, stages(shapes_data, tmp_path / "none"))
-    final = vlm.pipeline.run_stage(cfg, "base")
+    final = vlm.app.stages.run_stage(cfg, "base")
     test = shapes_data["test"]
     evals = {
         "vqa": {"task": "vqa", "max_new_tokens": 4, "batch_size": 3,
@@ -136,7 +136,7 @@ def test_distributed_eval_answers_each_question_once_and_matches_one_process(tmp
     recipe["evals"] = evals
     config = tmp_path / "with_evals.yaml"
     config.write_text(yaml.safe_dump(recipe))
-    from vlm.wiring import load_run_config as load_config
+    from vlm.app.wiring import load_run_config as load_config
 
     one = run_evals(load_config(config, out_dir=str(tmp_path / "one")), checkpoint=str(final))
     two = launch(torchrun("-m", "vlm", "eval", str(config), "--checkpoint", str(final), "--out", str(tmp_path / "two")))

@@ -7,8 +7,8 @@ import yaml
 
 from conftest import LLM_ARCH, VISION_ARCH
 from vlm.config import ConfigError
-from vlm.wiring import load_run_config as load_config
-from vlm.pipeline import run_stage
+from vlm.app.wiring import load_run_config as load_config
+from vlm.app.stages import run_stage
 
 
 def _recipe(tmp_path, tokenizer_dir, shapes_data, **stage_extra):
@@ -74,7 +74,7 @@ def test_the_caption_eval_scores_images_with_references_and_counts_the_others(tm
 
     from vlm.config import EvalConfig
     from vlm.evaluation.runner import run_eval
-    from vlm.pipeline import build_processor
+    from vlm.modeling.processing import build_processor
 
     test = shapes_data["test"]
     data = json.loads(open(test["captions"]).read())

@@ -16,17 +16,19 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-import vlm.pipeline
-import vlm.training.features as features_mod
+import vlm.app.stages
+import vlm.modeling.connectors
+import vlm.modeling.vision
+import vlm.data.feature_cache as features_mod
 from conftest import build_tiny_model, run_config, tiny_model_config
 from vlm.config import ConfigError, StageConfig, Train
 from vlm.data.dataset import ConversationDataset
 from vlm.data.types import Sample, Turn
 from vlm.modeling.connectors.mlp import MLPProjector
 from vlm.modeling.vision.hf_clip import HFCLIPVisionEncoder
-from vlm.pipeline import build_processor
-from vlm.training.features import FeatureCache, FeatureCacheError, check_feature_cache
-from vlm.training.objectives import LanguageModeling
+from vlm.modeling.processing import build_processor
+from vlm.data.feature_cache import FeatureCache, FeatureCacheError, check_feature_cache
+from vlm.training.objectives.lm import LanguageModeling
 from vlm.training.stages import apply_stage, set_train_modes
 
 
@@ -309,7 +311,7 @@ def test_the_runtime_refuses_the_cache_when_the_encoder_trains(tmp_path, tokeniz
     cfg = run_config(tmp_path, tokenizer_dir, cached_stage(shapes_data))
     cfg.stages.s.train.vision = Train.full  # past validation, as a programmatic caller could
     with pytest.raises(FeatureCacheError, match=r"stages\.s\.feature_cache: needs train\.vision: frozen"):
-        vlm.pipeline.run_stage(cfg, "s")
+        vlm.app.stages.run_stage(cfg, "s")
 
     model = build_tiny_model(model_config, tokenizer)  # every parameter trainable
     with pytest.raises(FeatureCacheError, match="trainable"):
@@ -347,14 +349,14 @@ def test_run_stage_trains_from_the_cache_with_the_live_losses_and_resumes_exactl
     cfg_a = run_config(tmp_path, tokenizer_dir, cached_stage(shapes_data, save_every=2, feature_cache_dir=cache_dir),
                        out_dir=tmp_path / "A")
     captured = []
-    original_build = vlm.pipeline.build_stage
+    original_build = vlm.app.stages.build_stage
 
     def keep_run(*args, **kwargs):
         captured.append(original_build(*args, **kwargs))
         return captured[-1]
 
-    monkeypatch.setattr(vlm.pipeline, "build_stage", keep_run)
-    vlm.pipeline.run_stage(cfg_a, "s")
+    monkeypatch.setattr(vlm.app.stages, "build_stage", keep_run)
+    vlm.app.stages.run_stage(cfg_a, "s")
     report = captured[-1].feature_cache
     assert report.computed == report.images > 0
     assert sum(encoded) == report.computed, "the encoder ran during training"
@@ -365,7 +367,7 @@ def test_run_stage_trains_from_the_cache_with_the_live_losses_and_resumes_exactl
     encoded.clear()
     cfg_live = run_config(tmp_path, tokenizer_dir, cached_stage(shapes_data, feature_cache=False),
                           out_dir=tmp_path / "live")
-    vlm.pipeline.run_stage(cfg_live, "s")
+    vlm.app.stages.run_stage(cfg_live, "s")
     assert sum(encoded) >= 4 * 4
     losses_live = read_losses(tmp_path / "live" / "s")
     for step in losses_a:
@@ -378,7 +380,7 @@ def test_run_stage_trains_from_the_cache_with_the_live_losses_and_resumes_exactl
                        out_dir=tmp_path / "B")
     step_2 = Path("s") / "checkpoints" / "step_0000002"
     shutil.copytree(tmp_path / "A" / step_2, tmp_path / "B" / step_2)
-    vlm.pipeline.run_stage(cfg_b, "s", resume=True)
+    vlm.app.stages.run_stage(cfg_b, "s", resume=True)
     assert encoded == [] and captured[-1].feature_cache.reused == report.images
     losses_b = read_losses(tmp_path / "B" / "s")
     assert list(losses_b) == [3, 4]
@@ -390,7 +392,7 @@ def test_run_stage_trains_from_the_cache_with_the_live_losses_and_resumes_exactl
 
 
 def test_vlm_bench_feature_cache_reports_both_modes_as_json(tmp_path, tokenizer_dir, shapes_data, capsys):
-    from vlm.cli import main
+    from vlm.app.cli import main
 
     run_config(tmp_path, tokenizer_dir, cached_stage(shapes_data, feature_cache=False))
     recipe = tmp_path / "recipe_0.yaml"

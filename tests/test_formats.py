@@ -436,7 +436,7 @@ def test_read_samples_applies_max_samples_then_repeat_per_dataset(tmp_path):
     from omegaconf import OmegaConf
 
     from vlm.config import DataConfig
-    from vlm.pipeline import read_samples
+    from vlm.data.formats import read_samples
 
     args = {"questions_path": write_json(tmp_path / "q.json", QUESTIONS),
             "annotations_path": write_json(tmp_path / "a.json", ANNOTATIONS)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-import vlm.pipeline
+import vlm.app.stages
 from conftest import lora_instruct_model, run_config
 from vlm.training.frozen_weights import FrozenWeightCast
 from vlm.training.trainer import Trainer
@@ -80,7 +80,7 @@ def test_a_bf16_stage_trains_the_same_with_and_without_the_cast(tmp_path, tokeni
             monkeypatch.setattr(Trainer, "_frozen_weight_cast", lambda self: None)
         cfg = run_config(tmp_path, tokenizer_dir, {name: _stage(shapes_data)}, out_dir=tmp_path / name,
                          model={"template": "chatml"})
-        run = vlm.pipeline.build_stage(cfg, name)
+        run = vlm.app.stages.build_stage(cfg, name)
         final = run.trainer.train()
         model = run.trainer._unwrapped()
         assert model.vision.model.embeddings.patch_embedding.weight.dtype == torch.float32  # restored

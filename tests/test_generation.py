@@ -9,7 +9,7 @@ import torch
 from conftest import NUM_PATCHES, build_tiny_model, tiny_model_config
 from vlm.data.types import Sample, Turn
 from vlm.modeling.vlm import ImageTokenMismatch
-from vlm.pipeline import build_processor
+from vlm.modeling.processing import build_processor
 
 QUESTIONS = [
     "<image>\nWhat color is the shape?",

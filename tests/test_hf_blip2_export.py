@@ -11,11 +11,12 @@ from transformers import AutoProcessor, AutoTokenizer, Blip2ForConditionalGenera
 from conftest import build_tiny_model, tiny_model_config, write_images
 from test_hf_llava_export import QUESTION, stop_early
 from test_hf_llava_interop import write_stage_output
-from vlm.chat import answer
+from vlm.inference.chat import answer
 from vlm.data.types import Turn
-from vlm.errors import LayoutError
+from vlm.core.errors import LayoutError
 from vlm.interop.hf_blip2 import export_hf_blip2, to_hf_blip2
-from vlm.pipeline import build_processor, load_pretrained
+from vlm.checkpoint.pretrained import load_pretrained
+from vlm.modeling.processing import build_processor
 
 BLIP2_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     image_size=32, patch_size=8)
@@ -99,7 +100,7 @@ def test_blip2_export_refuses_what_transformers_cannot_hold(tmp_path, tokenizer_
 def test_cli_refuses_beit3_query_with_exit_2_pointing_to_serve(tmp_path, tokenizer_dir, tokenizer, capsys):
     from test_beit3_query import BEIT3_ARCH
 
-    from vlm.cli import main
+    from vlm.app.cli import main
 
     cfg = tiny_model_config(tokenizer_dir, **{"vision.name": "beit3", "vision.arch": dict(BEIT3_ARCH),
                                               "vision.feature_layer": -1, "connector.name": "beit3_query",

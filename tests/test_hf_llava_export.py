@@ -13,14 +13,15 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 
 from conftest import build_tiny_model, tiny_model_config, write_images
 from test_hf_llava_interop import write_stage_output
-from vlm.chat import answer
+from vlm.inference.chat import answer
 from vlm.data.templates import build_template
 from vlm.data.types import Turn
-from vlm.evaluation.generation import stop_settings
-from vlm.errors import ConfigError
+from vlm.inference.generation import stop_settings
+from vlm.core.errors import ConfigError
 from vlm.interop.chat_template import jinja_chat_template
 from vlm.interop.hf_llava import export_hf_llava
-from vlm.pipeline import build_processor, load_pretrained
+from vlm.checkpoint.pretrained import load_pretrained
+from vlm.modeling.processing import build_processor
 
 QUESTION = "what color is the shape?"
 

@@ -16,8 +16,9 @@ from vlm.config import StageConfig, Train
 from vlm.interop.hf_llava import (EXPORT_INFO, LlavaLayoutError, export_hf_llava, from_hf_llava, import_hf_llava,
                                   to_hf_llava)
 from vlm.modeling.vlm import VisionLanguageModel
-from vlm.pipeline import build_processor, load_pretrained
-from vlm.training.checkpoint import save_model_state
+from vlm.checkpoint.pretrained import load_pretrained
+from vlm.modeling.processing import build_processor
+from vlm.checkpoint.components import save_model_state
 
 
 def prompts(model, tokenizer):
@@ -143,7 +144,7 @@ def test_import_refuses_a_tokenizer_whose_image_token_disagrees(tmp_path, tokeni
 
 
 def test_cli_export_and_import(tmp_path, tokenizer_dir, tokenizer, capsys):
-    from vlm.cli import main
+    from vlm.app.cli import main
 
     cfg = tiny_model_config(tokenizer_dir)
     stage_out = write_stage_output(tmp_path / "s" / "final", build_tiny_model(cfg, tokenizer), cfg, tokenizer)

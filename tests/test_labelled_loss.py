@@ -7,7 +7,7 @@ import torch
 
 from vlm.config import LoraConfig
 from vlm.data.types import Sample, Turn
-from vlm.pipeline import build_processor
+from vlm.modeling.processing import build_processor
 from vlm.training.stages import add_lora
 
 

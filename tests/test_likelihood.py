@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 from conftest import write_images
-from vlm.chat import loglikelihood
+from vlm.inference.chat import loglikelihood
 from vlm.data.types import Sample, Turn
-from vlm.evaluation.likelihood import loglikelihoods
-from vlm.pipeline import build_processor
+from vlm.inference.likelihood import loglikelihoods
+from vlm.modeling.processing import build_processor
 
 
 def forced_logprob(model, ids, pixels, forced):

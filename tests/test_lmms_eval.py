@@ -16,10 +16,11 @@ from PIL import Image
 
 from conftest import build_tiny_model, tiny_model_config, write_images
 from test_hf_llava_interop import write_stage_output
-from vlm.evaluation.generation import clean_answer, generate_answers
+from vlm.inference.generation import clean_answer, generate_answers
 from vlm.evaluation.lmms_adapter import VLMLmms
-from vlm.evaluation.likelihood import loglikelihoods
-from vlm.pipeline import build_processor, load_pretrained
+from vlm.inference.likelihood import loglikelihoods
+from vlm.checkpoint.pretrained import load_pretrained
+from vlm.modeling.processing import build_processor
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install -e '.[eval]')")
 

@@ -13,14 +13,17 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import build_tiny_model, tiny_model_config, write_images
 from test_hf_llava_interop import write_stage_output
-from vlm.chat import answer
+from vlm.inference.chat import answer
 from vlm.config import LoraConfig, StageConfig, Train
 from vlm.data.types import Turn
-from vlm.errors import ConfigError
-from vlm.interop.peft_adapter import ADAPTER_INFO, init_added_rows, load_base, merge_checkpoint
+from vlm.core.errors import ConfigError
+from vlm.checkpoint.peft_sidecar import ADAPTER_INFO, init_added_rows, load_base
+from vlm.interop.merge import merge_checkpoint
 from vlm.modeling.llm import add_lora
-from vlm.pipeline import build_processor, load_pretrained
-from vlm.training.checkpoint import read_manifest, save_model_state
+from vlm.checkpoint.pretrained import load_pretrained
+from vlm.modeling.processing import build_processor
+from vlm.checkpoint.components import save_model_state
+from vlm.checkpoint.manifest import read_manifest
 
 
 def with_trained_lora(model, seed=1):
@@ -134,7 +137,7 @@ def test_adapter_on_a_pretrained_llm_records_it_and_the_added_tokens(tmp_path, t
 
 
 def test_cli_merge(tmp_path, lora_output, capsys):
-    from vlm.cli import main
+    from vlm.app.cli import main
 
     _, _, stage_out = lora_output
     main(["merge", str(stage_out), "--out", str(tmp_path / "m")])

@@ -8,8 +8,9 @@ import torch
 from conftest import build_tiny_model, run_config
 from vlm.config import ConfigError
 from vlm.data.types import Turn
-from vlm.pipeline import build_processor, run_stage
-from vlm.training.objectives import CaptionBagOfWords
+from vlm.app.stages import run_stage
+from vlm.modeling.processing import build_processor
+from vlm.training.objectives.warmup import CaptionBagOfWords
 
 
 def test_bow_targets_mark_each_trained_token_once_and_no_special_token(model_config, tokenizer):
@@ -69,7 +70,7 @@ def test_answer_words_warmup_conditions_on_the_question_and_its_loss_falls(tmp_p
 
 
 def test_answer_words_reads_the_question_apart_from_the_answer(model_config, tokenizer):
-    from vlm.training.objectives import AnswerWords
+    from vlm.training.objectives.warmup import AnswerWords
 
     model = build_tiny_model(model_config, tokenizer)
     objective = AnswerWords(model, tokenizer)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlm.errors import ConfigError
-from vlm.output import replacing_output_dir
+from vlm.core.errors import ConfigError
+from vlm.checkpoint.output_dirs import replacing_output_dir
 
 
 def test_non_empty_output_is_refused_and_kept(tmp_path):

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import vlm.pipeline
+import vlm.app.stages
 from conftest import run_config
 from test_training import assert_same_tensors, conversations, read_metrics, tensors
 from vlm.config import ConfigError
 from vlm.data.packing import first_fit_decreasing, pack_batch, row_capacity
 from vlm.data.processor import IGNORE_INDEX, pad_batch
 from vlm.data.types import Sample, Turn
-from vlm.pipeline import build_processor
+from vlm.modeling.processing import build_processor
 
 
 def test_first_fit_decreasing_fills_rows_and_keeps_every_index_once():
@@ -83,7 +83,7 @@ def test_packing_needs_an_objective_that_supports_it(tmp_path, tokenizer_dir, sh
     stage = {"objective": "caption_bow", "train": {"vision": "full", "connector": "frozen", "llm": "frozen"},
              "data": [conversations(shapes_data)], "packing": True}
     with pytest.raises(ConfigError, match="stages.s.packing"):
-        from vlm.wiring import validate
+        from vlm.app.wiring import validate
         validate(run_config(tmp_path, tokenizer_dir, {"s": stage}))
 
 
@@ -96,12 +96,12 @@ def packed_stage(shapes):
 
 def test_resume_with_packing_reproduces_the_run_bitwise(tmp_path, tokenizer_dir, shapes_data):
     cfg_a = run_config(tmp_path, tokenizer_dir, {"instruct": packed_stage(shapes_data)}, out_dir=tmp_path / "A")
-    final_a = vlm.pipeline.run_stage(cfg_a, "instruct")
+    final_a = vlm.app.stages.run_stage(cfg_a, "instruct")
     a = Path(cfg_a.out_dir) / "instruct"
     cfg_b = run_config(tmp_path, tokenizer_dir, {"instruct": packed_stage(shapes_data)}, out_dir=tmp_path / "B")
     b = Path(cfg_b.out_dir) / "instruct"
     shutil.copytree(a / "checkpoints" / "step_0000004", b / "checkpoints" / "step_0000004")
-    final_b = vlm.pipeline.run_stage(cfg_b, "instruct", resume=True)
+    final_b = vlm.app.stages.run_stage(cfg_b, "instruct", resume=True)
     for rel in ("connector.safetensors", "llm.safetensors"):
         assert_same_tensors(tensors(final_a / rel), tensors(final_b / rel))
     at_4 = tensors(a / "checkpoints" / "step_0000004" / "llm.safetensors")

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import vlm.registry
+import vlm.core.registry
 from conftest import run_config
 from vlm.config import ConfigError
-from vlm.pipeline import build_stage
+from vlm.app.stages import build_stage
 from vlm.training.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_a_connector_from_a_plugin_module_trains(tmp_path, tokenizer_dir, shapes
     # the stage output records its plugins: another process rebuilds the model from it alone
     final = Path(cfg.out_dir) / "align" / "final"
     assert json.loads((final / "plugins.json").read_text()) == ["my_connector"]
-    code = ("import sys; from vlm.pipeline import load_pretrained; "
+    code = ("import sys; from vlm.checkpoint.pretrained import load_pretrained; "
             f"model, _, _ = load_pretrained({str(final)!r}, device='cpu'); "
             "print(type(model.connector).__name__, round(float(model.connector.gate), 6))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(PLUGINS)])}
@@ -92,8 +92,8 @@ def test_an_entry_point_registers_on_the_first_unknown_name(monkeypatch):
     monkeypatch.delitem(sys.modules, "my_connector", raising=False)
     if "gated_linear" in CONNECTORS:  # registered by an earlier test in this process
         monkeypatch.delitem(CONNECTORS._entries, "gated_linear")
-    point = metadata.EntryPoint(name="example", value="my_connector", group=vlm.registry.ENTRY_POINT_GROUP)
+    point = metadata.EntryPoint(name="example", value="my_connector", group=vlm.core.registry.ENTRY_POINT_GROUP)
     monkeypatch.setattr(metadata, "entry_points",
-                        lambda group: [point] if group == vlm.registry.ENTRY_POINT_GROUP else [])
-    monkeypatch.setattr(vlm.registry, "_entry_points_loaded", False)
+                        lambda group: [point] if group == vlm.core.registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(vlm.core.registry, "_entry_points_loaded", False)
     assert CONNECTORS.get("gated_linear").__name__ == "GatedLinearConnector"

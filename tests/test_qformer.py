@@ -171,7 +171,7 @@ def test_config_checks_qformer_options_at_load(tmp_path, tokenizer_dir, shapes_d
 def test_shipped_qformer_recipes_load_and_validate(path):
     from pathlib import Path
 
-    from vlm.wiring import load_run_config
+    from vlm.app.wiring import load_run_config
 
     cfg = load_run_config(Path(__file__).resolve().parents[1] / path)
     assert cfg.model.connector.name == "qformer"
@@ -193,8 +193,8 @@ def test_each_image_gets_the_text_of_its_turn_as_instruction():
 def test_instruction_aware_qformer_trains_and_generates_through_the_model(tokenizer_dir, tokenizer, image_paths):
     from conftest import build_tiny_model, tiny_model_config
     from vlm.data.types import Sample, Turn
-    from vlm.evaluation.generation import generate_answers
-    from vlm.pipeline import build_processor
+    from vlm.inference.generation import generate_answers
+    from vlm.modeling.processing import build_processor
 
     options = {**SMALL, "instruction_aware": True}
     cfg = tiny_model_config(tokenizer_dir, **{"connector.name": "qformer", "connector.options": options})

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from conftest import build_tiny_model, run_config, tiny_model_config
 from vlm.config import ConfigError
 from vlm.modeling.connectors.image_text import similarity
-from vlm.pipeline import build_processor, run_stage
-from vlm.training.qformer_objectives import (QFormerStage1, bidirectional_mask, gather_batches,
+from vlm.app.stages import run_stage
+from vlm.modeling.processing import build_processor
+from vlm.training.objectives.qformer_stage1 import (QFormerStage1, bidirectional_mask, gather_batches,
                                              multimodal_causal_mask, sample_hard_negatives, unimodal_mask)
 
 QFORMER = {"name": "qformer", "options": {"num_queries": 4, "num_layers": 2, "hidden_size": 32, "num_heads": 4,
@@ -313,7 +314,7 @@ def test_stage1_then_stage2_logs_each_loss_and_stage2_leaves_the_text_path_alone
 def _itc_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from vlm.training.qformer_objectives import contrastive_loss, gather_batches
+    from vlm.training.objectives.qformer_stage1 import contrastive_loss, gather_batches
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -343,7 +344,7 @@ def itc_inputs():
 def test_itc_gathers_with_gradient_across_two_processes(tmp_path):
     import torch.multiprocessing as mp
 
-    from vlm.training.qformer_objectives import contrastive_loss
+    from vlm.training.objectives.qformer_stage1 import contrastive_loss
 
     mp.spawn(_itc_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

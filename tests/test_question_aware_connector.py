@@ -77,8 +77,8 @@ def test_from_config(tokenizer):
 def test_trains_and_generates_through_the_model(tokenizer_dir, tokenizer, image_paths):
     from conftest import build_tiny_model, tiny_model_config
     from vlm.data.types import Sample, Turn
-    from vlm.evaluation.generation import generate_answers
-    from vlm.pipeline import build_processor
+    from vlm.inference.generation import generate_answers
+    from vlm.modeling.processing import build_processor
 
     cfg = tiny_model_config(tokenizer_dir, **{"connector.name": "question_aware_mlp"})
     model = build_tiny_model(cfg, tokenizer)
@@ -97,7 +97,7 @@ def test_trains_and_generates_through_the_model(tokenizer_dir, tokenizer, image_
         assert model.connector.get_parameter(name).grad.abs().sum() > 0, name
     model.zero_grad()
     # eval must not share one image's prefix between questions: each gets its own question token
-    from vlm.evaluation.generation import _shared_prefix_keys
+    from vlm.inference.generation import _shared_prefix_keys
     prompts = [processor.encode(s)["input_ids"] for s in samples]
     assert _shared_prefix_keys(model, samples, prompts) == [None, None, None]
     together = generate_answers(model, processor, samples, batch_size=3, max_new_tokens=3)
@@ -107,9 +107,9 @@ def test_trains_and_generates_through_the_model(tokenizer_dir, tokenizer, image_
 
 def test_answer_words_warm_up_trains_the_question_token_and_nothing_else_of_the_connector(
         tmp_path, tokenizer_dir, shapes_data):
-    import vlm.pipeline
+    import vlm.app.stages
     from conftest import answer_words_stage, run_config
-    from vlm.pipeline import load_pretrained
+    from vlm.checkpoint.pretrained import load_pretrained
     from vlm.training.callbacks import Callback
 
     stages = {"warmup": answer_words_stage(shapes_data["train"], connector="full")}
@@ -122,7 +122,7 @@ def test_answer_words_warm_up_trains_the_question_token_and_nothing_else_of_the_
             self.state = {k: v.clone() for k, v in trainer._unwrapped().connector.state_dict().items()}
 
     start = Start()
-    final = vlm.pipeline.run_stage(cfg, "warmup", callbacks=[start])
+    final = vlm.app.stages.run_stage(cfg, "warmup", callbacks=[start])
     losses = [json.loads(line)["loss"] for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     trained = load_pretrained(final, device="cpu")[0].connector.state_dict()
@@ -146,7 +146,7 @@ def test_answer_words_with_the_connector_frozen_keeps_its_own_head(tokenizer_dir
 
 def test_answer_words_refuses_a_trained_llm(tmp_path, tokenizer_dir, shapes_data):
     from conftest import answer_words_stage, run_config
-    from vlm.errors import ConfigError
+    from vlm.core.errors import ConfigError
 
     stages = {"warmup": answer_words_stage(shapes_data["train"], connector="full", llm="full")}
     with pytest.raises(ConfigError, match=r"stages\.warmup\.train: objective 'answer_words'"):

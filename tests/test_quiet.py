@@ -2,7 +2,7 @@
 
 import warnings
 
-from vlm.quiet import silence_third_party_warnings
+from vlm.core.quiet import silence_third_party_warnings
 
 
 def _shown(category, message, module):

@@ -13,10 +13,11 @@ from conftest import LLM_ARCH, VISION_ARCH, build_tiny_model, run_config, tiny_m
 from conftest import run_vlm
 from test_qformer_objectives import QFORMER
 from vlm.config import ConfigError
-from vlm.wiring import load_run_config
+from vlm.app.wiring import load_run_config
 from vlm.data.formats import read_dataset
 from vlm.evaluation.retrieval import evaluate_retrieval, recall_at_k, retrieval_pairs
-from vlm.pipeline import build_processor, run_stage
+from vlm.app.stages import run_stage
+from vlm.modeling.processing import build_processor
 
 
 def test_recall_counts_any_own_caption_for_images_and_the_own_image_for_texts():

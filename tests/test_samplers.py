@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from vlm.training.samplers import EpochShuffleSampler, LengthGroupedSampler
+from vlm.data.samplers import EpochShuffleSampler, LengthGroupedSampler
 
 
 def _sampler(seed=3, batch_size=4, world_size=2):

@@ -17,11 +17,11 @@ from openai import BadRequestError, OpenAI
 from PIL import Image
 
 from conftest import build_tiny_model, tiny_model_config, write_images
-from vlm.chat import answer
+from vlm.inference.chat import answer
 from vlm.data.types import Turn
-from vlm.pipeline import build_processor
-from vlm.serving.app import create_app
-from vlm.serving.engine import GenerationEngine, TextDeltaStreamer
+from vlm.modeling.processing import build_processor
+from vlm.inference.serving.app import create_app
+from vlm.inference.serving.engine import GenerationEngine, TextDeltaStreamer
 
 QUESTION = "what color is the shape?"
 MAX_TOKENS = 12
@@ -226,14 +226,14 @@ def test_stream_holds_back_what_the_answer_will_not_keep():
 
 
 def test_serve_binds_loopback_by_default():
-    from vlm.cli import build_parser
+    from vlm.app.cli import build_parser
 
     args = build_parser().parse_args(["serve", "ckpt"])
     assert (args.host, args.port, args.image_root) == ("127.0.0.1", 8000, None)
 
 
 def test_serve_refuses_a_missing_image_root_and_checkpoint(tmp_path, capsys):
-    from vlm.cli import main
+    from vlm.app.cli import main
 
     with pytest.raises(SystemExit) as info:
         main(["serve", str(tmp_path), "--image-root", str(tmp_path / "nowhere")])

@@ -15,11 +15,11 @@ import pytest
 
 from conftest import build_tiny_model, tiny_model_config
 from test_serve import QUESTION, LiveServer
-from vlm.chat import answer
+from vlm.inference.chat import answer
 from vlm.data.types import Turn
-from vlm.pipeline import build_processor
-from vlm.serving.app import create_app
-from vlm.serving.engine import GenerationEngine
+from vlm.modeling.processing import build_processor
+from vlm.inference.serving.app import create_app
+from vlm.inference.serving.engine import GenerationEngine
 
 pytestmark = pytest.mark.browser
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import vlm.pipeline
+import vlm.app.stages
 from conftest import run_config
 from vlm.config import ConfigError
 from vlm.modeling.vlm import VisionLanguageModel
@@ -37,7 +37,7 @@ def test_unknown_strategy_is_a_config_error(tmp_path, tokenizer_dir, shapes_data
 def test_zero_without_cuda_is_refused_before_the_model_is_built(tmp_path, tokenizer_dir, shapes_data, no_model, name):
     cfg = run_config(tmp_path, tokenizer_dir, {"s": stage(shapes_data, strategy=name)})
     with pytest.raises(ConfigError) as info:
-        vlm.pipeline.build_stage(cfg, "s")
+        vlm.app.stages.build_stage(cfg, "s")
     message = str(info.value)
     assert "\n" not in message and f"stages.s.strategy: '{name}'" in message
     assert ("CUDA" in message or "deepspeed" in message) and "strategy=fsdp" in message
@@ -49,7 +49,7 @@ def test_fsdp_cpu_offload_without_cuda_is_refused_before_the_model_is_built(tmp_
         pytest.skip("a GPU is visible: offloading is allowed")
     cfg = run_config(tmp_path, tokenizer_dir, {"s": stage(shapes_data, strategy="fsdp", fsdp_cpu_offload=True)})
     with pytest.raises(ConfigError, match=r"stages\.s\.fsdp_cpu_offload: .*needs CUDA"):
-        vlm.pipeline.build_stage(cfg, "s")
+        vlm.app.stages.build_stage(cfg, "s")
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -64,7 +64,7 @@ def test_launch_environment_mismatches_are_refused(tmp_path, tokenizer_dir, shap
         monkeypatch.setenv(key, value)
     cfg = run_config(tmp_path, tokenizer_dir, {"s": stage(shapes_data)})
     with pytest.raises(ConfigError, match=expected) as info:
-        vlm.pipeline.build_stage(cfg, "s")
+        vlm.app.stages.build_stage(cfg, "s")
     assert "\n" not in str(info.value) and ("torchrun" in str(info.value) or "zero2" in str(info.value))
 
 
@@ -79,7 +79,7 @@ def first_step(cfg, name):
     how many times the first LLM block's first sub-module ran (HF checkpoints a block's forward,
     inside its hooks, so the block's own hook runs once either way)."""
     torch.manual_seed(0)
-    trainer = vlm.pipeline.build_stage(cfg, name).trainer
+    trainer = vlm.app.stages.build_stage(cfg, name).trainer
     calls = []
     for component in ("llm", "vision"):
         block = next(transformer_blocks(getattr(trainer._unwrapped(), component))[0].children())
@@ -98,7 +98,7 @@ def first_step(cfg, name):
 ], ids=["lora-llm-full-vision", "feature-cache"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, tokenizer_dir, shapes_data, modes, cache):
     base = run_config(tmp_path, tokenizer_dir, {"base": stage(shapes_data, max_steps=1)})
-    base_final = vlm.pipeline.run_stage(base, "base")
+    base_final = vlm.app.stages.run_stage(base, "base")
     results = []
     for checkpointing in (False, True):
         spec = stage(shapes_data, init_from=str(base_final), train=modes, feature_cache=cache,

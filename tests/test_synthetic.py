@@ -279,7 +279,7 @@ def test_style_options_two_shapes_name_their_side_and_answers_match(tmp_path):
 
 
 def test_bad_style_options_are_refused_by_the_cli(tmp_path, capsys):
-    from vlm.cli import main
+    from vlm.app.cli import main
 
     with pytest.raises(SystemExit):
         main(["data", "shapes", "--out", str(tmp_path / "x"), "--colors", "red,mauve"])

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from vlm.config import VisionConfig
-from vlm.errors import ConfigError
+from vlm.core.errors import ConfigError
 from vlm.modeling.vision import build_vision_encoder
 from vlm.training.callbacks import Callback
 
@@ -73,8 +73,8 @@ def test_weights_from_a_local_file(tmp_path):
 def test_warms_up_with_answer_words_and_reloads(tmp_path, tokenizer_dir, shapes_data):
     """A CNN encoder behind a pooling connector: the vision warm-up lowers its loss and changes
     every encoder weight, and the saved stage reloads with the same features."""
-    import vlm.pipeline
-    from vlm.pipeline import load_pretrained
+    import vlm.app.stages
+    from vlm.checkpoint.pretrained import load_pretrained
 
     stages = {"warmup": answer_words_stage(shapes_data["train"])}
     model = {"vision": {"name": "timm_cnn", "options": {"model_name": "resnet10t", "image_size": 32},
@@ -95,7 +95,7 @@ def test_warms_up_with_answer_words_and_reloads(tmp_path, tokenizer_dir, shapes_
             vision.train(was_training)
 
     seen = Features()
-    final = vlm.pipeline.run_stage(cfg, "warmup", callbacks=[seen])
+    final = vlm.app.stages.run_stage(cfg, "warmup", callbacks=[seen])
     losses = [json.loads(line)["loss"] for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     reloaded, _, _ = load_pretrained(final, device="cpu")

@@ -1,4 +1,4 @@
-"""Training through ``vlm.pipeline.run_stage``: the loss goes down, resume is exact, a crash while
+"""Training through ``vlm.app.stages.run_stage``: the loss goes down, resume is exact, a crash while
 writing a checkpoint leaves the previous one intact, and stages chain through their outputs."""
 
 from __future__ import annotations
@@ -13,9 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import vlm.pipeline
+import vlm.app.stages
+import vlm.checkpoint.components
+import vlm.checkpoint.pretrained
+import vlm.checkpoint.train_state
+import vlm.modeling.processing
 from conftest import NUM_PATCHES, run_config
-from vlm.training import checkpoint as ckpt
+import vlm.app.stages
+import vlm.checkpoint.components
+import vlm.checkpoint.pretrained
+import vlm.checkpoint.train_state
+import vlm.modeling.processing
 from vlm.training.callbacks import Callback
 
 
@@ -85,7 +93,7 @@ def test_loss_goes_down_and_metrics_and_plot_are_written(tmp_path, tokenizer_dir
     }}
     cfg = run_config(tmp_path, tokenizer_dir, stages)
     started = time.perf_counter()
-    final = vlm.pipeline.run_stage(cfg, "caption")
+    final = vlm.app.stages.run_stage(cfg, "caption")
     wall = time.perf_counter() - started
     out = Path(cfg.out_dir) / "caption"
     assert final == out / "final" and (final / "manifest.json").is_file()
@@ -111,7 +119,7 @@ def test_the_last_shorter_accumulation_window_is_averaged_over_its_own_length(tm
                         "max_steps": steps, "learning_rate": 1e-12, "warmup_ratio": 0.0, "log_every": 1,
                         "max_grad_norm": 1e9}}
         cfg = run_config(tmp_path, tokenizer_dir, stages, out_dir=tmp_path / out)
-        run = vlm.pipeline.build_stage(cfg, "s")
+        run = vlm.app.stages.build_stage(cfg, "s")
         run.trainer.train()
         return [r["grad_norm"] for r in run.trainer.history]
 
@@ -146,8 +154,8 @@ def chain(tmp_path_factory, tokenizer_dir, shapes_data):
     out_a = root / "A"
     cfg = run_config(root, tokenizer_dir, chain_stages(shapes_data, out_a / "base" / "final"), out_dir=out_a)
     instruct = Capture()
-    base_final = vlm.pipeline.run_stage(cfg, "base")
-    instruct_final = vlm.pipeline.run_stage(cfg, "instruct", callbacks=[instruct])
+    base_final = vlm.app.stages.run_stage(cfg, "base")
+    instruct_final = vlm.app.stages.run_stage(cfg, "instruct", callbacks=[instruct])
     return {"root": root, "cfg": cfg, "base_final": base_final, "instruct_final": instruct_final,
             "instruct_trainer": instruct.trainer, "instruct_initial_state": instruct.initial_state}
 
@@ -161,7 +169,7 @@ def test_resume_from_a_checkpoint_reproduces_the_run_bitwise(chain, tokenizer_di
     cfg_b = run_config(root, tokenizer_dir, chain_stages(shapes_data, chain["base_final"]), out_dir=out_b)
     b = out_b / "instruct"
     shutil.copytree(a / "checkpoints" / "step_0000003", b / "checkpoints" / "step_0000003")
-    final_b = vlm.pipeline.run_stage(cfg_b, "instruct", resume=True)
+    final_b = vlm.app.stages.run_stage(cfg_b, "instruct", resume=True)
 
     final_a = chain["instruct_final"]
     for rel in ("connector.safetensors", "llm_adapter/adapter_model.safetensors"):
@@ -172,8 +180,8 @@ def test_resume_from_a_checkpoint_reproduces_the_run_bitwise(chain, tokenizer_di
     assert any(not torch.equal(at_3[k], at_end[k]) for k in at_3)
 
     # optimizer, scheduler, RNG and data position at step 6 are the same too
-    state_a = ckpt.load_training_state(a / "checkpoints" / "step_0000006")
-    state_b = ckpt.load_training_state(b / "checkpoints" / "step_0000006")
+    state_a = vlm.checkpoint.train_state.load_training_state(a / "checkpoints" / "step_0000006")
+    state_b = vlm.checkpoint.train_state.load_training_state(b / "checkpoints" / "step_0000006")
     assert state_a["position"]["step"] == state_b["position"]["step"] == 6
     steps = {float(s["step"]) for s in state_b["optimizer"]["state"].values()}
     assert steps == {6.0}, "AdamW's step count must continue from the checkpoint"
@@ -190,7 +198,7 @@ def test_resume_from_a_checkpoint_reproduces_the_run_bitwise(chain, tokenizer_di
 
 
 def test_step_three_checkpoint_holds_adamw_step_count_three_and_its_position(chain):
-    state = ckpt.load_training_state(Path(chain["cfg"].out_dir) / "instruct" / "checkpoints" / "step_0000003")
+    state = vlm.checkpoint.train_state.load_training_state(Path(chain["cfg"].out_dir) / "instruct" / "checkpoints" / "step_0000003")
     assert state["position"]["step"] == 3
     assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {3.0}
 
@@ -217,9 +225,9 @@ def test_next_stage_starts_from_the_previous_stage_final_weights(chain):
 
 def test_load_pretrained_rebuilds_a_model_with_the_trained_logits(chain, image_paths):
     trained = chain["instruct_trainer"]._unwrapped().eval()
-    model, tokenizer, model_cfg = vlm.pipeline.load_pretrained(chain["instruct_final"])
+    model, tokenizer, model_cfg = vlm.checkpoint.pretrained.load_pretrained(chain["instruct_final"])
     assert not any("lora" in n for n, _ in model.named_parameters()), "adapters are merged on load"
-    processor = vlm.pipeline.build_processor(model, tokenizer, model_cfg, template="chatml")
+    processor = vlm.modeling.processing.build_processor(model, tokenizer, model_cfg, template="chatml")
     from vlm.data.types import Sample, Turn
 
     items = [processor.encode(Sample(str(i), [Turn("user", "<image>\nWhat color is the shape?"),
@@ -232,7 +240,7 @@ def test_load_pretrained_rebuilds_a_model_with_the_trained_logits(chain, image_p
     torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-5)
     # and it is not the untrained base: the LoRA stage changed the function
-    base, _, _ = vlm.pipeline.load_pretrained(chain["base_final"])
+    base, _, _ = vlm.checkpoint.pretrained.load_pretrained(chain["base_final"])
     with torch.no_grad():
         assert not torch.allclose(base(**batch).logits, got.logits, atol=1e-4)
 
@@ -256,39 +264,39 @@ def leftovers(folder: Path):
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, tokenizer_dir, shapes_data, monkeypatch):
     cfg = run_config(tmp_path, tokenizer_dir, small_stage(shapes_data))
     out = Path(cfg.out_dir) / "align"
-    original = ckpt.save_training_state
+    original = vlm.checkpoint.train_state.save_training_state
     calls = []
 
     def crash_on_second(folder, *args, **kwargs):
         calls.append(folder)
         if len(calls) == 2:
-            (folder / ckpt.TRAINING_STATE).write_bytes(b"half a pickle")
+            (folder / vlm.checkpoint.train_state.TRAINING_STATE).write_bytes(b"half a pickle")
             raise RuntimeError("disk full")
         return original(folder, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_training_state", crash_on_second)
     with pytest.raises(RuntimeError, match="disk full"):
-        vlm.pipeline.run_stage(cfg, "align")
+        vlm.app.stages.run_stage(cfg, "align")
     monkeypatch.setattr(ckpt, "save_training_state", original)
 
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
     assert leftovers(out) == []
     assert not (out / "final").exists()
-    assert ckpt.latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "step_0000002"
-    assert ckpt.load_training_state(out / "checkpoints" / "step_0000002")["position"]["step"] == 2
+    assert vlm.checkpoint.train_state.latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "step_0000002"
+    assert vlm.checkpoint.train_state.load_training_state(out / "checkpoints" / "step_0000002")["position"]["step"] == 2
     # and the run can resume from it to the end
-    final = vlm.pipeline.run_stage(cfg, "align", resume=True)
+    final = vlm.app.stages.run_stage(cfg, "align", resume=True)
     assert (final / "connector.safetensors").is_file()
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
 
 
 def test_crash_while_writing_final_keeps_the_previous_final(tmp_path, tokenizer_dir, shapes_data, monkeypatch):
     cfg = run_config(tmp_path, tokenizer_dir, small_stage(shapes_data, save_every=None))
-    final = vlm.pipeline.run_stage(cfg, "align")
+    final = vlm.app.stages.run_stage(cfg, "align")
     before = {p.relative_to(final): p.read_bytes() for p in final.rglob("*") if p.is_file()}
     assert Path("connector.safetensors") in before
 
-    original = ckpt.save_model_state
+    original = vlm.checkpoint.components.save_model_state
 
     def crash_after_writing(model, folder, *args, **kwargs):
         original(model, folder, *args, **kwargs)
@@ -298,7 +306,7 @@ def test_crash_while_writing_final_keeps_the_previous_final(tmp_path, tokenizer_
     other_seed = run_config(tmp_path, tokenizer_dir, small_stage(shapes_data, save_every=None, seed=1,
                                                                  learning_rate=0.05))
     with pytest.raises(RuntimeError, match="killed while saving"):
-        vlm.pipeline.run_stage(other_seed, "align")
+        vlm.app.stages.run_stage(other_seed, "align")
     after = {p.relative_to(final): p.read_bytes() for p in final.rglob("*") if p.is_file()}
     assert after == before
     assert leftovers(final.parent) == []
@@ -316,7 +324,7 @@ def test_a_model_image_token_other_than_image_marks_the_data(tmp_path, tokenizer
     data = {"format": "llava_json", "args": {"path": str(path), "image_root": shapes_data["train"]["image_root"]}}
     stages = {"s": {"data": [data], "template": "chatml", "batch_size": 4, "max_steps": 2, "log_every": 1}}
     cfg = run_config(tmp_path, tokenizer_dir, stages, model={"image_token": "<img>"})
-    run = vlm.pipeline.build_stage(cfg, "s")
+    run = vlm.app.stages.build_stage(cfg, "s")
     assert len(run.dataset) == 8
     item = run.dataset[0]
     processor = run.dataset.processor
@@ -328,5 +336,5 @@ def test_a_model_image_token_other_than_image_marks_the_data(tmp_path, tokenizer
 
     plain = {"s": {"data": [data], "template": "plain", "batch_size": 4, "max_steps": 1}}
     cfg = run_config(tmp_path, tokenizer_dir, plain, model={"image_token": "<img>"}, out_dir=tmp_path / "plain")
-    item = vlm.pipeline.build_stage(cfg, "s").dataset[0]
+    item = vlm.app.stages.build_stage(cfg, "s").dataset[0]
     assert item["input_ids"].count(processor.image_token_id) == NUM_PATCHES

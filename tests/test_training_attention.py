@@ -10,7 +10,7 @@ from conftest import lora_instruct_model
 from vlm.data.packing import pack_batch
 from vlm.data.types import Sample, Turn
 from vlm.modeling.attention import TRAINING_SDPA, sdpa_fp32_under_cpu_autocast, use_training_attention
-from vlm.pipeline import build_processor
+from vlm.modeling.processing import build_processor
 
 
 def _qkv_and_block_mask(seed: int = 0):

@@ -1,6 +1,6 @@
 """`python -m vlm` runs the command-line interface."""
 
-from vlm.cli import main
+from vlm.app.cli import main
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ A run config (a *recipe*) is a tree of the dataclasses below. Loading merges the
 command-line overrides into the schema, so an unknown key or a wrong type fails before any model
 is built, with the full dotted key and the closest valid name. This module is data only: it
 knows no component. Registry names, component ``options`` (free-form here) and reader arguments
-are checked by :func:`vlm.wiring.validate`; :func:`vlm.wiring.load_run_config` loads and
+are checked by :func:`vlm.app.wiring.validate`; :func:`vlm.app.wiring.load_run_config` loads and
 validates in one call. Importing this module imports no torch.
 """
 
@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from vlm.registry import closest
-from vlm.errors import ConfigError  # noqa: F401  (re-exported: vlm.config.ConfigError)
+from vlm.core.errors import ConfigError  # noqa: F401  (re-exported: vlm.config.ConfigError)
+from vlm.core.registry import closest
 
 
 class Train(str, enum.Enum):
@@ -125,6 +125,14 @@ class TrainModes:
     vision: Train = Train.frozen
     connector: Train = Train.full
     llm: Train = Train.frozen
+
+
+COMPONENTS = ("vision", "connector", "llm")  # the fields of TrainModes, in build order
+
+
+def train_modes(train: TrainModes) -> Dict[str, Train]:
+    """Each component's mode of a stage's ``train`` section, as ``Train`` members."""
+    return {comp: Train(getattr(train, comp)) for comp in COMPONENTS}
 
 
 @dataclass
@@ -342,7 +350,7 @@ def _plain_string_if_not_yaml(item: str) -> str:
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), **defaults) -> DictConfig:
     """Load a recipe YAML (or none), apply dotted ``key=value`` overrides, check the schema
-    (keys and types; not registry names: :func:`vlm.wiring.load_run_config` does both).
+    (keys and types; not registry names: :func:`vlm.app.wiring.load_run_config` does both).
 
     ``defaults`` are set before the file (``out_dir=...`` from the command line, for instance).
     """

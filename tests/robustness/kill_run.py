@@ -13,9 +13,11 @@ import argparse
 import os
 import signal
 
-import vlm.pipeline
-from vlm.wiring import load_run_config as load_config
-from vlm.training import checkpoint as ckpt
+import vlm.app.stages
+import vlm.checkpoint.train_state
+from vlm.app.wiring import load_run_config as load_config
+import vlm.app.stages
+import vlm.checkpoint.train_state
 from vlm.training.callbacks import Callback
 
 
@@ -30,7 +32,7 @@ class KillAfterStep(Callback):
 
 def train(recipe: str, out: str, resume: bool = False, callbacks=()) -> None:
     cfg = load_config(recipe, [f"out_dir={out}"])
-    vlm.pipeline.build_stage(cfg, "align", callbacks=callbacks).trainer.train(resume=resume)
+    vlm.app.stages.build_stage(cfg, "align", callbacks=callbacks).trainer.train(resume=resume)
 
 
 def main() -> None:
@@ -47,7 +49,7 @@ def main() -> None:
         train(args.recipe, args.out, callbacks=[KillAfterStep(args.n)])
     elif args.mode == "write":
         calls = {"n": 0}
-        original = ckpt.save_training_state
+        original = vlm.checkpoint.train_state.save_training_state
 
         def dying(*a, **k):
             calls["n"] += 1
@@ -55,7 +57,7 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(*a, **k)
 
-        ckpt.save_training_state = dying
+        vlm.checkpoint.train_state.save_training_state = dying
         train(args.recipe, args.out)
     else:
         train(args.recipe, args.out, resume=args.mode == "resume")

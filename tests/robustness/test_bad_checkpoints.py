@@ -12,10 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import vlm.pipeline
+import vlm.app.stages
+import vlm.checkpoint.fsio
+import vlm.modeling.vlm
 from conftest import run_config
 from robust_helpers import Project, error_line, run_vlm, snapshot
-from vlm.training import checkpoint as ckpt
+import vlm.app.stages
+import vlm.checkpoint.fsio
+import vlm.modeling.vlm
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +28,7 @@ def trained(tmp_path_factory, shapes_data, tokenizer_dir):
     project = Project(tmp_path_factory.mktemp("trained"), shapes_data, tokenizer_dir)
     project.stage()["save_every"] = 1
     cfg = run_config(project.root, tokenizer_dir, project.recipe["stages"], out_dir=project.out)
-    return project, vlm.pipeline.run_stage(cfg, "align")
+    return project, vlm.app.stages.run_stage(cfg, "align")
 
 
 @pytest.fixture
@@ -113,7 +117,7 @@ def put_nan(final: Path, file: str = "connector.safetensors") -> str:
     name = sorted(tensors)[0]
     tensors[name][0] = float("nan")
     save_file(tensors, str(path))
-    digest = ckpt.sha256_file(path)
+    digest = vlm.checkpoint.fsio.sha256_file(path)
     rewrite_manifest(final, lambda m: [e.update(sha256=digest) for es in m.values() for e in es
                                        if e.get("weights") == file])
     return name
@@ -157,13 +161,13 @@ def test_model_yaml_cannot_switch_on_trust_remote_code(final, image, capsys, mon
         "trust_remote_code: false", "trust_remote_code: true"))
     assert "trust_remote_code: true" in (final / "model.yaml").read_text()
     seen = []
-    original = vlm.pipeline.VisionLanguageModel.from_config.__func__
+    original = vlm.modeling.vlm.VisionLanguageModel.from_config.__func__
 
     def spy(cls, model_cfg, tokenizer):
         seen.append(model_cfg.llm.trust_remote_code)
         return original(cls, model_cfg, tokenizer)
 
-    monkeypatch.setattr(vlm.pipeline.VisionLanguageModel, "from_config", classmethod(spy))
+    monkeypatch.setattr(vlm.modeling.vlm.VisionLanguageModel, "from_config", classmethod(spy))
     code, _, err = chat(capsys, final, image)
     assert code == 0, err[-2000:]
     code, _, err = chat(capsys, final, image, "--trust-remote-code")

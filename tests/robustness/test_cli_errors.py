@@ -7,11 +7,11 @@ import errno
 
 import pytest
 
-import vlm.cli
-import vlm.errors
+import vlm.app.cli
+import vlm.core.errors
 from robust_helpers import Project, error_line, run_vlm
-from vlm.cli import main
-from vlm.errors import ConfigError
+from vlm.app.cli import main
+from vlm.core.errors import ConfigError
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_a_genuine_bug_keeps_its_traceback(monkeypatch):
     def buggy(args):
         return 1 / 0
 
-    monkeypatch.setattr(vlm.cli, "cmd_models", buggy)
+    monkeypatch.setattr(vlm.app.cli, "cmd_models", buggy)
     with pytest.raises(ZeroDivisionError):
         main(["models"])
 
@@ -56,7 +56,7 @@ def test_an_os_error_is_one_line_with_the_path_and_what_to_do(monkeypatch, capsy
     def full(args):
         raise OSError(errno.ENOSPC, "No space left on device", "/data/out/x.bin")
 
-    monkeypatch.setattr(vlm.cli, "cmd_models", full)
+    monkeypatch.setattr(vlm.app.cli, "cmd_models", full)
     code, _, err = run_vlm(["models"], capsys)
     assert code == 2 and error_line(err) == "error: /data/out/x.bin: disk full; free space or write elsewhere"
 
@@ -80,8 +80,8 @@ def test_a_checkpoint_naming_plugin_modules_is_refused_without_importing_them(tm
     folder = tmp_path / "final"
     folder.mkdir()
     (folder / "plugins.json").write_text(json.dumps(["vlm_untrusted_plugin_mod"]))
-    from vlm.wiring import load_saved_plugins
+    from vlm.core.plugins import load_saved_plugins
 
-    with pytest.raises(vlm.errors.CheckpointError, match="VLM_PLUGINS=vlm_untrusted_plugin_mod"):
+    with pytest.raises(vlm.core.errors.CheckpointError, match="VLM_PLUGINS=vlm_untrusted_plugin_mod"):
         load_saved_plugins(folder)
     assert "vlm_untrusted_plugin_mod" not in sys.modules

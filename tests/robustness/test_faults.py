@@ -16,11 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import vlm.pipeline
-import vlm.training.objectives
+import vlm.app.stages
+import vlm.checkpoint.fsio
+import vlm.checkpoint.train_state
+import vlm.training.objectives.lm
 from conftest import run_config
 from robust_helpers import Project, error_line, run_vlm, snapshot
-from vlm.training import checkpoint as ckpt
+import vlm.app.stages
+import vlm.checkpoint.fsio
+import vlm.checkpoint.train_state
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -62,7 +66,7 @@ def test_nan_run_with_skip_stops_after_the_skip_limit(project, capsys):
 def test_one_nan_step_is_skipped_and_counted(project, tokenizer_dir, monkeypatch, caplog):
     project.stage()["on_nonfinite"] = "skip"
     calls = {"n": 0}
-    original = vlm.training.objectives.LanguageModeling.forward
+    original = vlm.training.objectives.lm.LanguageModeling.forward
 
     def nan_once(self, model, batch):
         out = original(self, model, batch)
@@ -71,10 +75,10 @@ def test_one_nan_step_is_skipped_and_counted(project, tokenizer_dir, monkeypatch
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(vlm.training.objectives.LanguageModeling, "forward", nan_once)
+    monkeypatch.setattr(vlm.training.objectives.lm.LanguageModeling, "forward", nan_once)
     cfg = run_config(project.root, tokenizer_dir, project.recipe["stages"], out_dir=project.out)
     with caplog.at_level(logging.WARNING):
-        final = vlm.pipeline.run_stage(cfg, "align")
+        final = vlm.app.stages.run_stage(cfg, "align")
     assert "stage 'align' step 2: non-finite loss nan; step skipped (1 of at most 10)" in caplog.text
     assert all_finite(final) and calls["n"] == 5  # 4 optimizer steps took 5 batches
     steps = [json.loads(r)["step"] for r in (project.out / "align" / "metrics.jsonl").read_text().splitlines()]
@@ -88,13 +92,13 @@ def test_one_nan_step_is_skipped_and_counted(project, tokenizer_dir, monkeypatch
 ], ids=["enospc", "permission", "short_write"])
 def test_write_failure_names_the_path_and_keeps_the_last_checkpoint(project, capsys, monkeypatch, error, needle):
     calls = {"n": 0}
-    original = ckpt.save_training_state
+    original = vlm.checkpoint.train_state.save_training_state
 
     def failing(folder, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             if isinstance(error, OSError):
-                error.filename = str(folder / ckpt.TRAINING_STATE)
+                error.filename = str(folder / vlm.checkpoint.train_state.TRAINING_STATE)
             raise error
         return original(folder, *args, **kwargs)
 
@@ -104,7 +108,7 @@ def test_write_failure_names_the_path_and_keeps_the_last_checkpoint(project, cap
     checkpoints = project.out / "align" / "checkpoints"
     assert code == 2 and needle in line and "step_0000002" in line, line
     assert [p.name for p in checkpoints.iterdir()] == ["step_0000001"]  # no temporary folder left
-    assert ckpt.load_training_state(checkpoints / "step_0000001")["position"]["step"] == 1
+    assert vlm.checkpoint.train_state.load_training_state(checkpoints / "step_0000001")["position"]["step"] == 1
 
 
 def test_stale_tmp_folders_of_dead_runs_are_removed_and_nothing_else(tmp_path):
@@ -117,7 +121,7 @@ def test_stale_tmp_folders_of_dead_runs_are_removed_and_nothing_else(tmp_path):
     for folder in stale + [alive] + users:
         folder.mkdir(parents=True)
         (folder / "x").write_text("x")
-    with ckpt.atomic_dir(parent / "step_0000004") as tmp:
+    with vlm.checkpoint.fsio.atomic_dir(parent / "step_0000004") as tmp:
         (tmp / "w").write_text("w")
     assert not any(p.exists() for p in stale)
     assert alive.exists() and all(p.exists() for p in users)
@@ -185,7 +189,7 @@ def test_ranks_agree_on_skipping_a_batch_empty_on_one_of_them():
 def test_ranks_agree_on_a_non_finite_step_seen_by_one_of_them():
     from types import SimpleNamespace
 
-    from vlm.errors import TrainingError
+    from vlm.core.errors import TrainingError
     from vlm.training.nonfinite import NonFiniteGuard
 
     stage = SimpleNamespace(on_nonfinite="stop", max_nonfinite_skips=3)

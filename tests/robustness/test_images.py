@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-import vlm.pipeline
+import vlm.app.stages
 from conftest import run_config
 from robust_helpers import Project, error_line, run_vlm
 from vlm.data.images import open_image, to_rgb
-from vlm.errors import ImageLoadError
+from vlm.core.errors import ImageLoadError
 
 
 def rgb(image) -> np.ndarray:
@@ -121,7 +121,7 @@ def test_skip_counts_are_right_with_and_without_workers(project, tokenizer_dir, 
     stage["data"] = [{"format": "llava_json",  # one sample per image
                       "args": {"path": project.train["conversations"], "image_root": project.train["image_root"]}}]
     cfg = run_config(project.root, tokenizer_dir, project.recipe["stages"], out_dir=project.out)
-    run = vlm.pipeline.build_stage(cfg, "align")
+    run = vlm.app.stages.build_stage(cfg, "align")
     with caplog.at_level(logging.WARNING):
         run.trainer.train()
     # 3 corrupt images, each with one caption (16 samples): counted in the main process
@@ -131,7 +131,7 @@ def test_skip_counts_are_right_with_and_without_workers(project, tokenizer_dir, 
 
 def test_eval_scores_what_it_can_read_and_reports_the_rest(project, tokenizer_dir, capsys):
     cfg = run_config(project.root, tokenizer_dir, project.recipe["stages"], out_dir=project.out)
-    final = vlm.pipeline.run_stage(cfg, "align")
+    final = vlm.app.stages.run_stage(cfg, "align")
     project.images("test")[0].unlink()
     code, out, err = run_vlm(["eval", project.write(), "--checkpoint", final, "--out", project.out], capsys)
     assert code == 0, err[-2000:]

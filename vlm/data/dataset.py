@@ -21,7 +21,12 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from vlm.data.processor import IGNORE_INDEX, ImageLoadError, VLMProcessor, image_instructions
+from vlm.data.processor import (
+    IGNORE_INDEX,
+    ImageLoadError,
+    VLMProcessor,
+    image_instructions,
+)
 from vlm.data.types import Sample
 
 logger = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ import os
 import string
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
+from vlm.core.errors import ConfigError, DataFormatError
+from vlm.core.registry import Registry
 from vlm.data.types import IMAGE_TOKEN, Sample, Turn, image_marker, marking_images_with
-from vlm.registry import Registry
-from vlm.errors import ConfigError, DataFormatError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -519,4 +519,14 @@ def read_vqav2(
             Sample(id=str(qid), turns=turns, images=[_resolve(image, image_root, f"{where}: image", allow_outside_root)],
                    meta=meta)
         )
+    return samples
+
+
+def read_samples(data_cfgs, image_token: str = IMAGE_TOKEN) -> List[Sample]:
+    """Read and concatenate every dataset of a stage (``max_samples``, then ``repeat``, applied
+    per dataset); ``image_token`` marks the images in their texts (the model's)."""
+    samples: List[Sample] = []
+    for data in data_cfgs:
+        part = read_dataset(data.format, image_token=image_token, **dict(data.args))
+        samples.extend((part[: data.max_samples] if data.max_samples else part) * data.repeat)
     return samples

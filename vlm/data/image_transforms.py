@@ -17,8 +17,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from vlm.core.registry import Registry
 from vlm.data.images import to_rgb  # noqa: F401  (re-exported: vlm.data.image_transforms.to_rgb)
-from vlm.registry import Registry
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

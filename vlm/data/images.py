@@ -21,7 +21,7 @@ from typing import List, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from vlm.errors import ConfigError, ImageLoadError
+from vlm.core.errors import ConfigError, ImageLoadError
 
 DEFAULT_MAX_PIXELS = 40_000_000
 _INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")

@@ -12,11 +12,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
-from vlm.data.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
+from vlm.core.errors import ImageLoadError
 from vlm.data.image_transforms import ImageTransform
+from vlm.data.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
 from vlm.data.templates import ChatTemplate
 from vlm.data.types import IMAGE_TOKEN, Sample, Turn
-from vlm.errors import ImageLoadError
 
 IGNORE_INDEX = -100
 

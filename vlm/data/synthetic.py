@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from vlm.core.errors import ConfigError
 from vlm.data.formats import CAPTION_PROMPT, VQA_PROMPT_SUFFIX
 from vlm.data.types import IMAGE_TOKEN
-from vlm.errors import ConfigError
 
 COLORS = {
     "red": (220, 30, 30),

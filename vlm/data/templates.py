@@ -16,9 +16,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
+from vlm.core.errors import TemplateError
+from vlm.core.registry import Registry
 from vlm.data.types import IMAGE_TOKEN, Turn
-from vlm.registry import Registry
-from vlm.errors import TemplateError
 
 TEMPLATES: Registry = Registry("chat template")
 

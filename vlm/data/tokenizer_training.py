@@ -10,8 +10,8 @@ from typing import Iterable, Iterator, List, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from vlm.core.errors import DataFormatError
 from vlm.data.templates import VICUNA_SYSTEM
-from vlm.errors import DataFormatError
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<|im_start|>", "<|im_end|>"]
 

@@ -15,7 +15,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from vlm.errors import DataFormatError
+from vlm.core.errors import DataFormatError
 from vlm.evaluation.vqa_metric import _load_json, _records, _require
 
 __all__ = ["score_captions"]

@@ -7,9 +7,9 @@ after ``pip install -e ".[eval]"``::
 
 A request's context and images become one user turn (an ``<image>`` marker per image, then the
 context with any ``<image>`` tags of its own removed) rendered with the model's chat template.
-``generate_until`` runs vlm's generation path (:func:`vlm.evaluation.generation.generate_answers`)
+``generate_until`` runs vlm's generation path (:func:`vlm.inference.generation.generate_answers`)
 and cuts the answer at the task's ``until`` strings; ``loglikelihood`` runs
-:func:`vlm.evaluation.likelihood.loglikelihoods`.
+:func:`vlm.inference.likelihood.loglikelihoods`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from lmms_eval.api.model import lmms
 from tqdm.auto import tqdm
 
 from vlm.data.types import IMAGE_TOKEN, Sample, Turn
-from vlm.evaluation.generation import clean_answer, generate_answers
-from vlm.evaluation.likelihood import loglikelihoods
+from vlm.inference.generation import clean_answer, generate_answers
+from vlm.inference.likelihood import loglikelihoods
 
 MODEL_NAME = "vlm"
 
@@ -51,7 +51,8 @@ class VLMLmms(lmms):
     def __init__(self, checkpoint: str, batch_size: int | str = 8, device: Optional[str] = None,
                  template: Optional[str] = None, max_new_tokens: int | str = 256, **kwargs) -> None:
         super().__init__()
-        from vlm.pipeline import build_processor, load_pretrained
+        from vlm.checkpoint.pretrained import load_pretrained
+        from vlm.modeling.processing import build_processor
 
         if kwargs:
             raise ValueError(f"--model_args: unknown argument(s) {sorted(kwargs)} for model vlm "

@@ -17,8 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from vlm.core.errors import ConfigError, DataFormatError
 from vlm.data.types import Sample
-from vlm.errors import ConfigError, DataFormatError
 from vlm.modeling.connectors.image_text import ImageTextMatcher, similarity
 
 KS = (1, 5, 10)

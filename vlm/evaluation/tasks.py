@@ -22,8 +22,8 @@ import logging
 from pathlib import Path
 from typing import ClassVar, Dict, List
 
-from vlm.errors import ConfigError, ImageLoadError
-from vlm.registry import Registry
+from vlm.core.errors import ConfigError, ImageLoadError
+from vlm.core.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _generate(model, processor, cfg, samples, name):
     and how many were skipped for unreadable images (an ImageLoadError when none could be). Under
     several processes each rank answers every world-th sample and every rank gets all answers."""
     from vlm.evaluation import distributed
-    from vlm.evaluation.generation import generate_answers
+    from vlm.inference.generation import generate_answers
 
     rank, world = distributed.rank_and_world()
     mine = distributed.shard_indices(len(samples), rank, world)  # each rank answers its share

@@ -26,7 +26,7 @@ import re
 from collections import defaultdict
 from typing import Any
 
-from vlm.errors import DataFormatError
+from vlm.core.errors import DataFormatError
 
 __all__ = ["EvalAIAnswerProcessor", "vqa_accuracy", "score_vqa"]
 

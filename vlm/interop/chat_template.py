@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+from vlm.core.errors import TemplateError
 from vlm.data.templates import TEMPLATES, VICUNA_SYSTEM
-from vlm.errors import TemplateError
 
 
 def _lit(text: str) -> str:

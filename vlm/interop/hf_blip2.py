@@ -34,11 +34,19 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
-                          InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor,
-                          InstructBlipQFormerConfig)
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    Blip2QFormerConfig,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipProcessor,
+    InstructBlipQFormerConfig,
+)
 
-from vlm.errors import LayoutError
+from vlm.checkpoint.output_dirs import check_output_dir, replacing_output_dir
+from vlm.core.errors import LayoutError
 from vlm.interop.blip2 import qformer_state_from_hf
 from vlm.interop.chat_template import jinja_chat_template
 from vlm.interop.hf_llava import EXPORT_INFO, generation_config, image_processor
@@ -47,7 +55,6 @@ from vlm.modeling.connectors.qformer import QFormer
 from vlm.modeling.llm import torch_dtype
 from vlm.modeling.vision.hf_blip2 import HFBlip2VisionEncoder
 from vlm.modeling.vlm import VisionLanguageModel
-from vlm.output import check_output_dir, replacing_output_dir
 
 SERVE_HINT = "serve it with `vlm serve CHECKPOINT` (OpenAI-compatible) instead"
 
@@ -155,7 +162,8 @@ def export_hf_blip2(checkpoint: str | Path, out: str | Path, dtype: Optional[str
     """Write the stage output ``checkpoint`` as a transformers BLIP-2 (or InstructBLIP) folder
     ``out`` (atomically; a non-empty ``out`` only with ``overwrite``): weights in one dtype, the
     processor and the generation config; returns ``out``."""
-    from vlm.pipeline import build_processor, load_pretrained
+    from vlm.checkpoint.pretrained import load_pretrained
+    from vlm.modeling.processing import build_processor
 
     check_output_dir(out, overwrite)
     model, tokenizer, model_cfg = load_pretrained(checkpoint, device="cpu")

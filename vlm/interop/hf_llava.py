@@ -33,22 +33,31 @@ from typing import Dict, Optional
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
-from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel,
-                          GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessor,
-                          LlavaProcessor, PreTrainedModel)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GenerationConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessor,
+    LlavaProcessor,
+    PreTrainedModel,
+)
 
+from vlm.checkpoint.manifest import MANIFEST
+from vlm.checkpoint.output_dirs import check_output_dir, replacing_output_dir
 from vlm.config import ModelConfig, VisionConfig
+from vlm.core.errors import LayoutError as LlavaLayoutError
 from vlm.data.processor import VLMProcessor
-from vlm.evaluation.generation import stop_settings
+from vlm.inference.generation import stop_settings
 from vlm.interop import sub_state
 from vlm.interop.chat_template import jinja_chat_template
-from vlm.modeling.llm import torch_dtype
 from vlm.modeling.connectors.mlp import MLPProjector
+from vlm.modeling.llm import torch_dtype
 from vlm.modeling.vision.hf_clip import HFCLIPVisionEncoder
 from vlm.modeling.vlm import VisionLanguageModel
-from vlm.training.checkpoint import MANIFEST
-from vlm.errors import LayoutError as LlavaLayoutError
-from vlm.output import check_output_dir, replacing_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +213,8 @@ def export_hf_llava(checkpoint: str | Path, out: str | Path, dtype: Optional[str
     atomically; a non-empty ``out`` only with ``overwrite``): weights in one dtype (``dtype``,
     else the checkpoint's ``model.llm.dtype``), the processor (image processor, chat template,
     ``processor_config.json``) and ``generation_config.json``; returns ``out``."""
-    from vlm.pipeline import build_processor, load_pretrained
+    from vlm.checkpoint.pretrained import load_pretrained
+    from vlm.modeling.processing import build_processor
 
     check_output_dir(out, overwrite)
     model, tokenizer, model_cfg = load_pretrained(checkpoint, device="cpu")

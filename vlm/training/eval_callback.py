@@ -9,6 +9,9 @@ into the progress bar. ``keep_best: <name>/<metric>`` keeps the model of the bes
 (higher is better) in ``<stage>/best/`` (written atomically, with ``best.json`` saying the step
 and score).
 
+The evaluations themselves are injected (an :data:`Evaluator`, built by the application from the
+run config's ``evals:``), so ``vlm.training`` never imports ``vlm.evaluation``.
+
 Several processes: the main process evaluates (generation runs on the unwrapped model, which
 needs no collective), the others wait at a barrier and receive the scores by broadcast, so every
 process takes the same ``keep_best`` decision. Sharded models (FSDP / ZeRO-3) are not supported
@@ -17,12 +20,14 @@ here: the main process alone cannot run a sharded model.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
+
+from torch import nn
 
 from vlm.training.callbacks import Callback
+from vlm.training.stages import set_train_modes
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +40,18 @@ def eval_key(name: str, metric: str) -> str:
     return f"eval/{name}/{metric}"
 
 
+# the in-training model (in eval mode) -> ``{"<eval>/<metric>": score}``
+Evaluator = Callable[[nn.Module], Dict[str, float]]
+
+
 class EvalDuringTraining(Callback):
-    """Runs ``cfg.evals[name]`` for each name in the stage's ``evals`` every ``eval_every`` steps.
+    """Calls ``evaluate`` on the in-training model every ``every`` steps and after the last;
+    ``keep_best`` (``<eval>/<metric>``) keeps the best model so far."""
 
-    ``processor_for(model, template)`` builds a processor for the in-training model (the stage's
-    tokenizer and model config are bound in it).
-    """
-
-    def __init__(self, cfg, stage_name: str, processor_for):
-        self.stage = cfg.stages[stage_name]
-        self.evals = {name: cfg.evals[name] for name in self.stage.evals}
-        self.default_template = cfg.model.template
-        self.processor_for = processor_for
-        self.every = int(self.stage.eval_every)
-        self.keep_best: Optional[str] = self.stage.keep_best
+    def __init__(self, evaluate: Evaluator, every: int, keep_best: Optional[str] = None):
+        self.evaluate_model = evaluate
+        self.every = int(every)
+        self.keep_best: Optional[str] = keep_best
         self.best: Optional[float] = None
         self.last_step = -1
 
@@ -101,25 +104,13 @@ class EvalDuringTraining(Callback):
         return scores
 
     def _run(self, trainer, step: int) -> Dict[str, float]:
-        from vlm.evaluation.runner import run_eval
-        from vlm.training.stages import set_train_modes
-
         model = trainer._unwrapped()
-        out = trainer.out_dir / "eval_during_training"
-        scores: Dict[str, float] = {}
         try:
             model.eval()
-            for name, ev in self.evals.items():
-                capped = copy.deepcopy(ev)
-                if ev.max_samples_in_training:
-                    capped.data.max_samples = ev.max_samples_in_training
-                processor = self.processor_for(model, ev.template or self.default_template)
-                result = run_eval(model, processor, capped, out, name)
-                scores.update({eval_key(name, k): float(v) for k, v in result.items()
-                               if isinstance(v, (int, float))})
+            scores = self.evaluate_model(model)
         finally:
             set_train_modes(model, trainer.stage)  # back to the stage's train / eval modes
-        return scores
+        return {eval_key(*key.split("/", 1)): float(value) for key, value in scores.items()}
 
     def _keep_best(self, trainer, step: int, scores: Dict[str, float]) -> None:
         name, metric = self.keep_best.split("/", 1)
@@ -147,11 +138,3 @@ class EvalDuringTraining(Callback):
         box = [value]
         broadcast_object_list(box, from_process=0)
         return box[0]
-
-
-def build_eval_callback(cfg, stage_name: str, processor_for) -> Optional[EvalDuringTraining]:
-    """The evaluation callback of a stage, or None when it evaluates nothing during training."""
-    stage = cfg.stages[stage_name]
-    if not stage.eval_every or not stage.evals:
-        return None
-    return EvalDuringTraining(cfg, stage_name, processor_for)

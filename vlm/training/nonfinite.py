@@ -2,11 +2,11 @@
 
 A diverging run (a learning rate far too high, an fp16 overflow...) produces a NaN or infinite
 loss or gradient norm. :class:`NonFiniteGuard` decides, per optimizer step, what the stage does
-(``stages.<name>.on_nonfinite``): ``stop`` raises a :class:`~vlm.errors.TrainingError` naming the
+(``stages.<name>.on_nonfinite``): ``stop`` raises a :class:`~vlm.core.errors.TrainingError` naming the
 stage and the step before the optimizer touches the weights; ``skip`` drops the step's gradients
 (no optimizer or scheduler step), logs and counts it, and stops once more than
-``max_nonfinite_skips`` steps were skipped. :func:`check_finite_weights` is called before every
-save and after every load, so non-finite weights are never written and never used.
+``max_nonfinite_skips`` steps were skipped. :func:`vlm.modeling.weights.check_finite_weights` is
+called before every save and after every load, so non-finite weights are never written and never used.
 """
 
 from __future__ import annotations
@@ -18,28 +18,9 @@ from typing import Iterable, Optional
 import torch
 
 from vlm.config import OnNonFinite, StageConfig
-from vlm.errors import CheckpointError, TrainingError
+from vlm.core.errors import TrainingError
 
 logger = logging.getLogger(__name__)
-
-
-def first_nonfinite(module) -> Optional[str]:
-    """The name of the first floating-point parameter or buffer of ``module`` (a module, or a
-    state dict) holding a NaN or an infinity, or None when all are finite."""
-    state = module if isinstance(module, dict) else module.state_dict()
-    for name, tensor in state.items():
-        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
-
-
-def check_finite_weights(module, where: str, error=CheckpointError) -> None:
-    """Raise ``error`` naming ``where`` and the tensor when ``module`` (a module or a state dict)
-    has non-finite weights."""
-    name = first_nonfinite(module)
-    if name is not None:
-        raise error(f"{where}: tensor '{name}' holds NaN or infinite values; these weights are unusable "
-                    "(the run that wrote them diverged: lower the learning rate and retrain)")
 
 
 class NonFiniteGuard:

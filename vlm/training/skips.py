@@ -5,7 +5,7 @@ A dataset item whose image cannot be read is ``None``; the collate drops it. Wit
 :class:`CountingCollate` writes the number dropped into the batch itself and :class:`SkipCounter`
 (in the training loop) adds it up. A batch left with no sample is skipped and counted, never fed
 to the model, and a stage whose failure ratio passes ``max_image_failure_ratio`` stops with a
-:class:`~vlm.errors.TrainingError` (a wrong ``image_root`` fails every image).
+:class:`~vlm.core.errors.TrainingError` (a wrong ``image_root`` fails every image).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from vlm.core.errors import TrainingError
 from vlm.data.packing import batch_samples
-from vlm.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 

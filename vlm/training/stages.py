@@ -5,21 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Dict, List
 
-from vlm.config import StageConfig, Train
-from vlm.errors import ConfigError
+from vlm.config import COMPONENTS, StageConfig, Train
+from vlm.core.errors import ConfigError
 from vlm.modeling.llm import add_lora
 from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training.objectives import OBJECTIVES
 
 logger = logging.getLogger(__name__)
-
-COMPONENTS = ("vision", "connector", "llm")
-
-
-def train_mode(stage: StageConfig, component: str) -> Train:
-    """The stage's mode for a component, as a ``Train`` member."""
-    return Train(getattr(stage.train, component))
-
 
 def apply_stage(model: VisionLanguageModel, stage: StageConfig) -> Dict[str, int]:
     """Freeze / unfreeze / LoRA-wrap each component as the stage says, then freeze what the
@@ -28,7 +20,7 @@ def apply_stage(model: VisionLanguageModel, stage: StageConfig) -> Dict[str, int
     Returns (and logs) the trainable parameter count per component: what will train.
     """
     for component in COMPONENTS:
-        mode = train_mode(stage, component)
+        mode = Train(getattr(stage.train, component))
         module = getattr(model, component)
         if mode is Train.lora:
             module.requires_grad_(False)
@@ -40,7 +32,7 @@ def apply_stage(model: VisionLanguageModel, stage: StageConfig) -> Dict[str, int
     counts = trainable_counts(model)
     logger.info(
         "trainable parameters: %s",
-        ", ".join(f"{c}={counts[c]:,} ({train_mode(stage, c).value})" for c in COMPONENTS),
+        ", ".join(f"{c}={counts[c]:,} ({Train(getattr(stage.train, c)).value})" for c in COMPONENTS),
     )
     return counts
 
@@ -62,7 +54,7 @@ def trainable_names(model: VisionLanguageModel) -> Dict[str, List[str]]:
 def set_train_modes(model: VisionLanguageModel, stage: StageConfig) -> None:
     """``train()`` for components that train, ``eval()`` for frozen ones (no dropout there)."""
     for component in COMPONENTS:
-        getattr(model, component).train(train_mode(stage, component) is not Train.frozen)
+        getattr(model, component).train(Train(getattr(stage.train, component)) is not Train.frozen)
 
 
 def parameter_groups(model: VisionLanguageModel, stage: StageConfig) -> List[dict]:

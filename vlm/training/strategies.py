@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from vlm.config import Precision, StageConfig, Train
-from vlm.errors import ConfigError
+from vlm.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,12 @@ class FSDPStrategy(Strategy):
         if accelerator.num_processes == 1:
             return super().prepare(accelerator, module, make_optimizer, loader)
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
 
         stage = self.stage
         if stage.gradient_checkpointing:
@@ -296,14 +301,20 @@ class FSDPStrategy(Strategy):
     def gathered_state(self, accelerator, model):
         if not self._sharded(model):
             return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def optimizer_state(self, accelerator, model, optimizer):
         if not self._sharded(model):
             return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         return get_optimizer_state_dict(model, _bare(optimizer),
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -311,7 +322,10 @@ class FSDPStrategy(Strategy):
     def load_optimizer_state(self, model, optimizer, state):
         if not self._sharded(model):
             return optimizer.load_state_dict(state)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
 
         set_optimizer_state_dict(model, _bare(optimizer), optim_state_dict=state,
                                  options=StateDictOptions(full_state_dict=True))
@@ -319,7 +333,10 @@ class FSDPStrategy(Strategy):
     def load_module_state(self, model, state):
         if not self._sharded(model):
             return False
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
 
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
         return True

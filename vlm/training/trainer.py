@@ -24,19 +24,30 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from vlm.config import Precision, StageConfig
-from vlm.errors import DataFormatError, TrainingError
+from vlm.checkpoint.components import load_trained_state, trained_state
+from vlm.checkpoint.fsio import atomic_dir
+from vlm.checkpoint.train_state import (
+    gather_rng_states,
+    latest_checkpoint,
+    load_training_state,
+    rank_rng_state,
+    save_training_state,
+    set_rng_state,
+)
+from vlm.config import Precision, StageConfig, train_modes
+from vlm.core.errors import DataFormatError, TrainingError
 from vlm.data.packing import batch_samples
+from vlm.data.samplers import EpochShuffleSampler  # noqa: F401  (re-exported)
 from vlm.modeling.attention import use_training_attention
-from vlm.training import checkpoint as ckpt
+from vlm.modeling.weights import check_finite_weights
 from vlm.training.callbacks import Callback, CallbackList
 from vlm.training.compile import compile_repeated_blocks, eager, restore_eager
 from vlm.training.frozen_weights import FrozenWeightCast
 from vlm.training.metrics_log import MetricsLog
-from vlm.training.nonfinite import NonFiniteGuard, check_finite_weights
-from vlm.training.objectives import LanguageModeling, Objective
+from vlm.training.nonfinite import NonFiniteGuard
+from vlm.training.objectives.base import Objective
+from vlm.training.objectives.lm import LanguageModeling
 from vlm.training.skips import SkipCounter
-from vlm.training.samplers import EpochShuffleSampler  # noqa: F401  (re-exported)
 from vlm.training.stages import parameter_groups, set_train_modes
 from vlm.training.strategies import Strategy, build_strategy, split_module_state
 
@@ -133,14 +144,14 @@ class Trainer:
         optimizer_state = rng = None
         if position is not None:
             optimizer_state = self.strategy.optimizer_state(acc, self.model, self.optimizer)
-            rng = ckpt.gather_rng_states()
+            rng = gather_rng_states()
         where = f"stage '{self.stage_name}', not saving {folder}"
         if model_state is not None:
             check_finite_weights(model_state, where, TrainingError)
         elif gathered is None:
             check_finite_weights(self._unwrapped(), where, TrainingError)
         if self.is_main:
-            with ckpt.atomic_dir(folder) as tmp:
+            with atomic_dir(folder) as tmp:
                 if model_state is None:
                     self.save_state(self._unwrapped(), tmp)
                 else:
@@ -148,20 +159,20 @@ class Trainer:
                 if position is not None:
                     if objective_state is None:
                         objective_state = self.strategy.unwrap(acc, self.model).objective.state_dict()
-                    ckpt.save_training_state(tmp, self.optimizer, self.scheduler, position, objective_state,
+                    save_training_state(tmp, self.optimizer, self.scheduler, position, objective_state,
                                              optimizer_state=optimizer_state, rng=rng)
         acc.wait_for_everyone()
 
     def _restore(self, folder: Path) -> dict:
-        state = ckpt.load_training_state(folder)
-        module_state = {f"model.{k}": v for k, v in ckpt.trained_state(self._unwrapped(), folder, self.stage).items()}
+        state = load_training_state(folder)
+        module_state = {f"model.{k}": v for k, v in trained_state(self._unwrapped(), folder, train_modes(self.stage.train)).items()}
         module_state.update({f"objective.{k}": v for k, v in state.get("objective", {}).items()})
         if not self.strategy.load_module_state(self.model, module_state):
-            ckpt.load_trained_state(self._unwrapped(), folder, self.stage)
+            load_trained_state(self._unwrapped(), folder, train_modes(self.stage.train))
             self.strategy.unwrap(self.accelerator, self.model).objective.load_state_dict(state.get("objective", {}))
         self.strategy.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(ckpt.rank_rng_state(state, self.accelerator.process_index))
+        set_rng_state(rank_rng_state(state, self.accelerator.process_index))
         logger.info("resumed from %s at step %d", folder, state["position"]["step"])
         return state["position"]
 
@@ -216,7 +227,7 @@ class Trainer:
         stage, acc = self.stage, self.accelerator
         position = {"step": 0, "epoch": 0, "batch": 0, "samples": 0}
         if resume:
-            latest = ckpt.latest_checkpoint(self.out_dir / "checkpoints")
+            latest = latest_checkpoint(self.out_dir / "checkpoints")
             if latest is None:
                 logger.warning("--resume: no checkpoint in %s; starting from scratch", self.out_dir)
             else:

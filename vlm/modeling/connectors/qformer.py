@@ -5,7 +5,7 @@ query embeddings, and (for the stage-1 objectives and retrieval) text tokens. Ev
 ``cross_attention_freq``-th layer (0, f, 2f, ...) lets the query positions cross-attend to the
 image features; queries and text share the self-attention but have separate feed-forward
 networks. Which positions see which is the caller's attention mask (see
-``vlm/training/qformer_objectives.py`` for the three masks of stage 1).
+``vlm/training/objectives/qformer_stage1.py`` for the three masks of stage 1).
 
 As a connector it turns ``(B, N, vision_dim)`` image features into ``num_queries`` visual tokens:
 the query outputs, projected to the LLM width by one linear layer (BLIP-2's

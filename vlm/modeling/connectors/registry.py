@@ -1,6 +1,6 @@
 """The registry of connectors, by exact name (built-ins imported on first use)."""
 
-from vlm.registry import Registry
+from vlm.core.registry import Registry
 
 CONNECTORS: Registry = Registry("connector", {
     "beit3_query": "vlm.modeling.connectors.beit3_query:BEiT3QueryConnector",

@@ -13,7 +13,12 @@ from einops import rearrange
 from torch import nn
 
 from vlm.config import ConfigError, VisionConfig
-from vlm.data.image_transforms import CLIP_MEAN, CLIP_STD, ImageTransform, build_transform
+from vlm.data.image_transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ImageTransform,
+    build_transform,
+)
 
 
 class VisionEncoder(nn.Module, ABC):
@@ -47,7 +52,7 @@ class VisionEncoder(nn.Module, ABC):
         known = cls.arch_keys()
         if known is None:
             return
-        from vlm.registry import closest
+        from vlm.core.registry import closest
 
         for key in arch:
             if key not in known:

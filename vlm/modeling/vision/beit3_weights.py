@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from vlm.errors import CheckpointError
+from vlm.core.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
 from vlm.config import VisionConfig
-from vlm.errors import ConfigError
+from vlm.core.errors import ConfigError
 from vlm.modeling.vision.base import VisionEncoder, layer_count
 
 

@@ -1,6 +1,6 @@
 """The registry of vision encoders, by exact name (built-ins imported on first use)."""
 
-from vlm.registry import Registry
+from vlm.core.registry import Registry
 
 VISION_ENCODERS: Registry = Registry("vision encoder", {
     "beit3": "vlm.modeling.vision.beit3:BEiT3VisionEncoder",

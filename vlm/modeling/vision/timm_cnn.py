@@ -10,7 +10,7 @@ from einops import rearrange
 from omegaconf import MISSING
 
 from vlm.config import VisionConfig
-from vlm.errors import ConfigError
+from vlm.core.errors import ConfigError
 from vlm.modeling.vision.base import VisionEncoder, create_timm_model, timm_mean_std
 
 

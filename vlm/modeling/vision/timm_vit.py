@@ -10,8 +10,13 @@ from omegaconf import MISSING
 from timm.models.vision_transformer import VisionTransformer
 
 from vlm.config import VisionConfig
-from vlm.errors import ConfigError
-from vlm.modeling.vision.base import VisionEncoder, create_timm_model, layer_count, timm_mean_std
+from vlm.core.errors import ConfigError
+from vlm.modeling.vision.base import (
+    VisionEncoder,
+    create_timm_model,
+    layer_count,
+    timm_mean_std,
+)
 
 
 @dataclass

@@ -16,9 +16,9 @@ from typing import Dict, List, Optional
 import torch
 from omegaconf import DictConfig
 
+from vlm.app.wiring import validate
 from vlm.config import ConfigError
 from vlm.training.callbacks import Callback
-from vlm.wiring import validate
 
 
 class StepTimer(Callback):
@@ -56,8 +56,8 @@ def bench_feature_cache(cfg: DictConfig, stage_name: str = "align", steps: int =
     prepare step first (the demo's data). Everything is written under ``work_dir`` (default
     ``<out_dir>/bench_feature_cache``).
     """
-    from vlm.pipeline import build_stage
-    from vlm.recipes import run_prepare
+    from vlm.app.recipes import run_prepare
+    from vlm.app.stages import build_stage
 
     if stage_name not in cfg.stages:
         raise ConfigError(f"--stage: no stage '{stage_name}'; stages: {list(cfg.stages)}")

@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vlm.config import Train
+from vlm.core.errors import FeatureCacheError
 from vlm.data.processor import ImageLoadError
-from vlm.errors import FeatureCacheError
 
 logger = logging.getLogger(__name__)
 

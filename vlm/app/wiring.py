@@ -1,5 +1,5 @@
-"""The composition root: the one list of registries, plugin loading, and the checks of a run
-config against what is registered.
+"""The composition root: the one list of registries and the checks of a run config against
+what is registered.
 
 ``vlm.config`` is pure data; this module knows the components. :func:`load_run_config` is the one
 entry point that loads a recipe *and* validates it (every command, benchmark and test uses it);
@@ -9,11 +9,7 @@ anything, importing only the components the config names.
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import json
-import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -21,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from vlm.config import STRATEGY_NAMES, Train, _one_hint, _schema_fields, load_config
-from vlm.errors import CheckpointError, ConfigError
-from vlm.registry import Registry, closest, import_object, load_entry_point_plugins
+from vlm.core.errors import ConfigError
+from vlm.core.plugins import load_plugins
+from vlm.core.registry import Registry, closest, import_object, load_entry_point_plugins
 
 # every registry, by the kind ``vlm models`` lists it under: "module:ATTRIBUTE"
 REGISTRIES: Dict[str, str] = {
@@ -39,49 +36,6 @@ REGISTRIES: Dict[str, str] = {
 def registry(kind: str) -> Registry:
     """The registry listed under ``kind`` in :data:`REGISTRIES`."""
     return import_object(REGISTRIES[kind])
-
-
-def load_plugins(modules: Sequence[str], where: str = "plugins") -> None:
-    """Import each plugin module (its import registers its components), and the installed
-    packages' ``vlm.plugins`` entry points."""
-    load_entry_point_plugins()
-    for i, name in enumerate(modules):
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise ConfigError(f"{where}.{i}: cannot import plugin module '{name}': {exc}") from None
-
-
-PLUGINS_FILE = "plugins.json"
-
-
-def save_plugins(folder: str | Path, modules: Sequence[str]) -> None:
-    """Record the plugin modules a stage output's components come from (nothing when none)."""
-    if modules:
-        (Path(folder) / PLUGINS_FILE).write_text(json.dumps(list(modules)))
-
-
-PLUGINS_ENV = "VLM_PLUGINS"
-
-
-def load_saved_plugins(folder: str | Path) -> None:
-    """Make the plugin modules a stage output recorded (:func:`save_plugins`) available, so that
-    its model can be rebuilt in a process that did not load its run config.
-
-    A checkpoint names modules; it never decides which code runs. A recorded module is imported
-    only when the user allowed it: already imported, or listed in the ``VLM_PLUGINS``
-    environment variable (comma-separated). Otherwise a CheckpointError names the modules."""
-    path = Path(folder) / PLUGINS_FILE
-    if not path.is_file():
-        return
-    recorded = [str(m) for m in json.loads(path.read_text())]
-    allowed = {m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()}
-    refused = [m for m in recorded if m not in sys.modules and m not in allowed]
-    if refused:
-        raise CheckpointError(f"{path}: this model's components come from plugin module(s) {', '.join(refused)}; "
-                              "vlm does not import code a checkpoint names: if you trust them, set "
-                              f"{PLUGINS_ENV}={','.join(refused)} (or import them yourself)")
-    load_plugins(recorded, where=str(path))
 
 
 def load_run_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), **defaults) -> DictConfig:

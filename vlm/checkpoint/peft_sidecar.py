@@ -1,4 +1,4 @@
-"""LoRA adapters that plain PEFT can load, and ``vlm merge``.
+"""LoRA adapters that plain PEFT can load: the sidecar written beside a LoRA stage's adapter.
 
 vlm saves a LoRA stage's LLM adapter in PEFT's format (``llm_adapter/``). To load it without vlm,
 ``PeftModel.from_pretrained(base, adapter)`` needs the base the adapter was trained on, with the
@@ -11,21 +11,13 @@ vocabulary vlm gave it. ``record_adapter_base`` writes what that takes:
   the size to resize to. vlm sets added rows to the mean of the old ones, so the documented
   loading is ``base.resize_token_embeddings(vocab_size, mean_resizing=False)`` then
   :func:`init_added_rows` (or just :func:`load_base`).
-
-``merge_checkpoint`` writes a stage output whose components are all full weights (LoRA folded
-in by PEFT's ``merge_and_unload`` as the stage output is loaded), which ``vlm chat``, ``vlm eval``,
-``init_from`` and ``vlm export`` read like any other.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
-
 from typing import Optional
-
-from omegaconf import OmegaConf
 
 ADAPTER_INFO = "vlm_adapter.json"
 BASE_DIR = "llm_base"
@@ -77,7 +69,7 @@ def record_adapter_base(peft_model, adapter_dir: Path, model_cfg, tokenizer, pri
         "vocab_size": vocab,
         "added_tokens": added,
         "resize": (f"model.resize_token_embeddings({vocab}, mean_resizing=False), then rows {base_vocab}.. "
-                   "set to the mean of the old rows (vlm.interop.peft_adapter.init_added_rows)")
+                   "set to the mean of the old rows (vlm.checkpoint.peft_sidecar.init_added_rows)")
                   if vocab != base_vocab else None,
         "tokenizer": "../tokenizer",
     }
@@ -106,31 +98,3 @@ def load_base(adapter_dir: str | Path, **from_pretrained_kwargs):
         model.resize_token_embeddings(info["vocab_size"], mean_resizing=False)
         init_added_rows(model, info["base_vocab_size"])
     return model
-
-
-def merge_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write the stage output ``checkpoint`` with its LoRA adapters folded into full weights as a
-    stage output ``out`` (atomically; a non-empty ``out`` only with ``overwrite``): every
-    component with weights of its own is written whole; one read only from its pretrained
-    source stays that way. Returns ``out``."""
-    from vlm.config import StageConfig, Train
-    from vlm.output import check_output_dir, replacing_output_dir
-    from vlm.pipeline import load_pretrained
-    from vlm.training.checkpoint import read_manifest, save_model_state
-    from vlm.wiring import PLUGINS_FILE
-
-    check_output_dir(out, overwrite)
-    model, tokenizer, model_cfg = load_pretrained(checkpoint, device="cpu")  # adapters merged here
-    manifest = read_manifest(checkpoint)
-    stage = OmegaConf.structured(StageConfig)
-    for comp, entries in manifest.items():
-        setattr(stage.train, comp, Train.full if entries else Train.frozen)
-    with replacing_output_dir(out, overwrite) as tmp:
-        save_model_state(model, tmp, stage, model_cfg, tokenizer, prior=None)
-        source = {"merged_from": str(Path(checkpoint).resolve()),
-                  "adapters": [e["adapter"] for entries in manifest.values() for e in entries if "adapter" in e]}
-        (tmp / "merge.json").write_text(json.dumps(source, indent=2))
-        plugins = Path(checkpoint) / PLUGINS_FILE  # the components' plugin modules travel along
-        if plugins.is_file():
-            shutil.copy2(plugins, tmp / PLUGINS_FILE)
-    return Path(out)

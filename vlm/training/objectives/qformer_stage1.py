@@ -31,11 +31,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vlm.config import ConfigError, Train
+from vlm.core.errors import DataFormatError
 from vlm.data.processor import IGNORE_INDEX
-from vlm.errors import DataFormatError
 from vlm.modeling.connectors.qformer import QFormer
-from vlm.training.objectives import Objective, StepOutput
-
+from vlm.training.objectives.base import Objective, StepOutput
 
 # ---------------------------------------------------------------------------------------------
 # the three attention masks

@@ -35,8 +35,9 @@ def run_prepare(cfg: DictConfig) -> None:
 def run_evals(cfg: DictConfig, checkpoint: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """Run every evaluation of ``cfg`` on ``checkpoint`` (default: each eval's own, else the
     last stage's ``final``)."""
+    from vlm.checkpoint.pretrained import load_pretrained
     from vlm.evaluation.runner import run_eval
-    from vlm.pipeline import build_processor, load_pretrained
+    from vlm.modeling.processing import build_processor
 
     metrics: Dict[str, Dict[str, float]] = {}
     loaded: Dict[str, tuple] = {}
@@ -61,8 +62,8 @@ def format_table(metrics: Dict[str, Dict[str, float]]) -> str:
 
 def run_recipe(cfg: DictConfig, resume: bool = False) -> Dict[str, Dict[str, float]]:
     """Prepare, train every stage in order, evaluate; writes ``out_dir/metrics.json``."""
+    from vlm.app.stages import run_stage
     from vlm.evaluation.distributed import barrier, is_main
-    from vlm.pipeline import run_stage
 
     out = Path(cfg.out_dir)
     timings: Dict[str, float] = {}

@@ -2,7 +2,7 @@
 
 Requests wait in a thread-safe queue; the worker takes what has arrived (up to
 ``max_batch_size``), answers requests with the same sampling settings in one batch through
-:func:`vlm.evaluation.generation.generate_answers` (the path ``vlm chat`` and ``vlm eval`` use),
+:func:`vlm.inference.generation.generate_answers` (the path ``vlm chat`` and ``vlm eval`` use),
 and streamed requests one at a time with a streamer that hands out text as it is decoded.
 Nothing is dropped: a request waits until the worker reaches it.
 """
@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from transformers.generation.streamers import BaseStreamer
 
 from vlm.data.types import Sample
-from vlm.evaluation.generation import clean_answer, generate_answers, stop_settings
+from vlm.inference.generation import clean_answer, generate_answers, stop_settings
 
 logger = logging.getLogger(__name__)
 

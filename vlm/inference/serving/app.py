@@ -21,8 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vlm.serving.engine import Completion, GenerationEngine, GenerationRequest
-from vlm.serving.requests import APIError, ChatRequest, parse_chat_request
+from vlm.inference.serving.engine import Completion, GenerationEngine, GenerationRequest
+from vlm.inference.serving.requests import APIError, ChatRequest, parse_chat_request
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def create_app(engine: GenerationEngine, model_name: str = "vlm", image_root: Op
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return resources.files("vlm.serving").joinpath("static/index.html").read_text(encoding="utf-8")
+        return resources.files("vlm.inference.serving").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -149,7 +149,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, image_root
     """Load a stage output and serve it until interrupted."""
     import uvicorn
 
-    from vlm.pipeline import build_processor, load_pretrained
+    from vlm.checkpoint.pretrained import load_pretrained
+    from vlm.modeling.processing import build_processor
 
     model, tokenizer, model_cfg = load_pretrained(checkpoint)
     engine = GenerationEngine(model, build_processor(model, tokenizer, model_cfg, template), max_batch_size)

@@ -8,11 +8,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from vlm.core.errors import ImageLoadError
 from vlm.data.processor import VLMProcessor, image_instructions, pad_batch
 from vlm.data.types import Sample
-from vlm.errors import ImageLoadError
-
-from vlm.evaluation.decode import greedy_decode, greedy_decode_shared_prefixes
+from vlm.inference.decode import greedy_decode, greedy_decode_shared_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ def clean_answer(text: str, stops: Sequence[str]) -> str:
 
 
 def uses_lean_decode(settings: Dict, num_beams: int) -> bool:
-    """Whether :func:`vlm.evaluation.decode.greedy_decode` can stand in for transformers'
+    """Whether :func:`vlm.inference.decode.greedy_decode` can stand in for transformers'
     ``generate``: greedy, one beam, single-token stops, nothing else asked for."""
     plain = {"eos_token_id", "pad_token_id", "do_sample"}
     return num_beams == 1 and not settings.get("do_sample") and set(settings) <= plain
@@ -56,7 +55,7 @@ def generate_answers(model, processor: VLMProcessor, samples: Sequence[Sample], 
     """One decoded answer per sample (greedy unless told otherwise), in order. With
     ``skip_unreadable``, a sample whose image cannot be read gets None instead of an error.
 
-    Plain greedy decoding runs the lean loop of :mod:`vlm.evaluation.decode` (the same tokens as
+    Plain greedy decoding runs the lean loop of :mod:`vlm.inference.decode` (the same tokens as
     transformers' greedy ``generate``, less overhead); beam search, sampling, multi-token stop
     strings or ``lean=False`` go through transformers' ``generate``."""
     model.eval()

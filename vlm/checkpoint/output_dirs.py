@@ -11,8 +11,8 @@ from typing import Iterator, Optional
 
 import yaml
 
-from vlm.errors import ConfigError
-from vlm.training.checkpoint import atomic_dir
+from vlm.checkpoint.fsio import atomic_dir
+from vlm.core.errors import ConfigError
 
 
 def check_output_dir(out: str | Path, overwrite: bool, flag: str = "--out") -> Path:

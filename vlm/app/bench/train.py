@@ -29,11 +29,12 @@ from typing import Dict, List, Optional
 import torch
 from omegaconf import DictConfig
 
-from vlm.benchmarks import cpu_model
-from vlm.config import Precision, Train
-from vlm.wiring import validate
-from vlm.errors import ConfigError
-from vlm.training import checkpoint as ckpt
+from vlm.app.bench import cpu_model
+from vlm.app.wiring import validate
+from vlm.checkpoint.components import save_model_state
+from vlm.checkpoint.fsio import atomic_dir
+from vlm.config import COMPONENTS, Precision, Train
+from vlm.core.errors import ConfigError
 from vlm.training.callbacks import Callback
 
 
@@ -46,8 +47,8 @@ class HFLlavaSide:
     """A transformers LLaVA copy of the stage's model, trained on padded batches of the same items."""
 
     def __init__(self, model, stage, dataset, collate, precision: Precision, device: torch.device, seed: int):
+        from vlm.data.samplers import EpochShuffleSampler
         from vlm.interop.hf_llava import to_hf_llava
-        from vlm.training.samplers import EpochShuffleSampler
 
         self.llava = to_hf_llava(model).to(device)
         self.device = device
@@ -64,7 +65,8 @@ class HFLlavaSide:
 
     def _groups(self) -> List[dict]:
         """Freeze / LoRA / train the components as the stage says; AdamW groups per component."""
-        from peft import LoraConfig as PeftLoraConfig, inject_adapter_in_model
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import inject_adapter_in_model
 
         stage, inner = self.stage, self.llava.model
         self.llava.requires_grad_(False)
@@ -186,10 +188,12 @@ def bench_train(cfg: DictConfig, stage_name: str, steps: int = 30, warmup: int =
     stage's. The model is built from ``cfg.model`` with random weights (the stage's own
     ``init_from`` is not read); everything is written under ``work_dir`` (default
     ``<out_dir>/bench_train``)."""
-    from vlm.pipeline import build_stage, load_stage_tokenizer
-    from vlm.modeling.vlm import VisionLanguageModel
-    from vlm.recipes import run_prepare
     from transformers import set_seed
+
+    from vlm.app.recipes import run_prepare
+    from vlm.app.stages import build_stage
+    from vlm.checkpoint.pretrained import load_stage_tokenizer
+    from vlm.modeling.vlm import VisionLanguageModel
 
     if stage_name not in cfg.stages:
         raise ConfigError(f"--stage: no stage '{stage_name}'; stages: {list(cfg.stages)}")
@@ -217,10 +221,9 @@ def bench_train(cfg: DictConfig, stage_name: str, steps: int = 30, warmup: int =
     tokenizer = load_stage_tokenizer(cfg.model, None)
     reference = VisionLanguageModel.from_config(cfg.model, tokenizer)
     init = work / "init"
-    everything = copy.deepcopy(stage)
-    everything.train.vision = everything.train.connector = everything.train.llm = Train.full
-    with ckpt.atomic_dir(init) as tmp:
-        ckpt.save_model_state(reference, tmp, everything, cfg.model, tokenizer, None)
+    everything = {comp: Train.full for comp in COMPONENTS}
+    with atomic_dir(init) as tmp:
+        save_model_state(reference, tmp, everything, cfg.model, tokenizer, None)
     stage.init_from = str(init)
     timer = AlternatingTimer(stage.batch_size)
     run = build_stage(cfg, stage_name, out_dir=work / "vlm", callbacks=[timer])

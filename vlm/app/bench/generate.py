@@ -17,16 +17,16 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from vlm.benchmarks import cpu_model
-from vlm.errors import ConfigError
+from vlm.app.bench import cpu_model
+from vlm.core.errors import ConfigError
 
 
 def _recipe_and_model(target: str, overrides: Sequence[str], out: Optional[str], prepare: bool):
     """``(cfg, model, tokenizer, model_cfg, weights)`` for a recipe YAML or a stage output folder."""
-    from vlm.wiring import load_run_config as load_config
-    from vlm.pipeline import load_pretrained, load_stage_tokenizer
+    from vlm.app.recipes import run_prepare
+    from vlm.app.wiring import load_run_config as load_config
+    from vlm.checkpoint.pretrained import load_pretrained, load_stage_tokenizer
     from vlm.modeling.vlm import VisionLanguageModel
-    from vlm.recipes import run_prepare
 
     path = Path(target)
     if path.is_dir():
@@ -53,7 +53,7 @@ def _recipe_and_model(target: str, overrides: Sequence[str], out: Optional[str],
 def _hf_answers(llava, processor, samples, batch_size: int, max_new_tokens: int, settings: dict):
     """transformers' greedy generate on left-padded batches: ``(answers, new tokens)``."""
     from vlm.data.processor import pad_batch
-    from vlm.evaluation.generation import clean_answer
+    from vlm.inference.generation import clean_answer
 
     stops = processor.template.stop_strings()
     answers, tokens, rows = [], 0, []
@@ -99,11 +99,11 @@ def bench_generate(target: str, eval_name: str = "vqa", overrides: Sequence[str]
     """Answer the eval's prompts ``repeats`` times with each side in turn; return tok/s,
     samples/s (medians), their ratio and whether every answer is identical."""
     from vlm.data.formats import read_dataset
-    from vlm.evaluation.decode import greedy_decode
     from vlm.evaluation.tasks import TASKS
-    from vlm.evaluation.generation import generate_answers, stop_settings
+    from vlm.inference.decode import greedy_decode
+    from vlm.inference.generation import generate_answers, stop_settings
     from vlm.interop.hf_llava import to_hf_llava
-    from vlm.pipeline import build_processor
+    from vlm.modeling.processing import build_processor
 
     if repeats < 1:
         raise ConfigError("--repeats must be at least 1")

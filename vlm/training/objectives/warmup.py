@@ -1,7 +1,5 @@
-"""Training objectives a stage can optimise, by exact name.
+"""Vision-encoder warm-ups that need no language model.
 
-- ``lm``: next-token loss of the whole model on the template's trainable tokens (LLaVA's
-  alignment and instruction tuning).
 - ``caption_bow``: a vision-encoder warm-up that needs no language model: from the patch
   features averaged over a 2x2 grid (four cells, concatenated, so where things are survives;
   a plain mean when the features are not a square grid), a linear head predicts which tokens
@@ -16,77 +14,18 @@ An objective owns any extra parameters it needs (``parameters()``), and its ``lo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vlm.config import ConfigError, StageConfig, Train
-from vlm.data.packing import model_inputs
+from vlm.config import ConfigError, Train
+from vlm.core.errors import DataFormatError
 from vlm.data.processor import IGNORE_INDEX
-from vlm.errors import DataFormatError
 from vlm.modeling.vision.base import pool_patch_grid
-from vlm.registry import Registry
-
-OBJECTIVES: Registry = Registry("training objective", {
-    "caption_bow": "vlm.training.objectives:CaptionBagOfWords",
-    "answer_words": "vlm.training.objectives:AnswerWords",
-    "lm": "vlm.training.objectives:LanguageModeling",
-    "qformer_stage1": "vlm.training.qformer_objectives:QFormerStage1",
-})
-
-
-@dataclass
-class StepOutput:
-    """The loss to optimise and named partial losses to log."""
-
-    loss: torch.Tensor
-    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-class Objective(nn.Module):
-    """A loss over a batch for a stage; may hold its own trainable parameters.
-
-    ``needs_pixels``: the objective reads ``batch["pixel_values"]`` itself, so a stage using it
-    cannot train from the frozen-feature cache.
-    """
-
-    needs_pixels: ClassVar[bool] = False
-    supports_packing: ClassVar[bool] = False
-
-    @classmethod
-    def check_stage(cls, stage: StageConfig, where: str) -> None:
-        """Raise ConfigError when the stage's train modes make no sense for this objective."""
-
-    @classmethod
-    def frozen_parameters(cls, model) -> List[nn.Parameter]:
-        """Parameters of ``model`` this objective never reads, frozen for its stage by
-        ``vlm.training.stages.apply_stage`` (before it counts what trains): DDP would otherwise
-        wait for their gradients, and weight decay would shrink them. The default: none."""
-        return []
-
-    def forward(self, model, batch: Dict[str, torch.Tensor]) -> StepOutput:
-        raise NotImplementedError
-
-
-class LanguageModeling(Objective):
-    """The model's own next-token loss. Connector parameters the LLM path never reads (the
-    Q-Former's text path and stage-1 heads) are frozen for the stage."""
-
-    supports_packing = True
-
-    def __init__(self, model, tokenizer):
-        super().__init__()
-
-    @classmethod
-    def frozen_parameters(cls, model):
-        return model.connector.llm_unused_parameters()
-
-    def forward(self, model, batch):
-        return StepOutput(model(**model_inputs(batch), return_logits=False).loss)
+from vlm.training.objectives.base import Objective, StepOutput
 
 
 class CaptionBagOfWords(Objective):
@@ -241,8 +180,3 @@ class AnswerWords(Objective):
         logits = self.logits(pooled, question, token)[has_answer]
         loss = -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
         return StepOutput(loss, {"loss_answer": loss.detach()})
-
-
-def build_objective(name: str, model, tokenizer) -> Optional[Objective]:
-    """The objective registered as ``name`` for ``model``."""
-    return OBJECTIVES.get(name)(model, tokenizer)

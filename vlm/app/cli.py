@@ -11,11 +11,11 @@ import sys
 from typing import Iterator, List, Optional
 
 from vlm.config import ConfigError
-from vlm.errors import DataFormatError, VLMError
+from vlm.core.errors import DataFormatError, VLMError
 
 
 def _load(args, out_required: bool = False):
-    from vlm.wiring import load_run_config
+    from vlm.app.wiring import load_run_config
 
     defaults = {"out_dir": args.out} if getattr(args, "out", None) else {}
     if out_required and not defaults:
@@ -25,7 +25,7 @@ def _load(args, out_required: bool = False):
 
 def cmd_train(args) -> None:
     """Train the config's stages (or one, with --stage) without running its evaluations."""
-    from vlm.pipeline import run_stage
+    from vlm.app.stages import run_stage
 
     cfg = _load(args)
     names = [args.stage] if args.stage else list(cfg.stages)
@@ -39,9 +39,9 @@ def cmd_train(args) -> None:
 
 @contextlib.contextmanager
 def _run_dir(cfg, args) -> Iterator:
-    """The guard of ``out_dir`` (:func:`vlm.output.run_output_dir`); writes its config.yaml first."""
+    """The guard of ``out_dir`` (:func:`vlm.checkpoint.output_dirs.run_output_dir`); writes its config.yaml first."""
+    from vlm.checkpoint.output_dirs import RUN_CONFIG, run_output_dir
     from vlm.config import save_config, to_container
-    from vlm.output import RUN_CONFIG, run_output_dir
 
     with run_output_dir(cfg.out_dir, to_container(cfg), args.resume, args.overwrite) as out:
         save_config(cfg, out / RUN_CONFIG)
@@ -50,7 +50,7 @@ def _run_dir(cfg, args) -> Iterator:
 
 def cmd_run(args) -> None:
     """Run a recipe end to end and write OUT/metrics.json."""
-    from vlm.recipes import run_recipe
+    from vlm.app.recipes import run_recipe
 
     cfg = _load(args, out_required=True)
     with _run_dir(cfg, args):
@@ -62,7 +62,7 @@ TASK_FLAGS = ("captions", "image_root", "rerank_k", "batch_size", "max_samples")
 
 def cmd_eval(args) -> None:
     """Run the config's evaluations on a checkpoint, or one task (--task) on a data file."""
-    from vlm.recipes import format_table, run_evals
+    from vlm.app.recipes import format_table, run_evals
 
     if args.task:
         if args.config is not None or args.overrides:
@@ -91,11 +91,12 @@ def _eval_task(args) -> dict:
 
     from omegaconf import OmegaConf
 
+    from vlm.app.wiring import check_eval
+    from vlm.checkpoint.pretrained import load_pretrained
     from vlm.config import EvalConfig
     from vlm.evaluation.runner import run_eval
     from vlm.evaluation.tasks import TASKS
-    from vlm.pipeline import build_processor, load_pretrained
-    from vlm.wiring import check_eval
+    from vlm.modeling.processing import build_processor
 
     _require_registered(TASKS, args.task, "--task")
     if args.rerank_k is not None and (args.task != "retrieval" or args.rerank_k < 1):
@@ -163,7 +164,7 @@ def cmd_data_shapes(args) -> None:
 
 def cmd_chat(args) -> None:
     """Ask a trained model about an image: one prompt, or an interactive loop."""
-    from vlm.chat import chat
+    from vlm.inference.chat import chat
 
     chat(args.checkpoint, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
          temperature=args.temperature, template=args.template, trust_remote_code=args.trust_remote_code,
@@ -172,7 +173,7 @@ def cmd_chat(args) -> None:
 
 def cmd_bench_feature_cache(args) -> None:
     """Train a stage with its frozen encoder running and from the feature cache; print samples/s."""
-    from vlm.bench import bench_feature_cache
+    from vlm.app.bench.feature_cache import bench_feature_cache
 
     result = bench_feature_cache(_load(args), args.stage, steps=args.steps, warmup=args.warmup,
                                  repeats=args.repeats, prepare=args.prepare)
@@ -181,7 +182,7 @@ def cmd_bench_feature_cache(args) -> None:
 
 def cmd_bench_train(args) -> None:
     """Train a stage in vlm and in transformers, alternating step by step; print samples/s and tokens/s."""
-    from vlm.benchmarks.train import bench_train
+    from vlm.app.bench.train import bench_train
 
     result = bench_train(_load(args), args.stage, steps=args.steps, warmup=args.warmup,
                          precision=args.precision, prepare=args.prepare)
@@ -190,7 +191,7 @@ def cmd_bench_train(args) -> None:
 
 def cmd_bench_generate(args) -> None:
     """Generate the eval's answers with vlm's decode and with transformers' generate; print tok/s."""
-    from vlm.benchmarks.generate import bench_generate
+    from vlm.app.bench.generate import bench_generate
 
     result = bench_generate(args.target, eval_name=args.eval, overrides=args.overrides, repeats=args.repeats,
                             limit=args.limit, prepare=args.prepare, out=args.out)
@@ -217,7 +218,7 @@ def cmd_export_hf_llava(args) -> None:
 
 def cmd_export_hf_blip2(args) -> None:
     """Write a Q-Former stage output as a transformers BLIP-2 folder (Blip2ForConditionalGeneration)."""
-    from vlm.errors import LayoutError
+    from vlm.core.errors import LayoutError
     from vlm.interop.hf_blip2 import export_hf_blip2
 
     try:
@@ -246,7 +247,7 @@ def cmd_import_hf_llava(args) -> None:
 
 def cmd_merge(args) -> None:
     """Fold a stage output's LoRA adapters into full weights (a stage output like any other)."""
-    from vlm.interop.peft_adapter import merge_checkpoint
+    from vlm.interop.merge import merge_checkpoint
 
     print(f"merged: {merge_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)}")
 
@@ -255,7 +256,7 @@ def cmd_serve(args) -> None:
     """Serve a stage output with an OpenAI-compatible API (/v1/chat/completions) and a web page."""
     from pathlib import Path
 
-    from vlm.serving.app import serve
+    from vlm.inference.serving.app import serve
 
     if args.max_batch_size < 1:
         raise ConfigError(f"--max-batch-size: must be at least 1, got {args.max_batch_size}")
@@ -267,7 +268,7 @@ def cmd_serve(args) -> None:
 
 def cmd_models(args) -> None:
     """List the registered vision encoders, connectors, templates and data formats."""
-    from vlm.catalog import catalog
+    from vlm.app.wiring import catalog
 
     entries = catalog()
     if args.json:
@@ -457,7 +458,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     for noisy in ("httpx", "urllib3", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     debug = args.debug or os.environ.get("VLM_DEBUG", "") not in ("", "0")
-    from vlm.quiet import silence_third_party_warnings
+    from vlm.core.quiet import silence_third_party_warnings
 
     silence_third_party_warnings()
     try:
@@ -484,7 +485,7 @@ def error_line(exc: BaseException) -> str:
     if isinstance(exc, UnicodeDecodeError):
         exc = DataFormatError(f"not UTF-8 text at byte {exc.start}: {exc.reason}; re-save the file as UTF-8")
     if isinstance(exc, OSError) and not isinstance(exc, VLMError):
-        from vlm.errors import describe_os_error
+        from vlm.core.errors import describe_os_error
 
         return describe_os_error(exc)
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__

@@ -1,0 +1,129 @@
+"""A stage of a run config built up to its trainer (model, data, objective, callbacks) and run."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+from omegaconf import DictConfig
+from transformers import set_seed
+
+from vlm.checkpoint.components import load_model_state, save_model_state
+from vlm.checkpoint.fsio import remove_stale_tmp
+from vlm.checkpoint.manifest import read_manifest
+from vlm.checkpoint.pretrained import load_stage_tokenizer
+from vlm.config import save_config, train_modes
+from vlm.core.plugins import save_plugins
+from vlm.data.dataset import ConversationDataset
+from vlm.data.feature_cache import BuildReport, build_stage_feature_cache
+from vlm.data.formats import read_samples
+from vlm.data.images import check_image_files
+from vlm.data.packing import PackingCollator
+from vlm.data.samplers import LengthGroupedSampler
+from vlm.evaluation.runner import run_eval
+from vlm.modeling.processing import build_processor
+from vlm.modeling.vlm import VisionLanguageModel
+from vlm.training.callbacks import Callback
+from vlm.training.eval_callback import EvalDuringTraining, Evaluator
+from vlm.training.objectives import build_objective
+from vlm.training.skips import CountingCollate
+from vlm.training.stages import apply_stage
+from vlm.training.strategies import build_strategy, check_environment, check_launch
+from vlm.training.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def in_training_evaluator(cfg: DictConfig, name: str, tokenizer, out_dir: Path) -> Evaluator:
+    """The evaluations stage ``name`` runs during training (its ``evals``, each capped to its
+    ``max_samples_in_training``), as one function of the in-training model; results under ``out_dir``."""
+    stage = cfg.stages[name]
+
+    def evaluate(model) -> Dict[str, float]:
+        scores: Dict[str, float] = {}
+        for ev_name in stage.evals:
+            ev = copy.deepcopy(cfg.evals[ev_name])
+            if ev.max_samples_in_training:
+                ev.data.max_samples = ev.max_samples_in_training
+            processor = build_processor(model, tokenizer, cfg.model, ev.template or cfg.model.template)
+            result = run_eval(model, processor, ev, out_dir, ev_name)
+            scores.update({f"{ev_name}/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))})
+        return scores
+
+    return evaluate
+
+
+@dataclass
+class StageRun:
+    """A stage ready to train: its trainer, its dataset and, with the feature cache on, the
+    cache build's report."""
+
+    trainer: Trainer
+    dataset: ConversationDataset
+    feature_cache: Optional[BuildReport] = None
+
+
+def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load_init: bool = True,
+                callbacks: Sequence[Callback] = ()) -> StageRun:
+    """Build stage ``name`` of a run config up to its trainer: the model (from ``init_from``
+    unless ``load_init`` is False), the stage's train modes, its data (with the feature cache
+    built when ``feature_cache`` is on) and the trainer writing under ``out_dir``
+    (default ``<cfg.out_dir>/<name>``), calling ``callbacks``."""
+    stage = cfg.stages[name]
+    out_dir = Path(out_dir) if out_dir is not None else Path(cfg.out_dir) / name
+    init_from = stage.init_from if load_init else None
+    # refuse what this launch cannot run before anything is built
+    strategy = build_strategy(stage, f"stages.{name}")
+    check_environment(strategy, f"stages.{name}")
+    accelerator = strategy.make_accelerator()
+    check_launch(accelerator, strategy, f"stages.{name}")
+    if accelerator.is_main_process:
+        save_config(cfg, out_dir / "config.yaml")
+        for folder in (out_dir, out_dir / "checkpoints"):  # what killed runs left half-written
+            remove_stale_tmp(folder)
+    set_seed(stage.seed)
+    tokenizer = load_stage_tokenizer(cfg.model, init_from)
+    model = VisionLanguageModel.from_config(cfg.model, tokenizer)
+    prior = None
+    if init_from:
+        load_model_state(model, init_from)
+        prior = read_manifest(init_from)
+    apply_stage(model, stage)
+    processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length, stage.max_image_pixels)
+    objective = build_objective(stage.objective, model, tokenizer)
+    samples = read_samples(stage.data, cfg.model.image_token)
+    check_image_files([p for s in samples for p in s.images], f"stages.{name}.data", stage.max_image_failure_ratio)
+    features, report = None, None
+    if stage.feature_cache:
+        root = stage.feature_cache_dir or Path(cfg.out_dir) / "feature_cache"
+        features, report = build_stage_feature_cache(model, objective, processor, samples, stage, root, name,
+                                                     accelerator, progress=accelerator.is_main_process)
+    dataset = ConversationDataset(samples, processor, name=name, progress=accelerator.is_main_process,
+                                  image_features=features.load if features is not None else None)
+
+    def save_state(trained_model, folder, state=None):
+        save_model_state(trained_model, folder, train_modes(stage.train), cfg.model, tokenizer, prior, state=state)
+        save_plugins(folder, list(cfg.plugins))
+
+    collate = PackingCollator(tokenizer.pad_token_id, stage.max_length) if stage.packing else processor.collate
+    sampler = None
+    if stage.group_by_length:
+        sampler = LengthGroupedSampler([len(ids) for _, ids, _ in dataset.entries],
+                                       [bool(sample.images) for sample, _, _ in dataset.entries],
+                                       stage.batch_size, stage.seed, accelerator.num_processes)
+    if stage.eval_every and stage.evals:
+        evaluate = in_training_evaluator(cfg, name, tokenizer, out_dir / "eval_during_training")
+        callbacks = [*callbacks, EvalDuringTraining(evaluate, stage.eval_every, stage.keep_best)]
+    trainer = Trainer(model, dataset, collate=CountingCollate(collate), stage=stage, out_dir=out_dir,
+                      save_state=save_state, accelerator=accelerator, stage_name=name,
+                      objective=objective, callbacks=callbacks, strategy=strategy, sampler=sampler)
+    return StageRun(trainer, dataset, report)
+
+
+def run_stage(cfg: DictConfig, name: str, resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:
+    """Train stage ``name`` of a run config (calling ``callbacks``); returns its ``final`` folder."""
+    run = build_stage(cfg, name, callbacks=callbacks)
+    return run.trainer.train(resume=resume)

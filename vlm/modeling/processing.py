@@ -1,0 +1,25 @@
+"""The processor that matches a built model: its image transform, its visual-token count, the
+chat template it was configured with."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from vlm.data.images import DEFAULT_MAX_PIXELS
+from vlm.data.processor import VLMProcessor
+from vlm.data.templates import build_template
+from vlm.modeling.vlm import VisionLanguageModel
+
+
+def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: Optional[str] = None,
+                    max_length: int = 2048, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> VLMProcessor:
+    """A processor matching ``model``: its image transform and its number of image tokens."""
+    return VLMProcessor(
+        tokenizer,
+        build_template(template or model_cfg.template, tokenizer, model_cfg.system_prompt),
+        model.vision.image_transform(),
+        model.num_image_tokens,
+        image_token=model_cfg.image_token,
+        max_length=max_length,
+        max_image_pixels=max_image_pixels,
+    )

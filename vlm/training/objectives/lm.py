@@ -1,0 +1,24 @@
+"""``lm``: the model's own next-token loss on the template's trainable tokens (LLaVA's alignment
+and instruction tuning)."""
+
+from __future__ import annotations
+
+from vlm.data.packing import model_inputs
+from vlm.training.objectives.base import Objective, StepOutput
+
+
+class LanguageModeling(Objective):
+    """The model's own next-token loss. Connector parameters the LLM path never reads (the
+    Q-Former's text path and stage-1 heads) are frozen for the stage."""
+
+    supports_packing = True
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+
+    @classmethod
+    def frozen_parameters(cls, model):
+        return model.connector.llm_unused_parameters()
+
+    def forward(self, model, batch):
+        return StepOutput(model(**model_inputs(batch), return_logits=False).loss)

@@ -1,0 +1,19 @@
+"""``OBJECTIVES``: the training objectives a stage can name (``stages.<name>.objective``), each
+imported on first use."""
+
+from __future__ import annotations
+
+from vlm.core.registry import Registry
+from vlm.training.objectives.base import Objective
+
+OBJECTIVES: Registry = Registry("training objective", {
+    "caption_bow": "vlm.training.objectives.warmup:CaptionBagOfWords",
+    "answer_words": "vlm.training.objectives.warmup:AnswerWords",
+    "lm": "vlm.training.objectives.lm:LanguageModeling",
+    "qformer_stage1": "vlm.training.objectives.qformer_stage1:QFormerStage1",
+})
+
+
+def build_objective(name: str, model, tokenizer) -> Objective:
+    """The objective registered as ``name`` for ``model``."""
+    return OBJECTIVES.get(name)(model, tokenizer)

@@ -93,7 +93,7 @@ def main() -> None:
             if self.counting:
                 self.tokens += int(inputs[0]["attention_mask"].sum())
 
-        def on_step_end(self, trainer, position):
+        def on_step_end(self, ctx, position):
             if position["step"] == args.warmup:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()

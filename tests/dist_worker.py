@@ -27,11 +27,13 @@ class RankLosses(Callback):
         self.window = [0.0, 0]
 
     def forward_hook(self, module, args, out):
-        n = args[0]["input_ids"].shape[0]
+        n = args[0].input_ids.shape[0]
         self.window[0] += float(out.loss.detach()) * n
         self.window[1] += n
 
-    def on_log(self, trainer, record):
+    def on_log(self, ctx, record):
+        if "loss" not in record:  # an evaluation record: no training window ended
+            return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": record["step"], "loss": self.window[0] / self.window[1],
                                 "samples": self.window[1]}) + "\n")
@@ -44,7 +46,7 @@ class KillAfter(Callback):
     def __init__(self, step: int):
         self.step = step
 
-    def on_step_end(self, trainer, position):
+    def on_step_end(self, ctx, position):
         if position["step"] == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 

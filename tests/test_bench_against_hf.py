@@ -26,7 +26,8 @@ def test_bench_train_compares_the_same_network_on_real_samples(tmp_path, tokeniz
     for side in ("vlm", "transformers"):
         assert result[side]["steps"] == 2 and result[side]["samples"] == 8
         assert result[side]["samples_per_s"] > 0 and result[side]["tokens_per_s"] > 0
-    assert result["ratio_samples_per_s"] > 0 and "cpu" in result
+    assert result["ratio_samples_per_s"] > 0 and result["env"]["cpu"]["capability"]
+    assert result["precision"]["precision"] in ("fp32", "bf16")
 
 
 def test_bench_train_refuses_an_objective_transformers_does_not_have(tmp_path, tokenizer_dir, shapes_data):

@@ -10,6 +10,7 @@ from vlm.app.wiring import load_run_config
 from vlm.modeling.llm import load_tokenizer
 from vlm.checkpoint.pretrained import load_pretrained
 from vlm.checkpoint.components import save_model_state
+from vlm.config import train_modes
 
 
 def test_model_yaml_is_resolved_and_rebuilds_the_model(tmp_path, tokenizer_dir, monkeypatch):
@@ -31,7 +32,7 @@ def test_model_yaml_is_resolved_and_rebuilds_the_model(tmp_path, tokenizer_dir, 
     model = build_tiny_model(cfg.model, tokenizer)
     folder = tmp_path / "final"
     folder.mkdir()
-    save_model_state(model, folder, cfg.stages.align, cfg.model, tokenizer, prior=None)
+    save_model_state(model, folder, train_modes(cfg.stages.align.train), cfg.model, tokenizer, prior=None)
 
     text = (folder / "model.yaml").read_text()
     assert "${" not in text

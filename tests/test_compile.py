@@ -33,8 +33,8 @@ class Lengths(Callback):
     def __init__(self):
         self.compiled = []
 
-    def on_step_end(self, trainer, position):
-        layers = trainer._unwrapped().llm.get_decoder().layers
+    def on_step_end(self, ctx, position):
+        layers = ctx.model().llm.get_decoder().layers
         self.compiled.append(all(layer._compiled_call_impl is not None for layer in layers))
 
 

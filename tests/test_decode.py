@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from conftest import build_tiny_model, tiny_model_config
+from vlm.data.batch import Collator
 from vlm.data.types import Sample, Turn
 from vlm.inference.decode import greedy_decode
 from vlm.inference.generation import generate_answers
@@ -27,21 +28,22 @@ def _setup(tokenizer_dir, tokenizer, image_paths):
     # the last question asks about the second image again (the eval path loads and encodes it once)
     samples = [Sample(str(i), [Turn("user", q)], [image_paths[i % 3]] if "<image>" in q else [])
                for i, q in enumerate(QUESTIONS)]
-    batch = processor.collate([processor.encode(s, for_generation=True) for s in samples], padding_side="left")
+    left = Collator(tokenizer.pad_token_id, padding_side="left")
+    batch = left([processor.encode(s, for_generation=True) for s in samples])
     return model, processor, samples, batch
 
 
 def test_greedy_decode_equals_transformers_greedy_with_rows_stopping_apart(tokenizer_dir, tokenizer, image_paths):
     model, processor, _, batch = _setup(tokenizer_dir, tokenizer, image_paths)
-    assert (batch["attention_mask"] == 0).any(), "the prompts must be left-padded"
-    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    assert (batch.attention_mask == 0).any(), "the prompts must be left-padded"
+    args = (batch.input_ids, batch.attention_mask, batch.images)
     pad = tokenizer.pad_token_id
     free = model.generate(*args, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=pad)
     # a stop token that some rows produce and others never do, so rows finish apart
     rows = free.tolist()
     stops = [next(t for a in rows for b in rows for t in a if t not in b)]
     expected = model.generate(*args, max_new_tokens=12, do_sample=False, eos_token_id=stops, pad_token_id=pad)
-    got = greedy_decode(model, *args, batch["instructions"], max_new_tokens=12, eos_token_ids=stops, pad_token_id=pad)
+    got = greedy_decode(model, *args, batch.instructions, max_new_tokens=12, eos_token_ids=stops, pad_token_id=pad)
     assert got.shape == expected.shape
     assert torch.equal(got, expected)
     finished = [(row == pad).any().item() for row in got]
@@ -102,8 +104,9 @@ def test_decoding_shared_prefixes_once_equals_transformers_greedy(tokenizer_dir,
     keys = _shared_prefix_keys(model, samples, prompts)
     assert all(k is not None for k in keys) and len(set(keys)) == 3
     assert len({len(p) - len(k[0]) for p, k in zip(prompts, keys)}) > 1, "suffixes must differ in length"
-    batch = processor.collate([processor.encode(s, for_generation=True) for s in samples], padding_side="left")
-    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    left = Collator(tokenizer.pad_token_id, padding_side="left")
+    batch = left([processor.encode(s, for_generation=True) for s in samples])
+    args = (batch.input_ids, batch.attention_mask, batch.images)
     free = model.generate(*args, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=pad)
     rows = free.tolist()
     stops = [next(t for a in rows for b in rows for t in a if t not in b)]

@@ -41,6 +41,7 @@ def test_evals_run_every_n_steps_are_logged_plotted_and_the_best_is_kept(tmp_pat
     records = _eval_records(tmp_path)
     assert [r["step"] for r in records] == [2, 4]
     for r in records:
+        assert {k for k in r if not k.startswith("eval/vqa_quick/")} == {"stage", "step", "epoch"}  # as logged
         assert 0.0 <= r["eval/vqa_quick/accuracy"] <= 100.0
     results = json.loads((tmp_path / "run" / "lm" / "eval_during_training" / "vqa_quick_results.json").read_text())
     assert len(results) == 5  # max_samples_in_training caps the eval

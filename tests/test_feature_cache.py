@@ -22,6 +22,7 @@ import vlm.modeling.vision
 import vlm.data.feature_cache as features_mod
 from conftest import build_tiny_model, run_config, tiny_model_config
 from vlm.config import ConfigError, StageConfig, Train
+from vlm.data.batch import Collator
 from vlm.data.dataset import ConversationDataset
 from vlm.data.types import Sample, Turn
 from vlm.modeling.connectors.mlp import MLPProjector
@@ -94,17 +95,19 @@ def test_training_from_the_cache_gives_the_loss_and_gradients_of_the_live_encode
 
     live = ConversationDataset(samples, processor, progress=False)
     cached = ConversationDataset(samples, processor, progress=False, image_features=reader.load)
-    live_batch = processor.collate([live[i] for i in range(len(live))])
-    cached_batch = processor.collate([cached[i] for i in range(len(cached))])
-    assert "pixel_values" not in cached_batch and "image_features" not in live_batch
-    assert cached_batch["image_features"].shape == (5, 16, model.vision.embed_dim)  # 3 + 2 images, text-only: 0
-    assert torch.equal(live_batch["input_ids"], cached_batch["input_ids"])
+    collate = Collator(tokenizer.pad_token_id)
+    live_batch = collate([live[i] for i in range(len(live))])
+    cached_batch = collate([cached[i] for i in range(len(cached))])
+    assert (live_batch.image_kind, cached_batch.image_kind) == ("pixels", "features")
+    assert "pixel_values" not in cached_batch.model_inputs() and "image_features" not in live_batch.model_inputs()
+    assert cached_batch.images.shape == (5, 16, model.vision.embed_dim)  # 3 + 2 images, text-only: 0
+    assert torch.equal(live_batch.input_ids, cached_batch.input_ids)
 
     set_train_modes(model, frozen_stage())
     results = []
     for batch in (live_batch, cached_batch):
         model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
+        loss = model(**batch.model_inputs()).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.connector.named_parameters()}))
     (loss_live, grads_live), (loss_cached, grads_cached) = results
@@ -115,8 +118,8 @@ def test_training_from_the_cache_gives_the_loss_and_gradients_of_the_live_encode
         torch.testing.assert_close(grads_cached[name], grads_live[name], rtol=1e-5, atol=1e-7)
 
     # a text-only batch from the cache carries no features
-    text_only = processor.collate([cached[len(cached) - 1]])
-    assert text_only["image_features"] is None
+    text_only = collate([cached[len(cached) - 1]])
+    assert text_only.image_kind == "features" and text_only.images is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,8 +271,9 @@ def test_unreadable_images_are_skipped_and_counted_with_the_cache_on(tmp_path, m
     # the two-image sample holds the missing image too
     assert [it is None for it in items] == [False, False, False, True, True, True, False]
     assert dataset.image_failures == 3
-    batch = processor.collate(items)
-    assert batch["input_ids"].shape[0] == 4 and batch["image_features"].shape[0] == 3
+    batch = Collator(tokenizer.pad_token_id)(items)
+    assert batch.input_ids.shape[0] == 4 and batch.image_kind == "features" and batch.images.shape[0] == 3
+    assert batch.skipped == 3 and batch.num_samples == 4
 
 
 # ---------------------------------------------------------------------------------------------

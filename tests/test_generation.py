@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import NUM_PATCHES, build_tiny_model, tiny_model_config
+from vlm.data.batch import Collator
 from vlm.data.types import Sample, Turn
 from vlm.modeling.vlm import ImageTokenMismatch
 from vlm.modeling.processing import build_processor
@@ -28,22 +29,26 @@ def setup(tokenizer_dir, tokenizer, image_paths):
     return model, processor, encoded
 
 
+def collate(processor, items, padding_side):
+    return Collator(processor.tokenizer.pad_token_id, padding_side=padding_side)(items)
+
+
 def greedy(**extra):
     return dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, **extra)
 
 
 def test_prompts_have_different_lengths_and_expanded_images(setup):
     model, processor, encoded = setup
-    lengths = [len(e["input_ids"]) for e in encoded]
+    lengths = [len(e.input_ids) for e in encoded]
     assert len(set(lengths)) == 3
     for e in encoded:
-        assert e["input_ids"].count(processor.image_token_id) == NUM_PATCHES == model.num_image_tokens
+        assert e.input_ids.count(processor.image_token_id) == NUM_PATCHES == model.num_image_tokens
 
 
 def test_greedy_with_and_without_kv_cache_give_identical_tokens(setup):
     model, processor, encoded = setup
-    batch = processor.collate(encoded, padding_side="left")
-    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    batch = collate(processor, encoded, "left")
+    args = (batch.input_ids, batch.attention_mask, batch.images)
     cached = model.generate(*args, **greedy(use_cache=True))
     uncached = model.generate(*args, **greedy(use_cache=False))
     assert cached.shape == (3, 10)
@@ -52,19 +57,19 @@ def test_greedy_with_and_without_kv_cache_give_identical_tokens(setup):
 
 def test_batched_left_padded_generation_equals_one_by_one(setup):
     model, processor, encoded = setup
-    batch = processor.collate(encoded, padding_side="left")
-    assert (batch["attention_mask"] == 0).any(), "the prompts must actually be padded"
-    batched = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], **greedy())
+    batch = collate(processor, encoded, "left")
+    assert (batch.attention_mask == 0).any(), "the prompts must actually be padded"
+    batched = model.generate(batch.input_ids, batch.attention_mask, batch.images, **greedy())
     for row, item in enumerate(encoded):
-        single = processor.collate([item], padding_side="left")
-        alone = model.generate(single["input_ids"], single["attention_mask"], single["pixel_values"], **greedy())
+        single = collate(processor, [item], "left")
+        alone = model.generate(single.input_ids, single.attention_mask, single.images, **greedy())
         assert torch.equal(batched[row], alone[0]), f"prompt {row} differs when batched"
 
 
 def test_beam_search_returns_requested_shape(setup):
     model, processor, encoded = setup
-    batch = processor.collate(encoded, padding_side="left")
-    out = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+    batch = collate(processor, encoded, "left")
+    out = model.generate(batch.input_ids, batch.attention_mask, batch.images,
                          num_beams=3, num_return_sequences=2, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert out.shape == (3 * 2, 6)
     assert int(out.min()) >= 0 and int(out.max()) < model.llm.config.vocab_size
@@ -72,8 +77,8 @@ def test_beam_search_returns_requested_shape(setup):
 
 def test_sampling_returns_requested_shape_and_is_reproducible_with_a_seed(setup):
     model, processor, encoded = setup
-    batch = processor.collate(encoded, padding_side="left")
-    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    batch = collate(processor, encoded, "left")
+    args = (batch.input_ids, batch.attention_mask, batch.images)
     kwargs = dict(do_sample=True, temperature=1.5, top_k=0, max_new_tokens=12, min_new_tokens=12)
     torch.manual_seed(123)
     first = model.generate(*args, **kwargs)
@@ -88,26 +93,26 @@ def test_sampling_returns_requested_shape_and_is_reproducible_with_a_seed(setup)
 
 def test_generate_refuses_right_padding(setup):
     model, processor, encoded = setup
-    batch = processor.collate(encoded, padding_side="right")
+    batch = collate(processor, encoded, "right")
     with pytest.raises(ValueError, match="left padding"):
-        model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], **greedy())
+        model.generate(batch.input_ids, batch.attention_mask, batch.images, **greedy())
 
 
 def test_more_images_than_placeholders_raises_image_token_mismatch_with_both_counts(setup):
     model, processor, encoded = setup
-    batch = processor.collate(encoded[:1], padding_side="left")
-    two_images = torch.cat([batch["pixel_values"], batch["pixel_values"]])
+    batch = collate(processor, encoded[:1], "left")
+    two_images = torch.cat([batch.images, batch.images])
     with pytest.raises(ImageTokenMismatch) as info:
-        model(batch["input_ids"], batch["attention_mask"], pixel_values=two_images)
+        model(batch.input_ids, batch.attention_mask, pixel_values=two_images)
     message = str(info.value)
     assert f"{NUM_PATCHES} image placeholder" in message
     assert f"{2 * NUM_PATCHES} visual tokens" in message and "2 image(s)" in message
     with pytest.raises(ImageTokenMismatch):
-        model.generate(batch["input_ids"], batch["attention_mask"], two_images, **greedy())
+        model.generate(batch.input_ids, batch.attention_mask, two_images, **greedy())
 
 
 def test_placeholders_without_images_raise_image_token_mismatch(setup):
     model, processor, encoded = setup
-    batch = processor.collate(encoded[:1], padding_side="left")
+    batch = collate(processor, encoded[:1], "left")
     with pytest.raises(ImageTokenMismatch, match=f"{NUM_PATCHES} image placeholder tokens but no images"):
-        model(batch["input_ids"], batch["attention_mask"], pixel_values=None)
+        model(batch.input_ids, batch.attention_mask, pixel_values=None)

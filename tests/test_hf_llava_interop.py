@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 from conftest import build_tiny_model, tiny_model_config
-from vlm.config import StageConfig, Train
+from vlm.config import COMPONENTS, Train
 from vlm.interop.hf_llava import (EXPORT_INFO, LlavaLayoutError, export_hf_llava, from_hf_llava, import_hf_llava,
                                   to_hf_llava)
 from vlm.modeling.vlm import VisionLanguageModel
@@ -99,9 +98,8 @@ def test_layouts_transformers_llava_cannot_hold_are_refused(tokenizer_dir, token
 def write_stage_output(folder, model, cfg, tokenizer):
     """``model`` as a stage output that trained everything (what ``vlm train`` writes)."""
     folder.mkdir(parents=True)
-    stage = OmegaConf.structured(StageConfig)
-    stage.train.vision = stage.train.connector = stage.train.llm = Train.full
-    save_model_state(model, folder, stage, cfg, tokenizer, prior=None)
+    everything = {comp: Train.full for comp in COMPONENTS}
+    save_model_state(model, folder, everything, cfg, tokenizer, prior=None)
     return folder
 
 

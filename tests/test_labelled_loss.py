@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from vlm.config import LoraConfig
+from vlm.data.batch import Collator
 from vlm.data.types import Sample, Turn
 from vlm.modeling.processing import build_processor
 from vlm.training.stages import add_lora
@@ -19,19 +20,19 @@ def _batch(model, tokenizer, model_config, image_paths):
         Sample("c", [Turn("user", "<image>\nwhere is it?"), Turn("assistant", "in the bottom right corner"),
                      Turn("user", "what shape is it?"), Turn("assistant", "a green triangle")], [image_paths[1]]),
     ]
-    return processor.collate([processor.encode(s) for s in samples])
+    return Collator(tokenizer.pad_token_id)([processor.encode(s) for s in samples])
 
 
 def _both_losses(model, batch):
-    full = model(**batch)
-    labelled = model(**batch, return_logits=False)
+    full = model(**batch.model_inputs())
+    labelled = model(**batch.model_inputs(), return_logits=False)
     assert full.logits is not None and labelled.logits is None
     return full.loss, labelled.loss
 
 
 def test_labelled_only_loss_equals_the_full_loss(tiny_model, tokenizer, model_config, image_paths):
     batch = _batch(tiny_model, tokenizer, model_config, image_paths)
-    assert (batch["attention_mask"] == 0).any(), "the batch must hold padding"
+    assert (batch.attention_mask == 0).any(), "the batch must hold padding"
     with torch.no_grad():
         full, labelled = _both_losses(tiny_model, batch)
     torch.testing.assert_close(labelled, full, atol=1e-6, rtol=0)
@@ -49,7 +50,7 @@ def test_labelled_only_loss_through_lora_matches_loss_and_gradients(tiny_model, 
     grads = []
     for return_logits in (True, False):
         tiny_model.zero_grad(set_to_none=True)
-        loss = tiny_model(**batch, return_logits=return_logits).loss
+        loss = tiny_model(**batch.model_inputs(), return_logits=return_logits).loss
         loss.backward()
         grads.append((loss.detach(), {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}))
     (full, full_grads), (labelled, labelled_grads) = grads

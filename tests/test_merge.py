@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from conftest import build_tiny_model, tiny_model_config, write_images
 from test_hf_llava_interop import write_stage_output
 from vlm.inference.chat import answer
-from vlm.config import LoraConfig, StageConfig, Train
+from vlm.config import LoraConfig, Train
 from vlm.data.types import Turn
 from vlm.core.errors import ConfigError
 from vlm.checkpoint.peft_sidecar import ADAPTER_INFO, init_added_rows, load_base
@@ -37,10 +37,9 @@ def with_trained_lora(model, seed=1):
     return model.eval()
 
 
-def lora_stage():
-    stage = OmegaConf.structured(StageConfig)
-    stage.train.vision, stage.train.connector, stage.train.llm = Train.frozen, Train.full, Train.lora
-    return stage
+def lora_modes():
+    """What a LoRA instruct stage trains: the connector fully, the LLM with LoRA."""
+    return {"vision": Train.frozen, "connector": Train.full, "llm": Train.lora}
 
 
 def inputs(model, tokenizer):
@@ -59,7 +58,7 @@ def lora_output(tmp_path, tokenizer_dir, tokenizer):
     with_trained_lora(model)
     second = tmp_path / "instruct" / "final"
     second.mkdir(parents=True)
-    save_model_state(model, second, lora_stage(), model_cfg, tok, prior=read_manifest(first))
+    save_model_state(model, second, lora_modes(), model_cfg, tok, prior=read_manifest(first))
     return model, tok, second
 
 
@@ -115,7 +114,7 @@ def test_adapter_on_a_pretrained_llm_records_it_and_the_added_tokens(tmp_path, t
     model = with_trained_lora(build_tiny_model(cfg, tokenizer))
     out = tmp_path / "instruct" / "final"
     out.mkdir(parents=True)
-    save_model_state(model, out, lora_stage(), cfg, tokenizer, prior=None)
+    save_model_state(model, out, lora_modes(), cfg, tokenizer, prior=None)
     adapter = out / "llm_adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         str((tmp_path / "llama").resolve())

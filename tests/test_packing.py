@@ -13,8 +13,9 @@ import vlm.app.stages
 from conftest import run_config
 from test_training import assert_same_tensors, conversations, read_metrics, tensors
 from vlm.config import ConfigError
-from vlm.data.packing import first_fit_decreasing, pack_batch, row_capacity
-from vlm.data.processor import IGNORE_INDEX, pad_batch
+from vlm.data.batch import Collator
+from vlm.data.packing import first_fit_decreasing, row_capacity
+from vlm.data.processor import IGNORE_INDEX
 from vlm.data.types import Sample, Turn
 from vlm.modeling.processing import build_processor
 
@@ -42,18 +43,18 @@ def _items(model, tokenizer, model_config, image_paths):
 
 def test_packed_loss_equals_the_unpacked_per_token_mean(tiny_model, tokenizer, model_config, image_paths):
     items, processor = _items(tiny_model, tokenizer, model_config, image_paths)
-    lengths = [len(it["input_ids"]) for it in items]
+    lengths = [len(it.input_ids) for it in items]
     capacity = row_capacity(lengths, max_length=1000)
     assert capacity == max(lengths) and row_capacity(lengths, max_length=40) == 40
-    packed = pack_batch(items, tokenizer.pad_token_id, 1000)
+    packed = Collator(tokenizer.pad_token_id, packing=True, max_length=1000)(items)
     order = first_fit_decreasing(lengths, capacity)
-    assert packed["input_ids"].shape == (len(order), capacity)
+    assert packed.input_ids.shape == (len(order), capacity)
     assert len(order) < len(items), f"some row must hold several samples: {lengths}"
-    assert packed["num_samples"] == 4
-    padded = pad_batch(items, tokenizer.pad_token_id)
-    inputs = {k: v for k, v in packed.items() if k != "num_samples"}
+    assert packed.num_samples == 4 and packed.attention_mask is None
+    padded = Collator(tokenizer.pad_token_id)(items)
+    inputs = packed.model_inputs()
     with torch.no_grad():
-        expected = tiny_model(**padded)
+        expected = tiny_model(**padded.model_inputs())
         got_full = tiny_model(**inputs)
         got = tiny_model(**inputs, return_logits=False)
     torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=0)
@@ -69,14 +70,15 @@ def test_packed_loss_equals_the_unpacked_per_token_mean(tiny_model, tokenizer, m
 
 def test_packed_labels_never_cross_samples(tiny_model, tokenizer, model_config, image_paths):
     items, _ = _items(tiny_model, tokenizer, model_config, image_paths)
-    packed = pack_batch(items, tokenizer.pad_token_id, 10_000)
-    starts = (packed["position_ids"] == 0).nonzero().tolist()
+    packed = Collator(tokenizer.pad_token_id, packing=True, max_length=10_000)(items)
+    starts = (packed.position_ids == 0).nonzero().tolist()
     assert len(starts) >= 4  # one start per sample (and per row's padding)
     for r, s in starts:
-        assert packed["labels"][r, s] == IGNORE_INDEX
+        assert packed.labels[r, s] == IGNORE_INDEX
     # images in placeholder order: one per <image>, as many as placeholders / 16
-    n_placeholders = int((packed["input_ids"] == tiny_model.image_token_id).sum())
-    assert packed["pixel_values"].shape[0] * tiny_model.num_image_tokens == n_placeholders == 3 * 16
+    n_placeholders = int((packed.input_ids == tiny_model.image_token_id).sum())
+    assert packed.image_kind == "pixels"
+    assert packed.images.shape[0] * tiny_model.num_image_tokens == n_placeholders == 3 * 16
 
 
 def test_packing_needs_an_objective_that_supports_it(tmp_path, tokenizer_dir, shapes_data):

@@ -26,11 +26,11 @@ PLUGINS = Path(__file__).resolve().parent / "plugins"
 class ConnectorSnapshots(Callback):
     """Keeps the connector's weights at the start and at the end of training."""
 
-    def on_train_start(self, trainer, position):
-        self.start = {k: v.detach().clone() for k, v in trainer._unwrapped().connector.state_dict().items()}
+    def on_train_start(self, ctx, position):
+        self.start = {k: v.detach().clone() for k, v in ctx.model().connector.state_dict().items()}
 
-    def on_train_end(self, trainer, final):
-        self.end = {k: v.detach().clone() for k, v in trainer._unwrapped().connector.state_dict().items()}
+    def on_train_end(self, ctx, final):
+        self.end = {k: v.detach().clone() for k, v in ctx.model().connector.state_dict().items()}
 
 
 def stages(shapes):

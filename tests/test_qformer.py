@@ -192,6 +192,7 @@ def test_each_image_gets_the_text_of_its_turn_as_instruction():
 
 def test_instruction_aware_qformer_trains_and_generates_through_the_model(tokenizer_dir, tokenizer, image_paths):
     from conftest import build_tiny_model, tiny_model_config
+    from vlm.data.batch import Collator
     from vlm.data.types import Sample, Turn
     from vlm.inference.generation import generate_answers
     from vlm.modeling.processing import build_processor
@@ -202,15 +203,15 @@ def test_instruction_aware_qformer_trains_and_generates_through_the_model(tokeni
     processor = build_processor(model, tokenizer, cfg, "plain")
     samples = [Sample(str(i), [Turn("user", f"<image>\n{q}"), Turn("assistant", "red")], [image_paths[0]])
                for i, q in enumerate(["what color is the shape?", "is there a circle in the image?"])]
-    batch = processor.collate([processor.encode(s) for s in samples])
-    assert batch["instructions"] == ["what color is the shape?", "is there a circle in the image?"]
+    batch = Collator(tokenizer.pad_token_id)([processor.encode(s) for s in samples])
+    assert batch.instructions == ["what color is the shape?", "is there a circle in the image?"]
     with torch.no_grad():
-        out = model(**batch)
+        out = model(**batch.model_inputs())
         tokens = out.vision_hidden_states
     assert torch.isfinite(out.loss)
     assert not torch.allclose(tokens[0], tokens[1])  # same image, different questions
     with pytest.raises(ValueError, match="one instruction per image"):
-        model(batch["input_ids"], pixel_values=batch["pixel_values"])
+        model(batch.input_ids, pixel_values=batch.images)
     answers = generate_answers(model, processor, samples, batch_size=2, max_new_tokens=3)
     assert len(answers) == 2
     # on the LLM path the text path is used, only the stage-1 heads are not

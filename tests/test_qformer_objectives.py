@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import build_tiny_model, run_config, tiny_model_config
 from vlm.config import ConfigError
+from vlm.data.batch import Batch, Collator
 from vlm.modeling.connectors.image_text import similarity
 from vlm.app.stages import run_stage
 from vlm.modeling.processing import build_processor
@@ -141,19 +142,19 @@ def caption_batch(model, tokenizer, cfg, shapes_data, n=6):
     processor = build_processor(model, tokenizer, cfg, "plain")
     train = shapes_data["train"]
     samples = read_dataset("coco_captions", path=train["captions"], image_root=train["image_root"])[:n]
-    return processor.collate([processor.encode(s) for s in samples]), samples
+    return Collator(tokenizer.pad_token_id)([processor.encode(s) for s in samples]), samples
 
 
 def test_itc_in_one_process_is_in_batch_contrastive_over_max_query_similarity(qformer_model, tokenizer, shapes_data):
     model, cfg = qformer_model
     objective = QFormerStage1(model, tokenizer)
     batch, samples = caption_batch(model, tokenizer, cfg, shapes_data)
-    texts = objective.texts(batch["labels"])
+    texts = objective.texts(batch.labels)
     assert texts == [s.turns[-1].content for s in samples]  # the captions, recovered from the labels
     with torch.no_grad():
         out = objective(model, batch)
         qformer = model.connector
-        features = model.vision(batch["pixel_values"])
+        features = model.vision(batch.images)
         ids, mask = qformer.tokenize_texts(texts)
         sim = similarity(qformer.image_embeddings(features), qformer.text_embeddings(ids, mask)) / 0.07
         targets = torch.arange(len(texts))
@@ -171,7 +172,7 @@ def feature_batch(tokenizer, texts, seed=0):
     for i, row in enumerate(rows):
         labels[i, : len(row)] = torch.tensor(row)
     features = torch.randn(len(rows), 16, 32, generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": labels.clamp(min=0), "labels": labels, "image_features": features}
+    return Batch(input_ids=labels.clamp(min=0), labels=labels, images=features, image_kind="features")
 
 
 TEXTS = ["red circle", "blue square", "green triangle", "yellow cross", "small red square", "large blue circle",
@@ -217,7 +218,7 @@ def test_itm_pairs_positives_with_hard_negatives_both_ways(qformer_model, tokeni
     objective(model, batch)
     b = len(TEXTS)
     ids, mask = qformer.tokenize_texts(TEXTS)
-    features = batch["image_features"]
+    features = batch.images
     images, itm_ids = seen["images"], seen["ids"][:, : ids.shape[1]]
     assert images.shape[0] == itm_ids.shape[0] == 3 * b
     # block 1: the true pairs; block 2: each text with another image; block 3: each image with another text

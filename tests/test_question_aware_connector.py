@@ -76,6 +76,7 @@ def test_from_config(tokenizer):
 
 def test_trains_and_generates_through_the_model(tokenizer_dir, tokenizer, image_paths):
     from conftest import build_tiny_model, tiny_model_config
+    from vlm.data.batch import Collator
     from vlm.data.types import Sample, Turn
     from vlm.inference.generation import generate_answers
     from vlm.modeling.processing import build_processor
@@ -86,9 +87,9 @@ def test_trains_and_generates_through_the_model(tokenizer_dir, tokenizer, image_
     questions = ["what color is the shape?", "is there a circle in the image?", "where is the shape?"]
     samples = [Sample(str(i), [Turn("user", f"<image>\n{q}"), Turn("assistant", "red")], [image_paths[0]])
                for i, q in enumerate(questions)]
-    batch = processor.collate([processor.encode(s) for s in samples])
-    assert batch["instructions"] == questions
-    out = model(**batch)
+    batch = Collator(tokenizer.pad_token_id)([processor.encode(s) for s in samples])
+    assert batch.instructions == questions
+    out = model(**batch.model_inputs())
     tokens = out.vision_hidden_states
     assert not torch.allclose(tokens[0, 0], tokens[1, 0])  # same image, other question
     torch.testing.assert_close(tokens[0, 1:], tokens[1, 1:])
@@ -98,7 +99,7 @@ def test_trains_and_generates_through_the_model(tokenizer_dir, tokenizer, image_
     model.zero_grad()
     # eval must not share one image's prefix between questions: each gets its own question token
     from vlm.inference.generation import _shared_prefix_keys
-    prompts = [processor.encode(s)["input_ids"] for s in samples]
+    prompts = [processor.encode(s).input_ids for s in samples]
     assert _shared_prefix_keys(model, samples, prompts) == [None, None, None]
     together = generate_answers(model, processor, samples, batch_size=3, max_new_tokens=3)
     alone = [generate_answers(model, processor, [s], batch_size=1, max_new_tokens=3)[0] for s in samples]
@@ -118,8 +119,8 @@ def test_answer_words_warm_up_trains_the_question_token_and_nothing_else_of_the_
     class Start(Callback):
         """The connector's weights as the stage starts."""
 
-        def on_train_start(self, trainer, position):
-            self.state = {k: v.clone() for k, v in trainer._unwrapped().connector.state_dict().items()}
+        def on_train_start(self, ctx, position):
+            self.state = {k: v.clone() for k, v in ctx.model().connector.state_dict().items()}
 
     start = Start()
     final = vlm.app.stages.run_stage(cfg, "warmup", callbacks=[start])

@@ -10,6 +10,7 @@ import logging
 
 import pytest
 
+from vlm.data.batch import Collator
 from vlm.data.dataset import ConversationDataset
 from vlm.data.image_transforms import CLIP_MEAN, CLIP_STD, build_transform
 from vlm.data.processor import IGNORE_INDEX, VLMProcessor
@@ -221,10 +222,10 @@ def test_corrupt_image_is_skipped_counted_and_logged_with_its_path(tokenizer, im
         processor, progress=False)
     assert len(dataset) == 2  # images load lazily
     good = dataset[0]
-    assert good is not None and good["pixel_values"][0].shape == (3, 32, 32)
-    with caplog.at_level(logging.WARNING, logger="vlm.data.dataset"):
+    assert good is not None and good.images[0].shape == (3, 32, 32)
+    with caplog.at_level(logging.WARNING, logger="vlm.data.images"):
         assert dataset[1] is None
     assert dataset.image_failures == 1
     assert str(broken) in caplog.text and "bad#1" in caplog.text
-    batch = processor.collate([dataset[0], dataset[1]])
-    assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape == (1, 3, 32, 32)
+    batch = Collator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    assert batch.input_ids.shape[0] == 1 and batch.images.shape == (1, 3, 32, 32) and batch.skipped == 1

@@ -86,8 +86,8 @@ def test_warms_up_with_answer_words_and_reloads(tmp_path, tokenizer_dir, shapes_
     class Features(Callback):
         """The trained encoder's features (eval mode) as the stage ends."""
 
-        def on_train_end(self, trainer, final):
-            vision = trainer._unwrapped().vision
+        def on_train_end(self, ctx, final):
+            vision = ctx.model().vision
             was_training = vision.training
             vision.eval()
             with torch.no_grad():

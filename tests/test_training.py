@@ -74,11 +74,10 @@ def assert_same_state(a, b, where=""):
 
 
 class Capture(Callback):
-    """Keeps the trainer and the model's weights as they were when training began."""
+    """Keeps the model's weights as they were when training began."""
 
-    def on_train_start(self, trainer, position):
-        self.trainer = trainer
-        self.initial_state = {k: v.detach().clone() for k, v in trainer._unwrapped().state_dict().items()}
+    def on_train_start(self, ctx, position):
+        self.initial_state = {k: v.detach().clone() for k, v in ctx.model().state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,9 +154,10 @@ def chain(tmp_path_factory, tokenizer_dir, shapes_data):
     cfg = run_config(root, tokenizer_dir, chain_stages(shapes_data, out_a / "base" / "final"), out_dir=out_a)
     instruct = Capture()
     base_final = vlm.app.stages.run_stage(cfg, "base")
-    instruct_final = vlm.app.stages.run_stage(cfg, "instruct", callbacks=[instruct])
+    instruct_run = vlm.app.stages.build_stage(cfg, "instruct", callbacks=[instruct])
+    instruct_final = instruct_run.trainer.train()
     return {"root": root, "cfg": cfg, "base_final": base_final, "instruct_final": instruct_final,
-            "instruct_trainer": instruct.trainer, "instruct_initial_state": instruct.initial_state}
+            "instruct_trainer": instruct_run.trainer, "instruct_initial_state": instruct.initial_state}
 
 
 def test_resume_from_a_checkpoint_reproduces_the_run_bitwise(chain, tokenizer_dir, shapes_data):
@@ -228,12 +228,13 @@ def test_load_pretrained_rebuilds_a_model_with_the_trained_logits(chain, image_p
     model, tokenizer, model_cfg = vlm.checkpoint.pretrained.load_pretrained(chain["instruct_final"])
     assert not any("lora" in n for n, _ in model.named_parameters()), "adapters are merged on load"
     processor = vlm.modeling.processing.build_processor(model, tokenizer, model_cfg, template="chatml")
+    from vlm.data.batch import Collator
     from vlm.data.types import Sample, Turn
 
     items = [processor.encode(Sample(str(i), [Turn("user", "<image>\nWhat color is the shape?"),
                                               Turn("assistant", "red")], [p]))
              for i, p in enumerate(image_paths[:2])]
-    batch = processor.collate(items)
+    batch = Collator(tokenizer.pad_token_id)(items).model_inputs()
     with torch.no_grad():
         expected = trained(**batch)
         got = model(**batch)
@@ -274,10 +275,10 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, token
             raise RuntimeError("disk full")
         return original(folder, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_training_state", crash_on_second)
+    monkeypatch.setattr("vlm.training.trainer.save_training_state", crash_on_second)
     with pytest.raises(RuntimeError, match="disk full"):
         vlm.app.stages.run_stage(cfg, "align")
-    monkeypatch.setattr(ckpt, "save_training_state", original)
+    monkeypatch.setattr("vlm.training.trainer.save_training_state", original)
 
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
     assert leftovers(out) == []
@@ -302,7 +303,7 @@ def test_crash_while_writing_final_keeps_the_previous_final(tmp_path, tokenizer_
         original(model, folder, *args, **kwargs)
         raise RuntimeError("killed while saving")
 
-    monkeypatch.setattr(ckpt, "save_model_state", crash_after_writing)
+    monkeypatch.setattr("vlm.app.stages.save_model_state", crash_after_writing)
     other_seed = run_config(tmp_path, tokenizer_dir, small_stage(shapes_data, save_every=None, seed=1,
                                                                  learning_rate=0.05))
     with pytest.raises(RuntimeError, match="killed while saving"):
@@ -329,12 +330,12 @@ def test_a_model_image_token_other_than_image_marks_the_data(tmp_path, tokenizer
     item = run.dataset[0]
     processor = run.dataset.processor
     assert processor.tokenizer.convert_ids_to_tokens(processor.image_token_id) == "<img>"
-    assert item["input_ids"].count(processor.image_token_id) == run.trainer._unwrapped().num_image_tokens
-    assert item["instructions"] and "<img>" not in item["instructions"][0]
+    assert item.input_ids.count(processor.image_token_id) == run.trainer._unwrapped().num_image_tokens
+    assert item.instructions and "<img>" not in item.instructions[0]
     run.trainer.train()
     assert all(math.isfinite(r["loss"]) for r in run.trainer.history)
 
     plain = {"s": {"data": [data], "template": "plain", "batch_size": 4, "max_steps": 1}}
     cfg = run_config(tmp_path, tokenizer_dir, plain, model={"image_token": "<img>"}, out_dir=tmp_path / "plain")
     item = vlm.app.stages.build_stage(cfg, "s").dataset[0]
-    assert item["input_ids"].count(processor.image_token_id) == NUM_PATCHES
+    assert item.input_ids.count(processor.image_token_id) == NUM_PATCHES

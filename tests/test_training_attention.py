@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import lora_instruct_model
-from vlm.data.packing import pack_batch
+from vlm.data.batch import Collator
 from vlm.data.types import Sample, Turn
 from vlm.modeling.attention import TRAINING_SDPA, sdpa_fp32_under_cpu_autocast, use_training_attention
 from vlm.modeling.processing import build_processor
@@ -62,17 +62,17 @@ def _packed_batch(model, tokenizer, model_config, image_paths):
                      Turn("assistant", "the image shows a big yellow cross on a plain background")],
                [image_paths[1]]),
     ]
-    return pack_batch([processor.encode(s) for s in samples], tokenizer.pad_token_id, 512)
+    return Collator(tokenizer.pad_token_id, packing=True, max_length=512)([processor.encode(s) for s in samples])
 
 
 def test_a_packed_lora_training_step_matches_sdpa(tiny_model, tokenizer, model_config, image_paths):
     """The same packed bf16 step through ``sdpa`` and ``vlm_sdpa``: losses and LoRA gradients agree
     to bf16 precision, and both match the fp32 step (a dropped mask would not)."""
     batch = _packed_batch(tiny_model, tokenizer, model_config, image_paths)
-    assert batch["input_ids"].shape[0] < batch["num_samples"], "samples must share a row"
+    assert batch.input_ids.shape[0] < batch.num_samples, "samples must share a row"
     lora_instruct_model(tiny_model)  # as an instruct stage: connector and LoRA train
     tiny_model.train()
-    inputs = {k: v for k, v in batch.items() if k != "num_samples"}
+    inputs = batch.model_inputs()
 
     def step(precision):
         tiny_model.zero_grad(set_to_none=True)

@@ -42,8 +42,10 @@ class OnNonFinite(str, enum.Enum):
 
 
 class Precision(str, enum.Enum):
-    """Numeric precision of a training stage (autocast for bf16 / fp16)."""
+    """Numeric precision of a training stage (autocast for bf16 / fp16). ``auto``: bf16 where the
+    hardware runs it natively and faster, fp32 elsewhere (``vlm.core.hardware.resolve_precision``)."""
 
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
@@ -161,7 +163,7 @@ class StageConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_grad_norm: Optional[float] = 1.0
-    precision: Precision = Precision.fp32
+    precision: Precision = Precision.auto
     seed: int = 42
     data: List[DataConfig] = field(default_factory=list)
     template: Optional[str] = None
@@ -182,7 +184,8 @@ class StageConfig:
     # (vlm/training/features.py); None: <out_dir>/feature_cache
     feature_cache: bool = False
     feature_cache_dir: Optional[str] = None
-    # how the stage spreads over processes (vlm/training/strategies.py): ddp | fsdp | zero2 | zero3
+    # how the stage spreads over processes: a name of vlm.training.strategies.STRATEGIES
+    # (ddp | fsdp | zero2 | zero3), checked by vlm.app.wiring.validate
     strategy: str = "ddp"
     # recompute activations in the backward pass (LLM, and the vision encoder when it trains)
     gradient_checkpointing: bool = False
@@ -274,9 +277,6 @@ class RunConfig:
     evals: Dict[str, EvalConfig] = field(default_factory=dict)
     # free user variables for interpolation (``${vars.train_images}``); ``???`` marks one required
     vars: Dict[str, Any] = field(default_factory=dict)
-
-
-STRATEGY_NAMES = ("ddp", "fsdp", "zero2", "zero3")  # vlm.training.strategies.STRATEGIES
 
 
 def _schema_fields(node_type) -> list[str]:

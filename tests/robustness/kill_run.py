@@ -25,7 +25,7 @@ class KillAfterStep(Callback):
     def __init__(self, step: int):
         self.step = step
 
-    def on_step_end(self, trainer, position):
+    def on_step_end(self, ctx, position):
         if position["step"] == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 

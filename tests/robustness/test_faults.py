@@ -102,7 +102,7 @@ def test_write_failure_names_the_path_and_keeps_the_last_checkpoint(project, cap
             raise error
         return original(folder, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_training_state", failing)
+    monkeypatch.setattr("vlm.training.trainer.save_training_state", failing)
     code, _, err = run_vlm(["train", project.write(), "--out", project.out], capsys)
     line = error_line(err)
     checkpoints = project.out / "align" / "checkpoints"
@@ -178,10 +178,11 @@ class TwoRanks:
 
 
 def test_ranks_agree_on_skipping_a_batch_empty_on_one_of_them():
-    from vlm.training.skips import SKIPPED_KEY, SkipCounter
+    from vlm.data.batch import Batch
+    from vlm.training.skips import SkipCounter
 
     counter = SkipCounter("align", 0.9, batches_per_epoch=10, accelerator=TwoRanks([0, 4, 1]))
-    batch = {"input_ids": torch.zeros(4, 3), SKIPPED_KEY: 0}
+    batch = Batch(input_ids=torch.zeros(4, 3, dtype=torch.long), labels=torch.zeros(4, 3, dtype=torch.long))
     assert counter.observe(batch, 1) is False  # this rank has 4 samples, the other none: both skip
     assert (counter.samples, counter.skipped_samples, counter.skipped_batches) == (8, 4, 1)
 

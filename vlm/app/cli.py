@@ -278,6 +278,14 @@ def cmd_models(args) -> None:
         print(f"{kind}: {', '.join(names)}")
 
 
+def cmd_env(args) -> None:
+    """Print what a bug report needs: versions, CPU capability, GPUs, what precision auto picks."""
+    from vlm.app.env import environment, format_environment
+
+    env = environment()
+    print(json.dumps(env, indent=2) if args.json else format_environment(env))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``vlm`` command."""
     parser = argparse.ArgumentParser(prog="vlm", description=__doc__)
@@ -380,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--against", choices=["hf"], default="hf", help="the library to compare with (transformers)")
     s.add_argument("--steps", type=int, default=30, help="timed optimizer steps per side")
     s.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
-    s.add_argument("--precision", choices=["fp32", "bf16"], help="override the stage's precision")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="override the stage's precision")
     s.add_argument("--prepare", action="store_true", help="run the recipe's prepare step first (demo data)")
     s.add_argument("--json", action="store_true", help="one line of JSON")
     s.set_defaults(func=cmd_bench_train)
@@ -435,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=8, help="requests answered together at most")
     p.add_argument("--template", help="chat template (default: the model's)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("env", help=cmd_env.__doc__)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("models", help=cmd_models.__doc__)
     p.add_argument("--json", action="store_true")

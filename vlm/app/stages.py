@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
 from transformers import set_seed
@@ -16,20 +17,20 @@ from vlm.checkpoint.fsio import remove_stale_tmp
 from vlm.checkpoint.manifest import read_manifest
 from vlm.checkpoint.pretrained import load_stage_tokenizer
 from vlm.config import save_config, train_modes
+from vlm.core.hardware import PrecisionChoice, resolve_precision
 from vlm.core.plugins import save_plugins
+from vlm.data.batch import Collator
 from vlm.data.dataset import ConversationDataset
 from vlm.data.feature_cache import BuildReport, build_stage_feature_cache
 from vlm.data.formats import read_samples
 from vlm.data.images import check_image_files
-from vlm.data.packing import PackingCollator
 from vlm.data.samplers import LengthGroupedSampler
 from vlm.evaluation.runner import run_eval
 from vlm.modeling.processing import build_processor
 from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training.callbacks import Callback
 from vlm.training.eval_callback import EvalDuringTraining, Evaluator
-from vlm.training.objectives import build_objective
-from vlm.training.skips import CountingCollate
+from vlm.training.objectives import OBJECTIVES, ObjectiveContext
 from vlm.training.stages import apply_stage
 from vlm.training.strategies import build_strategy, check_environment, check_launch
 from vlm.training.trainer import Trainer
@@ -56,13 +57,29 @@ def in_training_evaluator(cfg: DictConfig, name: str, tokenizer, out_dir: Path) 
     return evaluate
 
 
+PRECISION_FILE = "precision.json"  # beside a stage's outputs: what its precision resolved to, and why
+
+
+def resolved_precision(stage: DictConfig, name: str) -> Tuple[DictConfig, PrecisionChoice]:
+    """A copy of ``stage`` whose ``precision`` is what it resolves to on this machine (``auto``:
+    bf16 where the hardware runs it natively and faster, else fp32), and the choice, logged once."""
+    choice = resolve_precision(stage.precision)
+    logger.info("stage %s: precision %s -> %s: %s", name, choice.requested, choice.precision, choice.reason)
+    if choice.warning:
+        logger.warning("stage %s: %s", name, choice.warning)
+    stage = copy.deepcopy(stage)
+    stage.precision = choice.precision
+    return stage, choice
+
+
 @dataclass
 class StageRun:
-    """A stage ready to train: its trainer, its dataset and, with the feature cache on, the
-    cache build's report."""
+    """A stage ready to train: its trainer, its dataset, the precision it resolved to and, with
+    the feature cache on, the cache build's report."""
 
     trainer: Trainer
     dataset: ConversationDataset
+    precision: PrecisionChoice
     feature_cache: Optional[BuildReport] = None
 
 
@@ -72,7 +89,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     unless ``load_init`` is False), the stage's train modes, its data (with the feature cache
     built when ``feature_cache`` is on) and the trainer writing under ``out_dir``
     (default ``<cfg.out_dir>/<name>``), calling ``callbacks``."""
-    stage = cfg.stages[name]
+    stage, precision = resolved_precision(cfg.stages[name], name)
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg.out_dir) / name
     init_from = stage.init_from if load_init else None
     # refuse what this launch cannot run before anything is built
@@ -82,6 +99,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     check_launch(accelerator, strategy, f"stages.{name}")
     if accelerator.is_main_process:
         save_config(cfg, out_dir / "config.yaml")
+        (out_dir / PRECISION_FILE).write_text(json.dumps(precision.as_record(), indent=2))
         for folder in (out_dir, out_dir / "checkpoints"):  # what killed runs left half-written
             remove_stale_tmp(folder)
     set_seed(stage.seed)
@@ -91,9 +109,10 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     if init_from:
         load_model_state(model, init_from)
         prior = read_manifest(init_from)
-    apply_stage(model, stage)
+    objective_cls = OBJECTIVES.get(stage.objective)  # looked up once: what it freezes, then built
+    apply_stage(model, stage, objective_cls)
     processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length, stage.max_image_pixels)
-    objective = build_objective(stage.objective, model, tokenizer)
+    objective = objective_cls.build(None, ObjectiveContext(model, tokenizer))
     samples = read_samples(stage.data, cfg.model.image_token)
     check_image_files([p for s in samples for p in s.images], f"stages.{name}.data", stage.max_image_failure_ratio)
     features, report = None, None
@@ -108,7 +127,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
         save_model_state(trained_model, folder, train_modes(stage.train), cfg.model, tokenizer, prior, state=state)
         save_plugins(folder, list(cfg.plugins))
 
-    collate = PackingCollator(tokenizer.pad_token_id, stage.max_length) if stage.packing else processor.collate
+    collate = Collator(tokenizer.pad_token_id, packing=stage.packing, max_length=stage.max_length)
     sampler = None
     if stage.group_by_length:
         sampler = LengthGroupedSampler([len(ids) for _, ids, _ in dataset.entries],
@@ -117,10 +136,10 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     if stage.eval_every and stage.evals:
         evaluate = in_training_evaluator(cfg, name, tokenizer, out_dir / "eval_during_training")
         callbacks = [*callbacks, EvalDuringTraining(evaluate, stage.eval_every, stage.keep_best)]
-    trainer = Trainer(model, dataset, collate=CountingCollate(collate), stage=stage, out_dir=out_dir,
+    trainer = Trainer(model, dataset, collate=collate, stage=stage, out_dir=out_dir,
                       save_state=save_state, accelerator=accelerator, stage_name=name,
                       objective=objective, callbacks=callbacks, strategy=strategy, sampler=sampler)
-    return StageRun(trainer, dataset, report)
+    return StageRun(trainer, dataset, precision, report)
 
 
 def run_stage(cfg: DictConfig, name: str, resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:

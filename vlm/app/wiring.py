@@ -4,19 +4,22 @@ what is registered.
 ``vlm.config`` is pure data; this module knows the components. :func:`load_run_config` is the one
 entry point that loads a recipe *and* validates it (every command, benchmark and test uses it);
 :func:`validate` checks registry names, component options and reader arguments without building
-anything, importing only the components the config names.
+anything, importing only the components the config names. Every kind is checked the same way
+(:func:`check_component`): the name in its registry, the section's ``options`` against the
+component's ``Options``, then the component's own ``check(cfg, where)`` (the protocol of
+:class:`vlm.core.registry.Component`); what spans two components (the connector's encoder, the
+feature cache) is checked here.
 """
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from vlm.config import STRATEGY_NAMES, Train, _one_hint, _schema_fields, load_config
+from vlm.config import Train, _one_hint, _schema_fields, load_config
 from vlm.core.errors import ConfigError
 from vlm.core.plugins import load_plugins
 from vlm.core.registry import Registry, closest, import_object, load_entry_point_plugins
@@ -30,6 +33,7 @@ REGISTRIES: Dict[str, str] = {
     "preprocessing": "vlm.data.image_transforms:PREPROCESSING",
     "objectives": "vlm.training.objectives:OBJECTIVES",
     "tasks": "vlm.evaluation.tasks:TASKS",
+    "strategies": "vlm.training.strategies:STRATEGIES",
 }
 
 
@@ -71,53 +75,45 @@ def check_options(options: Dict[str, Any], options_type, where: str) -> None:
         raise ConfigError(f"{where}.{missing[0]}: required, no default")
 
 
-def check_kwargs(args: Dict[str, Any], fn, where: str) -> None:
-    """Every key of ``args`` must be a parameter of ``fn``."""
-    params = inspect.signature(fn).parameters
-    for key in args:
-        if key not in params:
-            raise ConfigError(f"{where}.{key}: not an argument of {fn.__name__}{closest(key, params)}")
-
-
-def check_feature_cache(stage, connector_cls, objective_cls, where: str) -> None:
-    """A stage may train from cached features only if nothing it runs needs the encoder live."""
-    if Train(stage.train.vision) is not Train.frozen:
-        raise ConfigError(f"{where}: needs train.vision: frozen (cached features would go stale as "
-                          f"the encoder trains); got '{Train(stage.train.vision).value}'")
-    conflict = connector_cls.feature_cache_conflict()
-    if conflict:
-        raise ConfigError(f"{where}: connector {connector_cls.__name__} {conflict}")
-    if objective_cls.needs_pixels:
-        raise ConfigError(f"{where}: objective '{stage.objective}' reads the images itself")
+def check_component(kind: str, name: str, cfg, where: str, name_key: str,
+                    options: Optional[Dict[str, Any]] = None):
+    """The one check of every kind of component: ``name`` must be registered in ``kind``
+    (ConfigError at ``name_key``, with the closest name), ``options`` (the section's ``options``,
+    for a kind whose section has them) must fit the component's ``Options``, and the component
+    checks its own rules of ``cfg``, the config section at ``where`` that names it
+    (``check(cfg, where)``). Returns the component."""
+    component = _lookup(registry(kind), name, name_key)
+    if options is not None:
+        check_options(options, component.Options, f"{where}.options")
+    component.check(cfg, where)
+    return component
 
 
 def check_data(data, where: str) -> None:
-    """A dataset entry: a registered reader and that reader's arguments."""
-    reader = _lookup(registry("data_formats"), data.format, f"{where}.format")
-    check_kwargs(data.args, reader, f"{where}.args")
+    """A dataset entry: a registered reader (which checks its arguments) and ``repeat``."""
+    check_component("data_formats", data.format, data, where, f"{where}.format")
     if data.repeat < 1:
         raise ConfigError(f"{where}.repeat: must be at least 1, got {data.repeat}")
 
 
-def check_model(model) -> None:
-    """The model section: encoder, connector (and their pairing), template and LLM."""
-    encoders, connectors = registry("vision_encoders"), registry("connectors")
-    encoder_cls = _lookup(encoders, model.vision.name, "model.vision.name")
-    check_options(model.vision.options, encoder_cls.Options, "model.vision.options")
-    encoder_cls.check_arch(dict(model.vision.arch), "model.vision.arch")
-    if model.vision.preprocess is not None:
-        _lookup(registry("preprocessing"), model.vision.preprocess, "model.vision.preprocess")
-    connector_cls = _lookup(connectors, model.connector.name, "model.connector.name")
-    check_options(model.connector.options, connector_cls.Options, "model.connector.options")
-    connector_cls.check_options(dict(model.connector.options), "model.connector.options")
+def check_model(model):
+    """The model section: encoder, connector (and their pairing), template and LLM. Returns the
+    connector class (the stages' feature-cache rule reads it)."""
+    vision, connector = model.vision, model.connector
+    encoder_cls = check_component("vision_encoders", vision.name, vision, "model.vision", "model.vision.name",
+                                  vision.options)
+    if vision.preprocess is not None:
+        check_component("preprocessing", vision.preprocess, vision, "model.vision", "model.vision.preprocess")
+    connector_cls = check_component("connectors", connector.name, connector, "model.connector",
+                                    "model.connector.name", connector.options)
     required = connector_cls.requires_vision
     if required is not None and not issubclass(encoder_cls, required):
+        encoders = registry("vision_encoders")
         needed = [n for n in encoders.names() if issubclass(encoders.get(n), required)]
-        raise ConfigError(f"model.connector.name: connector '{model.connector.name}' runs inside a "
+        raise ConfigError(f"model.connector.name: connector '{connector.name}' runs inside a "
                           f"{' / '.join(repr(n) for n in needed)} vision encoder; model.vision.name is "
-                          f"'{model.vision.name}'")
-    if model.template != "tokenizer":
-        _lookup(registry("templates"), model.template, "model.template")
+                          f"'{vision.name}'")
+    check_component("templates", model.template, model, "model", "model.template")
     if model.llm.name_or_path is None and "model_type" not in model.llm.arch:
         raise ConfigError("model.llm: give name_or_path, or arch with a model_type")
     from vlm.modeling.dtypes import DTYPES
@@ -125,33 +121,34 @@ def check_model(model) -> None:
     if model.llm.dtype not in DTYPES:
         raise ConfigError(f"model.llm.dtype: unknown dtype '{model.llm.dtype}'{closest(model.llm.dtype, DTYPES)}; "
                           f"known: {', '.join(sorted(DTYPES))}")
+    return connector_cls
 
 
 def check_stage(stage, connector_cls, where: str) -> None:
-    """One training stage: template, data, objective (and its own checks), feature cache."""
-    if stage.template is not None and stage.template != "tokenizer":
-        _lookup(registry("templates"), stage.template, f"{where}.template")
+    """One training stage: template, data, objective, strategy (each with its own checks), and
+    the feature cache (the one rule combining the connector's and the objective's declarations)."""
+    from vlm.data.feature_cache import feature_cache_refusal
+
+    if stage.template is not None:
+        check_component("templates", stage.template, stage, where, f"{where}.template")
     if not stage.data:
         raise ConfigError(f"{where}.data: a stage needs at least one dataset")
     for i, data in enumerate(stage.data):
         check_data(data, f"{where}.data.{i}")
-    objective = _lookup(registry("objectives"), stage.objective, f"{where}.objective")
-    objective.check_stage(stage, where)
+    objective = check_component("objectives", stage.objective, stage, where, f"{where}.objective")
     if any(getattr(stage.train, c) == Train.lora for c in ("vision", "connector")):
         raise ConfigError(f"{where}.train: LoRA is supported for the llm only")
     if stage.feature_cache:
-        check_feature_cache(stage, connector_cls, objective, f"{where}.feature_cache")
-    if stage.packing and not objective.supports_packing:
-        raise ConfigError(f"{where}.packing: objective '{stage.objective}' reads padded batches; "
-                          "packing needs an objective that supports it (e.g. 'lm')")
-    if stage.strategy not in STRATEGY_NAMES:
-        raise ConfigError(f"{where}.strategy: unknown strategy '{stage.strategy}'"
-                          f"{closest(stage.strategy, STRATEGY_NAMES)}; known: {', '.join(STRATEGY_NAMES)}")
+        refusal = feature_cache_refusal(connector_cls, objective, stage.train.vision, stage.objective)
+        if refusal:
+            raise ConfigError(f"{where}.feature_cache: {refusal}")
+    check_component("strategies", stage.strategy, stage, where, f"{where}.strategy")
 
 
 def check_eval(ev, where: str) -> None:
-    """One evaluation: a registered task, its data (format defaulting to the task's), its checks."""
-    task = _lookup(registry("tasks"), ev.task, f"{where}.task")
+    """One evaluation: a registered task (and its checks), its data (format defaulting to the
+    task's)."""
+    task = check_component("tasks", ev.task, ev, where, f"{where}.task")
     if ev.data.format is None:
         ev.data.format = task.data_format
     if ev.data.format != task.data_format:
@@ -159,14 +156,12 @@ def check_eval(ev, where: str) -> None:
     check_data(ev.data, f"{where}.data")
     if ev.data.repeat != 1:
         raise ConfigError(f"{where}.data.repeat: an evaluation reads each sample once, got {ev.data.repeat}")
-    task.check(ev, where)
 
 
 def validate(cfg: DictConfig) -> None:
     """Check registry names, component options and reader arguments, without building anything.
     An eval's ``data.format`` left unset is filled with its task's."""
-    check_model(cfg.model)
-    connector_cls = registry("connectors").get(cfg.model.connector.name)
+    connector_cls = check_model(cfg.model)
     if cfg.prepare.tokenizer is not None:
         for i, data in enumerate(cfg.prepare.tokenizer.data):
             check_data(data, f"prepare.tokenizer.data.{i}")

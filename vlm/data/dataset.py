@@ -7,8 +7,8 @@ silently trained on. An image that fails to load at training time is logged with
 the sample is dropped from its batch (and counted) instead of killing the run.
 
 With ``image_features`` (the frozen-feature cache's reader), items carry each image's cached
-encoder features under ``image_features`` instead of its pixels under ``pixel_values``; a
-missing or unreadable entry is handled like an unreadable image.
+encoder features instead of its pixels (``image_kind`` ``"features"``); a missing or
+unreadable entry is handled like an unreadable image.
 """
 
 from __future__ import annotations
@@ -21,12 +21,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from vlm.data.processor import (
-    IGNORE_INDEX,
-    ImageLoadError,
-    VLMProcessor,
-    image_instructions,
-)
+from vlm.data.batch import EncodedSample
+from vlm.data.images import unless_unreadable
+from vlm.data.processor import IGNORE_INDEX, VLMProcessor, image_instructions
 from vlm.data.types import Sample
 
 logger = logging.getLogger(__name__)
@@ -35,8 +32,10 @@ logger = logging.getLogger(__name__)
 class ConversationDataset(Dataset):
     """Samples tokenised by a processor; ``stats`` counts what was left out and why.
 
-    ``image_features(path)``, when given, returns an image's cached encoder features (raising
-    ImageLoadError when it cannot); items then hold ``image_features`` instead of ``pixel_values``.
+    Items are :class:`~vlm.data.batch.EncodedSample` (None for a sample whose image cannot be
+    read). ``image_features(path)``, when given, returns an image's cached encoder features
+    (raising ImageLoadError when it cannot); items then hold those (``image_kind``
+    ``"features"``) instead of pixels.
     """
 
     def __init__(self, samples: Sequence[Sample], processor: VLMProcessor, name: str = "data", progress: bool = True,
@@ -79,14 +78,12 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> Optional[Dict]:
+    def __getitem__(self, index: int) -> Optional[EncodedSample]:
         sample, ids, labels = self.entries[index]
-        load, key = ((self.processor.load_image, "pixel_values") if self.image_features is None
-                     else (self.image_features, "image_features"))
-        try:
-            images = [load(path) for path in sample.images]
-        except ImageLoadError as exc:
+        load, kind = ((self.processor.load_image, "pixels") if self.image_features is None
+                      else (self.image_features, "features"))
+        images = unless_unreadable(lambda: [load(path) for path in sample.images], sample, where=self.name)
+        if images is None:
             self.image_failures += 1
-            logger.warning("%s: skipping sample %s: %s", self.name, sample.meta.get("source", sample.id), exc)
             return None
-        return {"input_ids": ids, "labels": labels, key: images, "instructions": image_instructions(sample.turns, self.processor.image_token)}
+        return EncodedSample(ids, labels, images, image_instructions(sample.turns, self.processor.image_token), kind)

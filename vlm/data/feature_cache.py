@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
@@ -126,19 +126,47 @@ def description_key(description: dict) -> str:
     return hashlib.blake2b(blob, digest_size=12).hexdigest()
 
 
-def check_feature_cache(model, objective=None, where: str = "feature_cache") -> None:
-    """Refuse (FeatureCacheError naming ``where``) when ``model``'s features cannot be cached:
-    a vision parameter trains, the connector runs the encoder itself, or the objective reads
-    pixels."""
+def _class_name(component) -> str:
+    return component.__name__ if isinstance(component, type) else type(component).__name__
+
+
+def feature_cache_refusal(connector, objective=None, vision: Train | str = Train.frozen,
+                          objective_name: Optional[str] = None) -> Optional[str]:
+    """Why a stage cannot train from cached encoder features, or None: the one place the
+    feature-cache precondition is combined, for the config validation (``vlm.app.wiring``) and
+    the cache (:func:`check_feature_cache`) alike. Each part is declared where it belongs:
+
+    - ``vision``: the stage's ``train.vision`` must be frozen (cached features would go stale);
+    - ``connector`` (class or instance): ``Connector.feature_cache_conflict()``, why its visual
+      tokens are not a function of the encoder's features (e.g. it runs inside the encoder);
+    - ``objective`` (class or instance, or None): ``Objective.needs_pixels``, it reads the images
+      itself; ``objective_name`` names it in the message (default: its class name).
+    """
+    vision = Train(vision)
+    if vision is not Train.frozen:
+        return (f"needs train.vision: frozen (cached features would go stale as the encoder trains); "
+                f"got '{vision.value}'")
+    conflict = connector.feature_cache_conflict()
+    if conflict:
+        return f"connector {_class_name(connector)} {conflict}"
+    if objective is not None and objective.needs_pixels:
+        name = f"'{objective_name}'" if objective_name else _class_name(objective)
+        return f"objective {name} reads the images itself"
+    return None
+
+
+def check_feature_cache(model, objective=None, where: str = "feature_cache", vision: Train | str = Train.frozen,
+                        objective_name: Optional[str] = None) -> None:
+    """Refuse (FeatureCacheError naming ``where``) when a built ``model``'s features cannot be
+    cached: :func:`feature_cache_refusal` for its connector, ``objective`` and the stage's
+    ``vision`` mode, then any vision parameter that trains (the model must match that mode)."""
+    refusal = feature_cache_refusal(model.connector, objective, vision, objective_name)
+    if refusal:
+        raise FeatureCacheError(f"{where}: {refusal}")
     trainable = [n for n, p in model.vision.named_parameters() if p.requires_grad]
     if trainable:
         raise FeatureCacheError(f"{where}: the vision encoder trains ({len(trainable)} trainable tensors, "
                                 f"e.g. {trainable[0]}); the feature cache needs train.vision: frozen")
-    conflict = type(model.connector).feature_cache_conflict()
-    if conflict:
-        raise FeatureCacheError(f"{where}: connector {type(model.connector).__name__} {conflict}")
-    if objective is not None and objective.needs_pixels:
-        raise FeatureCacheError(f"{where}: objective {type(objective).__name__} reads the images itself")
 
 
 @dataclass
@@ -368,9 +396,7 @@ def build_stage_feature_cache(model, objective, processor, samples, stage, root:
     """The feature cache of one stage: refuse when the stage cannot use it (FeatureCacheError
     naming ``stages.<name>.feature_cache``), else build it for every image of ``samples``."""
     where = f"stages.{stage_name}.feature_cache"
-    if Train(stage.train.vision) is not Train.frozen:
-        raise FeatureCacheError(f"{where}: needs train.vision: frozen, got '{Train(stage.train.vision).value}'")
-    check_feature_cache(model, objective, where)
+    check_feature_cache(model, objective, where, stage.train.vision, stage.objective)
     cache = FeatureCache(root, model.vision, stage.precision)
     paths = [path for sample in samples for path in sample.images]
     return cache.build(paths, processor.load_image, accelerator, batch_size=stage.batch_size,

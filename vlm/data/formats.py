@@ -8,13 +8,15 @@ unless the reader argument `allow_outside_root` is true); images are not opened 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import string
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from vlm.core.errors import ConfigError, DataFormatError
-from vlm.core.registry import Registry
+from vlm.core.registry import FunctionComponent, Registry, closest
 from vlm.data.types import IMAGE_TOKEN, Sample, Turn, image_marker, marking_images_with
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -30,16 +32,38 @@ _SPEAKERS = {
     "system": "system",
 }
 
-READERS: Registry[Callable[..., List[Sample]]] = Registry("dataset format")
+@dataclass(frozen=True)
+class ReaderContext:
+    """What a dataset is read for: the image marker of its texts (the model's ``image_token``)."""
+
+    image_token: str = IMAGE_TOKEN
 
 
+class Reader(FunctionComponent):
+    """A reader function as a component. Its arguments are the dataset entry's ``args`` (keyword
+    arguments, not an ``Options`` dataclass): ``check`` refuses a key that is not a parameter of
+    the function, ``build(args, ctx)`` reads the samples with ``ctx``'s image marker."""
+
+    def build(self, options: Optional[Mapping[str, Any]], ctx: ReaderContext) -> List[Sample]:
+        with marking_images_with(ctx.image_token):
+            return self.fn(**dict(options or {}))
+
+    def check(self, cfg, where: str) -> None:
+        """``cfg``: a dataset entry (``DataConfig``) at ``where``; each of its ``args`` must be
+        an argument of the reader."""
+        params = inspect.signature(self.fn).parameters
+        for key in cfg.args:
+            if key not in params:
+                raise ConfigError(f"{where}.args.{key}: not an argument of {self.__name__}{closest(key, params)}")
+
+
+READERS: Registry[Reader] = Registry("dataset format", adapt=Reader.adapt)
 
 
 def read_dataset(format: str, image_token: str = IMAGE_TOKEN, **kwargs: Any) -> List[Sample]:
     """Read a dataset with the reader registered under `format` (see `READERS.names()`);
     ``image_token`` is the image marker of its texts (the model's ``image_token``)."""
-    with marking_images_with(image_token):
-        return READERS.get(format)(**kwargs)
+    return READERS.get(format).build(kwargs, ReaderContext(image_token))
 
 
 # --------------------------------------------------------------------------------------------

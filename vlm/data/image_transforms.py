@@ -6,25 +6,49 @@ Each strategy turns a PIL image of any mode (L, RGBA, P, ...) into a normalised
 - ``resize``: bicubic resize to a square, aspect ratio not kept (BEiT3-style);
 - ``pad``: pad to a square with the mean colour, then resize (LLaVA's "pad");
 - ``resize_center_crop``: resize the short side, then center crop (CLIP's default).
+
+A strategy is registered as a function ``(size, mean, std) -> transform``; the registry holds it
+as a :class:`Transform` component (``build(None, TransformContext(size, mean, std))``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from vlm.core.registry import Registry
+from vlm.core.registry import FunctionComponent, Registry
 from vlm.data.images import to_rgb  # noqa: F401  (re-exported: vlm.data.image_transforms.to_rgb)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
-PREPROCESSING: Registry = Registry("preprocessing strategy")
+
+
+@dataclass(frozen=True)
+class TransformContext:
+    """What an image transform is built for: the encoder's square input side and its
+    normalisation mean and std."""
+
+    size: int
+    mean: Sequence[float] = CLIP_MEAN
+    std: Sequence[float] = CLIP_STD
+
+
+class Transform(FunctionComponent):
+    """A preprocessing strategy function ``(size, mean, std)`` as a component: no options;
+    ``build`` calls it with the context's size, mean and std."""
+
+    def build(self, options: Optional[Mapping[str, Any]], ctx: TransformContext) -> ImageTransform:
+        return self.fn(ctx.size, ctx.mean, ctx.std)
+
+
+PREPROCESSING: Registry[Transform] = Registry("preprocessing strategy", adapt=Transform.adapt)
 
 
 def _normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -74,5 +98,5 @@ def resize_center_crop(size: int, mean: Sequence[float], std: Sequence[float]) -
 
 
 def build_transform(strategy: str, size: int, mean: Sequence[float], std: Sequence[float]) -> ImageTransform:
-    """The transform for a registered strategy name."""
-    return PREPROCESSING.get(strategy)(size, mean, std)
+    """The transform for a registered strategy name (``Transform.build``)."""
+    return PREPROCESSING.get(strategy).build(None, TransformContext(size, mean, std))

@@ -10,18 +10,25 @@ every PIL mode turned into 8-bit RGB correctly, and a check that a dataset's ima
   (L, 1, CMYK, YCbCr...) with PIL.
 - :func:`check_image_files` looks for (a sample of) a dataset's image files before training,
   so a wrong ``image_root`` fails at load, not at step 1.
+- :func:`unless_unreadable` runs a sample's image loading and turns an unreadable image into a
+  logged skip (None), the one way training, generation and evaluation drop such a sample.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from vlm.core.errors import ConfigError, ImageLoadError
+from vlm.data.types import Sample
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_MAX_PIXELS = 40_000_000
 _INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
@@ -87,3 +94,16 @@ def check_image_files(image_paths: Sequence[str], where: str, max_missing_ratio:
         raise ConfigError(f"{where}: {len(missing)} of {len(checked)} image files checked do not exist, e.g. "
                           f"{missing[0]}; check the datasets' image_root")
     return missing
+
+
+def unless_unreadable(load: Callable[[], T], sample: Sample, skip: bool = True, where: str = "") -> Optional[T]:
+    """``load()`` (which loads ``sample``'s images); when it raises ImageLoadError: with ``skip``
+    a warning naming the sample (its ``source``, prefixed by ``where``) and None, else the error."""
+    try:
+        return load()
+    except ImageLoadError as exc:
+        if not skip:
+            raise
+        logger.warning("%sskipping sample %s: %s", f"{where}: " if where else "", sample.meta.get("source", sample.id),
+                       exc)
+        return None

@@ -7,20 +7,17 @@ segments, so they follow turn boundaries exactly.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from PIL import Image
 
 from vlm.core.errors import ImageLoadError
+from vlm.data.batch import IGNORE_INDEX, EncodedSample
 from vlm.data.image_transforms import ImageTransform
 from vlm.data.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
 from vlm.data.templates import ChatTemplate
 from vlm.data.types import IMAGE_TOKEN, Sample, Turn
-
-IGNORE_INDEX = -100
-
-
 
 
 class VLMProcessor:
@@ -94,19 +91,13 @@ class VLMProcessor:
         except Exception as exc:  # an odd mode or size the transform cannot take
             raise ImageLoadError(f"cannot load image {path}: {exc}") from exc
 
-    def encode(self, sample: Sample, for_generation: bool = False) -> Dict:
+    def encode(self, sample: Sample, for_generation: bool = False) -> EncodedSample:
         """Token ids, labels, pixel tensors (images loaded here) and each image's instruction
-        for one sample."""
+        for one sample; :class:`vlm.data.batch.Collator` batches them."""
         turns = self.prompt_turns(sample.turns) if for_generation else sample.turns
         input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation)
         pixels = [self.load_image(p) for p in sample.images]
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels,
-                "instructions": image_instructions(turns, self.image_token)}
-
-    def collate(self, items: Sequence[Optional[Dict]], padding_side: str = "right") -> Dict[str, torch.Tensor]:
-        """Pad a list of encoded samples into a batch; ``None`` items (failed samples) are dropped."""
-        items = [it for it in items if it is not None]
-        return pad_batch(items, self.tokenizer.pad_token_id, padding_side)
+        return EncodedSample(input_ids, labels, pixels, image_instructions(turns, self.image_token))
 
 
 def image_instructions(turns: Sequence[Turn], image_token: str = IMAGE_TOKEN) -> List[str]:
@@ -119,29 +110,3 @@ def image_instructions(turns: Sequence[Turn], image_token: str = IMAGE_TOKEN) ->
             instructions += [turn.content.replace(image_token, "").strip()] * count
     return instructions
 
-
-def pad_batch(items: Sequence[Dict], pad_id: int, padding_side: str = "right") -> Dict[str, torch.Tensor]:
-    """Stack encoded samples: pad ids with ``pad_id``, labels with -100, images concatenated.
-
-    Images are ``pixel_values``, or ``image_features`` (cached encoder features) when the items
-    carry those instead; the batch has the same key, None when it holds no image.
-    ``instructions`` is the list of every image's instruction, in image order.
-    """
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got '{padding_side}'")
-    longest = max((len(it["input_ids"]) for it in items), default=0)
-    ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(items), longest), dtype=torch.long)
-    for row, it in enumerate(items):
-        n = len(it["input_ids"])
-        span = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
-        ids[row, span] = torch.tensor(it["input_ids"], dtype=torch.long)
-        labels[row, span] = torch.tensor(it["labels"], dtype=torch.long)
-        mask[row, span] = 1
-    key = "image_features" if items and "image_features" in items[0] else "pixel_values"
-    images = [p for it in items for p in it[key]]
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    batch[key] = torch.stack(images) if images else None
-    batch["instructions"] = [text for it in items for text in it["instructions"]]
-    return batch

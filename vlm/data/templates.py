@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Any, ClassVar, List, Mapping, Optional, Sequence, Tuple
 
 from vlm.core.errors import TemplateError
 from vlm.core.registry import Registry
@@ -26,6 +26,15 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+
+
+@dataclass
+class TemplateContext:
+    """What a chat template is built for (``ChatTemplate.build``): the LLM's tokenizer and the
+    system prompt (None: the template's own default)."""
+
+    tokenizer: Any = None
+    system_prompt: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -44,10 +53,22 @@ class ChatTemplate(ABC):
     add_bos: bool = True
     # the image marker of the conversations (the processor sets the model's ``image_token``)
     image_token: str = IMAGE_TOKEN
+    # the component protocol (vlm.core.registry.Component): a template takes no options
+    Options: ClassVar[Optional[type]] = None
 
     def __init__(self, tokenizer, system_prompt: Optional[str] = None):
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
+
+    @classmethod
+    def build(cls, options: Optional[Mapping[str, Any]], ctx: TemplateContext) -> "ChatTemplate":
+        """The template bound to ``ctx.tokenizer`` and ``ctx.system_prompt``."""
+        return cls(ctx.tokenizer, ctx.system_prompt)
+
+    @classmethod
+    def check(cls, cfg, where: str) -> None:
+        """Nothing in a config section that names a template is the template's to check (the
+        ``tokenizer`` template needs a tokenizer with a chat_template: refused when built)."""
 
     @abstractmethod
     def segments(self, turns: Sequence[Turn], add_generation_prompt: bool = False) -> List[Segment]:
@@ -68,6 +89,28 @@ class ChatTemplate(ABC):
             if turn.role == "system":
                 raise TemplateError("a system turn may only come first")
         return system, rest
+
+    @staticmethod
+    def alternate(turns: Sequence[Turn], text: str, user: Tuple[str, str], answer: Tuple[str, str],
+                  after_answer: str = "", add_generation_prompt: bool = False) -> List[Segment]:
+        """Segments of ``turns`` (no system turn) after the untrained opening ``text``: a user
+        turn adds its content, between the two strings of ``user``, to the untrained text; an
+        assistant turn is trained, between the two strings of ``answer``, and the untrained
+        text starts again with ``after_answer`` (left out after the last answer with
+        ``add_generation_prompt``)."""
+        out: List[Segment] = []
+        for turn in turns:
+            if turn.role == "user":
+                text += f"{user[0]}{turn.content}{user[1]}"
+            else:
+                out.append(Segment(text, False))
+                out.append(Segment(f"{answer[0]}{turn.content}{answer[1]}", True))
+                text = after_answer
+        if add_generation_prompt and turns and turns[-1].role != "user":
+            text = ""
+        if text:
+            out.append(Segment(text, False))
+        return out
 
 
 @TEMPLATES.register("plain")
@@ -96,17 +139,7 @@ class VicunaTemplate(ChatTemplate):
         system, turns = self.split_system(turns)
         eos = self.tokenizer.eos_token
         text = (system or self.system_prompt or VICUNA_SYSTEM) + " "
-        out: List[Segment] = []
-        for turn in turns:
-            if turn.role == "user":
-                text += f"USER: {turn.content} ASSISTANT:"
-            else:
-                out.append(Segment(text, False))
-                out.append(Segment(f" {turn.content}{eos}", True))
-                text = ""
-        if text:
-            out.append(Segment(text, False))
-        return out
+        return self.alternate(turns, text, ("USER: ", " ASSISTANT:"), (" ", eos))
 
 
 @TEMPLATES.register("chatml")
@@ -119,19 +152,8 @@ class ChatMLTemplate(ChatTemplate):
         system, turns = self.split_system(turns)
         system = system or self.system_prompt
         text = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-        out: List[Segment] = []
-        for turn in turns:
-            if turn.role == "user":
-                text += f"<|im_start|>user\n{turn.content}<|im_end|>\n<|im_start|>assistant\n"
-            else:
-                out.append(Segment(text, False))
-                out.append(Segment(f"{turn.content}<|im_end|>", True))
-                text = "\n"
-        if add_generation_prompt and text == "\n":
-            text = ""
-        if text:
-            out.append(Segment(text, False))
-        return out
+        return self.alternate(turns, text, ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"),
+                              ("", "<|im_end|>"), after_answer="\n", add_generation_prompt=add_generation_prompt)
 
     def stop_strings(self):
         return ["<|im_end|>"]
@@ -194,5 +216,5 @@ class TokenizerChatTemplate(ChatTemplate):
 
 
 def build_template(name: str, tokenizer, system_prompt: Optional[str] = None) -> ChatTemplate:
-    """The template registered as ``name``, bound to ``tokenizer``."""
-    return TEMPLATES.get(name)(tokenizer, system_prompt)
+    """The template registered as ``name``, bound to ``tokenizer`` (``ChatTemplate.build``)."""
+    return TEMPLATES.get(name).build(None, TemplateContext(tokenizer, system_prompt))

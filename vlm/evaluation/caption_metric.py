@@ -16,7 +16,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from vlm.core.errors import DataFormatError
-from vlm.evaluation.vqa_metric import _load_json, _records, _require
+from vlm.evaluation.results_file import load_json, record_list, require, results_by_id
 
 __all__ = ["score_captions"]
 
@@ -27,8 +27,8 @@ _BLEU_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
 
 def _references(annotations, label: str) -> dict:
     refs = defaultdict(list)
-    for i, ann in enumerate(_records(annotations, "annotations", label)):
-        _require(ann, ("image_id", "caption"), f"annotation #{i} in {label}")
+    for i, ann in enumerate(record_list(annotations, "annotations", label)):
+        require(ann, ("image_id", "caption"), f"annotation #{i} in {label}")
         if not isinstance(ann["caption"], str):
             raise DataFormatError(f"annotation #{i} in {label} has a non-string caption: {ann!r}")
         refs[ann["image_id"]].append({"caption": ann["caption"]})
@@ -47,28 +47,18 @@ def _candidates(results, label: str, refs: dict, refs_label: str, listed: frozen
                 unreferenced: list | None = None) -> dict:
     """Results by image id. A result for an image the annotations list without any caption is
     left out and its id appended to ``unreferenced``; any other unknown id is an error."""
-    if not isinstance(results, list):
-        raise DataFormatError(f"{label} must be a JSON list of {{'image_id', 'caption'}} objects, "
-                         f"got {type(results).__name__}")
-    if not results:
-        raise DataFormatError(f"{label} is empty: no captions to score")
-    cands = {}
-    for i, res in enumerate(results):
-        _require(res, ("image_id", "caption"), f"result #{i} in {label}")
-        image_id = res["image_id"]
+
+    def known(i: int, image_id) -> bool:
         if image_id not in refs and image_id in listed and unreferenced is not None:
             unreferenced.append(image_id)
-            continue
+            return False
         if image_id not in refs:
             raise DataFormatError(f"result image_id {image_id!r} (result #{i} in {label}) has no "
                              f"reference caption in {refs_label}")
-        if image_id in cands:
-            raise DataFormatError(f"image_id {image_id!r} appears more than once in {label}")
-        if not isinstance(res["caption"], str):
-            raise DataFormatError(f"result for image_id {image_id!r} in {label} has a non-string "
-                             f"caption: {res['caption']!r}")
-        cands[image_id] = [{"caption": res["caption"]}]
-    return cands
+        return True
+
+    captions = results_by_id(results, label, "image_id", "caption", known, nonempty="captions")
+    return {image_id: [{"caption": caption}] for image_id, caption in captions.items()}
 
 
 def _meteor_score(gts: dict, res: dict) -> float:
@@ -97,8 +87,8 @@ def score_captions(annotations, results, *, spice: bool = False) -> dict:
     ``METEOR``, ``ROUGE_L``, ``CIDEr`` (and ``SPICE`` if ``spice=True``; it needs a network
     connection on first use) on pycocoevalcap's raw scale.
     """
-    ann_obj, ann_label = _load_json(annotations, "annotations")
-    res_obj, res_label = _load_json(results, "results")
+    ann_obj, ann_label = load_json(annotations, "annotations")
+    res_obj, res_label = load_json(results, "results")
     refs = _references(ann_obj, ann_label)
     unreferenced: list = []
     cands = _candidates(res_obj, res_label, refs, ann_label, _listed_images(ann_obj), unreferenced)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import ClassVar, Dict, List
+from typing import Any, ClassVar, Dict, List, Mapping, Optional
 
 from vlm.core.errors import ConfigError, ImageLoadError
 from vlm.core.registry import Registry
@@ -41,6 +41,13 @@ class EvalTask:
     data_format: ClassVar[str] = ""
     # reader arguments set unless the config gives them (e.g. one sample per image)
     reader_defaults: ClassVar[Dict[str, object]] = {}
+    # the component protocol (vlm.core.registry.Component): a task takes no options
+    Options: ClassVar[Optional[type]] = None
+
+    @classmethod
+    def build(cls, options: Optional[Mapping[str, Any]], ctx: None = None) -> "EvalTask":
+        """The task (it holds no state and needs no context: an instance of its class methods)."""
+        return cls()
 
     @classmethod
     def check(cls, ev, where: str) -> None:

@@ -20,13 +20,12 @@ Official quirks reproduced on purpose:
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections import defaultdict
 from typing import Any
 
 from vlm.core.errors import DataFormatError
+from vlm.evaluation.results_file import load_json, record_list, require, results_by_id
 
 __all__ = ["EvalAIAnswerProcessor", "vqa_accuracy", "score_vqa"]
 
@@ -149,39 +148,10 @@ def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
     return _leave_one_out_accuracy(_prepare_prediction(prediction), answers, positions)
 
 
-def _load_json(source: Any, what: str) -> tuple[Any, str]:
-    """Return (object, label): ``source`` is a path to a JSON file or an already-loaded object."""
-    if isinstance(source, (str, os.PathLike)):
-        label = f"{what} file {os.fspath(source)!r}"
-        try:
-            from vlm.data.formats import read_utf8
-
-            return json.loads(read_utf8(source)), label
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{what} file not found: {os.fspath(source)!r}") from None
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"{label} is not valid JSON: {e}") from None
-    return source, f"{what} (in-memory object)"
-
-
-def _records(obj: Any, key: str, label: str) -> list:
-    if not isinstance(obj, dict) or not isinstance(obj.get(key), list):
-        raise DataFormatError(f"{label} must be a JSON object whose {key!r} is a list")
-    return obj[key]
-
-
-def _require(entry: Any, keys: tuple[str, ...], where: str) -> None:
-    if not isinstance(entry, dict):
-        raise DataFormatError(f"{where} is not a JSON object: {entry!r}")
-    missing = [key for key in keys if key not in entry]
-    if missing:
-        raise DataFormatError(f"{where} is missing key(s) {missing}: {entry!r}")
-
-
 def _index_annotations(annotations: list, label: str) -> dict:
     by_id = {}
     for i, ann in enumerate(annotations):
-        _require(ann, ("question_id", "answers", "answer_type"), f"annotation #{i} in {label}")
+        require(ann, ("question_id", "answers", "answer_type"), f"annotation #{i} in {label}")
         qid = ann["question_id"]
         if qid in by_id:
             raise DataFormatError(f"question_id {qid!r} appears twice in {label}")
@@ -189,7 +159,7 @@ def _index_annotations(annotations: list, label: str) -> dict:
         if not isinstance(answers, list) or not answers:
             raise DataFormatError(f"question_id {qid!r} in {label} has no answers")
         for ans in answers:
-            _require(ans, ("answer",), f"an answer of question_id {qid!r} in {label}")
+            require(ans, ("answer",), f"an answer of question_id {qid!r} in {label}")
             if not isinstance(ans["answer"], str):
                 raise DataFormatError(f"question_id {qid!r} in {label} has a non-string answer: {ans!r}")
         by_id[qid] = ann
@@ -198,26 +168,16 @@ def _index_annotations(annotations: list, label: str) -> dict:
 
 def _index_results(results: Any, label: str, questions: set, q_label: str,
                    annotations: dict, a_label: str) -> dict:
-    if not isinstance(results, list):
-        raise DataFormatError(f"{label} must be a JSON list of {{'question_id', 'answer'}} objects, "
-                         f"got {type(results).__name__}")
-    by_id = {}
-    for i, res in enumerate(results):
-        _require(res, ("question_id", "answer"), f"result #{i} in {label}")
-        qid = res["question_id"]
+    def known(i: int, qid: Any) -> bool:
         if qid not in annotations:
             raise DataFormatError(f"result question_id {qid!r} (result #{i} in {label}) "
                              f"is not in {a_label}")
         if qid not in questions:
             raise DataFormatError(f"result question_id {qid!r} (result #{i} in {label}) "
                              f"is not in {q_label}")
-        if qid in by_id:
-            raise DataFormatError(f"question_id {qid!r} appears more than once in {label}")
-        if not isinstance(res["answer"], str):
-            raise DataFormatError(f"result for question_id {qid!r} in {label} has a non-string "
-                             f"answer: {res['answer']!r}")
-        by_id[qid] = res["answer"]
-    return by_id
+        return True
+
+    return results_by_id(results, label, "question_id", "answer", known)
 
 
 def score_vqa(questions, annotations, results, *, normalize_predictions: bool = True,
@@ -232,19 +192,19 @@ def score_vqa(questions, annotations, results, *, normalize_predictions: bool = 
     Returns ``{"overall", "per_question": {question_id: acc}, "per_answer_type": {type: acc},
     "num_questions"}`` with accuracies in percent, not rounded.
     """
-    q_obj, q_label = _load_json(questions, "questions")
-    a_obj, a_label = _load_json(annotations, "annotations")
-    r_obj, r_label = _load_json(results, "results")
+    q_obj, q_label = load_json(questions, "questions")
+    a_obj, a_label = load_json(annotations, "annotations")
+    r_obj, r_label = load_json(results, "results")
 
     question_ids, seen = [], set()
-    for i, question in enumerate(_records(q_obj, "questions", q_label)):
-        _require(question, ("question_id",), f"question #{i} in {q_label}")
+    for i, question in enumerate(record_list(q_obj, "questions", q_label)):
+        require(question, ("question_id",), f"question #{i} in {q_label}")
         qid = question["question_id"]
         if qid in seen:
             raise DataFormatError(f"question_id {qid!r} appears twice in {q_label}")
         seen.add(qid)
         question_ids.append(qid)
-    anns = _index_annotations(_records(a_obj, "annotations", a_label), a_label)
+    anns = _index_annotations(record_list(a_obj, "annotations", a_label), a_label)
     unannotated = [qid for qid in question_ids if qid not in anns]
     if unannotated:
         raise DataFormatError(f"{len(unannotated)} question(s) of {q_label} have no annotation in "

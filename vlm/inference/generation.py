@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from vlm.core.errors import ImageLoadError
-from vlm.data.processor import VLMProcessor, image_instructions, pad_batch
+from vlm.data.batch import Collator, EncodedSample
+from vlm.data.images import unless_unreadable
+from vlm.data.processor import VLMProcessor, image_instructions
 from vlm.data.types import Sample
 from vlm.inference.decode import greedy_decode, greedy_decode_shared_prefixes
-
-logger = logging.getLogger(__name__)
 
 
 def stop_settings(processor: VLMProcessor) -> Dict:
@@ -69,30 +67,20 @@ def generate_answers(model, processor: VLMProcessor, samples: Sequence[Sample], 
         return _lean_answers(model, processor, samples, batch_size, max_new_tokens, settings, stops, desc,
                              skip_unreadable)
     answers: List[str] = []
+    collate = Collator(processor.tokenizer.pad_token_id, padding_side="left")
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
-        encoded = [_encode(processor, s, skip_unreadable) for s in samples[start:start + batch_size]]
+        encoded = [unless_unreadable(lambda s=s: processor.encode(s, for_generation=True), s, skip_unreadable)
+                   for s in samples[start:start + batch_size]]
         if not any(encoded):
             answers.extend([None] * len(encoded))
             continue
-        batch = pad_batch([e for e in encoded if e is not None], processor.tokenizer.pad_token_id,
-                          padding_side="left")
-        pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
-        new_tokens = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                    pixel_values, instructions=batch["instructions"],
+        batch = collate(encoded).to(device)
+        new_tokens = model.generate(batch.input_ids, batch.attention_mask, batch.images,
+                                    instructions=batch.instructions,
                                     max_new_tokens=max_new_tokens, num_beams=num_beams, **settings)
         texts = iter(processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         answers.extend(None if e is None else clean_answer(next(texts), stops) for e in encoded)
     return answers
-
-
-def _encode(processor: VLMProcessor, sample: Sample, skip_unreadable: bool) -> Optional[Dict]:
-    try:
-        return processor.encode(sample, for_generation=True)
-    except ImageLoadError as exc:
-        if not skip_unreadable:
-            raise
-        logger.warning("skipping %s: %s", sample.meta.get("source", sample.id), exc)
-        return None
 
 
 def _lean_answers(model, processor: VLMProcessor, samples: Sequence[Sample], batch_size: int,
@@ -138,10 +126,8 @@ def _lean_answers(model, processor: VLMProcessor, samples: Sequence[Sample], bat
             new_tokens = _decode_sharing_prefixes(model, processor, chunk, keys, prompts, distinct, pixels, device,
                                                   stop_args)
         else:
-            items = [_item(prompts[i]) for i in chunk]
-            batch = pad_batch(items, processor.tokenizer.pad_token_id, padding_side="left")
-            new_tokens = greedy_decode(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                       pixels, instructions,
+            batch = _prompt_batch([prompts[i] for i in chunk], processor.tokenizer.pad_token_id).to(device)
+            new_tokens = greedy_decode(model, batch.input_ids, batch.attention_mask, pixels, instructions,
                                        image_index=torch.tensor(image_index, dtype=torch.long, device=device),
                                        **stop_args)
         texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -150,8 +136,9 @@ def _lean_answers(model, processor: VLMProcessor, samples: Sequence[Sample], bat
     return answers
 
 
-def _item(ids: Sequence[int]) -> Dict:
-    return {"input_ids": list(ids), "labels": list(ids), "pixel_values": [], "instructions": []}
+def _prompt_batch(prompts: Sequence[Sequence[int]], pad_id: int):
+    """Token-id prompts (their images passed apart), left-padded into a batch."""
+    return Collator(pad_id, padding_side="left")([EncodedSample(list(ids), list(ids)) for ids in prompts])
 
 
 def _shared_prefix_keys(model, samples: Sequence[Sample], prompts: Sequence[Sequence[int]]) -> List[Optional[tuple]]:
@@ -191,28 +178,21 @@ def _decode_sharing_prefixes(model, processor: VLMProcessor, chunk: Sequence[int
     unique: Dict[tuple, int] = {}
     for key in keys:
         unique.setdefault(key, len(unique))
-    prefix_batch = pad_batch([_item(key[0]) for key in unique], pad, padding_side="left")
+    prefix_batch = _prompt_batch([key[0] for key in unique], pad).to(device)
     image_index = [distinct[image] for key in unique for image in key[1]]
-    suffixes = pad_batch([_item(prompts[i][len(key[0]):]) for i, key in zip(chunk, keys)], pad, padding_side="left")
+    suffixes = _prompt_batch([prompts[i][len(key[0]):] for i, key in zip(chunk, keys)], pad).to(device)
     return greedy_decode_shared_prefixes(
-        model, prefix_batch["input_ids"].to(device), prefix_batch["attention_mask"].to(device), pixels,
+        model, prefix_batch.input_ids, prefix_batch.attention_mask, pixels,
         torch.tensor(image_index, dtype=torch.long, device=device),
         torch.tensor([unique[key] for key in keys], dtype=torch.long, device=device),
-        suffixes["input_ids"].to(device), suffixes["attention_mask"].to(device), **stop_args)
+        suffixes.input_ids, suffixes.attention_mask, **stop_args)
 
 
 def _images_readable(sample: Sample, images: "_ImageMemo", skip_unreadable: bool) -> bool:
     """Load ``sample``'s images into ``images``; False (logged) for an unreadable one when
     ``skip_unreadable``, else its ImageLoadError."""
-    try:
-        for image in sample.images:
-            images.load(image)
-    except ImageLoadError as exc:
-        if not skip_unreadable:
-            raise
-        logger.warning("skipping %s: %s", sample.meta.get("source", sample.id), exc)
-        return False
-    return True
+    loaded = unless_unreadable(lambda: [images.load(image) for image in sample.images], sample, skip_unreadable)
+    return loaded is not None
 
 
 def _image_key(image) -> object:

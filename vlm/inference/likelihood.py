@@ -3,11 +3,13 @@ perplexity-style evaluations, e.g. lmms-eval's ``loglikelihood`` requests)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Sequence, Tuple
 
 import torch
 
-from vlm.data.processor import VLMProcessor, pad_batch
+from vlm.data.batch import Collator
+from vlm.data.processor import VLMProcessor
 from vlm.data.types import Sample
 
 
@@ -22,6 +24,7 @@ def loglikelihoods(model, processor: VLMProcessor, samples: Sequence[Sample], co
     model.eval()
     device = next(model.parameters()).device
     results: List[Tuple[float, bool]] = []
+    collate = Collator(processor.tokenizer.pad_token_id, padding_side="right")
     for start in range(0, len(samples), batch_size):
         items, spans = [], []
         for sample, continuation in zip(samples[start:start + batch_size], continuations[start:start + batch_size]):
@@ -29,17 +32,13 @@ def loglikelihoods(model, processor: VLMProcessor, samples: Sequence[Sample], co
             target = processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
             if not target:
                 raise ValueError(f"sample {sample.id}: the continuation {continuation!r} has no tokens")
-            spans.append((len(item["input_ids"]), len(target)))
-            item["input_ids"] = item["input_ids"] + target
-            item["labels"] = item["labels"] + target
-            items.append(item)
-        batch = pad_batch(items, processor.tokenizer.pad_token_id, padding_side="right")
-        pixels = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
-        logits = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       pixel_values=pixels, instructions=batch["instructions"]).logits.float()
+            spans.append((len(item.input_ids), len(target)))
+            items.append(dataclasses.replace(item, input_ids=item.input_ids + target, labels=item.labels + target))
+        batch = collate(items).to(device)
+        logits = model(**batch.model_inputs(with_labels=False)).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         for row, (context, length) in enumerate(spans):
-            target = batch["input_ids"][row, context:context + length].to(device)
+            target = batch.input_ids[row, context:context + length]
             predicted = logprobs[row, context - 1:context - 1 + length]  # position t predicts token t+1
             total = predicted.gather(-1, target[:, None]).sum().item()
             results.append((total, bool((predicted.argmax(-1) == target).all())))

@@ -19,24 +19,27 @@ import torch
 
 from vlm.interop import sub_state
 
+# (transformers name, ours) inside Q-Former layer i: encoder.layer.i.* -> layers.i.*
+_QFORMER_LAYER_RENAMES = [
+    ("attention.attention.", "self_attn."),
+    ("attention.output.dense.", "self_attn.out."),
+    ("attention.output.LayerNorm.", "self_attn.norm."),
+    ("crossattention.attention.", "cross_attn."),
+    ("crossattention.output.dense.", "cross_attn.out."),
+    ("crossattention.output.LayerNorm.", "cross_attn.norm."),
+    ("intermediate_query.dense.", "query_ffn.up."),
+    ("output_query.dense.", "query_ffn.down."),
+    ("output_query.LayerNorm.", "query_ffn.norm."),
+    ("intermediate.dense.", "text_ffn.up."),
+    ("output.dense.", "text_ffn.down."),
+    ("output.LayerNorm.", "text_ffn.norm."),
+]
 # (transformers pattern, our replacement), applied to every key of a Blip2QFormerModel
 _QFORMER_RENAMES = [
     (r"^layernorm\.", "embedding_norm."),
     (r"^embeddings\.layernorm\.", "embedding_norm."),  # InstructBLIP's Q-Former owns its embeddings
     (r"^embeddings\.position_embeddings\.", "position_embeddings."),
-    (r"^encoder\.layer\.(\d+)\.attention\.attention\.", r"layers.\1.self_attn."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.self_attn.out."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.self_attn.norm."),
-    (r"^encoder\.layer\.(\d+)\.crossattention\.attention\.", r"layers.\1.cross_attn."),
-    (r"^encoder\.layer\.(\d+)\.crossattention\.output\.dense\.", r"layers.\1.cross_attn.out."),
-    (r"^encoder\.layer\.(\d+)\.crossattention\.output\.LayerNorm\.", r"layers.\1.cross_attn.norm."),
-    (r"^encoder\.layer\.(\d+)\.intermediate_query\.dense\.", r"layers.\1.query_ffn.up."),
-    (r"^encoder\.layer\.(\d+)\.output_query\.dense\.", r"layers.\1.query_ffn.down."),
-    (r"^encoder\.layer\.(\d+)\.output_query\.LayerNorm\.", r"layers.\1.query_ffn.norm."),
-    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.text_ffn.up."),
-    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.text_ffn.down."),
-    (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.text_ffn.norm."),
-]
+] + [(r"^encoder\.layer\.(\d+)\." + re.escape(theirs), r"layers.\1." + ours) for theirs, ours in _QFORMER_LAYER_RENAMES]
 
 
 def qformer_state_from_hf(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -44,31 +44,36 @@ def _plain(image_token: str, bos: str) -> str:
             "{%- endif -%}{%- endfor -%}")
 
 
-def _vicuna(system_prompt: str, bos: str) -> str:
-    return (bos +
-            "{%- if messages and messages[0]['role'] == 'system' -%}"
-            "{{ vlm_content(messages[0]['content']) + ' ' }}{%- set rest = messages[1:] -%}"
-            "{%- else -%}{{ " + _lit(system_prompt + " ") + " }}{%- set rest = messages -%}{%- endif -%}"
+def _system_then_turns(system: str, default: str, user: str, assistant: str) -> str:
+    """Jinja writing a leading system message by ``system`` (else ``default``), then each
+    other message ``m`` by ``user`` or, when not a user's, ``assistant``."""
+    return ("{%- if messages and messages[0]['role'] == 'system' -%}" + system +
+            "{%- set rest = messages[1:] -%}"
+            "{%- else -%}" + default + "{%- set rest = messages -%}{%- endif -%}"
             "{%- for m in rest -%}"
-            "{%- if m['role'] == 'user' -%}{{ 'USER: ' + vlm_content(m['content']) + ' ASSISTANT:' }}"
-            "{%- else -%}{{ ' ' + vlm_content(m['content']) + eos_token }}"
+            "{%- if m['role'] == 'user' -%}" + user +
+            "{%- else -%}" + assistant +
             "{%- endif -%}{%- endfor -%}")
+
+
+def _vicuna(system_prompt: str, bos: str) -> str:
+    return bos + _system_then_turns(
+        system="{{ vlm_content(messages[0]['content']) + ' ' }}",
+        default="{{ " + _lit(system_prompt + " ") + " }}",
+        user="{{ 'USER: ' + vlm_content(m['content']) + ' ASSISTANT:' }}",
+        assistant="{{ ' ' + vlm_content(m['content']) + eos_token }}")
 
 
 def _chatml(system_prompt: Optional[str]) -> str:
     default = ("{{ " + _lit(f"<|im_start|>system\n{system_prompt}<|im_end|>\n") + " }}") if system_prompt else ""
     # as vlm's chatml: a user turn always opens the assistant's turn; an answer ends with
     # <|im_end|>, and a newline when more follows
-    return ("{%- if messages and messages[0]['role'] == 'system' -%}"
-            "{{ '<|im_start|>system\\n' + vlm_content(messages[0]['content']) + '<|im_end|>\\n' }}"
-            "{%- set rest = messages[1:] -%}"
-            "{%- else -%}" + default + "{%- set rest = messages -%}{%- endif -%}"
-            "{%- for m in rest -%}"
-            "{%- if m['role'] == 'user' -%}"
-            "{{ '<|im_start|>user\\n' + vlm_content(m['content']) + '<|im_end|>\\n<|im_start|>assistant\\n' }}"
-            "{%- else -%}{{ vlm_content(m['content']) + '<|im_end|>' }}"
-            "{%- if not (loop.last and add_generation_prompt) -%}{{ '\\n' }}{%- endif -%}"
-            "{%- endif -%}{%- endfor -%}")
+    return _system_then_turns(
+        system="{{ '<|im_start|>system\\n' + vlm_content(messages[0]['content']) + '<|im_end|>\\n' }}",
+        default=default,
+        user="{{ '<|im_start|>user\\n' + vlm_content(m['content']) + '<|im_end|>\\n<|im_start|>assistant\\n' }}",
+        assistant=("{{ vlm_content(m['content']) + '<|im_end|>' }}"
+                   "{%- if not (loop.last and add_generation_prompt) -%}{{ '\\n' }}{%- endif -%}"))
 
 
 def _tokenizer_own(tokenizer, system_prompt: Optional[str]) -> str:

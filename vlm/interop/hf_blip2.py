@@ -29,7 +29,6 @@ has no class for (serve those with ``vlm serve``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -45,14 +44,13 @@ from transformers import (
     InstructBlipQFormerConfig,
 )
 
-from vlm.checkpoint.output_dirs import check_output_dir, replacing_output_dir
 from vlm.core.errors import LayoutError
 from vlm.interop.blip2 import qformer_state_from_hf
 from vlm.interop.chat_template import jinja_chat_template
-from vlm.interop.hf_llava import EXPORT_INFO, generation_config, image_processor
+from vlm.interop.hf_export import load_for_export, write_export
+from vlm.interop.hf_llava import image_processor
 from vlm.modeling.connectors.beit3_query import BEiT3QueryConnector
 from vlm.modeling.connectors.qformer import QFormer
-from vlm.modeling.llm import torch_dtype
 from vlm.modeling.vision.hf_blip2 import HFBlip2VisionEncoder
 from vlm.modeling.vlm import VisionLanguageModel
 
@@ -162,17 +160,8 @@ def export_hf_blip2(checkpoint: str | Path, out: str | Path, dtype: Optional[str
     """Write the stage output ``checkpoint`` as a transformers BLIP-2 (or InstructBLIP) folder
     ``out`` (atomically; a non-empty ``out`` only with ``overwrite``): weights in one dtype, the
     processor and the generation config; returns ``out``."""
-    from vlm.checkpoint.pretrained import load_pretrained
-    from vlm.modeling.processing import build_processor
-
-    check_output_dir(out, overwrite)
-    model, tokenizer, model_cfg = load_pretrained(checkpoint, device="cpu")
-    target = torch_dtype(dtype or model_cfg.llm.dtype)
-    hf = to_hf_blip2(model).to(target)
-    hf.config.text_config.architectures = [type(model.llm).__name__]
-    for config in (hf.config, hf.config.text_config, hf.config.vision_config, hf.config.qformer_config):
-        config.dtype = target
-    hf.generation_config = generation_config(build_processor(model, tokenizer, model_cfg))
+    model, tokenizer, model_cfg, hf, target = load_for_export(checkpoint, out, dtype, overwrite, to_hf_blip2,
+                                                              ("text_config", "vision_config", "qformer_config"))
     # Blip2ForConditionalGeneration.generate hands over to its language model, whose generation
     # config is built from text_config on load: the stop ids must be there too
     hf.config.text_config.eos_token_id = list(hf.generation_config.eos_token_id)
@@ -183,25 +172,14 @@ def export_hf_blip2(checkpoint: str | Path, out: str | Path, dtype: Optional[str
                                                   model_cfg.image_token,
                                                   image_text=model_cfg.image_token * model.num_image_tokens)
     images = image_processor(strategy, model.vision.image_size, model.vision.mean, model.vision.std)
-    with replacing_output_dir(out, overwrite) as tmp:
-        if model.connector.instruction_aware:
-            import tempfile
+    if model.connector.instruction_aware:
+        import tempfile
 
-            with tempfile.TemporaryDirectory() as scratch:
-                processor = InstructBlipProcessor(images, tokenizer, qformer_tokenizer(model.connector, Path(scratch)),
-                                                  num_query_tokens=model.num_image_tokens)
-        else:
-            processor = Blip2Processor(images, tokenizer, num_query_tokens=model.num_image_tokens)
-        hf.save_pretrained(str(tmp), safe_serialization=True)
-        processor.save_pretrained(str(tmp))
-        # also the standalone image processor file, for readers that predate transformers 5's
-        # nested processor_config.json (older transformers, vLLM)
-        processor.image_processor.save_pretrained(str(tmp))
-        info = {"source": str(Path(checkpoint).resolve()), "template": model_cfg.template,
-                "image_token": model_cfg.image_token, "image_token_id": model.image_token_id,
-                "num_query_tokens": model.num_image_tokens, "preprocess": strategy,
-                "instruction_aware": model.connector.instruction_aware,
-                "dtype": str(target).replace("torch.", ""),
-                "stop_token_ids": list(hf.generation_config.eos_token_id)}
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))
-    return Path(out)
+        with tempfile.TemporaryDirectory() as scratch:
+            processor = InstructBlipProcessor(images, tokenizer, qformer_tokenizer(model.connector, Path(scratch)),
+                                              num_query_tokens=model.num_image_tokens)
+    else:
+        processor = Blip2Processor(images, tokenizer, num_query_tokens=model.num_image_tokens)
+    details = {"num_query_tokens": model.num_image_tokens, "preprocess": strategy,
+               "instruction_aware": model.connector.instruction_aware}
+    return write_export(out, overwrite, hf, processor, checkpoint, model, model_cfg, target, details)

@@ -38,7 +38,6 @@ from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
     CLIPVisionModel,
-    GenerationConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaImageProcessor,
@@ -50,18 +49,17 @@ from vlm.checkpoint.manifest import MANIFEST
 from vlm.checkpoint.output_dirs import check_output_dir, replacing_output_dir
 from vlm.config import ModelConfig, VisionConfig
 from vlm.core.errors import LayoutError as LlavaLayoutError
-from vlm.data.processor import VLMProcessor
-from vlm.inference.generation import stop_settings
 from vlm.interop import sub_state
 from vlm.interop.chat_template import jinja_chat_template
+from vlm.interop.hf_export import EXPORT_INFO, generation_config, load_for_export, write_export
 from vlm.modeling.connectors.mlp import MLPProjector
-from vlm.modeling.llm import torch_dtype
 from vlm.modeling.vision.hf_clip import HFCLIPVisionEncoder
 from vlm.modeling.vlm import VisionLanguageModel
 
-logger = logging.getLogger(__name__)
+__all__ = ["EXPORT_INFO", "LlavaLayoutError", "build_llava_processor", "export_hf_llava", "from_hf_llava",
+           "generation_config", "image_processor", "import_hf_llava", "to_hf_llava"]
 
-EXPORT_INFO = "vlm_export.json"
+logger = logging.getLogger(__name__)
 
 
 
@@ -195,51 +193,19 @@ def build_llava_processor(model: VisionLanguageModel, tokenizer, model_cfg) -> L
     return processor
 
 
-def generation_config(processor: VLMProcessor, max_new_tokens: int = 64) -> GenerationConfig:
-    """Greedy decoding that stops where vlm's does: eos and the template's single-token stop
-    strings as ``eos_token_id``, longer ones as ``stop_strings``."""
-    settings = stop_settings(processor)
-    tokenizer = processor.tokenizer
-    config = GenerationConfig(eos_token_id=settings["eos_token_id"], pad_token_id=settings["pad_token_id"],
-                              bos_token_id=tokenizer.bos_token_id, do_sample=False, max_new_tokens=max_new_tokens)
-    if settings.get("stop_strings"):
-        config.stop_strings = settings["stop_strings"]
-    return config
-
-
 def export_hf_llava(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = None,
                     overwrite: bool = False) -> Path:
     """Write the stage output ``checkpoint`` as a transformers LLaVA folder ``out`` (written
     atomically; a non-empty ``out`` only with ``overwrite``): weights in one dtype (``dtype``,
     else the checkpoint's ``model.llm.dtype``), the processor (image processor, chat template,
     ``processor_config.json``) and ``generation_config.json``; returns ``out``."""
-    from vlm.checkpoint.pretrained import load_pretrained
-    from vlm.modeling.processing import build_processor
-
-    check_output_dir(out, overwrite)
-    model, tokenizer, model_cfg = load_pretrained(checkpoint, device="cpu")
-    target = torch_dtype(dtype or model_cfg.llm.dtype)
-    llava = to_hf_llava(model).to(target)
-    llava.config.text_config.architectures = [type(model.llm).__name__]
-    for config in (llava.config, llava.config.text_config, llava.config.vision_config):
-        config.dtype = target
-    vlm_processor = build_processor(model, tokenizer, model_cfg)
-    llava.generation_config = generation_config(vlm_processor)
+    model, tokenizer, model_cfg, llava, target = load_for_export(checkpoint, out, dtype, overwrite, to_hf_llava,
+                                                                 ("text_config", "vision_config"))
     processor = build_llava_processor(model, tokenizer, model_cfg)
-    with replacing_output_dir(out, overwrite) as tmp:
-        llava.save_pretrained(str(tmp), safe_serialization=True)
-        processor.save_pretrained(str(tmp))
-        # also the standalone image processor file, for readers that predate transformers 5's
-        # nested processor_config.json (older transformers, vLLM)
-        processor.image_processor.save_pretrained(str(tmp))
-        info = {"source": str(Path(checkpoint).resolve()), "template": model_cfg.template,
-                "image_token": model_cfg.image_token, "image_token_id": model.image_token_id,
-                "num_image_tokens": model.num_image_tokens,
-                "preprocess": model_cfg.vision.preprocess or HFCLIPVisionEncoder.default_preprocess,
-                "image_processor": True, "dtype": str(target).replace("torch.", ""),
-                "stop_token_ids": list(llava.generation_config.eos_token_id)}
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))
-    return Path(out)
+    details = {"num_image_tokens": model.num_image_tokens,
+               "preprocess": model_cfg.vision.preprocess or HFCLIPVisionEncoder.default_preprocess,
+               "image_processor": True}
+    return write_export(out, overwrite, llava, processor, checkpoint, model, model_cfg, target, details)
 
 
 def import_hf_llava(folder: str | Path, out: str | Path, template: str = "vicuna_v1",

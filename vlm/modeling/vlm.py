@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.config import ModelConfig
+from vlm.data.feature_cache import feature_cache_refusal
 from vlm.data.processor import IGNORE_INDEX
 
 # config fields of causal LMs whose logits are more than ``lm_head(hidden)`` (soft-capping,
@@ -103,9 +104,9 @@ class VisionLanguageModel(nn.Module):
                     inputs_embeds = inputs_embeds + 0.0 * torch.stack(unused).sum()
             return inputs_embeds, None
         if image_features is not None:
-            conflict = type(self.connector).feature_cache_conflict()
-            if conflict:
-                raise ValueError(f"connector {type(self.connector).__name__} {conflict}")
+            refusal = feature_cache_refusal(self.connector)  # the connector must read encoder features
+            if refusal:
+                raise ValueError(refusal)
             visual = self.connector(image_features.to(self.vision_dtype), instructions)
         else:
             visual = self.encode_images(pixel_values, instructions)

@@ -2,10 +2,11 @@
 
 A stage with ``eval_every: N`` and ``evals: [names]`` runs those entries of the run config's
 ``evals:`` on the in-training model after every N-th optimizer step and after the last one, each
-capped to its ``max_samples_in_training`` samples when set. Scores go into the stage's
-``metrics.jsonl`` as a record ``{"stage", "step", "epoch", "eval/<name>/<metric>": value...}``
-(so resume trims them like the loss records, and ``loss.png`` plots them in a second panel), and
-into the progress bar. ``keep_best: <name>/<metric>`` keeps the model of the best score so far
+capped to its ``max_samples_in_training`` samples when set. Scores are logged through
+``ctx.log`` as a record ``{"stage", "step", "epoch", "eval/<name>/<metric>": value...}``: the
+other callbacks' ``on_log`` see it, the metrics log writes it to the stage's ``metrics.jsonl`` (so
+resume trims it like the loss records, and ``loss.png`` plots it in a second panel); the scores
+go into the progress bar too (``ctx.progress``). ``keep_best: <name>/<metric>`` keeps the model of the best score so far
 (higher is better) in ``<stage>/best/`` (written atomically, with ``best.json`` saying the step
 and score).
 
@@ -26,8 +27,7 @@ from typing import Callable, Dict, Optional
 
 from torch import nn
 
-from vlm.training.callbacks import Callback
-from vlm.training.stages import set_train_modes
+from vlm.training.callbacks import Callback, TrainingContext
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +57,12 @@ class EvalDuringTraining(Callback):
 
     # --- hooks -------------------------------------------------------------------------------
 
-    def on_train_start(self, trainer, position):
+    def on_train_start(self, ctx: TrainingContext, position):
         self.best = None
         if not self.keep_best:
             return
-        best_file = trainer.out_dir / BEST_FILE
-        if trainer.is_main:
+        best_file = ctx.out_dir / BEST_FILE
+        if ctx.is_main:
             if position["step"] == 0:
                 best_file.unlink(missing_ok=True)  # a fresh start: the old best is replaced at the first eval
             elif best_file.is_file():
@@ -70,71 +70,55 @@ class EvalDuringTraining(Callback):
                 # a best from past the resumed checkpoint belongs to a history that was trimmed
                 if record.get("metric") == self.keep_best and record["step"] <= position["step"]:
                     self.best = float(record["value"])
-        self.best = self._broadcast(trainer, self.best)  # every process, or the others would wait forever
+        self.best = ctx.broadcast(self.best)  # every process, or the others would wait forever
 
-    def on_step_end(self, trainer, position):
+    def on_step_end(self, ctx: TrainingContext, position):
         step = position["step"]
-        if step % self.every == 0 or step == trainer.total_steps:
-            self.evaluate(trainer, step)
+        if step % self.every == 0 or step == ctx.total_steps:
+            self.evaluate(ctx, step)
 
     # --- work --------------------------------------------------------------------------------
 
-    def evaluate(self, trainer, step: int) -> Dict[str, float]:
-        """Run the evaluations on every process's behalf; returns the flat ``eval/...`` scores."""
+    def evaluate(self, ctx: TrainingContext, step: int) -> Dict[str, float]:
+        """Run the evaluations on every process's behalf and log them; returns the flat
+        ``eval/...`` scores."""
         if step == self.last_step:
             return {}
         self.last_step = step
         scores: Optional[Dict[str, float]] = None
-        if trainer.is_main:
-            scores = self._run(trainer, step)
-        scores = self._broadcast(trainer, scores)
-        record = {"stage": trainer.stage_name, "step": step,
-                  "epoch": round(step / trainer.steps_per_epoch, 4), **scores}
-        trainer.history.append(record)
-        if trainer.is_main:
-            with (trainer.out_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        extras = getattr(trainer, "progress_extras", None)
-        if extras is not None:
-            extras.update({k.split("/", 1)[1]: f"{v:.3g}" for k, v in scores.items()})
-        logger.info("stage %s step %d: %s", trainer.stage_name, step,
+        if ctx.is_main:
+            scores = self._run(ctx)
+        scores = ctx.broadcast(scores)
+        record = {"stage": ctx.stage_name, "step": step,
+                  "epoch": round(step / ctx.steps_per_epoch, 4), **scores}
+        ctx.log(record)  # the other callbacks see it; the metrics log writes it
+        ctx.progress.update({k.split("/", 1)[1]: f"{v:.3g}" for k, v in scores.items()})
+        logger.info("stage %s step %d: %s", ctx.stage_name, step,
                     ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if self.keep_best:
-            self._keep_best(trainer, step, scores)
+            self._keep_best(ctx, step, scores)
         return scores
 
-    def _run(self, trainer, step: int) -> Dict[str, float]:
-        model = trainer._unwrapped()
+    def _run(self, ctx: TrainingContext) -> Dict[str, float]:
+        model = ctx.model()
         try:
             model.eval()
             scores = self.evaluate_model(model)
         finally:
-            set_train_modes(model, trainer.stage)  # back to the stage's train / eval modes
+            ctx.train_mode()  # back to the stage's train / eval modes
         return {eval_key(*key.split("/", 1)): float(value) for key, value in scores.items()}
 
-    def _keep_best(self, trainer, step: int, scores: Dict[str, float]) -> None:
+    def _keep_best(self, ctx: TrainingContext, step: int, scores: Dict[str, float]) -> None:
         name, metric = self.keep_best.split("/", 1)
         key = eval_key(name, metric)
         if key not in scores:
-            raise KeyError(f"stages.{trainer.stage_name}.keep_best: eval '{name}' reported no metric "
+            raise KeyError(f"stages.{ctx.stage_name}.keep_best: eval '{name}' reported no metric "
                            f"'{metric}'; it reported {sorted(k.split('/')[-1] for k in scores)}")
         value = scores[key]
         if self.best is not None and value <= self.best:
             return
         self.best = value
-        trainer.save_checkpoint(trainer.out_dir / BEST_DIR, None)
-        if trainer.is_main:
-            (trainer.out_dir / BEST_FILE).write_text(json.dumps(
+        ctx.save(ctx.out_dir / BEST_DIR)
+        if ctx.is_main:
+            (ctx.out_dir / BEST_FILE).write_text(json.dumps(
                 {"metric": self.keep_best, "value": value, "step": step}))
-
-    @staticmethod
-    def _broadcast(trainer, value):
-        """``value`` of the main process, on every process."""
-        acc = trainer.accelerator
-        if acc.num_processes == 1:
-            return value
-        from accelerate.utils import broadcast_object_list
-
-        box = [value]
-        broadcast_object_list(box, from_process=0)
-        return box[0]

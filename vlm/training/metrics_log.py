@@ -1,7 +1,8 @@
-"""The trainer's metrics log as a callback: every log record appended to
+"""The trainer's metrics log as a callback: every log record (the trainer's loss records and
+whatever a callback logs through ``ctx.log``, such as evaluation scores) appended to
 ``<out_dir>/metrics.jsonl`` and, at the end, the loss curves plotted to ``<out_dir>/loss.png``
-(rank 0 only). The trainer adds it after the caller's callbacks, so keys they add to a record
-are written too."""
+(rank 0 only). It is the one writer of ``metrics.jsonl``. The trainer adds it after the caller's
+callbacks, so keys they add to a record are written too."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ from vlm.training.callbacks import Callback
 
 
 class MetricsLog(Callback):
-    """Writes ``metrics.jsonl`` and ``loss.png`` under the trainer's ``out_dir``. A fresh run
+    """Writes ``metrics.jsonl`` and ``loss.png`` under the stage's ``out_dir``. A fresh run
     starts the file anew; a resumed one keeps the records up to the restored step (dropping any
     a crashed run wrote past its checkpoint) and appends from there."""
 
-    def on_train_start(self, trainer, position):
-        if not trainer.is_main:
+    def on_train_start(self, ctx, position):
+        if not ctx.is_main:
             return
-        path = trainer.out_dir / "metrics.jsonl"
+        path = ctx.out_dir / "metrics.jsonl"
         if position["step"] == 0:
             path.unlink(missing_ok=True)
         elif path.is_file():
@@ -27,14 +28,14 @@ class MetricsLog(Callback):
             kept = [line for line in lines if json.loads(line)["step"] <= position["step"]]
             path.write_text("".join(line + "\n" for line in kept))
 
-    def on_log(self, trainer, record):
-        if trainer.is_main:
-            with (trainer.out_dir / "metrics.jsonl").open("a") as f:
+    def on_log(self, ctx, record):
+        if ctx.is_main:
+            with (ctx.out_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def on_train_end(self, trainer, final):
-        if trainer.is_main:
-            plot_losses(trainer.out_dir / "metrics.jsonl", trainer.out_dir / "loss.png")
+    def on_train_end(self, ctx, final):
+        if ctx.is_main:
+            plot_losses(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss.png")
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:

@@ -1,40 +1,27 @@
 """Samples dropped while loading batches (unreadable images), counted in the main process.
 
-A dataset item whose image cannot be read is ``None``; the collate drops it. With
-``num_workers > 0`` that happens in worker processes, whose counters the trainer never sees, so
-:class:`CountingCollate` writes the number dropped into the batch itself and :class:`SkipCounter`
-(in the training loop) adds it up. A batch left with no sample is skipped and counted, never fed
-to the model, and a stage whose failure ratio passes ``max_image_failure_ratio`` stops with a
-:class:`~vlm.core.errors.TrainingError` (a wrong ``image_root`` fails every image).
+A dataset item whose image cannot be read is ``None``; the collate
+(:class:`vlm.data.batch.Collator`) drops it. With ``num_workers > 0`` that happens in worker
+processes, whose counters the trainer never sees, so the batch itself carries the number dropped
+(``Batch.skipped``) and :class:`SkipCounter` (in the training loop) adds it up. A batch left
+with no sample is skipped and counted, never fed to the model, and a stage whose failure ratio
+passes ``max_image_failure_ratio`` stops with a :class:`~vlm.core.errors.TrainingError` (a
+wrong ``image_root`` fails every image).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
 from vlm.core.errors import TrainingError
-from vlm.data.packing import batch_samples
+from vlm.data.batch import Batch
 
 logger = logging.getLogger(__name__)
 
-SKIPPED_KEY = "skipped_samples"
 # below this many loaded samples the failure ratio is not judged (one bad image in a tiny batch)
 MIN_SAMPLES_FOR_RATIO = 8
-
-
-class CountingCollate:
-    """Wrap a collate that drops ``None`` items: the batch also carries how many it dropped."""
-
-    def __init__(self, collate: Callable):
-        self.collate = collate
-
-    def __call__(self, items: Sequence[Optional[Dict]]) -> Dict:
-        batch = self.collate(items)
-        batch[SKIPPED_KEY] = sum(item is None for item in items)
-        return batch
 
 
 class SkipCounter:
@@ -50,11 +37,10 @@ class SkipCounter:
         self.skipped_batches = 0
         self._empty_in_a_row = 0
 
-    def observe(self, batch: Dict, step: int) -> bool:
-        """Take the count out of ``batch``; False when the batch has no sample left (skip it).
-        Raises TrainingError when too large a share of the samples failed."""
-        skipped = int(batch.pop(SKIPPED_KEY, 0))
-        kept = batch_samples(batch)
+    def observe(self, batch: Batch, step: int) -> bool:
+        """Count ``batch``'s samples and those its collate dropped; False when it has no sample
+        left (skip it). Raises TrainingError when too large a share of the samples failed."""
+        skipped, kept = batch.skipped, batch.num_samples
         acc = self.accelerator
         empty = kept == 0
         if acc is not None and acc.num_processes > 1:  # decide alike on every rank, or they desynchronise

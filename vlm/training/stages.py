@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from vlm.config import COMPONENTS, StageConfig, Train
 from vlm.core.errors import ConfigError
@@ -13,9 +13,10 @@ from vlm.training.objectives import OBJECTIVES
 
 logger = logging.getLogger(__name__)
 
-def apply_stage(model: VisionLanguageModel, stage: StageConfig) -> Dict[str, int]:
+def apply_stage(model: VisionLanguageModel, stage: StageConfig, objective: Optional[type] = None) -> Dict[str, int]:
     """Freeze / unfreeze / LoRA-wrap each component as the stage says, then freeze what the
-    stage's objective declares it never reads (``Objective.frozen_parameters``).
+    stage's objective declares it never reads (``Objective.frozen_parameters``; ``objective``:
+    the stage's objective class when the caller has it, else looked up by name).
 
     Returns (and logs) the trainable parameter count per component: what will train.
     """
@@ -27,7 +28,8 @@ def apply_stage(model: VisionLanguageModel, stage: StageConfig) -> Dict[str, int
             setattr(model, component, add_lora(module, stage.lora))  # adapters are trainable
         else:
             module.requires_grad_(mode is Train.full)
-    for param in OBJECTIVES.get(stage.objective).frozen_parameters(model):
+    objective = objective if objective is not None else OBJECTIVES.get(stage.objective)
+    for param in objective.frozen_parameters(model):
         param.requires_grad_(False)
     counts = trainable_counts(model)
     logger.info(

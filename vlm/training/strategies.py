@@ -1,8 +1,11 @@
-"""How a stage is spread over processes: ``stages.<name>.strategy: ddp | fsdp | zero2 | zero3``.
+"""How a stage is spread over processes: ``stages.<name>.strategy: ddp | fsdp | zero2 | zero3``,
+the names of the registry :data:`STRATEGIES`.
 
-A :class:`Strategy` builds the stage's Accelerator, wraps the training module (and builds the
-optimizer once the parameters are in their final, possibly sharded, form), gives back the plain
-module, gathers the model and optimizer state for saving and puts them back on resume.
+A :class:`Strategy` (a component: ``build(None, DistributionSettings.of(stage))``, and
+``check(stage, where)`` for its config rules) builds the stage's Accelerator, wraps the training
+module (and builds the optimizer once the parameters are in their final, possibly sharded, form),
+gives back the plain module, gathers the model and optimizer state for saving and puts them back
+on resume.
 
 - ``ddp``: accelerate's DistributedDataParallel (or nothing, in one process).
 - ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``), one unit per transformer block of the
@@ -23,14 +26,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from vlm.config import Precision, StageConfig, Train
+from vlm.config import COMPONENTS, Precision, StageConfig, Train, TrainModes
 from vlm.core.errors import ConfigError
+from vlm.core.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +156,11 @@ def _enable_module_checkpointing(module: nn.Module, what: str) -> bool:
     return bool(blocks)
 
 
-def enable_gradient_checkpointing(model, stage: StageConfig) -> List[str]:
+def enable_gradient_checkpointing(model, stage) -> List[str]:
     """Recompute activations in the backward pass for the LLM, and for the vision encoder when it
-    trains. Frozen-input LoRA needs its embedding outputs to require grad (else the checkpointed
-    blocks would see no input that needs a gradient). Returns the components switched on."""
+    trains (``stage``: a ``StageConfig`` or its :class:`DistributionSettings`). Frozen-input
+    LoRA needs its embedding outputs to require grad (else the checkpointed blocks would see no
+    input that needs a gradient). Returns the components switched on."""
     done = []
     llm = model.llm
     if _enable_module_checkpointing(llm, "llm"):
@@ -190,26 +196,76 @@ def transformer_blocks(module: nn.Module) -> List[nn.Module]:
     return []
 
 
+@dataclass
+class DistributionSettings:
+    """What a strategy is built for (``Strategy.build``): the stage's settings that decide how it
+    is spread over processes."""
+
+    precision: Precision = Precision.fp32
+    grad_accum: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    gradient_checkpointing: bool = False
+    fsdp_cpu_offload: bool = False
+    train: TrainModes = field(default_factory=TrainModes)
+    feature_cache: bool = False
+
+    @classmethod
+    def of(cls, stage: StageConfig) -> "DistributionSettings":
+        """The distribution settings of a stage (a ``StageConfig`` or its DictConfig) whose
+        precision is resolved (``vlm.app.stages.resolved_precision``): ``auto`` is refused here."""
+        if Precision(stage.precision) is Precision.auto:
+            raise ValueError("precision 'auto' reached a strategy unresolved: resolve it first "
+                             "(vlm.core.hardware.resolve_precision)")
+        return cls(precision=Precision(stage.precision), grad_accum=stage.grad_accum,
+                   max_grad_norm=stage.max_grad_norm, gradient_checkpointing=stage.gradient_checkpointing,
+                   fsdp_cpu_offload=stage.fsdp_cpu_offload,
+                   train=TrainModes(**{c: Train(getattr(stage.train, c)) for c in COMPONENTS}),
+                   feature_cache=stage.feature_cache)
+
+
+STRATEGIES: Registry = Registry("strategy")
+
+
+def _register(cls):
+    """Register a strategy class under its ``name`` (the name is written once, on the class)."""
+    return STRATEGIES.register(cls.name)(cls)
+
+
+@_register
 class Strategy:
     """DDP through accelerate (the default); the base of the other strategies."""
 
     name = "ddp"
+    # the component protocol (vlm.core.registry.Component): a strategy takes no options of its
+    # own; what it reads is the stage's DistributionSettings
+    Options: ClassVar[Optional[type]] = None
 
-    def __init__(self, stage: StageConfig):
-        self.stage = stage
+    def __init__(self, settings: DistributionSettings):
+        self.settings = settings
+
+    @classmethod
+    def build(cls, options: Optional[Mapping[str, Any]], ctx: DistributionSettings) -> "Strategy":
+        """The strategy for a stage's distribution settings (nothing is checked against the
+        machine yet: :meth:`check_available`)."""
+        return cls(ctx)
+
+    @classmethod
+    def check(cls, stage: StageConfig, where: str) -> None:
+        """The rules of stage ``where`` that belong to this strategy (config only; what the
+        machine must have is :meth:`check_available`'s). The default: none."""
 
     def check_available(self, where: str) -> None:
         """Refuse, before anything is built, a strategy this machine cannot run."""
 
     def make_accelerator(self) -> Accelerator:
         """The stage's Accelerator."""
-        return _accelerator(MIXED_PRECISION[Precision(self.stage.precision)])
+        return _accelerator(MIXED_PRECISION[Precision(self.settings.precision)])
 
     def prepare(self, accelerator: Accelerator, module: nn.Module, make_optimizer: Callable, loader):
         """(wrapped module, optimizer, loader) ready to train; ``make_optimizer()`` is called
         once the parameters are final."""
-        if self.stage.gradient_checkpointing:
-            enable_gradient_checkpointing(module.model, self.stage)
+        if self.settings.gradient_checkpointing:
+            enable_gradient_checkpointing(module.model, self.settings)
         return accelerator.prepare(module, make_optimizer(), loader)
 
     def unwrap(self, accelerator: Accelerator, model: nn.Module) -> nn.Module:
@@ -239,6 +295,7 @@ class Strategy:
         return False
 
 
+@_register
 class FSDPStrategy(Strategy):
     """FSDP2: each transformer block of the LLM (and of a training vision encoder) its own unit,
     then the root; frozen, LoRA and trained parameters mixed within units."""
@@ -246,7 +303,7 @@ class FSDPStrategy(Strategy):
     name = "fsdp"
 
     def check_available(self, where):
-        if self.stage.fsdp_cpu_offload and not torch.cuda.is_available():
+        if self.settings.fsdp_cpu_offload and not torch.cuda.is_available():
             raise ConfigError(f"{where}.fsdp_cpu_offload: offloading moves GPU memory to the CPU and needs CUDA "
                               f"(pinned memory); without a GPU the parameters are on the CPU already: set it false")
 
@@ -261,12 +318,12 @@ class FSDPStrategy(Strategy):
             fully_shard,
         )
 
-        stage = self.stage
-        if stage.gradient_checkpointing:
-            enable_gradient_checkpointing(module.model, stage)
+        settings = self.settings
+        if settings.gradient_checkpointing:
+            enable_gradient_checkpointing(module.model, settings)
         device = accelerator.device
         module.to(device)
-        bf16 = Precision(stage.precision) is Precision.bf16
+        bf16 = Precision(settings.precision) is Precision.bf16
         if bf16:  # fp32 master weights for what trains, bf16 compute
             for param in module.parameters():
                 if param.requires_grad and param.dtype != torch.float32:
@@ -275,9 +332,9 @@ class FSDPStrategy(Strategy):
         options = dict(mesh=mesh,
                        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                        if bf16 else MixedPrecisionPolicy(),
-                       offload_policy=CPUOffloadPolicy() if stage.fsdp_cpu_offload else OffloadPolicy())
+                       offload_policy=CPUOffloadPolicy() if settings.fsdp_cpu_offload else OffloadPolicy())
         units = list(transformer_blocks(module.model.llm))
-        if Train(stage.train.vision) is not Train.frozen:
+        if Train(settings.train.vision) is not Train.frozen:
             units += transformer_blocks(module.model.vision)
         for block in units:
             fully_shard(block, **options)
@@ -347,6 +404,12 @@ class ZeroStrategy(Strategy):
 
     zero_stage = 2
 
+    @classmethod
+    def check(cls, stage, where):
+        if stage.grad_accum != 1:
+            raise ConfigError(f"{where}.grad_accum: strategy '{cls.name}' needs grad_accum 1 (DeepSpeed would "
+                              f"scale the loss a second time); raise batch_size or use strategy=fsdp")
+
     def check_available(self, where):
         if not torch.cuda.is_available():
             raise ConfigError(f"{where}.strategy: '{self.name}' (DeepSpeed) needs CUDA GPUs and none is visible; "
@@ -354,19 +417,16 @@ class ZeroStrategy(Strategy):
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(f"{where}.strategy: '{self.name}' needs the deepspeed package: "
                               "pip install -e \".[deepspeed]\", or use strategy=fsdp")
-        if self.stage.grad_accum != 1:
-            raise ConfigError(f"{where}.grad_accum: strategy '{self.name}' needs grad_accum 1 (DeepSpeed would "
-                              f"scale the loss a second time); raise batch_size or use strategy=fsdp")
 
     def make_accelerator(self):
         from accelerate.utils import DeepSpeedPlugin
 
-        stage = self.stage
+        settings = self.settings
         plugin = DeepSpeedPlugin(zero_stage=self.zero_stage, gradient_accumulation_steps=1,
-                                 gradient_clipping=stage.max_grad_norm or 0.0,
-                                 offload_optimizer_device="cpu" if stage.fsdp_cpu_offload else "none",
+                                 gradient_clipping=settings.max_grad_norm or 0.0,
+                                 offload_optimizer_device="cpu" if settings.fsdp_cpu_offload else "none",
                                  zero3_save_16bit_model=True)  # get_state_dict gathers under ZeRO-3
-        return _accelerator(MIXED_PRECISION[Precision(stage.precision)], deepspeed_plugin=plugin)
+        return _accelerator(MIXED_PRECISION[Precision(settings.precision)], deepspeed_plugin=plugin)
 
     def clip_grad_norm(self, accelerator, model, max_norm):
         # DeepSpeed clips inside its step (gradient_clipping); the norm it measured, when it has one
@@ -379,19 +439,18 @@ class ZeroStrategy(Strategy):
         return accelerator.get_state_dict(model, unwrap=True)
 
 
+@_register
 class Zero2Strategy(ZeroStrategy):
     """ZeRO-2: optimizer states and gradients partitioned."""
 
     name, zero_stage = "zero2", 2
 
 
+@_register
 class Zero3Strategy(ZeroStrategy):
     """ZeRO-3: parameters partitioned as well."""
 
     name, zero_stage = "zero3", 3
-
-
-STRATEGIES = {cls.name: cls for cls in (Strategy, FSDPStrategy, Zero2Strategy, Zero3Strategy)}
 
 
 def _bare(optimizer):
@@ -400,11 +459,14 @@ def _bare(optimizer):
 
 
 def build_strategy(stage: StageConfig, where: str = "stage") -> Strategy:
-    """The stage's strategy, checked against this machine (raises ConfigError)."""
-    name = str(stage.strategy)
-    if name not in STRATEGIES:
-        raise ConfigError(f"{where}.strategy: unknown strategy '{name}'; known: {', '.join(STRATEGIES)}")
-    strategy = STRATEGIES[name](stage)
+    """The stage's strategy (``Strategy.build`` for its DistributionSettings), checked against
+    this machine (raises ConfigError). Its config rules (``Strategy.check``) were checked when
+    the config was validated."""
+    try:
+        cls = STRATEGIES.get(str(stage.strategy))
+    except KeyError as exc:
+        raise ConfigError(f"{where}.strategy: {exc.args[0]}") from None
+    strategy = cls.build(None, DistributionSettings.of(stage))
     strategy.check_available(where)
     return strategy
 

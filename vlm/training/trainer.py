@@ -6,6 +6,9 @@ how the stage is spread over them (DDP, FSDP2, DeepSpeed ZeRO) is the stage's ``
 bf16 / fp16 autocast, tqdm progress with loss / lr / samples/s, atomic checkpoints, a non-finite
 guard and exact resume live here; the JSON-lines metrics and the loss-curve PNG are written by a
 callback (``vlm.training.metrics_log.MetricsLog``), the seam everything else plugs into too.
+Callbacks never see the trainer: it builds one :class:`~vlm.training.callbacks.TrainingContext`
+(the stage's name and step counts, ``out_dir``, the unwrapped model, ``log`` / ``save`` /
+``broadcast``, progress-bar fields) and passes it to every hook.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import skip_first_batches
+from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -36,11 +40,10 @@ from vlm.checkpoint.train_state import (
 )
 from vlm.config import Precision, StageConfig, train_modes
 from vlm.core.errors import DataFormatError, TrainingError
-from vlm.data.packing import batch_samples
 from vlm.data.samplers import EpochShuffleSampler  # noqa: F401  (re-exported)
 from vlm.modeling.attention import use_training_attention
 from vlm.modeling.weights import check_finite_weights
-from vlm.training.callbacks import Callback, CallbackList
+from vlm.training.callbacks import Callback, CallbackList, TrainingContext
 from vlm.training.compile import compile_repeated_blocks, eager, restore_eager
 from vlm.training.frozen_weights import FrozenWeightCast
 from vlm.training.metrics_log import MetricsLog
@@ -73,7 +76,8 @@ class Trainer:
     ``save_state(model, folder)`` writes the model part of a checkpoint (weights, manifest,
     tokenizer); the trainer adds the training state and makes the write atomic. ``callbacks``
     (:mod:`vlm.training.callbacks`) are called at the start, after each step, on each log
-    record, after each checkpoint and at the end.
+    record, after each checkpoint and at the end, each with the trainer's ``context`` (a
+    :class:`~vlm.training.callbacks.TrainingContext`), not the trainer.
     """
 
     def __init__(self, model, dataset, *, collate: Callable, stage: StageConfig, out_dir: str | Path,
@@ -122,8 +126,12 @@ class Trainer:
         self.history: List[dict] = []
         # what runs between training steps (callbacks, checkpoints): eager, fp32 frozen weights
         self._outside_steps = contextlib.nullcontext
-        # extra progress-bar fields callbacks may set (evaluation scores)
-        self.progress_extras: Dict[str, str] = {}
+        # what the callbacks see of the stage (they never get the trainer itself)
+        self.context = TrainingContext(
+            stage_name=stage_name, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+            out_dir=self.out_dir, is_main=self.is_main, num_processes=self.accelerator.num_processes,
+            model=self._unwrapped, log=self._log, save=lambda folder: self.save_checkpoint(folder, None),
+            broadcast=self._broadcast, train_mode=lambda: set_train_modes(self._unwrapped(), self.stage))
 
     @property
     def is_main(self) -> bool:
@@ -131,6 +139,20 @@ class Trainer:
 
     def _unwrapped(self):
         return self.strategy.unwrap(self.accelerator, self.model).model
+
+    def _log(self, record: dict) -> None:
+        """A metrics record through every callback's ``on_log`` (the metrics log writes it), then
+        into ``history``."""
+        self.callbacks.on_log(self.context, record)
+        self.history.append(record)
+
+    def _broadcast(self, value):
+        """``value`` of the main process, on every process."""
+        if self.accelerator.num_processes == 1:
+            return value
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
 
     def save_checkpoint(self, folder: Path, position: Optional[dict]) -> None:
         """Atomically write the model state (and, with a position, the training state). Every
@@ -243,8 +265,9 @@ class Trainer:
         micro = 0
         guard = NonFiniteGuard(stage, self.stage_name, acc)
         self.skips = SkipCounter(self.stage_name, stage.max_image_failure_ratio, self.micro_per_epoch, acc)
+        self.context.step = position["step"]
         with self._outside_steps():
-            self.callbacks.on_train_start(self, position)
+            self.callbacks.on_train_start(self.context, position)
         batches = self._batches(position["epoch"], position["batch"])
         while position["step"] < self.total_steps:
             epoch, index, batch = next(batches)
@@ -254,7 +277,7 @@ class Trainer:
                 continue
             micro += 1
             sync = micro % stage.grad_accum == 0 or last_of_epoch
-            n = batch_samples(batch)
+            n = batch.num_samples
             # windows start at multiples of grad_accum in each epoch; an epoch's last may be shorter
             accum_start = index // stage.grad_accum * stage.grad_accum
             window_length = min(stage.grad_accum, self.micro_per_epoch - accum_start)
@@ -282,7 +305,7 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             position["step"] += 1
-            step = position["step"]
+            step = self.context.step = position["step"]
             bar.update(1)
             if step % stage.log_every == 0 or step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
@@ -294,19 +317,18 @@ class Trainer:
                           "samples_per_s": all_samples / max(elapsed, 1e-9),
                           "grad_norm": grad_norm}
                 with self._outside_steps():
-                    self.callbacks.on_log(self, record)
-                self.history.append(record)
+                    self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                samples_s=f"{record['samples_per_s']:.1f}", **self.progress_extras)
+                                samples_s=f"{record['samples_per_s']:.1f}", **self.context.progress)
                 window, window_samples, window_start = {}, 0, time.perf_counter()
             if stage.save_every and step % stage.save_every == 0 and step < self.total_steps:
                 folder = self.out_dir / "checkpoints" / f"step_{step:07d}"
                 with self._outside_steps():
                     self.save_checkpoint(folder, position)
                 with self._outside_steps():
-                    self.callbacks.on_checkpoint(self, folder)
+                    self.callbacks.on_checkpoint(self.context, folder)
             with self._outside_steps():
-                self.callbacks.on_step_end(self, position)
+                self.callbacks.on_step_end(self.context, position)
         bar.close()
         if self.skips.skipped_samples:
             logger.warning(self.skips.summary())
@@ -314,7 +336,7 @@ class Trainer:
         with self._outside_steps():
             self.save_checkpoint(final, None)
         with self._outside_steps():
-            self.callbacks.on_train_end(self, final)
+            self.callbacks.on_train_end(self.context, final)
         return final
 
 

@@ -27,7 +27,7 @@ class StepTimer(Callback):
     def __init__(self):
         self.marks: List[tuple] = []
 
-    def on_step_end(self, trainer, position):
+    def on_step_end(self, ctx, position):
         self.marks.append((time.perf_counter(), time.process_time()))
 
 

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from vlm.app.bench import cpu_model
+from vlm.app.env import environment
 from vlm.core.errors import ConfigError
 
 
@@ -52,22 +52,21 @@ def _recipe_and_model(target: str, overrides: Sequence[str], out: Optional[str],
 
 def _hf_answers(llava, processor, samples, batch_size: int, max_new_tokens: int, settings: dict):
     """transformers' greedy generate on left-padded batches: ``(answers, new tokens)``."""
-    from vlm.data.processor import pad_batch
+    from vlm.data.batch import Collator
     from vlm.inference.generation import clean_answer
 
     stops = processor.template.stop_strings()
     answers, tokens, rows = [], 0, []
     device = next(llava.parameters()).device
+    collate = Collator(processor.tokenizer.pad_token_id, padding_side="left")
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        batch = pad_batch([processor.encode(s, for_generation=True) for s in chunk],
-                          processor.tokenizer.pad_token_id, padding_side="left")
-        pixels = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
+        batch = collate([processor.encode(s, for_generation=True) for s in chunk]).to(device)
         with torch.no_grad():
-            out = llava.generate(input_ids=batch["input_ids"].to(device),
-                                 attention_mask=batch["attention_mask"].to(device), pixel_values=pixels,
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **settings)
-        new = out[:, batch["input_ids"].shape[1]:]
+            out = llava.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 pixel_values=batch.images, max_new_tokens=max_new_tokens, do_sample=False,
+                                 num_beams=1, **settings)
+        new = out[:, batch.input_ids.shape[1]:]
         tokens += _generated_tokens(new, settings["pad_token_id"], settings["eos_token_id"])
         rows += _trimmed(new, settings["pad_token_id"], settings["eos_token_id"])
         texts = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -132,13 +131,13 @@ def bench_generate(target: str, eval_name: str = "vqa", overrides: Sequence[str]
         theirs, theirs_tokens, theirs_rows = _hf_answers(llava, processor, samples, ev.batch_size, ev.max_new_tokens, settings)
         theirs_t.append(time.perf_counter() - start)
     # vlm's generated token count (untimed): the same decode once more, counting
-    from vlm.data.processor import pad_batch
+    from vlm.data.batch import Collator
     ours_rows: List[List[int]] = []
+    collate = Collator(tokenizer.pad_token_id, padding_side="left")
     for s in range(0, len(samples), ev.batch_size):
-        batch = pad_batch([processor.encode(x, for_generation=True) for x in samples[s:s + ev.batch_size]],
-                          tokenizer.pad_token_id, padding_side="left")
-        new = greedy_decode(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                            batch["instructions"], max_new_tokens=ev.max_new_tokens,
+        batch = collate([processor.encode(x, for_generation=True) for x in samples[s:s + ev.batch_size]])
+        new = greedy_decode(model, batch.input_ids, batch.attention_mask, batch.images,
+                            batch.instructions, max_new_tokens=ev.max_new_tokens,
                             eos_token_ids=settings["eos_token_id"], pad_token_id=settings["pad_token_id"])
         ours_tokens += _generated_tokens(new, settings["pad_token_id"], settings["eos_token_id"])
         ours_rows += _trimmed(new, settings["pad_token_id"], settings["eos_token_id"])
@@ -147,7 +146,7 @@ def bench_generate(target: str, eval_name: str = "vqa", overrides: Sequence[str]
     return {
         "target": target, "eval": eval_name, "weights": weights, "samples": len(samples),
         "batch_size": ev.batch_size, "max_new_tokens": ev.max_new_tokens, "repeats": repeats,
-        "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+        "env": environment(),
         "vlm": {"seconds": round(o, 3), "samples_per_s": round(len(samples) / o, 2),
                 "tokens": ours_tokens, "tokens_per_s": round(ours_tokens / o, 1), "runs_s": [round(x, 3) for x in ours_t]},
         "transformers": {"seconds": round(t, 3), "samples_per_s": round(len(samples) / t, 2),

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import torch
 from omegaconf import DictConfig
 
-from vlm.app.bench import cpu_model
+from vlm.app.env import environment
 from vlm.app.wiring import validate
 from vlm.checkpoint.components import save_model_state
 from vlm.checkpoint.fsio import atomic_dir
@@ -102,12 +102,14 @@ class HFLlavaSide:
         dtype = torch.bfloat16 if self.precision is Precision.bf16 else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def inputs(self, batch: Dict) -> Dict:
-        """A padded vlm batch as ``LlavaForConditionalGeneration`` keyword arguments."""
-        keys = ("input_ids", "attention_mask", "pixel_values", "labels")
-        return {k: batch[k].to(self.device) if batch[k] is not None else None for k in keys}
+    def inputs(self, batch) -> Dict:
+        """A padded vlm batch (:class:`vlm.data.batch.Batch`) as ``LlavaForConditionalGeneration``
+        keyword arguments."""
+        batch = batch.to(self.device)
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "pixel_values": batch.images,
+                "labels": batch.labels}
 
-    def loss(self, batch: Dict) -> torch.Tensor:
+    def loss(self, batch) -> torch.Tensor:
         return self.llava(**self.inputs(batch)).loss
 
     def step(self, batch_size: int) -> None:
@@ -127,8 +129,8 @@ class HFLlavaSide:
         self.optimizer.zero_grad(set_to_none=True)
         _sync(self.device)
         self.step_seconds.append(time.perf_counter() - start)
-        self.step_samples.append(int(batch["input_ids"].shape[0]))
-        self.step_tokens.append(int(batch["attention_mask"].sum()))
+        self.step_samples.append(batch.num_samples)
+        self.step_tokens.append(int(batch.attention_mask.sum()))
 
 
 class AlternatingTimer(Callback):
@@ -144,12 +146,12 @@ class AlternatingTimer(Callback):
         self._last = 0.0
         self._samples_before = 0
 
-    def on_train_start(self, trainer, position) -> None:
+    def on_train_start(self, ctx, position) -> None:
         _sync(self.device)
         self._last = time.perf_counter()
         self._samples_before = position["samples"]
 
-    def on_step_end(self, trainer, position) -> None:
+    def on_step_end(self, ctx, position) -> None:
         _sync(self.device)
         now = time.perf_counter()
         self.step_seconds.append(now - self._last)
@@ -230,7 +232,7 @@ def bench_train(cfg: DictConfig, stage_name: str, steps: int = 30, warmup: int =
     trainer = run.trainer
     device = trainer.accelerator.device
     processor_collate = _padded_collate(trainer)
-    hf = HFLlavaSide(reference, stage, run.dataset, processor_collate, stage.precision, device, stage.seed)
+    hf = HFLlavaSide(reference, stage, run.dataset, processor_collate, run.precision.precision, device, stage.seed)
     timer.other, timer.device = hf, device
     del reference
 
@@ -241,8 +243,7 @@ def bench_train(cfg: DictConfig, stage_name: str, steps: int = 30, warmup: int =
         was_training = vlm_model.training
         vlm_model.eval()
         hf.llava.eval()
-        vlm_batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in first.items()}
-        vlm_loss = float(vlm_model(**vlm_batch, return_logits=False).loss)
+        vlm_loss = float(vlm_model(**first.to(device).model_inputs(), return_logits=False).loss)
         hf_loss = float(hf.loss(first))
         vlm_model.train(was_training)
         hf.llava.train()
@@ -252,8 +253,8 @@ def bench_train(cfg: DictConfig, stage_name: str, steps: int = 30, warmup: int =
     ours = _side(timer.step_seconds, timer.samples, vlm_tokens, warmup)
     theirs = _side(hf.step_seconds, hf.step_samples, hf.step_tokens, warmup)
     return {
-        "stage": stage_name, "precision": Precision(stage.precision).value, "device": str(device),
-        "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+        "stage": stage_name, "precision": run.precision.as_record(), "device": str(device),
+        "env": environment(),
         "batch_size": stage.batch_size, "packing": bool(stage.packing), "group_by_length": bool(stage.group_by_length),
         "steps": steps, "warmup_steps": warmup,
         "vlm": ours, "transformers": theirs,
@@ -269,12 +270,7 @@ def bench_train(cfg: DictConfig, stage_name: str, steps: int = 30, warmup: int =
 
 
 def _padded_collate(trainer):
-    """The processor's plain right-padding collate (what the unpacked trainer uses)."""
-    from vlm.data.processor import pad_batch
+    """The plain right-padding collate (what the unpacked trainer uses)."""
+    from vlm.data.batch import Collator
 
-    pad_id = trainer.dataset.processor.tokenizer.pad_token_id
-
-    def collate(items):
-        return pad_batch([it for it in items if it is not None], pad_id)
-
-    return collate
+    return Collator(trainer.dataset.processor.tokenizer.pad_token_id)

@@ -5,8 +5,8 @@ from vlm.modeling.connectors.registry import CONNECTORS
 
 
 def build_connector(cfg, ctx: BuildContext) -> Connector:
-    """Build the connector named by ``cfg.name`` with its options for ``ctx``."""
-    return CONNECTORS.get(cfg.name).from_config(dict(cfg.options), ctx)
+    """Build the connector named by ``cfg.name`` with its options for ``ctx`` (``Connector.build``)."""
+    return CONNECTORS.get(cfg.name).build(cfg.options, ctx)
 
 
 __all__ = ["BuildContext", "Connector", "CONNECTORS", "build_connector"]

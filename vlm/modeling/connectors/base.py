@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, List, Optional, Sequence
+from typing import Any, ClassVar, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -12,9 +12,9 @@ from torch import nn
 
 @dataclass
 class BuildContext:
-    """What a connector is built for, handed to ``Connector.from_config``: the encoder's feature
-    width, the LLM's hidden width, the LLM's tokenizer and the freshly built vision encoder
-    (before any trained weights are loaded)."""
+    """What a connector is built for, handed to ``Connector.build`` / ``from_config``: the
+    encoder's feature width, the LLM's hidden width, the LLM's tokenizer and the freshly built
+    vision encoder (before any trained weights are loaded)."""
 
     vision_dim: int
     llm_dim: int
@@ -28,19 +28,31 @@ class Connector(nn.Module, ABC):
     The contract, all a new connector needs:
 
     - ``from_config(options, ctx)`` builds it from its ``Options`` dataclass values and a
-      :class:`BuildContext`;
+      :class:`BuildContext` (``build(options, ctx)``, the component protocol's entry, calls it);
     - ``num_tokens(N)`` gives K (the processor asks, so nobody guesses the placeholder count);
     - ``forward(features, instructions=None)`` returns the visual tokens; ``instructions`` (one
       text per image) may be ignored.
 
-    Optional: ``check_options`` (value checks at config load), ``requires_vision`` (the encoder
-    class it needs), ``encode_images`` (a connector that runs inside the encoder) together with
-    ``feature_cache_conflict``, and ``llm_unused_parameters``.
+    Optional: ``check_options`` (value checks at config load, called by ``check``),
+    ``requires_vision`` (the encoder class it needs), ``encode_images`` (a connector that runs
+    inside the encoder) together with ``feature_cache_conflict``, and ``llm_unused_parameters``.
     """
 
     Options: ClassVar[Optional[type]] = None
     # the VisionEncoder class this connector needs (checked when a config is validated); None: any
     requires_vision: ClassVar[Optional[type]] = None
+
+    @classmethod
+    def build(cls, options: Optional[Mapping[str, Any]], ctx: BuildContext) -> "Connector":
+        """The component protocol's build (``vlm.core.registry.Component``): :meth:`from_config`
+        with the options as a plain dict."""
+        return cls.from_config(dict(options or {}), ctx)
+
+    @classmethod
+    def check(cls, cfg, where: str) -> None:
+        """The rules of the ``model.connector`` section ``cfg`` (at ``where``) that belong to this
+        connector: :meth:`check_options` on its options."""
+        cls.check_options(dict(cfg.options), f"{where}.options")
 
     @classmethod
     @abstractmethod
@@ -64,8 +76,9 @@ class Connector(nn.Module, ABC):
     @classmethod
     def feature_cache_conflict(cls) -> Optional[str]:
         """Why this connector cannot train from the frozen encoder's cached features, or None
-        (the default: its visual tokens are a function of the encoder's features). Checked by
-        the config validation and by the feature cache, and nowhere else."""
+        (the default: its visual tokens are a function of the encoder's features). Read only by
+        ``vlm.data.feature_cache.feature_cache_refusal``, the one place the feature-cache
+        precondition is combined (for the config validation and for the cache alike)."""
         return None
 
     def llm_unused_parameters(self) -> List[nn.Parameter]:

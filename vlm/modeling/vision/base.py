@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Optional, Sequence
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,32 @@ from vlm.data.image_transforms import (
     ImageTransform,
     build_transform,
 )
+
+
+def _plain(node) -> Any:
+    """A config node as plain Python values (dicts and lists), anything else unchanged."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+@dataclass
+class EncoderContext:
+    """What a vision encoder is built for besides its options (``VisionEncoder.build``): the
+    other fields of the ``model.vision`` section (``VisionConfig``)."""
+
+    name: str = ""
+    pretrained: Optional[str] = None
+    arch: Dict[str, Any] = field(default_factory=dict)
+    feature_layer: int = -2
+    keep_cls: bool = False
+    preprocess: Optional[str] = None
+
+    @classmethod
+    def of(cls, vision) -> "EncoderContext":
+        """The context of a ``model.vision`` section (a ``VisionConfig`` or its DictConfig)."""
+        return cls(name=vision.name, pretrained=vision.pretrained, arch=dict(_plain(vision.arch)),
+                   feature_layer=vision.feature_layer, keep_cls=vision.keep_cls, preprocess=vision.preprocess)
 
 
 class VisionEncoder(nn.Module, ABC):
@@ -40,6 +67,20 @@ class VisionEncoder(nn.Module, ABC):
         self.embed_dim: int = 0
         self.image_size: int = 0
         self.num_patches: int = 0
+
+    @classmethod
+    def build(cls, options: Optional[Mapping[str, Any]], ctx: EncoderContext) -> "VisionEncoder":
+        """The component protocol's build (``vlm.core.registry.Component``): :meth:`from_config`
+        on the ``VisionConfig`` of ``ctx`` and ``options`` (the encoder keeps it as ``cfg``)."""
+        return cls.from_config(VisionConfig(name=ctx.name, pretrained=ctx.pretrained, arch=dict(ctx.arch),
+                                            feature_layer=ctx.feature_layer, keep_cls=ctx.keep_cls,
+                                            preprocess=ctx.preprocess, options=dict(_plain(options) or {})))
+
+    @classmethod
+    def check(cls, cfg, where: str) -> None:
+        """The rules of the ``model.vision`` section ``cfg`` (at ``where``) that belong to this
+        encoder: :meth:`check_arch` on its ``arch``."""
+        cls.check_arch(dict(cfg.arch), f"{where}.arch")
 
     @classmethod
     @abstractmethod

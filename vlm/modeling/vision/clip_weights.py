@@ -21,7 +21,8 @@ layout is the hub: ``hf_to_timm`` is ``open_clip_to_timm(hf_to_open_clip(...))``
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -43,24 +44,99 @@ _TOP_RENAMES: List[Tuple[str, str, str]] = [
     ("ln_post.weight", "post_layernorm.weight", "norm.weight"),
     ("ln_post.bias", "post_layernorm.bias", "norm.bias"),
 ]
-_OC_BLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
-_HF_BLOCK = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
-_TIMM_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 _HF_PREFIX = "vision_model."
 _HF_IGNORED = {"embeddings.position_ids"}  # a buffer in older transformers versions
 
 OPEN_CLIP, HF, TIMM = 0, 1, 2
+# each layout's blocks: (a key of block i -> (i, the name inside the block), the prefix of block i)
+_BLOCKS = {
+    OPEN_CLIP: (re.compile(r"transformer\.resblocks\.(\d+)\.(.+)"), "transformer.resblocks.{}."),
+    HF: (re.compile(r"encoder\.layers\.(\d+)\.(.+)"), "encoder.layers.{}."),
+    TIMM: (re.compile(r"blocks\.(\d+)\.(.+)"), "blocks.{}."),
+}
+_KINDS = ("weight", "bias")
+_QKV = ("q", "k", "v")  # the order of the fused in_proj / qkv tensors
 
 
-def _renamer(source: int, target: int) -> Dict[str, str]:
-    table = {}
-    for names in _TOP_RENAMES:
-        table[names[source]] = names[target]
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _transposed(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.t()
+
+
+def _zero_bias(tensor: torch.Tensor) -> None:
+    if bool(tensor.any()):
+        raise ValueError("timm head.bias is not zero; CLIP's projection has no bias")
+
+
+@dataclass(frozen=True)
+class _Third:
+    """Splits a fused q/k/v tensor: its ``index``-th third (dim 0)."""
+
+    index: int
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.chunk(3, dim=0)[self.index]
+
+
+@dataclass(frozen=True)
+class _QKVPart:
+    """Not a function: the ``part`` (q, k or v) of the ``kind`` (weight or bias) that the
+    conversion concatenates, in ``_QKV`` order, into the target once it has all three."""
+
+    part: str
+    kind: str
+
+
+# (source name, target name, how): a tensor that changes more than its name, per conversion
+# (source, target); outside the blocks, then inside them (names after the block prefix). One
+# source name may give several targets; a target None only checks the tensor.
+_Row = Tuple[str, Optional[str], Callable]
+_TOP_SPECIAL: Dict[Tuple[int, int], List[_Row]] = {
+    (OPEN_CLIP, HF): [("class_embedding", "embeddings.class_embedding", _same),
+                      ("positional_embedding", "embeddings.position_embedding.weight", _same),
+                      ("proj", "visual_projection.weight", _transposed)],
+    (HF, OPEN_CLIP): [("embeddings.class_embedding", "class_embedding", _same),
+                      ("embeddings.position_embedding.weight", "positional_embedding", _same),
+                      ("visual_projection.weight", "proj", _transposed)],
+    (OPEN_CLIP, TIMM): [("class_embedding", "cls_token", lambda t: t.reshape(1, 1, -1)),
+                        ("positional_embedding", "pos_embed", lambda t: t.unsqueeze(0)),
+                        ("proj", "head.weight", _transposed),
+                        ("proj", "head.bias", lambda t: torch.zeros(t.shape[1], dtype=t.dtype))],
+    (TIMM, OPEN_CLIP): [("cls_token", "class_embedding", lambda t: t.reshape(-1)),
+                        ("pos_embed", "positional_embedding", lambda t: t.squeeze(0)),
+                        ("head.weight", "proj", _transposed),
+                        ("head.bias", None, _zero_bias)],
+}
+_BLOCK_SPECIAL: Dict[Tuple[int, int], List[_Row]] = {
+    (OPEN_CLIP, HF): [(f"attn.in_proj_{kind}", f"self_attn.{name}_proj.{kind}", _Third(i))
+                      for kind in _KINDS for i, name in enumerate(_QKV)],
+    (HF, OPEN_CLIP): [(f"self_attn.{name}_proj.{kind}", f"attn.in_proj_{kind}", _QKVPart(name, kind))
+                      for kind in _KINDS for name in _QKV],
+    # timm fuses q, k, v in open_clip's order
+    (OPEN_CLIP, TIMM): [(f"attn.in_proj_{kind}", f"attn.qkv.{kind}", _same) for kind in _KINDS],
+    (TIMM, OPEN_CLIP): [(f"attn.qkv.{kind}", f"attn.in_proj_{kind}", _same) for kind in _KINDS],
+}
+
+
+def _table(rows: List[_Row]) -> Dict[str, List[Tuple[Optional[str], Callable]]]:
+    table: Dict[str, List[Tuple[Optional[str], Callable]]] = {}
+    for source, target, how in rows:
+        table.setdefault(source, []).append((target, how))
     return table
 
 
-def _block_renamer(source: int, target: int) -> Dict[str, str]:
-    return {f"{names[source]}.{p}": f"{names[target]}.{p}" for names in _BLOCK_RENAMES for p in ("weight", "bias")}
+# per conversion: (top-level table, block table), each source name -> [(target name, how)]
+_TABLES = {
+    (source, target): (
+        _table([(names[source], names[target], _same) for names in _TOP_RENAMES] + _TOP_SPECIAL[(source, target)]),
+        _table([(f"{names[source]}.{p}", f"{names[target]}.{p}", _same) for names in _BLOCK_RENAMES for p in _KINDS]
+               + _BLOCK_SPECIAL[(source, target)]),
+    )
+    for source, target in _TOP_SPECIAL
+}
 
 
 def _unknown(keys) -> KeyError:
@@ -68,38 +144,45 @@ def _unknown(keys) -> KeyError:
     return KeyError(f"not a CLIP ViT tensor in this layout: {keys[:5]}{'...' if len(keys) > 5 else ''}")
 
 
+def _convert(state: StateDict, source: int, target: int, ignored=frozenset()) -> StateDict:
+    """``state`` from layout ``source`` to ``target`` by ``_TABLES`` (keys in ``ignored`` are
+    left out); KeyError naming the keys no table row reads, or for an incomplete q/k/v."""
+    top, block = _TABLES[(source, target)]
+    pattern, prefix = _BLOCKS[source][0], _BLOCKS[target][1]
+    out, left = {}, set(state) - set(ignored)
+    qkv: Dict[str, Tuple[str, str, Dict[str, torch.Tensor]]] = {}  # target key -> (layer, kind, parts)
+    for key, value in state.items():
+        if key in ignored:
+            continue
+        match = pattern.fullmatch(key)
+        if key in top:
+            layer, rows, at = None, top[key], ""
+        elif match and match.group(2) in block:
+            layer, rows, at = match.group(1), block[match.group(2)], prefix.format(match.group(1))
+        else:
+            continue
+        for name, how in rows:
+            if isinstance(how, _QKVPart):
+                qkv.setdefault(at + name, (layer, how.kind, {}))[2][how.part] = value
+            elif name is None:
+                how(value)
+            else:
+                out[at + name] = how(value)
+        left.discard(key)
+    for key, (layer, kind, parts) in qkv.items():
+        if set(parts) != set(_QKV):
+            raise KeyError(f"layer {layer}: {kind} of q/k/v incomplete (have {sorted(parts)})")
+        out[key] = torch.cat([parts[name] for name in _QKV])
+    if left:
+        raise _unknown(left)
+    return out
+
+
 def open_clip_to_hf(state: StateDict, with_projection: bool = False) -> StateDict:
     """open_clip ``visual`` -> transformers ``CLIPVisionModel`` (``proj`` is dropped: it has
     none), or with ``with_projection`` ``CLIPVisionModelWithProjection`` (``vision_model.*`` and
     ``proj`` as ``visual_projection``)."""
-    out, left = {}, set(state)
-    top, block = _renamer(OPEN_CLIP, HF), _block_renamer(OPEN_CLIP, HF)
-    for key, value in state.items():
-        if key in top:
-            out[top[key]] = value
-        elif key == "class_embedding":
-            out["embeddings.class_embedding"] = value
-        elif key == "positional_embedding":
-            out["embeddings.position_embedding.weight"] = value
-        elif key == "proj":
-            if with_projection:
-                out["visual_projection.weight"] = value.t()
-        elif match := _OC_BLOCK.fullmatch(key):
-            i, rest = match.groups()
-            prefix = f"encoder.layers.{i}."
-            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-                kind = rest.rsplit("_", 1)[1]
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                    out[f"{prefix}self_attn.{name}.{kind}"] = part
-            elif rest in block:
-                out[prefix + block[rest]] = value
-            else:
-                continue
-        else:
-            continue
-        left.discard(key)
-    if left:
-        raise _unknown(left)
+    out = _convert(state, OPEN_CLIP, HF, ignored=() if with_projection else {"proj"})
     if with_projection:
         out = {k if k == "visual_projection.weight" else _HF_PREFIX + k: v for k, v in out.items()}
     return out
@@ -109,102 +192,18 @@ def hf_to_open_clip(state: StateDict) -> StateDict:
     """transformers ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection`` (keys with or
     without ``vision_model.``) -> open_clip ``visual``."""
     state = {k[len(_HF_PREFIX):] if k.startswith(_HF_PREFIX) else k: v for k, v in state.items()}
-    out, left = {}, set(state) - _HF_IGNORED
-    top, block = _renamer(HF, OPEN_CLIP), _block_renamer(HF, OPEN_CLIP)
-    qkv: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        if key in _HF_IGNORED:
-            continue
-        if key in top:
-            out[top[key]] = value
-        elif key == "embeddings.class_embedding":
-            out["class_embedding"] = value
-        elif key == "embeddings.position_embedding.weight":
-            out["positional_embedding"] = value
-        elif key == "visual_projection.weight":
-            out["proj"] = value.t()
-        elif match := _HF_BLOCK.fullmatch(key):
-            i, rest = match.groups()
-            attn = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
-            if attn:
-                qkv.setdefault((i, attn.group(2)), {})[attn.group(1)] = value
-            elif rest in block:
-                out[f"transformer.resblocks.{i}.{block[rest]}"] = value
-            else:
-                continue
-        else:
-            continue
-        left.discard(key)
-    for (i, kind), parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise KeyError(f"layer {i}: {kind} of q/k/v incomplete (have {sorted(parts)})")
-        out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    if left:
-        raise _unknown(left)
-    return out
+    return _convert(state, HF, OPEN_CLIP, ignored=_HF_IGNORED)
 
 
 def open_clip_to_timm(state: StateDict) -> StateDict:
     """open_clip ``visual`` -> timm ``VisionTransformer`` (``proj`` becomes ``head``)."""
-    out, left = {}, set(state)
-    top, block = _renamer(OPEN_CLIP, TIMM), _block_renamer(OPEN_CLIP, TIMM)
-    for key, value in state.items():
-        if key in top:
-            out[top[key]] = value
-        elif key == "class_embedding":
-            out["cls_token"] = value.reshape(1, 1, -1)
-        elif key == "positional_embedding":
-            out["pos_embed"] = value.unsqueeze(0)
-        elif key == "proj":
-            out["head.weight"] = value.t()
-            out["head.bias"] = torch.zeros(value.shape[1], dtype=value.dtype)
-        elif match := _OC_BLOCK.fullmatch(key):
-            i, rest = match.groups()
-            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):  # same q, k, v order
-                out[f"blocks.{i}.attn.qkv.{rest.rsplit('_', 1)[1]}"] = value
-            elif rest in block:
-                out[f"blocks.{i}.{block[rest]}"] = value
-            else:
-                continue
-        else:
-            continue
-        left.discard(key)
-    if left:
-        raise _unknown(left)
-    return out
+    return _convert(state, OPEN_CLIP, TIMM)
 
 
 def timm_to_open_clip(state: StateDict) -> StateDict:
     """timm ``VisionTransformer`` -> open_clip ``visual`` (``head`` becomes ``proj``; its bias
     must be zero, as CLIP's projection has none)."""
-    out, left = {}, set(state)
-    top, block = _renamer(TIMM, OPEN_CLIP), _block_renamer(TIMM, OPEN_CLIP)
-    for key, value in state.items():
-        if key in top:
-            out[top[key]] = value
-        elif key == "cls_token":
-            out["class_embedding"] = value.reshape(-1)
-        elif key == "pos_embed":
-            out["positional_embedding"] = value.squeeze(0)
-        elif key == "head.weight":
-            out["proj"] = value.t()
-        elif key == "head.bias":
-            if bool(value.any()):
-                raise ValueError("timm head.bias is not zero; CLIP's projection has no bias")
-        elif match := _TIMM_BLOCK.fullmatch(key):
-            i, rest = match.groups()
-            if rest in ("attn.qkv.weight", "attn.qkv.bias"):
-                out[f"transformer.resblocks.{i}.attn.in_proj_{rest.rsplit('.', 1)[1]}"] = value
-            elif rest in block:
-                out[f"transformer.resblocks.{i}.{block[rest]}"] = value
-            else:
-                continue
-        else:
-            continue
-        left.discard(key)
-    if left:
-        raise _unknown(left)
-    return out
+    return _convert(state, TIMM, OPEN_CLIP)
 
 
 def hf_to_timm(state: StateDict) -> StateDict:

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import Blip2VisionConfig, Blip2VisionModel
 
 from vlm.config import VisionConfig
-from vlm.modeling.vision.base import VisionEncoder, layer_count
+from vlm.modeling.vision.hf_vision import HFVisionEncoder
 
 
 @dataclass
@@ -22,7 +22,7 @@ class HFBlip2VisionOptions:
     post_layernorm: bool = True
 
 
-class HFBlip2VisionEncoder(VisionEncoder):
+class HFBlip2VisionEncoder(HFVisionEncoder):
     """transformers ``Blip2VisionModel``; blocks after the feature layer are dropped at load.
 
     BLIP-2 feeds every token, CLS included, to the Q-Former: use ``keep_cls: true`` and
@@ -30,31 +30,13 @@ class HFBlip2VisionEncoder(VisionEncoder):
     """
 
     Options = HFBlip2VisionOptions
+    model_class = Blip2VisionModel
+    config_class = Blip2VisionConfig
 
     def __init__(self, cfg: VisionConfig, model: Blip2VisionModel):
-        super().__init__(cfg)
-        config = model.config
-        keep = layer_count(cfg.feature_layer, config.num_hidden_layers)
-        model.encoder.layers = model.encoder.layers[:keep]
-        self.model = model
+        super().__init__(cfg, model)
         if not HFBlip2VisionOptions(**dict(cfg.options)).post_layernorm:
             model.post_layernorm = nn.Identity()
-        self.embed_dim = config.hidden_size
-        self.image_size = config.image_size
-        grid = config.image_size // config.patch_size
-        self.num_patches = grid * grid + (1 if cfg.keep_cls else 0)
-
-    @classmethod
-    def from_config(cls, cfg: VisionConfig) -> "HFBlip2VisionEncoder":
-        if cfg.pretrained:
-            model = Blip2VisionModel.from_pretrained(cfg.pretrained)
-        else:
-            model = Blip2VisionModel(Blip2VisionConfig(**dict(cfg.arch)))
-        return cls(cfg, model)
-
-    @classmethod
-    def arch_keys(cls) -> set:
-        return set(Blip2VisionConfig().to_dict())
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = self.model.embeddings.patch_embedding.weight.dtype

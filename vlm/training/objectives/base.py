@@ -4,12 +4,14 @@ any; ``StepOutput`` carries the loss and its logged parts."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List
+from typing import Any, ClassVar, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
 from vlm.config import StageConfig
+from vlm.core.errors import ConfigError
+from vlm.data.batch import Batch
 
 
 @dataclass
@@ -20,15 +22,40 @@ class StepOutput:
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class ObjectiveContext:
+    """What an objective is built for (``Objective.build``): the stage's model (train modes
+    applied) and its tokenizer."""
+
+    model: Any
+    tokenizer: Any = None
+
+
 class Objective(nn.Module):
     """A loss over a batch for a stage; may hold its own trainable parameters.
 
-    ``needs_pixels``: the objective reads ``batch["pixel_values"]`` itself, so a stage using it
-    cannot train from the frozen-feature cache.
+    ``needs_pixels``: the objective reads the batch's pixels (``batch.images``, ``image_kind``
+    ``"pixels"``) itself, so a stage using it cannot train from the frozen-feature cache.
     """
 
     needs_pixels: ClassVar[bool] = False
     supports_packing: ClassVar[bool] = False
+    # the component protocol (vlm.core.registry.Component): an objective takes no options
+    Options: ClassVar[Optional[type]] = None
+
+    @classmethod
+    def build(cls, options: Optional[Mapping[str, Any]], ctx: ObjectiveContext) -> "Objective":
+        """The objective for ``ctx.model`` (the constructor's ``(model, tokenizer)``)."""
+        return cls(ctx.model, ctx.tokenizer)
+
+    @classmethod
+    def check(cls, stage: StageConfig, where: str) -> None:
+        """The rules of stage ``where`` that belong to this objective: packing only where it
+        ``supports_packing``, then :meth:`check_stage`. ConfigError naming the key."""
+        if stage.packing and not cls.supports_packing:
+            raise ConfigError(f"{where}.packing: objective '{stage.objective}' reads padded batches; "
+                              "packing needs an objective that supports it (e.g. 'lm')")
+        cls.check_stage(stage, where)
 
     @classmethod
     def check_stage(cls, stage: StageConfig, where: str) -> None:
@@ -41,5 +68,6 @@ class Objective(nn.Module):
         wait for their gradients, and weight decay would shrink them. The default: none."""
         return []
 
-    def forward(self, model, batch: Dict[str, torch.Tensor]) -> StepOutput:
+    def forward(self, model, batch: Batch) -> StepOutput:
+        """The loss of ``model`` on ``batch`` (and its logged parts)."""
         raise NotImplementedError

@@ -3,7 +3,7 @@ and instruction tuning)."""
 
 from __future__ import annotations
 
-from vlm.data.packing import model_inputs
+from vlm.data.batch import Batch
 from vlm.training.objectives.base import Objective, StepOutput
 
 
@@ -20,5 +20,5 @@ class LanguageModeling(Objective):
     def frozen_parameters(cls, model):
         return model.connector.llm_unused_parameters()
 
-    def forward(self, model, batch):
-        return StepOutput(model(**model_inputs(batch), return_logits=False).loss)
+    def forward(self, model, batch: Batch):
+        return StepOutput(model(**batch.model_inputs(), return_logits=False).loss)

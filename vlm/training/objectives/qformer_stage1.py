@@ -16,7 +16,7 @@ Q queries first, then T text tokens, padding columns never attended):
   token i sees every query and text tokens 0..i. The text is generated from what the queries
   extracted, which forces them to carry it.
 
-The text of a sample is its trained text (``batch["labels"]``: the caption under the ``plain``
+The text of a sample is its trained text (``batch.labels``: the caption under the ``plain``
 template), decoded with the stage's tokenizer and re-tokenised by the Q-Former's own text path.
 The heads live in the connector (retrieval needs them after training), so this objective has no
 parameters of its own.
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from vlm.config import ConfigError, Train
 from vlm.core.errors import DataFormatError
+from vlm.data.batch import Batch
 from vlm.data.processor import IGNORE_INDEX
 from vlm.modeling.connectors.qformer import QFormer
 from vlm.training.objectives.base import Objective, StepOutput
@@ -178,23 +179,21 @@ class QFormerStage1(Objective):
             texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return texts
 
-    def image_features(self, model, batch) -> torch.Tensor:
+    def image_features(self, model, batch: Batch) -> torch.Tensor:
         """The encoder's features: cached ones when the batch carries them, else computed."""
-        if "image_features" in batch:
-            features = batch["image_features"]
-        else:
-            if batch.get("pixel_values") is None:
-                raise DataFormatError("objective 'qformer_stage1' needs samples with images")
-            features = model.vision(batch["pixel_values"])
-        if features.shape[0] != batch["input_ids"].shape[0]:
+        if batch.images is None:
+            raise DataFormatError("objective 'qformer_stage1' needs samples with images")
+        features = batch.images if batch.image_kind == "features" else model.vision(batch.images)
+        rows = batch.input_ids.shape[0]
+        if features.shape[0] != rows:
             raise DataFormatError(f"objective 'qformer_stage1' needs exactly one image per sample; got "
-                             f"{features.shape[0]} images for {batch['input_ids'].shape[0]} samples")
+                                  f"{features.shape[0]} images for {rows} samples")
         return features
 
-    def forward(self, model, batch):
+    def forward(self, model, batch: Batch):
         qformer: QFormer = model.connector
         features = self.image_features(model, batch)
-        ids, mask = qformer.tokenize_texts(self.texts(batch["labels"]), device=features.device)
+        ids, mask = qformer.tokenize_texts(self.texts(batch.labels), device=features.device)
         batch_size, num_queries = ids.shape[0], qformer.num_queries
 
         # ITC: one pass, queries and text blind to each other

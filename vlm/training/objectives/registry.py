@@ -4,7 +4,7 @@ imported on first use."""
 from __future__ import annotations
 
 from vlm.core.registry import Registry
-from vlm.training.objectives.base import Objective
+from vlm.training.objectives.base import Objective, ObjectiveContext
 
 OBJECTIVES: Registry = Registry("training objective", {
     "caption_bow": "vlm.training.objectives.warmup:CaptionBagOfWords",
@@ -15,5 +15,5 @@ OBJECTIVES: Registry = Registry("training objective", {
 
 
 def build_objective(name: str, model, tokenizer) -> Objective:
-    """The objective registered as ``name`` for ``model``."""
-    return OBJECTIVES.get(name)(model, tokenizer)
+    """The objective registered as ``name`` for ``model`` (``Objective.build``)."""
+    return OBJECTIVES.get(name).build(None, ObjectiveContext(model, tokenizer))

@@ -23,9 +23,20 @@ from torch import nn
 
 from vlm.config import ConfigError, Train
 from vlm.core.errors import DataFormatError
+from vlm.data.batch import Batch
 from vlm.data.processor import IGNORE_INDEX
 from vlm.modeling.vision.base import pool_patch_grid
 from vlm.training.objectives.base import Objective, StepOutput
+
+
+def _one_image_per_sample(model, batch: Batch, objective: str) -> torch.Tensor:
+    """The batch's pixels; DataFormatError unless every sample shows exactly one image."""
+    if batch.images is None or batch.image_kind != "pixels":
+        raise DataFormatError(f"objective '{objective}' needs samples with images")
+    images_per_row = (batch.input_ids == model.image_token_id).sum(1) // model.num_image_tokens
+    if not bool((images_per_row == 1).all()):
+        raise DataFormatError(f"objective '{objective}' needs exactly one image per sample")
+    return batch.images
 
 
 class CaptionBagOfWords(Objective):
@@ -58,19 +69,14 @@ class CaptionBagOfWords(Objective):
         hot[:, self.special.to(labels.device)] = 0.0
         return hot
 
-    def forward(self, model, batch):
-        if batch["pixel_values"] is None:
-            raise DataFormatError("objective 'caption_bow' needs samples with images")
-        images_per_row = (batch["input_ids"] == model.image_token_id).sum(1) // model.num_image_tokens
-        if not bool((images_per_row == 1).all()):
-            raise DataFormatError("objective 'caption_bow' needs exactly one image per sample")
-        features = model.vision(batch["pixel_values"])
+    def forward(self, model, batch: Batch):
+        features = model.vision(_one_image_per_sample(model, batch, "caption_bow"))
         if self.cells == 4:
             # channel-major (D x 4 cells), the head's input layout
             pooled = rearrange(pool_patch_grid(features, 2), "b cells d -> b (d cells)")
         else:
             pooled = features.mean(dim=1)
-        loss = F.binary_cross_entropy_with_logits(self.head(pooled), self.targets(batch["labels"]))
+        loss = F.binary_cross_entropy_with_logits(self.head(pooled), self.targets(batch.labels))
         return StepOutput(loss, {"loss_bow": loss.detach()})
 
 
@@ -152,19 +158,14 @@ class AnswerWords(Objective):
             return prior + self.answer_from_token(question_token)
         return prior + self.head(torch.cat([image, asked], dim=1))
 
-    def forward(self, model, batch):
-        if batch["pixel_values"] is None:
-            raise DataFormatError("objective 'answer_words' needs samples with images")
-        ids, labels = batch["input_ids"], batch["labels"]
-        images_per_row = (ids == model.image_token_id).sum(1) // model.num_image_tokens
-        if not bool((images_per_row == 1).all()):
-            raise DataFormatError("objective 'answer_words' needs exactly one image per sample")
-        features = model.vision(batch["pixel_values"])
+    def forward(self, model, batch: Batch):
+        features = model.vision(_one_image_per_sample(model, batch, "answer_words"))
+        ids, labels = batch.input_ids, batch.labels
         if self.pool:
             pooled = pool_patch_grid(features, self.pool).transpose(1, 2).flatten(1)
         else:
             pooled = features.mean(dim=1)
-        mask = batch.get("attention_mask")
+        mask = batch.attention_mask
         prompt = (labels == IGNORE_INDEX) & (ids != model.image_token_id)
         if mask is not None:
             prompt &= mask.bool()
@@ -176,7 +177,7 @@ class AnswerWords(Objective):
         target = answer[has_answer] / answer[has_answer].sum(1, keepdim=True)
         token = None
         if self.asks_connector:
-            token = model.connector.question_token(features, batch["instructions"]).squeeze(1)
+            token = model.connector.question_token(features, batch.instructions).squeeze(1)
         logits = self.logits(pooled, question, token)[has_answer]
         loss = -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
         return StepOutput(loss, {"loss_answer": loss.detach()})

@@ -1,0 +1,44 @@
+"""What the transformers vision towers (``hf_clip``, ``hf_blip2_vision``) share: the build from
+``cfg.pretrained`` or ``cfg.arch``, and the pruning of the blocks after the feature layer."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from transformers import PretrainedConfig, PreTrainedModel
+
+from vlm.config import VisionConfig
+from vlm.modeling.vision.base import VisionEncoder, layer_count
+
+
+class HFVisionEncoder(VisionEncoder):
+    """A transformers vision model (``model_class``, configured by ``config_class``) whose
+    ``encoder.layers`` after the feature layer are dropped at load; one token per patch, plus
+    the CLS token with ``keep_cls``."""
+
+    model_class: ClassVar[type[PreTrainedModel]]
+    config_class: ClassVar[type[PretrainedConfig]]
+
+    def __init__(self, cfg: VisionConfig, model: PreTrainedModel):
+        super().__init__(cfg)
+        config = model.config
+        keep = layer_count(cfg.feature_layer, config.num_hidden_layers)
+        model.encoder.layers = model.encoder.layers[:keep]
+        self.model = model
+        self.embed_dim = config.hidden_size
+        self.image_size = config.image_size
+        grid = config.image_size // config.patch_size
+        self.num_patches = grid * grid + (1 if cfg.keep_cls else 0)
+
+    @classmethod
+    def from_config(cls, cfg: VisionConfig) -> "HFVisionEncoder":
+        """``model_class.from_pretrained(cfg.pretrained)``, else a new model of ``cfg.arch``."""
+        if cfg.pretrained:
+            model = cls.model_class.from_pretrained(cfg.pretrained)
+        else:
+            model = cls.model_class(cls.config_class(**dict(cfg.arch)))
+        return cls(cfg, model)
+
+    @classmethod
+    def arch_keys(cls) -> set:
+        return set(cls.config_class().to_dict())

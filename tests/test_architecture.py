@@ -252,3 +252,41 @@ def test_the_add_your_own_component_example_runs_as_written(tmp_path):
     assert done.returncode == 0, f"example failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert re.search(r"^eval format: coco_captions$", done.stdout, flags=re.M)
     assert re.search(r"^mean words: \S+$", done.stdout, flags=re.M)
+
+
+def _summary(path: Path) -> str:
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    return doc.strip().split("\n\n")[0].replace("\n", " ") if doc.strip() else ""
+
+
+def file_map(folder: Path = PACKAGE, depth: int = 0) -> List[str]:
+    """The file map of docs/architecture.md as it must read: every folder (its ``__init__``'s
+    summary line) and every module (its docstring's summary line), folders after modules."""
+    pad = 36
+    lines = []
+    if depth == 0:
+        lines.append(f"{'vlm/':<{pad}}{_summary(folder / '__init__.py')}")
+    indent = "  " * (depth + 1)
+    modules = sorted(p for p in folder.glob("*.py") if p.name != "__init__.py")
+    for path in modules:
+        lines.append(f"{indent + path.name:<{pad}}{_summary(path)}")
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").is_file()):
+        lines.append(f"{indent + sub.name + '/':<{pad}}{_summary(sub / '__init__.py')}")
+        lines.extend(file_map(sub, depth + 1))
+    return lines
+
+
+def test_every_module_has_a_one_line_summary():
+    bad = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")
+           if not _summary(p) or len(_summary(p)) > 100 or "\n" in _summary(p)]
+    assert not bad, f"modules without a one-line docstring summary (<= 100 characters): {bad}"
+
+
+def test_the_file_map_in_architecture_md_lists_every_module_as_it_is():
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    section = text[text.index("## Files and their one job"):]
+    block = re.search(r"^```\n(.*?)^```", section, flags=re.S | re.M).group(1).splitlines()
+    expected = file_map()
+    listed = [line for line in block if line.startswith("vlm/") or line.startswith("  ")]
+    assert listed == expected, ("docs/architecture.md's file map differs from the tree; it should read:\n"
+                                + "\n".join(expected))

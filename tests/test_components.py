@@ -226,8 +226,10 @@ def test_an_objective_builds_for_a_tiny_model_and_checks_its_stage(name, tokeniz
 def test_a_strategy_builds_for_the_stages_distribution_settings(name):
     cls = registry("strategies").get(name)
     assert cls.Options is None and cls.name == name
-    stage = stage_config(strategy=name, grad_accum=1)
+    stage = stage_config(strategy=name, grad_accum=1, precision="fp32")  # resolved, as build_stage passes it
     cls.check(stage, "stages.s")
+    with pytest.raises(ValueError, match="precision 'auto' reached a strategy unresolved"):
+        DistributionSettings.of(stage_config(strategy=name))
     strategy = cls.build(None, DistributionSettings.of(stage))
     assert isinstance(strategy, Strategy) and strategy.settings.grad_accum == 1
     if not name.startswith("zero"):

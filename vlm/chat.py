@@ -1,4 +1,4 @@
-"""``vlm.chat``: the chat API at the package's top, as the README uses it (:mod:`vlm.inference.chat`)."""
+"""``vlm.chat``: the chat API at the package's top (:mod:`vlm.inference.chat`)."""
 
 from vlm.inference.chat import answer, chat, task_prompt
 

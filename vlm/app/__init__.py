@@ -1,1 +1,1 @@
-"""The application: the ``vlm`` command, the composition root (registries, validation), stages and recipes, benchmarks."""
+"""The application: the ``vlm`` command, the composition root, stages, recipes, benchmarks."""

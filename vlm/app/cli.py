@@ -1,4 +1,4 @@
-"""The ``vlm`` command: train, run recipes, evaluate, score, generate data, chat, benchmark, list models."""
+"""The ``vlm`` command: train, run, eval, score, data, chat, serve, bench, export, env, models."""
 
 from __future__ import annotations
 

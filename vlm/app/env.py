@@ -1,5 +1,8 @@
-"""``vlm env``: what a bug report needs — versions, the CPU and its bf16 capability, threads, GPUs,
-the precision ``auto`` resolves to, and the optional extras installed. Benchmark reports embed it."""
+"""``vlm env``: versions, CPU capability, GPUs and the resolved precision, for bug reports.
+
+``vlm env``: what a bug report needs — versions, the CPU and its bf16 capability, threads, GPUs,
+the precision ``auto`` resolves to, and the optional extras installed. Benchmark reports embed it.
+"""
 
 from __future__ import annotations
 

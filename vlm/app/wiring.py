@@ -1,5 +1,4 @@
-"""The composition root: the one list of registries and the checks of a run config against
-what is registered.
+"""The composition root: the one list of registries and a run config's checks against them.
 
 ``vlm.config`` is pure data; this module knows the components. :func:`load_run_config` is the one
 entry point that loads a recipe *and* validates it (every command, benchmark and test uses it);

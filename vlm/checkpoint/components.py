@@ -1,4 +1,6 @@
-"""Checkpoints: per-component safetensors, PEFT adapters, a manifest, and the training state.
+"""Per-component weights of a stage output: safetensors or PEFT adapters, chained by the manifest.
+
+Checkpoints: per-component safetensors, PEFT adapters, a manifest, and the training state.
 
 A stage output (``final/`` or ``checkpoints/step_N/``) holds:
 

@@ -1,5 +1,8 @@
-"""Writing folders safely: atomic replacement (temporary name, fsync, rename), removal of what
-dead writers left, I/O errors that name the path, file checksums."""
+"""Writing folders safely: atomic replacement, stale temporaries, I/O errors naming the path.
+
+Writing folders safely: atomic replacement (temporary name, fsync, rename), removal of what
+dead writers left, I/O errors that name the path, file checksums.
+"""
 
 from __future__ import annotations
 

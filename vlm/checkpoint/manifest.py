@@ -1,6 +1,9 @@
-"""A stage output's manifest: for each component, the ordered weight files and adapters that
+"""A stage output's manifest: each component's weight files and adapters, with checksums.
+
+A stage output's manifest: for each component, the ordered weight files and adapters that
 rebuild it, each with its sha256; paths relative to the folder, read back made absolute and
-confined to vlm stage outputs."""
+confined to vlm stage outputs.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Output folders that vlm writes as a whole (exports, imports, merges, runs): never clobber
-what the user did not ask to replace, and replace atomically when asked."""
+"""Output folders vlm writes whole (exports, merges, runs): never clobbered, replaced atomically."""
 
 from __future__ import annotations
 

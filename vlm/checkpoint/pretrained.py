@@ -1,5 +1,8 @@
-"""A stage output loaded for use: the model rebuilt from its config and manifest, its tokenizer;
-what inference, evaluation, export and the next stage's ``init_from`` read."""
+"""A stage output loaded for use: the model rebuilt from its config and manifest, its tokenizer.
+
+A stage output loaded for use: the model rebuilt from its config and manifest, its tokenizer;
+what inference, evaluation, export and the next stage's ``init_from`` read.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
-"""The training state of a periodic checkpoint (``training_state.pt``): optimizer, scheduler,
+"""The training state of a periodic checkpoint: optimizer, scheduler, RNG, data position.
+
+The training state of a periodic checkpoint (``training_state.pt``): optimizer, scheduler,
 every rank's RNG, the data position and the objective's own parameters; loaded with
-``weights_only=True``."""
+``weights_only=True``.
+"""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""The ground floor: exact-name registries, the user-facing errors, plugin loading, quieting third-party noise."""
+"""The ground floor: registries, user-facing errors, plugins, hardware, quiet third-party output."""

@@ -1,6 +1,9 @@
-"""Plugin modules: imported so that their imports register components (a run config's
+"""Plugin modules: imported so that they register components; recorded beside stage outputs.
+
+Plugin modules: imported so that their imports register components (a run config's
 ``plugins:``, the ``vlm.plugins`` entry points), recorded beside a stage output and, with the
-user's consent, imported again to rebuild its model."""
+user's consent, imported again to rebuild its model.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Reading image files safely: a pixel limit checked before decoding, EXIF orientation applied,
+"""Reading image files safely: pixel limit before decoding, EXIF orientation, correct RGB.
+
+Reading image files safely: a pixel limit checked before decoding, EXIF orientation applied,
 every PIL mode turned into 8-bit RGB correctly, and a check that a dataset's images exist.
 
 - :func:`open_image` refuses an image with more than ``max_pixels`` pixels from its header alone

@@ -1,4 +1,6 @@
-"""Index samplers for the training loader; each order depends only on the seed and the epoch, so a
+"""Index samplers for the training loader, each order a function of the seed and the epoch.
+
+Index samplers for the training loader; each order depends only on the seed and the epoch, so a
 resumed run (which sets the epoch and skips the batches already done) replays it exactly.
 
 - :class:`EpochShuffleSampler`: a fresh permutation per epoch.

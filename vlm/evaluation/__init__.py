@@ -1,1 +1,1 @@
-"""Evaluation: official VQAv2 accuracy and COCO caption metrics."""
+"""Evaluation: tasks, the official metrics, retrieval, distributed eval, the lmms-eval adapter."""

@@ -1,4 +1,6 @@
-"""Evaluation over several processes: each rank answers its share of the samples, rank 0 gathers
+"""Evaluation over several processes: each rank answers a share, rank 0 gathers and scores.
+
+Evaluation over several processes: each rank answers its share of the samples, rank 0 gathers
 them in the original order, writes the result files and scores them; every rank returns the
 same scores.
 

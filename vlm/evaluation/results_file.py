@@ -1,5 +1,8 @@
-"""The JSON files the metrics read (questions, annotations, results): a path or an already
-loaded object, checked record by record, every error naming the file and the record."""
+"""The JSON files the metrics read (questions, annotations, results), checked record by record.
+
+The JSON files the metrics read (questions, annotations, results): a path or an already
+loaded object, checked record by record, every error naming the file and the record.
+"""
 
 from __future__ import annotations
 

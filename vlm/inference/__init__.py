@@ -1,1 +1,1 @@
-"""Using a trained model: generation, the lean decode, likelihoods, chat and the OpenAI-compatible server. Never imports vlm.training."""
+"""Using a trained model: generation, decode, likelihoods, chat, serving; never imports training."""

@@ -1,5 +1,8 @@
-"""Log-likelihood of a continuation given a conversation and its images (multiple-choice and
-perplexity-style evaluations, e.g. lmms-eval's ``loglikelihood`` requests)."""
+"""Log-likelihood of a continuation given a conversation and its images.
+
+Log-likelihood of a continuation given a conversation and its images (multiple-choice and
+perplexity-style evaluations, e.g. lmms-eval's ``loglikelihood`` requests).
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
-"""What the exports to transformers folders (``hf_llava``, ``hf_blip2``) share: the stage
+"""What the exports to transformers folders (``hf_llava``, ``hf_blip2``) share.
+
+What the exports to transformers folders (``hf_llava``, ``hf_blip2``) share: the stage
 output loaded as a transformers model in one dtype that stops generating where vlm stops, and
-the folder written with its processor and ``vlm_export.json``."""
+the folder written with its processor and ``vlm_export.json``.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
-"""``vlm merge``: a stage output with its LoRA adapters folded into full weights (by PEFT's
+"""``vlm merge``: a stage output with its LoRA adapters folded into full weights.
+
+``vlm merge``: a stage output with its LoRA adapters folded into full weights (by PEFT's
 ``merge_and_unload`` as the stage output is loaded), which ``vlm chat``, ``vlm eval``,
-``init_from`` and ``vlm export`` read like any other."""
+``init_from`` and ``vlm export`` read like any other.
+"""
 
 from __future__ import annotations
 

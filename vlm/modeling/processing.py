@@ -1,5 +1,4 @@
-"""The processor that matches a built model: its image transform, its visual-token count, the
-chat template it was configured with."""
+"""The processor that matches a built model: its image transform, visual tokens and template."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Stages, checkpoints and the accelerate-based trainer."""
+"""Training a stage: what trains, objectives, the loop, strategies and the trainer's callbacks."""

@@ -1,4 +1,6 @@
-"""Trainer callbacks: the seam through which logging, evaluation, checkpoint policies and
+"""Trainer callbacks and the narrow context they see: the seam into the training loop.
+
+Trainer callbacks: the seam through which logging, evaluation, checkpoint policies and
 benchmarks plug into the training loop without editing it.
 
 Every hook receives a :class:`TrainingContext`, the narrow view of the running stage that the

@@ -1,8 +1,11 @@
-"""The trainer's metrics log as a callback: every log record (the trainer's loss records and
+"""The one writer of ``metrics.jsonl`` (and ``loss.png``): a callback the trainer adds last.
+
+The trainer's metrics log as a callback: every log record (the trainer's loss records and
 whatever a callback logs through ``ctx.log``, such as evaluation scores) appended to
 ``<out_dir>/metrics.jsonl`` and, at the end, the loss curves plotted to ``<out_dir>/loss.png``
 (rank 0 only). It is the one writer of ``metrics.jsonl``. The trainer adds it after the caller's
-callbacks, so keys they add to a record are written too."""
+callbacks, so keys they add to a record are written too.
+"""
 
 from __future__ import annotations
 

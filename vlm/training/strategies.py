@@ -1,4 +1,6 @@
-"""How a stage is spread over processes: ``stages.<name>.strategy: ddp | fsdp | zero2 | zero3``,
+"""How a stage is spread over processes: the ``STRATEGIES`` ddp, fsdp, zero2 and zero3.
+
+How a stage is spread over processes: ``stages.<name>.strategy: ddp | fsdp | zero2 | zero3``,
 the names of the registry :data:`STRATEGIES`.
 
 A :class:`Strategy` (a component: ``build(None, DistributionSettings.of(stage))``, and

@@ -1,3 +1,6 @@
-"""Benchmarks (measurements, not tests): vlm against transformers on the same model and data
+"""Benchmarks behind ``vlm bench``: measurements to report, never timed tests.
+
+Benchmarks (measurements, not tests): vlm against transformers on the same model and data
 (``vlm bench train`` / ``vlm bench generate``) and the frozen-feature cache (``vlm bench feature-cache``);
-each report embeds ``vlm env``."""
+each report embeds ``vlm env``.
+"""

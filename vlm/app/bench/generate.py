@@ -1,4 +1,4 @@
-"""``vlm bench generate CHECKPOINT_OR_CONFIG --against hf``: eval generation of vlm against transformers.
+"""``vlm bench generate ... --against hf``: eval generation of vlm against transformers.
 
 The prompts are one evaluation of the recipe (default ``vqa``): the same samples, batch size,
 ``max_new_tokens`` and stop tokens as ``vlm eval``. vlm side: :func:`generate_answers` (the

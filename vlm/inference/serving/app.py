@@ -1,5 +1,4 @@
-"""The FastAPI app of `vlm serve`: OpenAI's chat completions and models endpoints, /health and
-a web page at /.
+"""The FastAPI app of ``vlm serve``: OpenAI's chat completions and models, /health, a web page.
 
 Errors are OpenAI-style JSON (``{"error": {"message", "type", "param", "code"}}``): 400 for a
 bad request, 500 (logged, no traceback in the body) for a server failure.

@@ -1,6 +1,9 @@
-"""``question_aware_mlp``: ``mlp2x_gelu``'s visual tokens plus one token that depends on the
+"""``question_aware_mlp``: ``mlp2x_gelu``'s visual tokens plus one token that reads the question.
+
+``question_aware_mlp``: ``mlp2x_gelu``'s visual tokens plus one token that depends on the
 question (InstructBLIP's instruction-aware visual tokens, with the "bag of words + CNN features"
-VQA baseline in place of a Q-Former)."""
+VQA baseline in place of a Q-Former).
+"""
 
 from __future__ import annotations
 

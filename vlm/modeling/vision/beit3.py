@@ -1,5 +1,8 @@
-"""BEiT3 through torchscale's ``BEiT3``: the vision path as an encoder, and image + queries
-through the multiway experts for the ``beit3_query`` connector."""
+"""BEiT3 through torchscale: the vision path as an encoder, image + queries for ``beit3_query``.
+
+BEiT3 through torchscale's ``BEiT3``: the vision path as an encoder, and image + queries
+through the multiway experts for the ``beit3_query`` connector.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""What the transformers vision towers (``hf_clip``, ``hf_blip2_vision``) share: the build from
-``cfg.pretrained`` or ``cfg.arch``, and the pruning of the blocks after the feature layer."""
+"""What the transformers vision towers (``hf_clip``, ``hf_blip2_vision``) share.
+
+What the transformers vision towers (``hf_clip``, ``hf_blip2_vision``) share: the build from
+``cfg.pretrained`` or ``cfg.arch``, and the pruning of the blocks after the feature layer.
+"""
 
 from __future__ import annotations
 

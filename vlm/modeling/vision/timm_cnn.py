@@ -1,5 +1,8 @@
-"""Any timm convolutional network by name (``timm.create_model(..., features_only=True)``): one
-stage's feature map, read row by row as the patch tokens."""
+"""Any timm convolutional network by name: one stage's feature map as the patch tokens.
+
+Any timm convolutional network by name (``timm.create_model(..., features_only=True)``): one
+stage's feature map, read row by row as the patch tokens.
+"""
 
 from __future__ import annotations
 

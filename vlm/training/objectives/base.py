@@ -1,5 +1,8 @@
-"""The objective contract: a loss over a batch for a stage, with its own parameters if it needs
-any; ``StepOutput`` carries the loss and its logged parts."""
+"""The objective contract: a loss over a batch, with its own parameters if it needs any.
+
+The objective contract: a loss over a batch for a stage, with its own parameters if it needs
+any; ``StepOutput`` carries the loss and its logged parts.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""``lm``: the model's own next-token loss on the template's trainable tokens (LLaVA's alignment
-and instruction tuning)."""
+"""``lm``: the model's own next-token loss on the template's trainable tokens.
+
+``lm``: the model's own next-token loss on the template's trainable tokens (LLaVA's alignment
+and instruction tuning).
+"""
 
 from __future__ import annotations
 

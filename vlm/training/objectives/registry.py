@@ -1,5 +1,4 @@
-"""``OBJECTIVES``: the training objectives a stage can name (``stages.<name>.objective``), each
-imported on first use."""
+"""``OBJECTIVES``: the training objectives a stage can name, each imported on first use."""
 
 from __future__ import annotations
 

@@ -121,6 +121,17 @@ def timm_mean_std(model: nn.Module, mean: Sequence[float], std: Sequence[float])
     return tuple(pretrained_cfg.get("mean", mean)), tuple(pretrained_cfg.get("std", std))
 
 
+def timm_options(options_type: type, cfg, encoder: str, what: str):
+    """``cfg.options`` as ``options_type`` (a timm encoder's options dataclass); a ConfigError
+    naming ``encoder`` when ``model_name`` is not set (``what``: the kind of timm model it needs)."""
+    from omegaconf import MISSING
+
+    opts = options_type(**dict(cfg.options))
+    if opts.model_name == MISSING:
+        raise ConfigError(f"{encoder} encoder: options.model_name is required ({what})")
+    return opts
+
+
 def create_timm_model(encoder: str, model_name: str, pretrained: Optional[str], **kwargs) -> nn.Module:
     """``timm.create_model(model_name, **kwargs)``, its weights from the local file ``pretrained``
     when given (timm's own loader: safetensors or ``torch.load(weights_only=True)``, and the model's

@@ -14,7 +14,7 @@ from omegaconf import MISSING
 
 from vlm.config import VisionConfig
 from vlm.core.errors import ConfigError
-from vlm.modeling.vision.base import VisionEncoder, create_timm_model, timm_mean_std
+from vlm.modeling.vision.base import VisionEncoder, create_timm_model, timm_mean_std, timm_options
 
 
 @dataclass
@@ -50,9 +50,7 @@ class TimmCNNEncoder(VisionEncoder):
 
     @classmethod
     def from_config(cls, cfg: VisionConfig) -> "TimmCNNEncoder":
-        opts = TimmCNNOptions(**dict(cfg.options))
-        if opts.model_name == MISSING:
-            raise ConfigError("timm_cnn encoder: options.model_name is required (a timm CNN name)")
+        opts = timm_options(TimmCNNOptions, cfg, "timm_cnn", "a timm CNN name")
         kwargs = dict(features_only=True, out_indices=(opts.out_index,), **dict(cfg.arch))
         try:
             model = create_timm_model("timm_cnn", opts.model_name, cfg.pretrained, **kwargs)

@@ -10,12 +10,12 @@ from omegaconf import MISSING
 from timm.models.vision_transformer import VisionTransformer
 
 from vlm.config import VisionConfig
-from vlm.core.errors import ConfigError
 from vlm.modeling.vision.base import (
     VisionEncoder,
     create_timm_model,
     layer_count,
     timm_mean_std,
+    timm_options,
 )
 
 
@@ -58,9 +58,7 @@ class TimmViTEncoder(VisionEncoder):
 
     @classmethod
     def from_config(cls, cfg: VisionConfig) -> "TimmViTEncoder":
-        opts = TimmViTOptions(**dict(cfg.options))
-        if opts.model_name == MISSING:
-            raise ConfigError("timm_vit encoder: options.model_name is required (a timm model name)")
+        opts = timm_options(TimmViTOptions, cfg, "timm_vit", "a timm model name")
         kwargs = dict(cfg.arch)
         if opts.quick_gelu:
             kwargs["act_layer"] = "quick_gelu"

@@ -69,9 +69,9 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
-    from vlm.config import RunConfig, validate
-    from vlm.app.stages import build_stage
     from vlm.app.recipes import run_prepare
+    from vlm.app.stages import build_stage
+    from vlm.config import RunConfig, validate
     from vlm.training.callbacks import Callback
 
     out = Path(args.out)

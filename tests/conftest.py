@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from transformers import AutoTokenizer
 
-from vlm.config import ModelConfig
 from vlm.app.wiring import load_run_config
+from vlm.config import ModelConfig
 from vlm.data.tokenizer_training import train_tokenizer
 
 SENTENCES = [

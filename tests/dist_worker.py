@@ -14,8 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from vlm.app.wiring import load_run_config as load_config
 from vlm.app.stages import build_stage
+from vlm.app.wiring import load_run_config as load_config
 from vlm.training.callbacks import Callback
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-
 from conftest import LLM_ARCH, tiny_model_config
-from vlm.config import ConfigError, ConnectorConfig, VisionConfig
+
 from vlm.app.wiring import load_run_config
+from vlm.config import ConfigError, ConnectorConfig, VisionConfig
 from vlm.modeling.connectors import BuildContext, build_connector
 from vlm.modeling.connectors.beit3_query import BEiT3QueryConnector
 from vlm.modeling.vision import build_vision_encoder

@@ -4,9 +4,9 @@ first-batch loss), count real samples and tokens, and report a ratio (no timing 
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_config
 from test_training import conversations
+
 from vlm.app.bench.train import bench_train
 from vlm.core.errors import ConfigError
 

@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval,
-                          Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, OPTConfig, OPTForCausalLM)
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    Blip2VisionConfig,
+    OPTConfig,
+    OPTForCausalLM,
+)
 
 from vlm.config import VisionConfig
-from vlm.interop.blip2 import (load_blip2_for_conditional_generation, load_blip2_for_retrieval,
-                               qformer_state_from_hf)
+from vlm.interop.blip2 import (
+    load_blip2_for_conditional_generation,
+    load_blip2_for_retrieval,
+    qformer_state_from_hf,
+)
 from vlm.modeling.connectors.image_text import similarity
 from vlm.modeling.connectors.qformer import QFormer, QFormerOptions
 from vlm.modeling.vision.hf_blip2 import HFBlip2VisionEncoder

@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import vlm.app.stages
 from conftest import run_config
+
+import vlm.app.stages
 from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training.callbacks import Callback, TrainingContext
 from vlm.training.eval_callback import EvalDuringTraining

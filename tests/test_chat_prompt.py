@@ -5,7 +5,6 @@ from types import SimpleNamespace
 from omegaconf import OmegaConf
 
 import vlm.inference.chat
-
 from vlm.config import ModelConfig
 from vlm.data.formats import VQA_PROMPT_SUFFIX
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 import yaml
-
 from conftest import LLM_ARCH, VISION_ARCH, build_tiny_model
+
 from vlm.app.wiring import load_run_config
-from vlm.modeling.llm import load_tokenizer
-from vlm.checkpoint.pretrained import load_pretrained
 from vlm.checkpoint.components import save_model_state
+from vlm.checkpoint.pretrained import load_pretrained
 from vlm.config import train_modes
+from vlm.modeling.llm import load_tokenizer
 
 
 def test_model_yaml_is_resolved_and_rebuilds_the_model(tmp_path, tokenizer_dir, monkeypatch):

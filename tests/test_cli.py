@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import LLM_ARCH, VISION_ARCH, run_vlm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,9 +163,9 @@ def test_data_shapes_writes_the_dataset(tmp_path, capsys):
 
 def test_config_error_exits_2_with_the_key_and_a_suggestion_before_building_anything(tmp_path, capsys,
                                                                                      monkeypatch):
-    import vlm.data.synthetic
     import vlm.app.recipes
     import vlm.app.stages
+    import vlm.data.synthetic
     import vlm.modeling.vlm
 
     def forbidden(*args, **kwargs):
@@ -277,9 +276,9 @@ def test_run_then_chat_end_to_end(tmp_path, capsys):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
 
-    from vlm.inference.chat import answer
-    from vlm.data.types import Turn
     from vlm.checkpoint.pretrained import load_pretrained
+    from vlm.data.types import Turn
+    from vlm.inference.chat import answer
     from vlm.modeling.processing import build_processor
 
     model, tokenizer, model_cfg = load_pretrained(checkpoint)

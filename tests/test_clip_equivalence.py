@@ -8,11 +8,20 @@ import pytest
 import timm
 import torch
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
-from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+)
 
 from vlm.config import VisionConfig
-from vlm.modeling.vision.clip_weights import (convert_clip_vision, hf_to_open_clip, open_clip_to_hf,
-                                              open_clip_to_timm, timm_to_open_clip)
+from vlm.modeling.vision.clip_weights import (
+    convert_clip_vision,
+    hf_to_open_clip,
+    open_clip_to_hf,
+    open_clip_to_timm,
+    timm_to_open_clip,
+)
 from vlm.modeling.vision.hf_clip import HFCLIPVisionEncoder
 from vlm.modeling.vision.open_clip import OpenCLIPVisionEncoder
 from vlm.modeling.vision.timm_vit import TimmViTEncoder

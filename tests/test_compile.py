@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_config
 from safetensors.torch import load_file
 
 import vlm.app.stages
-from conftest import run_config
 from vlm.training.callbacks import Callback
 from vlm.training.compile import compile_repeated_blocks, restore_eager
 

@@ -24,15 +24,23 @@ import inspect
 
 import pytest
 import torch
+from conftest import VISION_ARCH, build_tiny_model, tiny_model_config
 from omegaconf import OmegaConf
 from PIL import Image
-
-from conftest import VISION_ARCH, build_tiny_model, tiny_model_config
 from test_beit3 import ARCH as BEIT3_ARCH
 from test_qformer import SMALL as QFORMER_SMALL
 from test_vision import OPEN_CLIP_ARCH
+
 from vlm.app.wiring import REGISTRIES, check_component, registry
-from vlm.config import ConfigError, ConnectorConfig, DataConfig, EvalConfig, StageConfig, Train, VisionConfig
+from vlm.config import (
+    ConfigError,
+    ConnectorConfig,
+    DataConfig,
+    EvalConfig,
+    StageConfig,
+    Train,
+    VisionConfig,
+)
 from vlm.core.registry import Component, Registry, missing_protocol
 from vlm.data.feature_cache import feature_cache_refusal
 from vlm.data.image_transforms import CLIP_MEAN, CLIP_STD, TransformContext

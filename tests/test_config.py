@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import LLM_ARCH, VISION_ARCH
 from omegaconf import OmegaConf
 
-from conftest import LLM_ARCH, VISION_ARCH
-from vlm.config import ConfigError, Train, save_config, to_container
 from vlm.app.wiring import load_run_config
+from vlm.config import ConfigError, Train, save_config, to_container
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import types
 import pytest
 import torch
 
-from vlm.modeling.connectors import CONNECTORS, BuildContext, build_connector
 from vlm.config import ConnectorConfig
+from vlm.modeling.connectors import CONNECTORS, BuildContext, build_connector
 
 
 def test_tokenwise_projectors_keep_one_token_per_patch():

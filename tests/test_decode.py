@@ -4,8 +4,8 @@ at different steps, and the eval path that uses it."""
 from __future__ import annotations
 
 import torch
-
 from conftest import build_tiny_model, tiny_model_config
+
 from vlm.data.batch import Collator
 from vlm.data.types import Sample, Turn
 from vlm.inference.decode import greedy_decode
@@ -96,7 +96,11 @@ def _shared_setup(tokenizer_dir, tokenizer, image_paths):
 
 
 def test_decoding_shared_prefixes_once_equals_transformers_greedy(tokenizer_dir, tokenizer, image_paths):
-    from vlm.inference.generation import _ImageMemo, _decode_sharing_prefixes, _shared_prefix_keys
+    from vlm.inference.generation import (
+        _decode_sharing_prefixes,
+        _ImageMemo,
+        _shared_prefix_keys,
+    )
 
     model, processor, samples = _shared_setup(tokenizer_dir, tokenizer, image_paths)
     pad = tokenizer.pad_token_id

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_config
 from safetensors.torch import load_file
 
 import vlm.app.stages
-from conftest import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).with_name("dist_worker.py"))

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import VISION_ARCH
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import VISION_ARCH
 from vlm.config import VisionConfig
 from vlm.data.image_transforms import CLIP_MEAN, CLIP_STD, build_transform
 from vlm.modeling.vision import build_vision_encoder

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import yaml
-
 from conftest import LLM_ARCH, VISION_ARCH
-from vlm.config import ConfigError
-from vlm.app.wiring import load_run_config as load_config
+
 from vlm.app.stages import run_stage
+from vlm.app.wiring import load_run_config as load_config
+from vlm.config import ConfigError
 
 
 def _recipe(tmp_path, tokenizer_dir, shapes_data, **stage_extra):

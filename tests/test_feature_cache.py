@@ -13,22 +13,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_model, run_config, tiny_model_config
 from omegaconf import OmegaConf
 from PIL import Image
 
 import vlm.app.stages
+import vlm.data.feature_cache as features_mod
 import vlm.modeling.connectors
 import vlm.modeling.vision
-import vlm.data.feature_cache as features_mod
-from conftest import build_tiny_model, run_config, tiny_model_config
-from vlm.config import ConfigError, StageConfig, Train
+from vlm.config import ConfigError, StageConfig, Train, WhatTrains, train_modes
 from vlm.data.batch import Collator
 from vlm.data.dataset import ConversationDataset
+from vlm.data.feature_cache import FeatureCache, FeatureCacheError, check_feature_cache
 from vlm.data.types import Sample, Turn
 from vlm.modeling.connectors.mlp import MLPProjector
-from vlm.modeling.vision.hf_clip import HFCLIPVisionEncoder
 from vlm.modeling.processing import build_processor
-from vlm.data.feature_cache import FeatureCache, FeatureCacheError, check_feature_cache
+from vlm.modeling.vision.hf_clip import HFCLIPVisionEncoder
 from vlm.training.objectives.lm import LanguageModeling
 from vlm.training.stages import apply_stage, set_train_modes
 
@@ -39,7 +39,7 @@ def frozen_stage():
 
 def frozen_model(model_cfg, tokenizer, seed=0):
     model = build_tiny_model(model_cfg, tokenizer, seed)
-    apply_stage(model, frozen_stage())
+    apply_stage(model, WhatTrains.of(frozen_stage()))
     return model
 
 
@@ -103,7 +103,7 @@ def test_training_from_the_cache_gives_the_loss_and_gradients_of_the_live_encode
     assert cached_batch.images.shape == (5, 16, model.vision.embed_dim)  # 3 + 2 images, text-only: 0
     assert torch.equal(live_batch.input_ids, cached_batch.input_ids)
 
-    set_train_modes(model, frozen_stage())
+    set_train_modes(model, train_modes(frozen_stage().train))
     results = []
     for batch in (live_batch, cached_batch):
         model.zero_grad(set_to_none=True)

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import torch
+from conftest import lora_instruct_model, run_config
 from safetensors.torch import load_file
 
 import vlm.app.stages
-from conftest import lora_instruct_model, run_config
 from vlm.training.frozen_weights import FrozenWeightCast
 from vlm.training.trainer import Trainer
 

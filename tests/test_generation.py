@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import NUM_PATCHES, build_tiny_model, tiny_model_config
+
 from vlm.data.batch import Collator
 from vlm.data.types import Sample, Turn
-from vlm.modeling.vlm import ImageTokenMismatch
 from vlm.modeling.processing import build_processor
+from vlm.modeling.vlm import ImageTokenMismatch
 
 QUESTIONS = [
     "<image>\nWhat color is the shape?",

@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from vlm.core.hardware import GPU, Hardware, detect, probed_bf16_speedup, resolve_precision
+from vlm.core.hardware import (
+    GPU,
+    Hardware,
+    detect,
+    probed_bf16_speedup,
+    resolve_precision,
+)
 
 AVX2 = Hardware("AMD EPYC", "AVX2", frozenset({"avx2"}))
 AVX512 = Hardware("Intel Xeon Skylake", "AVX512", frozenset({"avx2", "avx512f"}))

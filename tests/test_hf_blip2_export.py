@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
-from transformers import AutoProcessor, AutoTokenizer, Blip2ForConditionalGeneration, Blip2Processor
-
 from conftest import build_tiny_model, tiny_model_config, write_images
+from PIL import Image
 from test_hf_llava_export import QUESTION, stop_early
 from test_hf_llava_interop import write_stage_output
-from vlm.inference.chat import answer
-from vlm.data.types import Turn
-from vlm.core.errors import LayoutError
-from vlm.interop.hf_blip2 import export_hf_blip2, to_hf_blip2
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+)
+
 from vlm.checkpoint.pretrained import load_pretrained
+from vlm.core.errors import LayoutError
+from vlm.data.types import Turn
+from vlm.inference.chat import answer
+from vlm.interop.hf_blip2 import export_hf_blip2, to_hf_blip2
 from vlm.modeling.processing import build_processor
 
 BLIP2_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

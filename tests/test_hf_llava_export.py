@@ -7,20 +7,20 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny_model, tiny_model_config, write_images
 from PIL import Image
 from safetensors import safe_open
+from test_hf_llava_interop import write_stage_output
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from conftest import build_tiny_model, tiny_model_config, write_images
-from test_hf_llava_interop import write_stage_output
-from vlm.inference.chat import answer
+from vlm.checkpoint.pretrained import load_pretrained
+from vlm.core.errors import ConfigError
 from vlm.data.templates import build_template
 from vlm.data.types import Turn
+from vlm.inference.chat import answer
 from vlm.inference.generation import stop_settings
-from vlm.core.errors import ConfigError
 from vlm.interop.chat_template import jinja_chat_template
 from vlm.interop.hf_llava import export_hf_llava
-from vlm.checkpoint.pretrained import load_pretrained
 from vlm.modeling.processing import build_processor
 
 QUESTION = "what color is the shape?"

@@ -7,17 +7,23 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny_model, tiny_model_config
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from conftest import build_tiny_model, tiny_model_config
-from vlm.config import COMPONENTS, Train
-from vlm.interop.hf_llava import (EXPORT_INFO, LlavaLayoutError, export_hf_llava, from_hf_llava, import_hf_llava,
-                                  to_hf_llava)
-from vlm.modeling.vlm import VisionLanguageModel
-from vlm.checkpoint.pretrained import load_pretrained
-from vlm.modeling.processing import build_processor
 from vlm.checkpoint.components import save_model_state
+from vlm.checkpoint.pretrained import load_pretrained
+from vlm.config import COMPONENTS, Train
+from vlm.interop.hf_llava import (
+    EXPORT_INFO,
+    LlavaLayoutError,
+    export_hf_llava,
+    from_hf_llava,
+    import_hf_llava,
+    to_hf_llava,
+)
+from vlm.modeling.processing import build_processor
+from vlm.modeling.vlm import VisionLanguageModel
 
 
 def prompts(model, tokenizer):

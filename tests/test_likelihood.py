@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from conftest import write_images
 from PIL import Image
 
-from conftest import write_images
-from vlm.inference.chat import loglikelihood
 from vlm.data.types import Sample, Turn
+from vlm.inference.chat import loglikelihood
 from vlm.inference.likelihood import loglikelihoods
 from vlm.modeling.processing import build_processor
 

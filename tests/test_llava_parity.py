@@ -11,8 +11,14 @@ import copy
 
 import pytest
 import torch
-from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig,
-                          LlavaForConditionalGeneration)
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 from vlm.config import VisionConfig
 from vlm.modeling.connectors.mlp import MLPProjector

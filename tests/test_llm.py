@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SENTENCES
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import SENTENCES
 from vlm.config import LLMConfig
 from vlm.data.tokenizer_training import train_tokenizer
 from vlm.modeling.llm import build_llm, load_tokenizer

@@ -8,18 +8,18 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
+import tomllib
 from conftest import build_tiny_model, tiny_model_config, write_images
+from PIL import Image
 from test_hf_llava_interop import write_stage_output
-from vlm.inference.generation import clean_answer, generate_answers
-from vlm.evaluation.lmms_adapter import VLMLmms
-from vlm.inference.likelihood import loglikelihoods
+
 from vlm.checkpoint.pretrained import load_pretrained
+from vlm.evaluation.lmms_adapter import VLMLmms
+from vlm.inference.generation import clean_answer, generate_answers
+from vlm.inference.likelihood import loglikelihoods
 from vlm.modeling.processing import build_processor
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install -e '.[eval]')")

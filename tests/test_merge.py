@@ -7,23 +7,23 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny_model, tiny_model_config, write_images
 from omegaconf import OmegaConf
 from peft import PeftModel
+from test_hf_llava_interop import write_stage_output
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from conftest import build_tiny_model, tiny_model_config, write_images
-from test_hf_llava_interop import write_stage_output
-from vlm.inference.chat import answer
-from vlm.config import LoraConfig, Train
-from vlm.data.types import Turn
-from vlm.core.errors import ConfigError
-from vlm.checkpoint.peft_sidecar import ADAPTER_INFO, init_added_rows, load_base
-from vlm.interop.merge import merge_checkpoint
-from vlm.modeling.llm import add_lora
-from vlm.checkpoint.pretrained import load_pretrained
-from vlm.modeling.processing import build_processor
 from vlm.checkpoint.components import save_model_state
 from vlm.checkpoint.manifest import read_manifest
+from vlm.checkpoint.peft_sidecar import ADAPTER_INFO, init_added_rows, load_base
+from vlm.checkpoint.pretrained import load_pretrained
+from vlm.config import LoraConfig, Train
+from vlm.core.errors import ConfigError
+from vlm.data.types import Turn
+from vlm.inference.chat import answer
+from vlm.interop.merge import merge_checkpoint
+from vlm.modeling.llm import add_lora
+from vlm.modeling.processing import build_processor
 
 
 def with_trained_lora(model, seed=1):

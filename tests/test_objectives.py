@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import build_tiny_model, run_config
+
+from vlm.app.stages import run_stage
 from vlm.config import ConfigError
 from vlm.data.types import Turn
-from vlm.app.stages import run_stage
 from vlm.modeling.processing import build_processor
 from vlm.training.objectives.warmup import CaptionBagOfWords
 

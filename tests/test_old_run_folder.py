@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_vlm
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from conftest import run_vlm
 from vlm.checkpoint.pretrained import load_pretrained
 from vlm.data.types import Turn
 from vlm.inference.generation import stop_settings

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlm.core.errors import ConfigError
 from vlm.checkpoint.output_dirs import replacing_output_dir
+from vlm.core.errors import ConfigError
 
 
 def test_non_empty_output_is_refused_and_kept(tmp_path):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import vlm.app.stages
 from conftest import run_config
 from test_training import assert_same_tensors, conversations, read_metrics, tensors
+
+import vlm.app.stages
 from vlm.config import ConfigError
 from vlm.data.batch import Collator
 from vlm.data.packing import first_fit_decreasing, row_capacity

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_config
 
 import vlm.core.registry
-from conftest import run_config
-from vlm.config import ConfigError
 from vlm.app.stages import build_stage
+from vlm.config import ConfigError
 from vlm.training.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]

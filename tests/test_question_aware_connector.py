@@ -76,6 +76,7 @@ def test_from_config(tokenizer):
 
 def test_trains_and_generates_through_the_model(tokenizer_dir, tokenizer, image_paths):
     from conftest import build_tiny_model, tiny_model_config
+
     from vlm.data.batch import Collator
     from vlm.data.types import Sample, Turn
     from vlm.inference.generation import generate_answers
@@ -108,8 +109,9 @@ def test_trains_and_generates_through_the_model(tokenizer_dir, tokenizer, image_
 
 def test_answer_words_warm_up_trains_the_question_token_and_nothing_else_of_the_connector(
         tmp_path, tokenizer_dir, shapes_data):
-    import vlm.app.stages
     from conftest import answer_words_stage, run_config
+
+    import vlm.app.stages
     from vlm.checkpoint.pretrained import load_pretrained
     from vlm.training.callbacks import Callback
 
@@ -134,6 +136,7 @@ def test_answer_words_warm_up_trains_the_question_token_and_nothing_else_of_the_
 
 def test_answer_words_with_the_connector_frozen_keeps_its_own_head(tokenizer_dir, tokenizer):
     from conftest import build_tiny_model, tiny_model_config
+
     from vlm.training.objectives import build_objective
 
     model = build_tiny_model(tiny_model_config(tokenizer_dir, **{"connector.name": "question_aware_mlp"}), tokenizer)
@@ -147,6 +150,7 @@ def test_answer_words_with_the_connector_frozen_keeps_its_own_head(tokenizer_dir
 
 def test_answer_words_refuses_a_trained_llm(tmp_path, tokenizer_dir, shapes_data):
     from conftest import answer_words_stage, run_config
+
     from vlm.core.errors import ConfigError
 
     stages = {"warmup": answer_words_stage(shapes_data["train"], connector="full", llm="full")}

@@ -8,15 +8,21 @@ import json
 import pytest
 import torch
 import yaml
-
-from conftest import LLM_ARCH, VISION_ARCH, build_tiny_model, run_config, tiny_model_config
-from conftest import run_vlm
+from conftest import (
+    LLM_ARCH,
+    VISION_ARCH,
+    build_tiny_model,
+    run_config,
+    run_vlm,
+    tiny_model_config,
+)
 from test_qformer_objectives import QFORMER
-from vlm.config import ConfigError
+
+from vlm.app.stages import run_stage
 from vlm.app.wiring import load_run_config
+from vlm.config import ConfigError
 from vlm.data.formats import read_dataset
 from vlm.evaluation.retrieval import evaluate_retrieval, recall_at_k, retrieval_pairs
-from vlm.app.stages import run_stage
 from vlm.modeling.processing import build_processor
 
 

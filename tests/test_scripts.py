@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import write_images
+
 from vlm.data.formats import VQA_PROMPT_SUFFIX, read_dataset
 from vlm.evaluation.caption_metric import score_captions
 

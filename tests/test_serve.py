@@ -13,15 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from conftest import build_tiny_model, tiny_model_config, write_images
 from openai import BadRequestError, OpenAI
 from PIL import Image
 
-from conftest import build_tiny_model, tiny_model_config, write_images
-from vlm.inference.chat import answer
 from vlm.data.types import Turn
-from vlm.modeling.processing import build_processor
+from vlm.inference.chat import answer
 from vlm.inference.serving.app import create_app
 from vlm.inference.serving.engine import GenerationEngine, TextDeltaStreamer
+from vlm.modeling.processing import build_processor
 
 QUESTION = "what color is the shape?"
 MAX_TOKENS = 12

@@ -12,14 +12,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import build_tiny_model, tiny_model_config
 from test_serve import QUESTION, LiveServer
-from vlm.inference.chat import answer
+
 from vlm.data.types import Turn
-from vlm.modeling.processing import build_processor
+from vlm.inference.chat import answer
 from vlm.inference.serving.app import create_app
 from vlm.inference.serving.engine import GenerationEngine
+from vlm.modeling.processing import build_processor
 
 pytestmark = pytest.mark.browser
 

@@ -6,8 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-from vlm.config import LearningRates, LoraConfig, StageConfig, TrainModes
-from vlm.training.stages import apply_stage, parameter_groups, set_train_modes, trainable_names
+from vlm.config import (
+    LearningRates,
+    LoraConfig,
+    Optimization,
+    StageConfig,
+    TrainModes,
+    WhatTrains,
+    train_modes,
+)
+from vlm.training.stages import (
+    apply_stage,
+    parameter_groups,
+    set_train_modes,
+    trainable_names,
+)
 
 CONNECTOR_PARAMS = ["proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias"]
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -18,7 +31,7 @@ def stage(vision="frozen", connector="full", llm="frozen", **kwargs) -> StageCon
 
 
 def test_align_trains_only_the_connector(tiny_model):
-    counts = apply_stage(tiny_model, stage())
+    counts = apply_stage(tiny_model, WhatTrains.of(stage()))
     names = trainable_names(tiny_model)
     assert sorted(names["connector"]) == sorted(CONNECTOR_PARAMS)
     assert names["vision"] == [] and names["llm"] == []
@@ -29,7 +42,7 @@ def test_align_trains_only_the_connector(tiny_model):
 def test_instruct_with_lora_puts_adapters_on_every_llm_linear_except_lm_head(tiny_model):
     linear_names = {n for n, m in tiny_model.llm.named_modules() if isinstance(m, nn.Linear)}
     assert "lm_head" in linear_names
-    apply_stage(tiny_model, stage(llm="lora", lora=LoraConfig(r=4, alpha=8, dropout=0.1)))
+    apply_stage(tiny_model, WhatTrains.of(stage(llm="lora", lora=LoraConfig(r=4, alpha=8, dropout=0.1))))
     names = trainable_names(tiny_model)
     assert sorted(names["connector"]) == sorted(CONNECTOR_PARAMS)
     assert names["vision"] == []
@@ -50,14 +63,14 @@ def test_instruct_with_lora_puts_adapters_on_every_llm_linear_except_lm_head(tin
 
 
 def test_full_finetune_trains_every_llm_parameter(tiny_model):
-    apply_stage(tiny_model, stage(llm="full"))
+    apply_stage(tiny_model, WhatTrains.of(stage(llm="full")))
     names = trainable_names(tiny_model)
     assert sorted(names["llm"]) == sorted(n for n, _ in tiny_model.llm.named_parameters())
     assert names["vision"] == []
 
 
 def test_vision_full_trains_every_kept_vision_parameter_and_each_gets_a_gradient(tiny_model, tokenizer):
-    apply_stage(tiny_model, stage(vision="full", connector="frozen", llm="frozen"))
+    apply_stage(tiny_model, WhatTrains.of(stage(vision="full", connector="frozen", llm="frozen")))
     names = trainable_names(tiny_model)
     assert sorted(names["vision"]) == sorted(n for n, _ in tiny_model.vision.named_parameters())
     assert names["connector"] == [] and names["llm"] == []
@@ -72,9 +85,9 @@ def test_vision_full_trains_every_kept_vision_parameter_and_each_gets_a_gradient
 
 def test_set_train_modes_puts_frozen_components_in_eval_mode(tiny_model):
     s = stage(llm="lora")
-    apply_stage(tiny_model, s)
+    apply_stage(tiny_model, WhatTrains.of(s))
     tiny_model.train()
-    set_train_modes(tiny_model, s)
+    set_train_modes(tiny_model, train_modes(s.train))
     assert not tiny_model.vision.training
     assert tiny_model.connector.training and tiny_model.llm.training
 
@@ -82,8 +95,8 @@ def test_set_train_modes_puts_frozen_components_in_eval_mode(tiny_model):
 def test_parameter_groups_use_component_learning_rates_and_no_decay_on_1d_params(tiny_model):
     s = stage(vision="full", connector="full", llm="full", learning_rate=1e-3, weight_decay=0.1,
               lr=LearningRates(connector=2e-3, llm=5e-5))
-    apply_stage(tiny_model, s)
-    groups = parameter_groups(tiny_model, s)
+    apply_stage(tiny_model, WhatTrains.of(s))
+    groups = parameter_groups(tiny_model, Optimization.of(s))
     by_name = {g["name"]: g for g in groups}
     assert set(by_name) == {"vision", "vision_no_decay", "connector", "connector_no_decay", "llm", "llm_no_decay"}
     expected_lr = {"vision": 1e-3, "connector": 2e-3, "llm": 5e-5}
@@ -105,24 +118,24 @@ def test_parameter_groups_use_component_learning_rates_and_no_decay_on_1d_params
 
 def test_parameter_groups_skip_frozen_components(tiny_model):
     s = stage(llm="lora")
-    apply_stage(tiny_model, s)
-    names = {g["name"] for g in parameter_groups(tiny_model, s)}
+    apply_stage(tiny_model, WhatTrains.of(s))
+    names = {g["name"] for g in parameter_groups(tiny_model, Optimization.of(s))}
     assert names == {"connector", "connector_no_decay", "llm"}  # LoRA matrices are 2-D
 
 
 def test_stage_that_freezes_everything_raises(tiny_model):
     s = stage(vision="frozen", connector="frozen", llm="frozen")
-    counts = apply_stage(tiny_model, s)
+    counts = apply_stage(tiny_model, WhatTrains.of(s))
     assert sum(counts.values()) == 0
     with pytest.raises(ValueError, match="trains nothing"):
-        parameter_groups(tiny_model, s)
+        parameter_groups(tiny_model, Optimization.of(s))
 
 
 def test_apply_stage_accepts_a_structured_omegaconf_stage(tiny_model):
     from omegaconf import OmegaConf
 
     s = OmegaConf.merge(OmegaConf.structured(StageConfig), {"train": {"llm": "full", "connector": "frozen"}})
-    apply_stage(tiny_model, s)
+    apply_stage(tiny_model, WhatTrains.of(s))
     names = trainable_names(tiny_model)
     assert names["connector"] == [] and len(names["llm"]) == len(list(tiny_model.llm.parameters()))
 
@@ -133,6 +146,7 @@ def test_logged_counts_are_what_trains_once_the_objective_is_built(tokenizer_dir
     before counting, so the logged and returned counts equal the parameters with requires_grad
     after the objective is built."""
     from conftest import build_tiny_model, tiny_model_config
+
     from vlm.training.objectives import build_objective
 
     options = dict(num_queries=4, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, embed_dim=16)
@@ -140,7 +154,7 @@ def test_logged_counts_are_what_trains_once_the_objective_is_built(tokenizer_dir
     model = build_tiny_model(cfg, tokenizer)
     everything = sum(p.numel() for p in model.connector.parameters())
     with caplog.at_level("INFO", logger="vlm.training.stages"):
-        counts = apply_stage(model, stage(objective=objective))
+        counts = apply_stage(model, WhatTrains.of(stage(objective=objective)))
     build_objective(objective, model, tokenizer)
     really = {c: sum(p.numel() for p in getattr(model, c).parameters() if p.requires_grad)
               for c in ("vision", "connector", "llm")}
@@ -152,3 +166,33 @@ def test_logged_counts_are_what_trains_once_the_objective_is_built(tokenizer_dir
         assert frozen == {id(p) for p in model.connector.llm_unused_parameters()}
     else:
         assert frozen == {id(p) for p in model.connector.proj.parameters()}
+
+
+def test_each_consumer_reads_only_its_part_of_the_stage():
+    from omegaconf import OmegaConf
+
+    from vlm.config import (
+        NonFinitePolicy,
+        OnNonFinite,
+        Precision,
+        Schedule,
+        TrainerSettings,
+    )
+
+    s = OmegaConf.merge(OmegaConf.structured(StageConfig), {
+        "train": {"llm": "lora"}, "lora": {"r": 4}, "learning_rate": 2e-3, "lr": {"llm": 1e-4},
+        "weight_decay": 0.1, "max_grad_norm": 0.5, "batch_size": 3, "grad_accum": 2, "max_steps": 7,
+        "log_every": 2, "save_every": 5, "on_nonfinite": "skip", "max_nonfinite_skips": 4,
+        "precision": "bf16", "compile": True, "num_workers": 1})
+    settings = TrainerSettings.of(s)
+    assert settings.trains == WhatTrains({"vision": "frozen", "connector": "full", "llm": "lora"},
+                                         LoraConfig(r=4), "lm")
+    assert settings.optimization.lr("llm") == 1e-4 and settings.optimization.lr("vision") == 2e-3
+    assert (settings.optimization.weight_decay, settings.optimization.max_grad_norm) == (0.1, 0.5)
+    assert settings.schedule == Schedule(batch_size=3, grad_accum=2, epochs=1.0, max_steps=7, warmup_ratio=0.03,
+                                         min_lr_ratio=0.0, seed=42, log_every=2, save_every=5)
+    assert settings.nonfinite == NonFinitePolicy(OnNonFinite.skip, 4)
+    assert (settings.precision, settings.compile, settings.num_workers) == (Precision.bf16, True, 1)
+    s.precision = "auto"  # the trainer runs one concrete precision: auto is resolved before it
+    with pytest.raises(ValueError, match="precision 'auto' reached the trainer unresolved"):
+        TrainerSettings.of(s)

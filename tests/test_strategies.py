@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_config
 
 import vlm.app.stages
-from conftest import run_config
 from vlm.config import ConfigError
 from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training.strategies import accelerate_requested_processes, transformer_blocks

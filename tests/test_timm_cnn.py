@@ -9,14 +9,13 @@ import json
 import pytest
 import timm
 import torch
+from conftest import answer_words_stage, run_config
 from safetensors.torch import save_file
 
 from vlm.config import VisionConfig
 from vlm.core.errors import ConfigError
 from vlm.modeling.vision import build_vision_encoder
 from vlm.training.callbacks import Callback
-
-from conftest import answer_words_stage, run_config
 
 
 def config(**options):

@@ -4,8 +4,8 @@ import json
 
 import yaml
 
-from vlm.app.wiring import load_run_config as load_config
 from vlm.app.recipes import run_prepare
+from vlm.app.wiring import load_run_config as load_config
 
 
 def test_a_tokenizer_from_coco_captions_and_vqa_learns_their_words(tmp_path):

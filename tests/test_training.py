@@ -4,21 +4,16 @@ writing a checkpoint leaves the previous one intact, and stages chain through th
 from __future__ import annotations
 
 import json
-import time
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import NUM_PATCHES, run_config
 from safetensors.torch import load_file
 
-import vlm.app.stages
-import vlm.checkpoint.components
-import vlm.checkpoint.pretrained
-import vlm.checkpoint.train_state
-import vlm.modeling.processing
-from conftest import NUM_PATCHES, run_config
 import vlm.app.stages
 import vlm.checkpoint.components
 import vlm.checkpoint.pretrained

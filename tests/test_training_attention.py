@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from conftest import lora_instruct_model
+
 from vlm.data.batch import Collator
 from vlm.data.types import Sample, Turn
-from vlm.modeling.attention import TRAINING_SDPA, sdpa_fp32_under_cpu_autocast, use_training_attention
+from vlm.modeling.attention import (
+    TRAINING_SDPA,
+    sdpa_fp32_under_cpu_autocast,
+    use_training_attention,
+)
 from vlm.modeling.processing import build_processor
 
 

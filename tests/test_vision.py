@@ -8,15 +8,20 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import VISION_ARCH
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import VISION_ARCH
-from vlm.config import VisionConfig
-from vlm.data.image_transforms import CLIP_MEAN, CLIP_STD, PREPROCESSING, build_transform, to_rgb
+from vlm.config import ConnectorConfig, VisionConfig
+from vlm.data.image_transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    PREPROCESSING,
+    build_transform,
+    to_rgb,
+)
 from vlm.modeling.connectors import BuildContext, build_connector
 from vlm.modeling.vision import build_vision_encoder
-from vlm.config import ConnectorConfig
 
 OPEN_CLIP_ARCH = dict(layers=3, width=32, head_width=8, mlp_ratio=2.0, patch_size=8, image_size=32)
 STRATEGIES = ["resize", "pad", "resize_center_crop"]

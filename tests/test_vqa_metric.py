@@ -5,8 +5,8 @@ import json
 import random
 
 import pytest
-
 import reference_impls
+
 from vlm.evaluation import vqa_metric
 from vlm.evaluation.vqa_metric import EvalAIAnswerProcessor, score_vqa, vqa_accuracy
 

@@ -205,6 +205,109 @@ class StageConfig:
     keep_best: Optional[str] = None
 
 
+# The parts of a stage each consumer reads (the YAML keeps its flat keys; these are views of it).
+
+
+@dataclass(frozen=True)
+class WhatTrains:
+    """What a stage trains: each component's mode, the LoRA settings, the objective's name
+    (read by ``apply_stage``, the checkpoint writer and the trainer's train / eval modes)."""
+
+    modes: Dict[str, Train]
+    lora: LoraConfig
+    objective: str
+
+    @classmethod
+    def of(cls, stage) -> "WhatTrains":
+        """The part of a stage (a ``StageConfig`` or its DictConfig)."""
+        lora = stage.lora if isinstance(stage.lora, LoraConfig) else LoraConfig(
+            **OmegaConf.to_container(stage.lora, resolve=True))
+        return cls(train_modes(stage.train), lora, str(stage.objective))
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """How parameters update: learning rates (per component, else the stage's), weight decay,
+    gradient clipping (read by the optimizer's parameter groups and the training loop)."""
+
+    learning_rate: float
+    component_lr: Dict[str, Optional[float]]
+    weight_decay: float
+    max_grad_norm: Optional[float]
+
+    @classmethod
+    def of(cls, stage) -> "Optimization":
+        """The part of a stage (a ``StageConfig`` or its DictConfig)."""
+        return cls(float(stage.learning_rate), {c: getattr(stage.lr, c) for c in COMPONENTS},
+                   float(stage.weight_decay), stage.max_grad_norm)
+
+    def lr(self, component: str) -> float:
+        """The learning rate of ``component`` (its own, else the stage's)."""
+        rate = self.component_lr.get(component)
+        return self.learning_rate if rate is None else float(rate)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long a stage runs and in which steps: batches, accumulation, epochs or steps, warm-up
+    and decay, the seed, how often it logs and checkpoints (read by the training loop)."""
+
+    batch_size: int
+    grad_accum: int
+    epochs: float
+    max_steps: Optional[int]
+    warmup_ratio: float
+    min_lr_ratio: float
+    seed: int
+    log_every: int
+    save_every: Optional[int]
+
+    @classmethod
+    def of(cls, stage) -> "Schedule":
+        """The part of a stage (a ``StageConfig`` or its DictConfig)."""
+        return cls(**{f.name: getattr(stage, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class NonFinitePolicy:
+    """What a stage does on a non-finite loss or gradient norm (read by ``NonFiniteGuard``)."""
+
+    on_nonfinite: OnNonFinite
+    max_nonfinite_skips: int
+
+    @classmethod
+    def of(cls, stage) -> "NonFinitePolicy":
+        """The part of a stage (a ``StageConfig`` or its DictConfig)."""
+        return cls(OnNonFinite(stage.on_nonfinite), int(stage.max_nonfinite_skips))
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """The parts of a stage the trainer reads: what trains, optimisation, schedule, the
+    non-finite policy, the resolved precision, compilation and how batches are loaded. Data
+    sources, templates, distribution and evaluation reach it already built, never as config."""
+
+    trains: WhatTrains
+    optimization: Optimization
+    schedule: Schedule
+    nonfinite: NonFinitePolicy
+    precision: Precision
+    compile: bool
+    num_workers: int
+    max_image_failure_ratio: float
+
+    @classmethod
+    def of(cls, stage) -> "TrainerSettings":
+        """The part of a stage whose precision is resolved (``auto`` is refused: the trainer
+        runs one concrete precision)."""
+        precision = Precision(stage.precision)
+        if precision is Precision.auto:
+            raise ValueError("precision 'auto' reached the trainer unresolved: resolve it first "
+                             "(vlm.core.hardware.resolve_precision)")
+        return cls(WhatTrains.of(stage), Optimization.of(stage), Schedule.of(stage), NonFinitePolicy.of(stage),
+                   precision, bool(stage.compile), int(stage.num_workers), float(stage.max_image_failure_ratio))
+
+
 @dataclass
 class EvalDataConfig(DataConfig):
     """An evaluation's dataset; ``format`` None: the task's own (``vlm.evaluation.tasks``)."""

@@ -16,8 +16,6 @@ import signal
 import vlm.app.stages
 import vlm.checkpoint.train_state
 from vlm.app.wiring import load_run_config as load_config
-import vlm.app.stages
-import vlm.checkpoint.train_state
 from vlm.training.callbacks import Callback
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import yaml
-
 from conftest import LLM_ARCH, VISION_ARCH, run_vlm  # noqa: F401  (run_vlm re-exported)
 
 

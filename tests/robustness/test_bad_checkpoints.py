@@ -10,13 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-import vlm.app.stages
-import vlm.checkpoint.fsio
-import vlm.modeling.vlm
 from conftest import run_config
 from robust_helpers import Project, error_line, run_vlm, snapshot
+from safetensors.torch import load_file, save_file
+
 import vlm.app.stages
 import vlm.checkpoint.fsio
 import vlm.modeling.vlm

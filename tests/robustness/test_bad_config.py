@@ -5,7 +5,6 @@ nothing written, nothing changed."""
 from __future__ import annotations
 
 import pytest
-
 from robust_helpers import Project, error_line, run_vlm, snapshot
 
 # (dotted override, text the error line must contain besides the key)

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from robust_helpers import Project, error_line, run_vlm, snapshot
 
 

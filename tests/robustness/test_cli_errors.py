@@ -6,10 +6,10 @@ from __future__ import annotations
 import errno
 
 import pytest
+from robust_helpers import Project, error_line, run_vlm
 
 import vlm.app.cli
 import vlm.core.errors
-from robust_helpers import Project, error_line, run_vlm
 from vlm.app.cli import main
 from vlm.core.errors import ConfigError
 

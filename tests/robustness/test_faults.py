@@ -14,17 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_config
+from robust_helpers import Project, error_line, run_vlm, snapshot
 from safetensors.torch import load_file
 
 import vlm.app.stages
 import vlm.checkpoint.fsio
 import vlm.checkpoint.train_state
 import vlm.training.objectives.lm
-from conftest import run_config
-from robust_helpers import Project, error_line, run_vlm, snapshot
-import vlm.app.stages
-import vlm.checkpoint.fsio
-import vlm.checkpoint.train_state
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -188,13 +185,11 @@ def test_ranks_agree_on_skipping_a_batch_empty_on_one_of_them():
 
 
 def test_ranks_agree_on_a_non_finite_step_seen_by_one_of_them():
-    from types import SimpleNamespace
-
+    from vlm.config import NonFinitePolicy, OnNonFinite
     from vlm.core.errors import TrainingError
     from vlm.training.nonfinite import NonFiniteGuard
 
-    stage = SimpleNamespace(on_nonfinite="stop", max_nonfinite_skips=3)
-    guard = NonFiniteGuard(stage, "align", TwoRanks([1.0]))
+    guard = NonFiniteGuard(NonFinitePolicy(OnNonFinite.stop, 3), "align", TwoRanks([1.0]))
     assert guard.observe_loss(torch.tensor(1.0))
     with pytest.raises(TrainingError, match="stage 'align' step 7: non-finite loss or gradient norm on another process"):
         guard.step_ok(0.5, [], 7)  # finite here, not on the other rank

@@ -10,13 +10,13 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import run_config
 from PIL import Image, ImageFile
+from robust_helpers import Project, error_line, run_vlm
 
 import vlm.app.stages
-from conftest import run_config
-from robust_helpers import Project, error_line, run_vlm
-from vlm.data.images import open_image, to_rgb
 from vlm.core.errors import ImageLoadError
+from vlm.data.images import open_image, to_rgb
 
 
 def rgb(image) -> np.ndarray:

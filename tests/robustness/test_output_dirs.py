@@ -4,7 +4,6 @@ of the same config is refused unless --resume (a vlm run folder) or --overwrite 
 from __future__ import annotations
 
 import pytest
-
 from robust_helpers import Project, error_line, run_vlm, snapshot
 
 

@@ -16,7 +16,7 @@ from vlm.checkpoint.components import load_model_state, save_model_state
 from vlm.checkpoint.fsio import remove_stale_tmp
 from vlm.checkpoint.manifest import read_manifest
 from vlm.checkpoint.pretrained import load_stage_tokenizer
-from vlm.config import save_config, train_modes
+from vlm.config import Precision, TrainerSettings, WhatTrains, save_config, train_modes
 from vlm.core.hardware import PrecisionChoice, resolve_precision
 from vlm.core.plugins import save_plugins
 from vlm.data.batch import Collator
@@ -68,7 +68,7 @@ def resolved_precision(stage: DictConfig, name: str) -> Tuple[DictConfig, Precis
     if choice.warning:
         logger.warning("stage %s: %s", name, choice.warning)
     stage = copy.deepcopy(stage)
-    stage.precision = choice.precision
+    stage.precision = Precision(choice.precision)
     return stage, choice
 
 
@@ -110,7 +110,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
         load_model_state(model, init_from)
         prior = read_manifest(init_from)
     objective_cls = OBJECTIVES.get(stage.objective)  # looked up once: what it freezes, then built
-    apply_stage(model, stage, objective_cls)
+    apply_stage(model, WhatTrains.of(stage), objective_cls)
     processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length, stage.max_image_pixels)
     objective = objective_cls.build(None, ObjectiveContext(model, tokenizer))
     samples = read_samples(stage.data, cfg.model.image_token)
@@ -118,8 +118,9 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     features, report = None, None
     if stage.feature_cache:
         root = stage.feature_cache_dir or Path(cfg.out_dir) / "feature_cache"
-        features, report = build_stage_feature_cache(model, objective, processor, samples, stage, root, name,
-                                                     accelerator, progress=accelerator.is_main_process)
+        features, report = build_stage_feature_cache(
+            model, objective, processor, samples, WhatTrains.of(stage), stage.precision, root, name, accelerator,
+            batch_size=stage.batch_size, num_workers=stage.num_workers, progress=accelerator.is_main_process)
     dataset = ConversationDataset(samples, processor, name=name, progress=accelerator.is_main_process,
                                   image_features=features.load if features is not None else None)
 
@@ -136,9 +137,9 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     if stage.eval_every and stage.evals:
         evaluate = in_training_evaluator(cfg, name, tokenizer, out_dir / "eval_during_training")
         callbacks = [*callbacks, EvalDuringTraining(evaluate, stage.eval_every, stage.keep_best)]
-    trainer = Trainer(model, dataset, collate=collate, stage=stage, out_dir=out_dir,
-                      save_state=save_state, accelerator=accelerator, stage_name=name,
-                      objective=objective, callbacks=callbacks, strategy=strategy, sampler=sampler)
+    trainer = Trainer(model, dataset, collate=collate, settings=TrainerSettings.of(stage), strategy=strategy,
+                      out_dir=out_dir, save_state=save_state, accelerator=accelerator, stage_name=name,
+                      objective=objective, callbacks=callbacks, sampler=sampler)
     return StageRun(trainer, dataset, precision, report)
 
 

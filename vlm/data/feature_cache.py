@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from vlm.config import Train
+from vlm.config import Train, WhatTrains
 from vlm.core.errors import FeatureCacheError
 from vlm.data.processor import ImageLoadError
 
@@ -391,13 +391,15 @@ class FeatureCache:
         return self.reader(digests), report
 
 
-def build_stage_feature_cache(model, objective, processor, samples, stage, root: str | Path, stage_name: str,
-                              accelerator=None, progress: bool = True) -> Tuple[CachedFeatures, BuildReport]:
-    """The feature cache of one stage: refuse when the stage cannot use it (FeatureCacheError
-    naming ``stages.<name>.feature_cache``), else build it for every image of ``samples``."""
+def build_stage_feature_cache(model, objective, processor, samples, trains: WhatTrains, precision: str,
+                              root: str | Path, stage_name: str, accelerator=None, batch_size: int = 8,
+                              num_workers: int = 0, progress: bool = True) -> Tuple[CachedFeatures, BuildReport]:
+    """The feature cache of one stage (``trains``: what it trains; ``precision``: resolved):
+    refuse when the stage cannot use it (FeatureCacheError naming ``stages.<name>.feature_cache``),
+    else build it for every image of ``samples``, ``batch_size`` images at a time."""
     where = f"stages.{stage_name}.feature_cache"
-    check_feature_cache(model, objective, where, stage.train.vision, stage.objective)
-    cache = FeatureCache(root, model.vision, stage.precision)
+    check_feature_cache(model, objective, where, trains.modes["vision"], trains.objective)
+    cache = FeatureCache(root, model.vision, precision)
     paths = [path for sample in samples for path in sample.images]
-    return cache.build(paths, processor.load_image, accelerator, batch_size=stage.batch_size,
-                       num_workers=stage.num_workers, progress=progress)
+    return cache.build(paths, processor.load_image, accelerator, batch_size=batch_size,
+                       num_workers=num_workers, progress=progress)

@@ -51,7 +51,12 @@ from vlm.config import ModelConfig, VisionConfig
 from vlm.core.errors import LayoutError as LlavaLayoutError
 from vlm.interop import sub_state
 from vlm.interop.chat_template import jinja_chat_template
-from vlm.interop.hf_export import EXPORT_INFO, generation_config, load_for_export, write_export
+from vlm.interop.hf_export import (
+    EXPORT_INFO,
+    generation_config,
+    load_for_export,
+    write_export,
+)
 from vlm.modeling.connectors.mlp import MLPProjector
 from vlm.modeling.vision.hf_clip import HFCLIPVisionEncoder
 from vlm.modeling.vlm import VisionLanguageModel

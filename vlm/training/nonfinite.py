@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from vlm.config import OnNonFinite, StageConfig
+from vlm.config import NonFinitePolicy, OnNonFinite
 from vlm.core.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -31,9 +31,9 @@ class NonFiniteGuard:
     optimizer steps: False means the step is skipped (the caller zeroes the gradients).
     """
 
-    def __init__(self, stage: StageConfig, stage_name: str, accelerator=None):
-        self.policy = OnNonFinite(stage.on_nonfinite)
-        self.max_skips = stage.max_nonfinite_skips
+    def __init__(self, policy: NonFinitePolicy, stage_name: str, accelerator=None):
+        self.policy = policy.on_nonfinite
+        self.max_skips = policy.max_nonfinite_skips
         self.stage_name = stage_name
         self.accelerator = accelerator
         self.skipped = 0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
-from vlm.config import COMPONENTS, StageConfig, Train
+from vlm.config import COMPONENTS, Optimization, Train, WhatTrains
 from vlm.core.errors import ConfigError
 from vlm.modeling.llm import add_lora
 from vlm.modeling.vlm import VisionLanguageModel
@@ -13,28 +13,28 @@ from vlm.training.objectives import OBJECTIVES
 
 logger = logging.getLogger(__name__)
 
-def apply_stage(model: VisionLanguageModel, stage: StageConfig, objective: Optional[type] = None) -> Dict[str, int]:
-    """Freeze / unfreeze / LoRA-wrap each component as the stage says, then freeze what the
+def apply_stage(model: VisionLanguageModel, trains: WhatTrains, objective: Optional[type] = None) -> Dict[str, int]:
+    """Freeze / unfreeze / LoRA-wrap each component as ``trains`` says, then freeze what the
     stage's objective declares it never reads (``Objective.frozen_parameters``; ``objective``:
     the stage's objective class when the caller has it, else looked up by name).
 
     Returns (and logs) the trainable parameter count per component: what will train.
     """
     for component in COMPONENTS:
-        mode = Train(getattr(stage.train, component))
+        mode = trains.modes[component]
         module = getattr(model, component)
         if mode is Train.lora:
             module.requires_grad_(False)
-            setattr(model, component, add_lora(module, stage.lora))  # adapters are trainable
+            setattr(model, component, add_lora(module, trains.lora))  # adapters are trainable
         else:
             module.requires_grad_(mode is Train.full)
-    objective = objective if objective is not None else OBJECTIVES.get(stage.objective)
+    objective = objective if objective is not None else OBJECTIVES.get(trains.objective)
     for param in objective.frozen_parameters(model):
         param.requires_grad_(False)
     counts = trainable_counts(model)
     logger.info(
         "trainable parameters: %s",
-        ", ".join(f"{c}={counts[c]:,} ({Train(getattr(stage.train, c)).value})" for c in COMPONENTS),
+        ", ".join(f"{c}={counts[c]:,} ({trains.modes[c].value})" for c in COMPONENTS),
     )
     return counts
 
@@ -53,23 +53,23 @@ def trainable_names(model: VisionLanguageModel) -> Dict[str, List[str]]:
     }
 
 
-def set_train_modes(model: VisionLanguageModel, stage: StageConfig) -> None:
-    """``train()`` for components that train, ``eval()`` for frozen ones (no dropout there)."""
+def set_train_modes(model: VisionLanguageModel, modes: Mapping[str, Train]) -> None:
+    """``train()`` for components that train, ``eval()`` for frozen ones (no dropout there);
+    ``modes``: each component's train mode (``WhatTrains.modes``)."""
     for component in COMPONENTS:
-        getattr(model, component).train(Train(getattr(stage.train, component)) is not Train.frozen)
+        getattr(model, component).train(Train(modes[component]) is not Train.frozen)
 
 
-def parameter_groups(model: VisionLanguageModel, stage: StageConfig) -> List[dict]:
+def parameter_groups(model: VisionLanguageModel, optimization: Optimization) -> List[dict]:
     """AdamW groups per component: its own learning rate; no weight decay on biases and norms."""
     groups = []
     for component in COMPONENTS:
-        lr = getattr(stage.lr, component)
-        lr = stage.learning_rate if lr is None else lr
+        lr = optimization.lr(component)
         decay, no_decay = [], []
         for name, param in getattr(model, component).named_parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
-        for params, wd, suffix in ((decay, stage.weight_decay, ""), (no_decay, 0.0, "_no_decay")):
+        for params, wd, suffix in ((decay, optimization.weight_decay, ""), (no_decay, 0.0, "_no_decay")):
             if params:
                 groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": component + suffix})
     if not groups:

@@ -38,7 +38,7 @@ from vlm.checkpoint.train_state import (
     save_training_state,
     set_rng_state,
 )
-from vlm.config import Precision, StageConfig, train_modes
+from vlm.config import TrainerSettings
 from vlm.core.errors import DataFormatError, TrainingError
 from vlm.data.samplers import EpochShuffleSampler  # noqa: F401  (re-exported)
 from vlm.modeling.attention import use_training_attention
@@ -52,7 +52,7 @@ from vlm.training.objectives.base import Objective
 from vlm.training.objectives.lm import LanguageModeling
 from vlm.training.skips import SkipCounter
 from vlm.training.stages import parameter_groups, set_train_modes
-from vlm.training.strategies import Strategy, build_strategy, split_module_state
+from vlm.training.strategies import Strategy, split_module_state
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ class TrainingModule(torch.nn.Module):
 
 
 class Trainer:
-    """Trains ``model`` on ``dataset`` as ``stage`` says, writing under ``out_dir``.
+    """Trains ``model`` on ``dataset`` as ``settings`` (the trainer's part of the stage) say,
+    spread over processes by ``strategy``, writing under ``out_dir``.
 
     ``save_state(model, folder)`` writes the model part of a checkpoint (weights, manifest,
     tokenizer); the trainer adds the training state and makes the write atomic. ``callbacks``
@@ -80,12 +81,13 @@ class Trainer:
     :class:`~vlm.training.callbacks.TrainingContext`), not the trainer.
     """
 
-    def __init__(self, model, dataset, *, collate: Callable, stage: StageConfig, out_dir: str | Path,
-                 save_state: Callable, accelerator: Optional[Accelerator] = None, stage_name: str = "stage",
-                 objective: Optional[Objective] = None, callbacks: Sequence[Callback] = (),
-                 strategy: Optional[Strategy] = None, sampler: Optional[Sampler] = None):
-        self.stage = stage
-        self.strategy = strategy or build_strategy(stage, f"stages.{stage_name}")
+    def __init__(self, model, dataset, *, collate: Callable, settings: TrainerSettings, strategy: Strategy,
+                 out_dir: str | Path, save_state: Callable, accelerator: Optional[Accelerator] = None,
+                 stage_name: str = "stage", objective: Optional[Objective] = None,
+                 callbacks: Sequence[Callback] = (), sampler: Optional[Sampler] = None):
+        self.settings = settings
+        schedule, optimization = settings.schedule, settings.optimization
+        self.strategy = strategy
         # the metrics log comes last: it writes the keys the caller's callbacks add to a record
         self.callbacks = CallbackList([*callbacks, MetricsLog()])
         self.stage_name = stage_name
@@ -96,32 +98,32 @@ class Trainer:
         if len(dataset) == 0:
             raise DataFormatError(f"stage '{stage_name}': no trainable samples")
         # any sampler with set_epoch whose order depends only on the seed and the epoch
-        self.sampler = sampler if sampler is not None else EpochShuffleSampler(len(dataset), stage.seed)
+        self.sampler = sampler if sampler is not None else EpochShuffleSampler(len(dataset), schedule.seed)
         # the loader's own generator: creating an iterator must not draw from the global torch
         # RNG, or a resumed run (which creates one mid-epoch) shifts every dropout mask after it
-        loader = DataLoader(dataset, batch_size=stage.batch_size, sampler=self.sampler,
-                            collate_fn=collate, num_workers=stage.num_workers, drop_last=False,
-                            generator=torch.Generator().manual_seed(stage.seed))
+        loader = DataLoader(dataset, batch_size=schedule.batch_size, sampler=self.sampler,
+                            collate_fn=collate, num_workers=settings.num_workers, drop_last=False,
+                            generator=torch.Generator().manual_seed(schedule.seed))
         objective = objective if objective is not None else LanguageModeling(model, None)
         use_training_attention(model)  # sdpa with an fp32 kernel under CPU autocast (faster backward)
         module = TrainingModule(model, objective)
 
         def make_optimizer():  # after wrapping: a sharding strategy replaces the parameters
-            groups = parameter_groups(module.model, stage)
+            groups = parameter_groups(module.model, optimization)
             extra = [p for p in module.objective.parameters() if p.requires_grad]
             if extra:  # an objective's own head learns at the vision rate (it reads vision features)
-                lr = stage.lr.vision if stage.lr.vision is not None else stage.learning_rate
-                groups.append({"params": extra, "lr": lr, "weight_decay": stage.weight_decay, "name": "objective"})
+                groups.append({"params": extra, "lr": optimization.lr("vision"),
+                               "weight_decay": optimization.weight_decay, "name": "objective"})
             return torch.optim.AdamW(groups, betas=(0.9, 0.999))
 
         self.model, self.optimizer, self.loader = self.strategy.prepare(self.accelerator, module, make_optimizer,
                                                                         loader)
         self.micro_per_epoch = len(self.loader)
-        self.steps_per_epoch = math.ceil(self.micro_per_epoch / stage.grad_accum)
-        self.total_steps = stage.max_steps or max(1, math.ceil(self.steps_per_epoch * stage.epochs))
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / schedule.grad_accum)
+        self.total_steps = schedule.max_steps or max(1, math.ceil(self.steps_per_epoch * schedule.epochs))
         self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            self.optimizer, num_warmup_steps=int(stage.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps, min_lr_rate=stage.min_lr_ratio,
+            self.optimizer, num_warmup_steps=int(schedule.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps, min_lr_rate=schedule.min_lr_ratio,
         )
         self.history: List[dict] = []
         # what runs between training steps (callbacks, checkpoints): eager, fp32 frozen weights
@@ -131,7 +133,7 @@ class Trainer:
             stage_name=stage_name, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
             out_dir=self.out_dir, is_main=self.is_main, num_processes=self.accelerator.num_processes,
             model=self._unwrapped, log=self._log, save=lambda folder: self.save_checkpoint(folder, None),
-            broadcast=self._broadcast, train_mode=lambda: set_train_modes(self._unwrapped(), self.stage))
+            broadcast=self._broadcast, train_mode=lambda: set_train_modes(self._unwrapped(), settings.trains.modes))
 
     @property
     def is_main(self) -> bool:
@@ -187,10 +189,10 @@ class Trainer:
 
     def _restore(self, folder: Path) -> dict:
         state = load_training_state(folder)
-        module_state = {f"model.{k}": v for k, v in trained_state(self._unwrapped(), folder, train_modes(self.stage.train)).items()}
+        module_state = {f"model.{k}": v for k, v in trained_state(self._unwrapped(), folder, self.settings.trains.modes).items()}
         module_state.update({f"objective.{k}": v for k, v in state.get("objective", {}).items()})
         if not self.strategy.load_module_state(self.model, module_state):
-            load_trained_state(self._unwrapped(), folder, train_modes(self.stage.train))
+            load_trained_state(self._unwrapped(), folder, self.settings.trains.modes)
             self.strategy.unwrap(self.accelerator, self.model).objective.load_state_dict(state.get("objective", {}))
         self.strategy.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -218,7 +220,7 @@ class Trainer:
         (vlm.training.compile); under bf16 / fp16 the frozen linear weights are cast once, not
         every step. Callbacks and checkpoints see the eager fp32 model."""
         casts = self._frozen_weight_cast()
-        blocks = compile_repeated_blocks(self._unwrapped()) if self.stage.compile else []
+        blocks = compile_repeated_blocks(self._unwrapped()) if self.settings.compile else []
 
         @contextlib.contextmanager
         def outside_steps():
@@ -240,13 +242,14 @@ class Trainer:
     def _frozen_weight_cast(self) -> Optional[FrozenWeightCast]:
         """Frozen weights pre-cast to the autocast dtype (vlm.training.frozen_weights), for a
         bf16 / fp16 stage whose parameters this process holds whole (not sharded)."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(Precision(self.stage.precision).value)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.settings.precision.value)
         if dtype is None or self.strategy.name != "ddp":
             return None
         return FrozenWeightCast(self._unwrapped(), dtype)
 
     def _train(self, resume: bool) -> Path:
-        stage, acc = self.stage, self.accelerator
+        settings, acc = self.settings, self.accelerator
+        schedule = settings.schedule
         position = {"step": 0, "epoch": 0, "batch": 0, "samples": 0}
         if resume:
             latest = latest_checkpoint(self.out_dir / "checkpoints")
@@ -254,7 +257,7 @@ class Trainer:
                 logger.warning("--resume: no checkpoint in %s; starting from scratch", self.out_dir)
             else:
                 position = self._restore(latest)
-        set_train_modes(self._unwrapped(), stage)
+        set_train_modes(self._unwrapped(), settings.trains.modes)
         self.strategy.unwrap(self.accelerator, self.model).objective.train()
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -263,8 +266,8 @@ class Trainer:
         window: Dict[str, float] = {}
         window_samples, window_start = 0, time.perf_counter()
         micro = 0
-        guard = NonFiniteGuard(stage, self.stage_name, acc)
-        self.skips = SkipCounter(self.stage_name, stage.max_image_failure_ratio, self.micro_per_epoch, acc)
+        guard = NonFiniteGuard(settings.nonfinite, self.stage_name, acc)
+        self.skips = SkipCounter(self.stage_name, settings.max_image_failure_ratio, self.micro_per_epoch, acc)
         self.context.step = position["step"]
         with self._outside_steps():
             self.callbacks.on_train_start(self.context, position)
@@ -276,11 +279,11 @@ class Trainer:
                 position.update(epoch=epoch + last_of_epoch, batch=0 if last_of_epoch else index + 1)
                 continue
             micro += 1
-            sync = micro % stage.grad_accum == 0 or last_of_epoch
+            sync = micro % schedule.grad_accum == 0 or last_of_epoch
             n = batch.num_samples
             # windows start at multiples of grad_accum in each epoch; an epoch's last may be shorter
-            accum_start = index // stage.grad_accum * stage.grad_accum
-            window_length = min(stage.grad_accum, self.micro_per_epoch - accum_start)
+            accum_start = index // schedule.grad_accum * schedule.grad_accum
+            window_length = min(schedule.grad_accum, self.micro_per_epoch - accum_start)
             context = contextlib.nullcontext() if sync else acc.no_sync(self.model)
             with context, acc.autocast():
                 out = self.model(batch)
@@ -296,8 +299,8 @@ class Trainer:
                 continue
             micro = 0
             grad_norm = None
-            if stage.max_grad_norm:
-                grad_norm = self.strategy.clip_grad_norm(acc, self.model, stage.max_grad_norm)
+            if settings.optimization.max_grad_norm:
+                grad_norm = self.strategy.clip_grad_norm(acc, self.model, settings.optimization.max_grad_norm)
             if not guard.step_ok(grad_norm, self.model.parameters(), position["step"] + 1):
                 self.optimizer.zero_grad(set_to_none=True)
                 continue
@@ -307,7 +310,7 @@ class Trainer:
             position["step"] += 1
             step = self.context.step = position["step"]
             bar.update(1)
-            if step % stage.log_every == 0 or step == self.total_steps:
+            if step % schedule.log_every == 0 or step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
                 sums, all_samples = rank_sums(acc, window, window_samples)
                 record = {"stage": self.stage_name, "step": step, "epoch": round(step / self.steps_per_epoch, 4),
@@ -321,7 +324,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 samples_s=f"{record['samples_per_s']:.1f}", **self.context.progress)
                 window, window_samples, window_start = {}, 0, time.perf_counter()
-            if stage.save_every and step % stage.save_every == 0 and step < self.total_steps:
+            if schedule.save_every and step % schedule.save_every == 0 and step < self.total_steps:
                 folder = self.out_dir / "checkpoints" / f"step_{step:07d}"
                 with self._outside_steps():
                     self.save_checkpoint(folder, position)

@@ -14,7 +14,12 @@ from omegaconf import MISSING
 
 from vlm.config import VisionConfig
 from vlm.core.errors import ConfigError
-from vlm.modeling.vision.base import VisionEncoder, create_timm_model, timm_mean_std, timm_options
+from vlm.modeling.vision.base import (
+    VisionEncoder,
+    create_timm_model,
+    timm_mean_std,
+    timm_options,
+)
 
 
 @dataclass

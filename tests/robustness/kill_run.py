@@ -14,7 +14,7 @@ import os
 import signal
 
 import vlm.app.stages
-import vlm.checkpoint.train_state
+import vlm.training.trainer
 from vlm.app.wiring import load_run_config as load_config
 from vlm.training.callbacks import Callback
 
@@ -47,7 +47,7 @@ def main() -> None:
         train(args.recipe, args.out, callbacks=[KillAfterStep(args.n)])
     elif args.mode == "write":
         calls = {"n": 0}
-        original = vlm.checkpoint.train_state.save_training_state
+        original = vlm.training.trainer.save_training_state
 
         def dying(*a, **k):
             calls["n"] += 1
@@ -55,7 +55,7 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(*a, **k)
 
-        vlm.checkpoint.train_state.save_training_state = dying
+        vlm.training.trainer.save_training_state = dying  # the name the trainer calls
         train(args.recipe, args.out)
     else:
         train(args.recipe, args.out, resume=args.mode == "resume")

@@ -1,15 +1,18 @@
 """The training state of a periodic checkpoint: optimizer, scheduler, RNG, data position.
 
-The training state of a periodic checkpoint (``training_state.pt``): optimizer, scheduler,
-every rank's RNG, the data position and the objective's own parameters; loaded with
-``weights_only=True``.
+The training state is a dict of :class:`Stateful` objects by name (the trainer's: ``optimizer``,
+``scheduler``, ``rng_per_rank``, ``position``, ``objective``), written to ``training_state.pt``
+by one save path (:func:`collect_training_state` on every process, :func:`save_training_state`
+on the main one) and read back by one restore path (:func:`restore_training_state`), with
+``weights_only=True``. A new piece of state (a data loader's position, a tracker's run id) is one
+more stateful in the dict.
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
 
 import numpy as np
 import torch
@@ -60,27 +63,6 @@ def gather_rng_states() -> List[dict]:
     return [torch.load(io.BytesIO(blob), weights_only=True) for blob in blobs]
 
 
-def rank_rng_state(state: dict, rank: int) -> dict:
-    """The RNG state saved for ``rank`` (rank 0's when the checkpoint has only one)."""
-    per_rank = state.get("rng_per_rank") or [state["rng"]]
-    return per_rank[rank] if rank < len(per_rank) else per_rank[0]
-
-
-def save_training_state(folder: Path, optimizer, scheduler, position: dict,
-                        objective_state: Optional[dict] = None, optimizer_state: Optional[dict] = None,
-                        rng: Optional[List[dict]] = None) -> None:
-    """Optimizer, scheduler, RNG (``rng_per_rank``: every process's), data position (``step``,
-    ``epoch``, ``batch``...) and the objective's own parameters (e.g. a warm-up head), if any.
-    ``optimizer_state``: the state gathered from shards, instead of ``optimizer.state_dict()``."""
-    rng = rng or [rng_state()]
-    torch.save(
-        {"optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-         "scheduler": scheduler.state_dict(), "rng": rng[0], "rng_per_rank": rng,
-         "position": dict(position), "objective": dict(objective_state or {})},
-        folder / TRAINING_STATE,
-    )
-
-
 def load_training_state(folder: str | Path) -> dict:
     """The saved training state, loaded with ``weights_only=True``."""
     path = Path(folder) / TRAINING_STATE
@@ -91,6 +73,95 @@ def load_training_state(folder: str | Path) -> dict:
     except (RuntimeError, EOFError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot load the training state ({str(exc).splitlines()[0]}); "
                               "resume from an earlier checkpoint (delete this one)") from None
+
+
+class Stateful(Protocol):
+    """What the training state is made of: anything with ``state_dict()`` and ``load_state_dict()``
+    (an optimizer, a scheduler, the RNG, the data position, an objective's head...)."""
+
+    def state_dict(self) -> Any:
+        ...
+
+    def load_state_dict(self, state: Any) -> None:
+        ...
+
+
+class StateFunctions:
+    """A stateful made of two functions: ``get()`` gives the state, ``put(state)`` restores it
+    (for state that lives in objects that are not statefuls themselves)."""
+
+    def __init__(self, get: Callable[[], Any], put: Callable[[Any], None]):
+        self.get, self.put = get, put
+
+    def state_dict(self) -> Any:
+        return self.get()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.put(state)
+
+
+class RNGStates:
+    """Every process's RNG as one stateful: ``state_dict()`` gathers them in rank order (a
+    collective: call it on every process); ``load_state_dict`` restores this process's (rank 0's
+    when the checkpoint holds fewer)."""
+
+    def __init__(self, rank: int = 0):
+        self.rank = rank
+
+    def state_dict(self) -> List[dict]:
+        return gather_rng_states()
+
+    def load_state_dict(self, state: List[dict]) -> None:
+        set_rng_state(state[self.rank] if self.rank < len(state) else state[0])
+
+
+class DataPosition:
+    """Where the data stands (``step``, ``epoch``, ``batch``, ``samples``): a dict the training
+    loop advances in place, saved and restored as a stateful."""
+
+    def __init__(self, **position: int):
+        self.position: Dict[str, int] = {"step": 0, "epoch": 0, "batch": 0, "samples": 0, **position}
+
+    def state_dict(self) -> Dict[str, int]:
+        return dict(self.position)
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.position.clear()
+        self.position.update(state)
+
+
+# the file's keys, in the order they are written; "rng" (rank 0's state) is kept beside
+# "rng_per_rank" so that the file reads as it always has
+STATE_KEYS = ("optimizer", "scheduler", "rng_per_rank", "position", "objective")
+
+
+def collect_training_state(states: Mapping[str, Stateful]) -> Dict[str, Any]:
+    """Every stateful's ``state_dict()``, by name. Some are collectives (the RNG of every rank, a
+    sharded optimizer): call it on every process; the main process writes the result."""
+    return {name: stateful.state_dict() for name, stateful in states.items()}
+
+
+def save_training_state(folder: Path, collected: Mapping[str, Any]) -> None:
+    """Write :func:`collect_training_state`'s result as ``training_state.pt`` in ``folder``."""
+    payload = dict(collected)
+    if "rng_per_rank" in payload:
+        payload["rng"] = payload["rng_per_rank"][0]
+    torch.save(payload, Path(folder) / TRAINING_STATE)
+
+
+def restore_training_state(folder: str | Path, states: Mapping[str, Stateful]) -> Dict[str, Any]:
+    """Load ``folder``'s training state into each stateful by name (a checkpoint written before
+    ``rng_per_rank`` existed restores every rank from ``rng``); returns what was read."""
+    saved = load_training_state(folder)
+    if "rng_per_rank" not in saved and "rng" in saved:
+        saved["rng_per_rank"] = [saved["rng"]]
+    missing = [name for name in states if name not in saved]
+    if missing:
+        raise CheckpointError(f"{Path(folder) / TRAINING_STATE}: no {', '.join(missing)} in the training state; "
+                              "resume from another checkpoint")
+    for name, stateful in states.items():
+        stateful.load_state_dict(saved[name])
+    return saved
 
 
 def latest_checkpoint(checkpoints: str | Path) -> Optional[Path]:

@@ -31,12 +31,14 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from vlm.checkpoint.components import load_trained_state, trained_state
 from vlm.checkpoint.fsio import atomic_dir
 from vlm.checkpoint.train_state import (
-    gather_rng_states,
+    DataPosition,
+    RNGStates,
+    Stateful,
+    StateFunctions,
+    collect_training_state,
     latest_checkpoint,
-    load_training_state,
-    rank_rng_state,
+    restore_training_state,
     save_training_state,
-    set_rng_state,
 )
 from vlm.config import TrainerSettings
 from vlm.core.errors import DataFormatError, TrainingError
@@ -126,13 +128,25 @@ class Trainer:
             num_training_steps=self.total_steps, min_lr_rate=schedule.min_lr_ratio,
         )
         self.history: List[dict] = []
+        self.data = DataPosition()
+        self._gathered_objective: Optional[dict] = None  # set while a sharded save runs
+        # a checkpoint's training state, one stateful per part (vlm.checkpoint.train_state)
+        self.training_state: Dict[str, Stateful] = {
+            "optimizer": StateFunctions(
+                lambda: self.strategy.optimizer_state(self.accelerator, self.model, self.optimizer),
+                lambda state: self.strategy.load_optimizer_state(self.model, self.optimizer, state)),
+            "scheduler": self.scheduler,
+            "rng_per_rank": RNGStates(self.accelerator.process_index),
+            "position": self.data,
+            "objective": StateFunctions(self._objective_state, self._load_objective_state),
+        }
         # what runs between training steps (callbacks, checkpoints): eager, fp32 frozen weights
         self._outside_steps = contextlib.nullcontext
         # what the callbacks see of the stage (they never get the trainer itself)
         self.context = TrainingContext(
             stage_name=stage_name, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
             out_dir=self.out_dir, is_main=self.is_main, num_processes=self.accelerator.num_processes,
-            model=self._unwrapped, log=self._log, save=lambda folder: self.save_checkpoint(folder, None),
+            model=self._unwrapped, log=self._log, save=lambda folder: self.save_checkpoint(folder, with_training_state=False),
             broadcast=self._broadcast, train_mode=lambda: set_train_modes(self._unwrapped(), settings.trains.modes))
 
     @property
@@ -156,19 +170,20 @@ class Trainer:
         broadcast_object_list(box, from_process=0)
         return box[0]
 
-    def save_checkpoint(self, folder: Path, position: Optional[dict]) -> None:
-        """Atomically write the model state (and, with a position, the training state). Every
-        process takes part: a sharding strategy gathers the state first."""
+    def save_checkpoint(self, folder: Path, with_training_state: bool) -> None:
+        """Atomically write the model state (and, when asked, the training state: every stateful
+        of ``training_state``). Every process takes part: a sharding strategy gathers the state
+        first, and some statefuls are collectives."""
         acc = self.accelerator
         acc.wait_for_everyone()
         gathered = self.strategy.gathered_state(acc, self.model)
-        model_state = objective_state = None
+        model_state = None
         if gathered is not None:
-            model_state, objective_state = split_module_state(gathered)
-        optimizer_state = rng = None
-        if position is not None:
-            optimizer_state = self.strategy.optimizer_state(acc, self.model, self.optimizer)
-            rng = gather_rng_states()
+            model_state, self._gathered_objective = split_module_state(gathered)
+        try:
+            collected = collect_training_state(self.training_state) if with_training_state else None
+        finally:
+            self._gathered_objective = None
         where = f"stage '{self.stage_name}', not saving {folder}"
         if model_state is not None:
             check_finite_weights(model_state, where, TrainingError)
@@ -180,25 +195,30 @@ class Trainer:
                     self.save_state(self._unwrapped(), tmp)
                 else:
                     self.save_state(self._unwrapped(), tmp, state=model_state)
-                if position is not None:
-                    if objective_state is None:
-                        objective_state = self.strategy.unwrap(acc, self.model).objective.state_dict()
-                    save_training_state(tmp, self.optimizer, self.scheduler, position, objective_state,
-                                             optimizer_state=optimizer_state, rng=rng)
+                if collected is not None:
+                    save_training_state(tmp, collected)
         acc.wait_for_everyone()
 
-    def _restore(self, folder: Path) -> dict:
-        state = load_training_state(folder)
-        module_state = {f"model.{k}": v for k, v in trained_state(self._unwrapped(), folder, self.settings.trains.modes).items()}
-        module_state.update({f"objective.{k}": v for k, v in state.get("objective", {}).items()})
+    def _objective_state(self) -> dict:
+        """The objective's own parameters: from the state a sharding strategy gathered for this
+        save, else from the live module."""
+        if self._gathered_objective is not None:
+            return self._gathered_objective
+        return self.strategy.unwrap(self.accelerator, self.model).objective.state_dict()
+
+    def _load_objective_state(self, state: dict) -> None:
+        objective_state = {f"objective.{k}": v for k, v in state.items()}
+        if not self.strategy.load_module_state(self.model, objective_state):
+            self.strategy.unwrap(self.accelerator, self.model).objective.load_state_dict(state)
+
+    def _restore(self, folder: Path) -> None:
+        """Resume from a checkpoint of this stage: the weights it trained, then every stateful."""
+        modes = self.settings.trains.modes
+        module_state = {f"model.{k}": v for k, v in trained_state(self._unwrapped(), folder, modes).items()}
         if not self.strategy.load_module_state(self.model, module_state):
-            load_trained_state(self._unwrapped(), folder, self.settings.trains.modes)
-            self.strategy.unwrap(self.accelerator, self.model).objective.load_state_dict(state.get("objective", {}))
-        self.strategy.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(rank_rng_state(state, self.accelerator.process_index))
-        logger.info("resumed from %s at step %d", folder, state["position"]["step"])
-        return state["position"]
+            load_trained_state(self._unwrapped(), folder, modes)
+        restore_training_state(folder, self.training_state)
+        logger.info("resumed from %s at step %d", folder, self.data.position["step"])
 
     def _batches(self, start_epoch: int, start_batch: int):
         """(epoch, batch index, batch) from a data position onwards, forever."""
@@ -250,13 +270,14 @@ class Trainer:
     def _train(self, resume: bool) -> Path:
         settings, acc = self.settings, self.accelerator
         schedule = settings.schedule
-        position = {"step": 0, "epoch": 0, "batch": 0, "samples": 0}
+        self.data.load_state_dict(DataPosition().state_dict())
         if resume:
             latest = latest_checkpoint(self.out_dir / "checkpoints")
             if latest is None:
                 logger.warning("--resume: no checkpoint in %s; starting from scratch", self.out_dir)
             else:
-                position = self._restore(latest)
+                self._restore(latest)
+        position = self.data.position  # advanced in place: what the "position" stateful saves
         set_train_modes(self._unwrapped(), settings.trains.modes)
         self.strategy.unwrap(self.accelerator, self.model).objective.train()
         if self.is_main:
@@ -327,7 +348,7 @@ class Trainer:
             if schedule.save_every and step % schedule.save_every == 0 and step < self.total_steps:
                 folder = self.out_dir / "checkpoints" / f"step_{step:07d}"
                 with self._outside_steps():
-                    self.save_checkpoint(folder, position)
+                    self.save_checkpoint(folder, with_training_state=True)
                 with self._outside_steps():
                     self.callbacks.on_checkpoint(self.context, folder)
             with self._outside_steps():
@@ -337,7 +358,7 @@ class Trainer:
             logger.warning(self.skips.summary())
         final = self.out_dir / "final"
         with self._outside_steps():
-            self.save_checkpoint(final, None)
+            self.save_checkpoint(final, with_training_state=False)
         with self._outside_steps():
             self.callbacks.on_train_end(self.context, final)
         return final

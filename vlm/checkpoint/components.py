@@ -1,7 +1,5 @@
 """Per-component weights of a stage output: safetensors or PEFT adapters, chained by the manifest.
 
-Checkpoints: per-component safetensors, PEFT adapters, a manifest, and the training state.
-
 A stage output (``final/`` or ``checkpoints/step_N/``) holds:
 
 - ``manifest.json``: for each component, the ordered list of weight files and adapters that

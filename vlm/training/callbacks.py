@@ -1,8 +1,5 @@
 """Trainer callbacks and the narrow context they see: the seam into the training loop.
 
-Trainer callbacks: the seam through which logging, evaluation, checkpoint policies and
-benchmarks plug into the training loop without editing it.
-
 Every hook receives a :class:`TrainingContext`, the narrow view of the running stage that the
 trainer builds once (its name, the current step, ``out_dir``, the unwrapped model, ``log`` /
 ``save`` / ``broadcast``...), never the trainer itself, and does nothing by default, so a callback

@@ -1,7 +1,5 @@
 """``vlm bench feature-cache``: training samples/s with the encoder running vs from the cache.
 
-Benchmarks behind ``vlm bench`` (measurements to report, not timed tests).
-
 ``feature-cache``: train one stage of a recipe for N steps with its frozen encoder running and N
 steps from the frozen-feature cache, in one process, in turn a few times, and compare samples/s.
 """

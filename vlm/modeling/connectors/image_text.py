@@ -1,8 +1,4 @@
-"""The ImageTextMatcher interface: what retrieval and stage-1 objectives need from a connector.
-
-The ImageTextMatcher interface: what image-text retrieval and the stage-1 objectives need from
-a connector that also reads text (the Q-Former).
-"""
+"""The ImageTextMatcher interface: what retrieval and stage-1 objectives need from a connector."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""``lm``: the model's own next-token loss on the template's trainable tokens.
-
-``lm``: the model's own next-token loss on the template's trainable tokens (LLaVA's alignment
-and instruction tuning).
-"""
+"""``lm``: the model's own next-token loss on the template's trainable tokens."""
 
 from __future__ import annotations
 

@@ -208,6 +208,16 @@ class StageConfig:
 # The parts of a stage each consumer reads (the YAML keeps its flat keys; these are views of it).
 
 
+def resolved(precision, consumer: str) -> Precision:
+    """``precision`` as a concrete ``Precision``; ValueError naming ``consumer`` when it is still
+    ``auto`` (what runs a stage needs the precision ``vlm.core.hardware.resolve_precision`` chose)."""
+    precision = Precision(precision)
+    if precision is Precision.auto:
+        raise ValueError(f"precision 'auto' reached {consumer} unresolved: resolve it first "
+                         "(vlm.core.hardware.resolve_precision)")
+    return precision
+
+
 @dataclass(frozen=True)
 class WhatTrains:
     """What a stage trains: each component's mode, the LoRA settings, the objective's name
@@ -300,10 +310,7 @@ class TrainerSettings:
     def of(cls, stage) -> "TrainerSettings":
         """The part of a stage whose precision is resolved (``auto`` is refused: the trainer
         runs one concrete precision)."""
-        precision = Precision(stage.precision)
-        if precision is Precision.auto:
-            raise ValueError("precision 'auto' reached the trainer unresolved: resolve it first "
-                             "(vlm.core.hardware.resolve_precision)")
+        precision = resolved(stage.precision, "the trainer")
         return cls(WhatTrains.of(stage), Optimization.of(stage), Schedule.of(stage), NonFinitePolicy.of(stage),
                    precision, bool(stage.compile), int(stage.num_workers), float(stage.max_image_failure_ratio))
 

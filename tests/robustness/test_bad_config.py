@@ -58,6 +58,7 @@ def test_out_of_range_value_names_key_and_value(project, capsys, override, must)
 
 @pytest.mark.parametrize("override,needle", [
     ("stages.align.on_nonfinite=explode", "stages.align.on_nonfinite"),
+    ("stages.align.precision=bf8", "expected one of [auto, fp32, bf16, fp16]"),
     ("stages.align.lerning_rate=1", "did you mean 'learning_rate'"),
     ("stages.align.batch_size=eight", "stages.align.batch_size"),
     ("stages.align.objective=nope", "stages.align.objective"),

@@ -35,7 +35,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from vlm.config import COMPONENTS, Precision, StageConfig, Train, TrainModes
+from vlm.config import COMPONENTS, Precision, StageConfig, Train, TrainModes, resolved
 from vlm.core.errors import ConfigError
 from vlm.core.registry import Registry
 
@@ -215,10 +215,7 @@ class DistributionSettings:
     def of(cls, stage: StageConfig) -> "DistributionSettings":
         """The distribution settings of a stage (a ``StageConfig`` or its DictConfig) whose
         precision is resolved (``vlm.app.stages.resolved_precision``): ``auto`` is refused here."""
-        if Precision(stage.precision) is Precision.auto:
-            raise ValueError("precision 'auto' reached a strategy unresolved: resolve it first "
-                             "(vlm.core.hardware.resolve_precision)")
-        return cls(precision=Precision(stage.precision), grad_accum=stage.grad_accum,
+        return cls(precision=resolved(stage.precision, "a strategy"), grad_accum=stage.grad_accum,
                    max_grad_norm=stage.max_grad_norm, gradient_checkpointing=stage.gradient_checkpointing,
                    fsdp_cpu_offload=stage.fsdp_cpu_offload,
                    train=TrainModes(**{c: Train(getattr(stage.train, c)) for c in COMPONENTS}),

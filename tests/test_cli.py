@@ -260,6 +260,11 @@ def test_run_then_chat_end_to_end(tmp_path, capsys):
     for scores in (metrics["caption"], metrics["vqa"]):
         assert all(math.isfinite(v) for v in scores.values())
     assert {"prepare", "stage/align", "stage/instruct", "evaluation", "total"} <= set(metrics["timings_s"])
+    for stage in ("align", "instruct"):  # what precision and each speed lever resolved to, and why
+        assert metrics["precision"][stage]["requested"] == "auto"
+        assert set(metrics["levers"][stage]) == {"compile", "channels_last", "training_attention",
+                                                 "frozen_weight_cast", "image_cache", "num_workers"}
+        assert all(choice["reason"] for choice in metrics["levers"][stage].values())
     for stage in ("align", "instruct"):
         assert (out_dir / stage / "final" / "manifest.json").is_file()
         assert (out_dir / stage / "metrics.jsonl").is_file()

@@ -183,7 +183,8 @@ def test_each_consumer_reads_only_its_part_of_the_stage():
         "train": {"llm": "lora"}, "lora": {"r": 4}, "learning_rate": 2e-3, "lr": {"llm": 1e-4},
         "weight_decay": 0.1, "max_grad_norm": 0.5, "batch_size": 3, "grad_accum": 2, "max_steps": 7,
         "log_every": 2, "save_every": 5, "on_nonfinite": "skip", "max_nonfinite_skips": 4,
-        "precision": "bf16", "compile": True, "num_workers": 1})
+        "precision": "bf16", "compile": True, "num_workers": 1, "training_attention": True,
+        "frozen_weight_cast": False})
     settings = TrainerSettings.of(s)
     assert settings.trains == WhatTrains({"vision": "frozen", "connector": "full", "llm": "lora"},
                                          LoraConfig(r=4), "lm")
@@ -193,6 +194,7 @@ def test_each_consumer_reads_only_its_part_of_the_stage():
                                          min_lr_ratio=0.0, seed=42, log_every=2, save_every=5)
     assert settings.nonfinite == NonFinitePolicy(OnNonFinite.skip, 4)
     assert (settings.precision, settings.compile, settings.num_workers) == (Precision.bf16, True, 1)
+    assert (settings.training_attention, settings.frozen_weight_cast) == (True, False)
     s.precision = "auto"  # the trainer runs one concrete precision: auto is resolved before it
     with pytest.raises(ValueError, match="precision 'auto' reached the trainer unresolved"):
         TrainerSettings.of(s)

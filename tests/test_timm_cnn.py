@@ -49,6 +49,21 @@ def test_channels_last_run_gives_timm_gradients():
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_the_channels_last_lever_changes_the_layout_not_the_features():
+    torch.manual_seed(3)
+    enc = build_vision_encoder(config()).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    seen = []
+    enc.model.register_forward_pre_hook(lambda module, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        on = enc(pixels)
+        enc.use_channels_last(False)
+        off = enc(pixels)
+    assert seen == [True, False]
+    torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-5)
+
+
 def test_other_stage_other_grid():
     enc = build_vision_encoder(config(out_index=3))
     assert enc.num_patches == 16 and enc.embed_dim == 256

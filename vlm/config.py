@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from vlm.core.errors import ConfigError  # noqa: F401  (re-exported: vlm.config.ConfigError)
+from vlm.core.levers import AUTO, LEVERS, parse_switch, parse_workers
 from vlm.core.registry import closest
 
 
@@ -171,7 +172,14 @@ class StageConfig:
     init_from: Optional[str] = None
     save_every: Optional[int] = None  # None or 0: no step checkpoints (final/ is always written)
     log_every: int = 10
-    num_workers: int = 0
+    # speed levers (vlm/core/levers.py): auto, the default, turns each on only where it wins on
+    # the hardware class and precision the stage runs on; true / false (a number of DataLoader
+    # worker processes for num_workers) override
+    num_workers: Any = "auto"
+    channels_last: Any = "auto"  # CNN encoders: channels-last convolutions
+    training_attention: Any = "auto"  # sdpa with an fp32 kernel under CPU autocast (modeling/attention.py)
+    frozen_weight_cast: Any = "auto"  # under autocast, frozen weights cast once (training/frozen_weights.py)
+    image_cache: Any = "auto"  # decoded, transformed images kept in memory (data/image_cache.py)
     # a non-finite loss or gradient norm: stop the stage (TrainingError), or skip the step
     # (no optimizer update), at most max_nonfinite_skips times
     on_nonfinite: OnNonFinite = OnNonFinite.stop
@@ -196,8 +204,8 @@ class StageConfig:
     # batches of similar length, image and text-only samples apart (vlm/training/samplers.py)
     group_by_length: bool = False
     # compile the model's repeated blocks (decoder / encoder layers) with torch.compile for the
-    # training steps (vlm/training/compile.py)
-    compile: bool = False
+    # training steps (vlm/training/compile.py); a speed lever like those above
+    compile: Any = "auto"
     # evaluation during training (vlm/training/eval_callback.py): run these entries of ``evals``
     # every ``eval_every`` steps; ``keep_best: <eval>/<metric>`` keeps the best model in <stage>/best
     eval_every: Optional[int] = None
@@ -216,6 +224,18 @@ def resolved(precision, consumer: str) -> Precision:
         raise ValueError(f"precision 'auto' reached {consumer} unresolved: resolve it first "
                          "(vlm.core.hardware.resolve_precision)")
     return precision
+
+
+def resolved_lever(stage, name: str, consumer: str):
+    """Speed lever ``name`` of ``stage`` as a concrete value (bool, or an int for
+    ``num_workers``); ValueError naming ``consumer`` when it is still ``auto``
+    (``vlm.core.levers.choose_levers`` decides those)."""
+    raw = getattr(stage, name)
+    value = parse_workers(raw, name) if name == "num_workers" else parse_switch(raw, name)
+    if value == AUTO:
+        raise ValueError(f"{name} 'auto' reached {consumer} unresolved: resolve it first "
+                         "(vlm.core.levers.choose_levers)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -294,8 +314,8 @@ class NonFinitePolicy:
 @dataclass(frozen=True)
 class TrainerSettings:
     """The parts of a stage the trainer reads: what trains, optimisation, schedule, the
-    non-finite policy, the resolved precision, compilation and how batches are loaded. Data
-    sources, templates, distribution and evaluation reach it already built, never as config."""
+    non-finite policy, the resolved precision and speed levers, and how batches are loaded.
+    Data sources, templates, distribution and evaluation reach it already built, never as config."""
 
     trains: WhatTrains
     optimization: Optimization
@@ -305,14 +325,18 @@ class TrainerSettings:
     compile: bool
     num_workers: int
     max_image_failure_ratio: float
+    training_attention: bool = False
+    frozen_weight_cast: bool = False
 
     @classmethod
     def of(cls, stage) -> "TrainerSettings":
-        """The part of a stage whose precision is resolved (``auto`` is refused: the trainer
-        runs one concrete precision)."""
+        """The part of a stage whose precision and levers are resolved (``auto`` is refused: the
+        trainer runs one concrete precision and one value per lever)."""
         precision = resolved(stage.precision, "the trainer")
+        levers = {name: resolved_lever(stage, name, "the trainer")
+                  for name in ("compile", "num_workers", "training_attention", "frozen_weight_cast")}
         return cls(WhatTrains.of(stage), Optimization.of(stage), Schedule.of(stage), NonFinitePolicy.of(stage),
-                   precision, bool(stage.compile), int(stage.num_workers), float(stage.max_image_failure_ratio))
+                   precision, max_image_failure_ratio=float(stage.max_image_failure_ratio), **levers)
 
 
 @dataclass
@@ -535,7 +559,6 @@ _STAGE_RANGES = [
     ("max_length", _at_least_one, ">= 1"),
     ("save_every", _non_negative, ">= 0 (0 or null: no step checkpoints)"),
     ("log_every", _at_least_one, ">= 1"),
-    ("num_workers", _non_negative, ">= 0"),
     ("max_nonfinite_skips", _non_negative, ">= 0"),
     ("max_image_failure_ratio", _unit, "in [0, 1]"),
     ("max_image_pixels", _at_least_one, ">= 1"),
@@ -566,12 +589,22 @@ def _check_range(node, key: str, test, must: str, where: str, origin: str) -> No
         raise ConfigError(f"{origin}: {where}{key} = {value}: must be {must}")
 
 
+def _check_levers(stage, where: str, origin: str) -> None:
+    """ConfigError naming the key for a speed lever that is not auto / true / false (auto or a
+    worker count for ``num_workers``)."""
+    for name in LEVERS:
+        value = stage.get(name, AUTO)
+        (parse_workers if name == "num_workers" else parse_switch)(value, f"{origin}: {where}{name}")
+
+
 def check_ranges(cfg: DictConfig, origin: str = "config") -> None:
     """ConfigError naming the dotted key and its value for any numeric field outside its domain
-    (learning rates > 0, batch_size >= 1, warmup_ratio in [0, 1), ...). Pure: builds nothing."""
+    (learning rates > 0, batch_size >= 1, warmup_ratio in [0, 1), ...) and any speed lever that
+    is not auto / true / false. Pure: builds nothing."""
     for key, test, must in _PREPARE_RANGES:
         _check_range(cfg, key, test, must, "", origin)
     for name, stage in cfg.stages.items():
+        _check_levers(stage, f"stages.{name}.", origin)
         for key, test, must in _STAGE_RANGES:
             _check_range(stage, key, test, must, f"stages.{name}.", origin)
         for i, data in enumerate(stage.data):

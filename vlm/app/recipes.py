@@ -62,7 +62,7 @@ def format_table(metrics: Dict[str, Dict[str, float]]) -> str:
 
 def run_recipe(cfg: DictConfig, resume: bool = False) -> Dict[str, Dict[str, float]]:
     """Prepare, train every stage in order, evaluate; writes ``out_dir/metrics.json``."""
-    from vlm.app.stages import PRECISION_FILE, run_stage
+    from vlm.app.stages import LEVERS_FILE, PRECISION_FILE, run_stage
     from vlm.evaluation.distributed import barrier, is_main
 
     out = Path(cfg.out_dir)
@@ -75,17 +75,20 @@ def run_recipe(cfg: DictConfig, resume: bool = False) -> Dict[str, Dict[str, flo
     barrier()
     timings["prepare"] = time.perf_counter() - start
     precision: Dict[str, dict] = {}
+    levers: Dict[str, dict] = {}
     for name in cfg.stages:
         t0 = time.perf_counter()
         final = run_stage(cfg, name, resume=resume)
         timings[f"stage/{name}"] = time.perf_counter() - t0
         precision[name] = json.loads((final.parent / PRECISION_FILE).read_text())
+        levers[name] = json.loads((final.parent / LEVERS_FILE).read_text())
     t0 = time.perf_counter()
     metrics = run_evals(cfg)
     timings["evaluation"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     if is_main():  # under several processes, every rank has the same scores; one writes them
-        (out / "metrics.json").write_text(json.dumps({**metrics, "timings_s": timings, "precision": precision}, indent=2))
+        (out / "metrics.json").write_text(json.dumps({**metrics, "timings_s": timings, "precision": precision,
+                                                         "levers": levers}, indent=2))
         print(format_table(metrics))
         print(f"total time: {timings['total']:.1f} s  ->  {out / 'metrics.json'}")
     return metrics

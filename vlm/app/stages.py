@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -17,12 +18,14 @@ from vlm.checkpoint.fsio import remove_stale_tmp
 from vlm.checkpoint.manifest import read_manifest
 from vlm.checkpoint.pretrained import load_stage_tokenizer
 from vlm.config import Precision, TrainerSettings, WhatTrains, save_config, train_modes
-from vlm.core.hardware import PrecisionChoice, resolve_precision
+from vlm.core.hardware import PrecisionChoice, detect, resolve_precision
+from vlm.core.levers import LEVERS, LeverChoice, StageFacts, choose_levers, describe
 from vlm.core.plugins import save_plugins
 from vlm.data.batch import Collator
 from vlm.data.dataset import ConversationDataset
 from vlm.data.feature_cache import BuildReport, build_stage_feature_cache
 from vlm.data.formats import read_samples
+from vlm.data.image_cache import default_budget_bytes
 from vlm.data.images import check_image_files
 from vlm.data.samplers import LengthGroupedSampler
 from vlm.evaluation.runner import run_eval
@@ -58,6 +61,7 @@ def in_training_evaluator(cfg: DictConfig, name: str, tokenizer, out_dir: Path) 
 
 
 PRECISION_FILE = "precision.json"  # beside a stage's outputs: what its precision resolved to, and why
+LEVERS_FILE = "levers.json"  # ...and what each speed lever resolved to, and why
 
 
 def resolved_precision(stage: DictConfig, name: str) -> Tuple[DictConfig, PrecisionChoice]:
@@ -72,6 +76,27 @@ def resolved_precision(stage: DictConfig, name: str) -> Tuple[DictConfig, Precis
     return stage, choice
 
 
+def _cores_per_process() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def resolved_levers(stage: DictConfig, name: str, samples: Sequence) -> Tuple[DictConfig, Dict[str, LeverChoice]]:
+    """A copy of ``stage`` (its precision resolved) whose speed levers are the values they take
+    on this machine (``auto``: on where they win on its hardware class), and the choices, logged
+    once (vlm.core.levers)."""
+    images = [path for sample in samples for path in sample.images]
+    facts = StageFacts(precision=Precision(stage.precision).value,
+                       rereads_images=float(stage.epochs) > 1 or len(set(map(str, images))) < len(images),
+                       feature_cache=bool(stage.feature_cache), cores=_cores_per_process())
+    choices = choose_levers({lever: stage[lever] for lever in LEVERS}, facts, detect(), f"stages.{name}")
+    logger.info("stage %s: speed levers: %s", name, describe(choices))
+    stage = copy.deepcopy(stage)
+    for lever, choice in choices.items():
+        stage[lever] = choice.value
+    return stage, choices
+
+
 @dataclass
 class StageRun:
     """A stage ready to train: its trainer, its dataset, the precision it resolved to and, with
@@ -81,6 +106,7 @@ class StageRun:
     dataset: ConversationDataset
     precision: PrecisionChoice
     feature_cache: Optional[BuildReport] = None
+    levers: Optional[Dict[str, LeverChoice]] = None
 
 
 def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load_init: bool = True,
@@ -115,14 +141,20 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     objective = objective_cls.build(None, ObjectiveContext(model, tokenizer))
     samples = read_samples(stage.data, cfg.model.image_token)
     check_image_files([p for s in samples for p in s.images], f"stages.{name}.data", stage.max_image_failure_ratio)
+    stage, levers = resolved_levers(stage, name, samples)
+    if accelerator.is_main_process:
+        (out_dir / LEVERS_FILE).write_text(json.dumps({k: c.as_record() for k, c in levers.items()}, indent=2))
+    model.vision.use_channels_last(stage.channels_last)
     features, report = None, None
     if stage.feature_cache:
         root = stage.feature_cache_dir or Path(cfg.out_dir) / "feature_cache"
         features, report = build_stage_feature_cache(
             model, objective, processor, samples, WhatTrains.of(stage), stage.precision, root, name, accelerator,
             batch_size=stage.batch_size, num_workers=stage.num_workers, progress=accelerator.is_main_process)
-    dataset = ConversationDataset(samples, processor, name=name, progress=accelerator.is_main_process,
-                                  image_features=features.load if features is not None else None)
+    dataset = ConversationDataset(
+        samples, processor, name=name, progress=accelerator.is_main_process,
+        image_features=features.load if features is not None else None,
+        image_cache_bytes=default_budget_bytes(max(1, stage.num_workers)) if stage.image_cache else None)
 
     def save_state(trained_model, folder, state=None):
         save_model_state(trained_model, folder, train_modes(stage.train), cfg.model, tokenizer, prior, state=state)
@@ -140,7 +172,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     trainer = Trainer(model, dataset, collate=collate, settings=TrainerSettings.of(stage), strategy=strategy,
                       out_dir=out_dir, save_state=save_state, accelerator=accelerator, stage_name=name,
                       objective=objective, callbacks=callbacks, sampler=sampler)
-    return StageRun(trainer, dataset, precision, report)
+    return StageRun(trainer, dataset, precision, report, levers)
 
 
 def run_stage(cfg: DictConfig, name: str, resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from vlm.data.batch import EncodedSample
+from vlm.data.image_cache import DecodedImageCache
 from vlm.data.images import unless_unreadable
 from vlm.data.processor import IGNORE_INDEX, VLMProcessor, image_instructions
 from vlm.data.types import Sample
@@ -35,13 +36,17 @@ class ConversationDataset(Dataset):
     Items are :class:`~vlm.data.batch.EncodedSample` (None for a sample whose image cannot be
     read). ``image_features(path)``, when given, returns an image's cached encoder features
     (raising ImageLoadError when it cannot); items then hold those (``image_kind``
-    ``"features"``) instead of pixels.
+    ``"features"``) instead of pixels. ``image_cache_bytes``, when given, keeps decoded images
+    in memory up to that many bytes (:class:`~vlm.data.image_cache.DecodedImageCache`).
     """
 
     def __init__(self, samples: Sequence[Sample], processor: VLMProcessor, name: str = "data", progress: bool = True,
-                 image_features: Optional[Callable[[str], torch.Tensor]] = None):
+                 image_features: Optional[Callable[[str], torch.Tensor]] = None,
+                 image_cache_bytes: Optional[int] = None):
         self.processor = processor
         self.image_features = image_features
+        self.load_image = (processor.load_image if image_cache_bytes is None
+                           else DecodedImageCache(processor.load_image, image_cache_bytes))
         self.name = name
         self.stats: Counter = Counter()
         self.left_out: Dict[str, List[str]] = {}
@@ -80,7 +85,7 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> Optional[EncodedSample]:
         sample, ids, labels = self.entries[index]
-        load, kind = ((self.processor.load_image, "pixels") if self.image_features is None
+        load, kind = ((self.load_image, "pixels") if self.image_features is None
                       else (self.image_features, "features"))
         images = unless_unreadable(lambda: [load(path) for path in sample.images], sample, where=self.name)
         if images is None:

@@ -107,7 +107,8 @@ class Trainer:
                             collate_fn=collate, num_workers=settings.num_workers, drop_last=False,
                             generator=torch.Generator().manual_seed(schedule.seed))
         objective = objective if objective is not None else LanguageModeling(model, None)
-        use_training_attention(model)  # sdpa with an fp32 kernel under CPU autocast (faster backward)
+        if settings.training_attention:  # sdpa with an fp32 kernel under CPU autocast (faster backward)
+            use_training_attention(model)
         module = TrainingModule(model, objective)
 
         def make_optimizer():  # after wrapping: a sharding strategy replaces the parameters
@@ -237,8 +238,9 @@ class Trainer:
     def train(self, resume: bool = False) -> Path:
         """Run the stage to ``total_steps``; returns the ``final`` output folder. With
         ``compile`` on, the model's repeated blocks are compiled for the training steps
-        (vlm.training.compile); under bf16 / fp16 the frozen linear weights are cast once, not
-        every step. Callbacks and checkpoints see the eager fp32 model."""
+        (vlm.training.compile); with ``frozen_weight_cast`` on, under bf16 / fp16 the frozen
+        linear weights are cast once, not every step. Callbacks and checkpoints see the eager
+        fp32 model."""
         casts = self._frozen_weight_cast()
         blocks = compile_repeated_blocks(self._unwrapped()) if self.settings.compile else []
 
@@ -263,7 +265,7 @@ class Trainer:
         """Frozen weights pre-cast to the autocast dtype (vlm.training.frozen_weights), for a
         bf16 / fp16 stage whose parameters this process holds whole (not sharded)."""
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.settings.precision.value)
-        if dtype is None or self.strategy.name != "ddp":
+        if dtype is None or not self.settings.frozen_weight_cast or self.strategy.name != "ddp":
             return None
         return FrozenWeightCast(self._unwrapped(), dtype)
 

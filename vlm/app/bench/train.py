@@ -263,7 +263,8 @@ def bench_train(cfg: DictConfig, stage_name: str, steps: int = 30, warmup: int =
         "ratio_median_step": round(theirs["median_step_s"] / ours["median_step_s"], 3),
         "ratio_samples_per_s_with_warmup": round(ours["samples_per_s_with_warmup"]
                                                  / theirs["samples_per_s_with_warmup"], 3),
-        "compile": bool(stage.compile),
+        "compile": bool(run.levers["compile"].value),
+        "levers": {name: choice.as_record() for name, choice in run.levers.items()},
         "first_batch_loss": {"vlm": round(vlm_loss, 6), "transformers": round(hf_loss, 6),
                              "abs_diff": abs(vlm_loss - hf_loss)},
     }

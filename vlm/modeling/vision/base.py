@@ -82,6 +82,10 @@ class VisionEncoder(nn.Module, ABC):
         encoder: :meth:`check_arch` on its ``arch``."""
         cls.check_arch(dict(cfg.arch), f"{where}.arch")
 
+    def use_channels_last(self, enabled: bool) -> None:
+        """Whether convolutions run on channels-last inputs (the ``channels_last`` speed lever);
+        encoders without convolutions to speed up ignore it."""
+
     @classmethod
     @abstractmethod
     def from_config(cls, cfg: VisionConfig) -> "VisionEncoder":

@@ -143,3 +143,24 @@ def test_a_stage_resolves_its_levers_writes_them_and_caches_images(tmp_path, tok
     for index in (0, 1, 0):  # cached or not, the same pixels
         assert torch.equal(run.dataset[index].images[0], plain[index].images[0])
     assert run.dataset.load_image.hits >= 1
+
+
+@pytest.mark.parametrize("settings, cached", [
+    ({"epochs": 1.0}, False),                            # each image read once
+    ({"epochs": 2.0}, True),                             # a second epoch reads them again
+    ({"epochs": 1.0, "max_steps": 8, "batch_size": 4}, True),  # 32 samples drawn from 16: past one pass
+    ({"epochs": 1.0, "max_steps": 2, "batch_size": 4}, False),
+])
+def test_the_image_cache_is_on_when_a_stage_rereads_its_images(settings, cached):
+    from omegaconf import OmegaConf
+
+    from vlm.app.stages import resolved_levers
+    from vlm.data.types import Sample, Turn
+
+    stage = OmegaConf.merge(OmegaConf.structured(StageConfig), {"precision": "fp32", **settings})
+    samples = [Sample(str(i), [Turn("user", "<image>"), Turn("assistant", "x")], [f"{i}.png"]) for i in range(16)]
+    resolved, choices = resolved_levers(stage, "s", samples)
+    assert choices["image_cache"].value is cached and resolved.image_cache is cached
+    shared = samples + [Sample("again", samples[0].turns, ["0.png"])]  # two samples, one image
+    assert resolved_levers(OmegaConf.merge(OmegaConf.structured(StageConfig), {"precision": "fp32"}),
+                           "s", shared)[1]["image_cache"].value is True

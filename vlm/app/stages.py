@@ -81,13 +81,21 @@ def _cores_per_process() -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def resolved_levers(stage: DictConfig, name: str, samples: Sequence) -> Tuple[DictConfig, Dict[str, LeverChoice]]:
+def _passes(stage: DictConfig, num_samples: int, num_processes: int) -> float:
+    """About how many times the stage goes through its samples (``epochs``, or what ``max_steps`` gives)."""
+    if stage.max_steps:
+        return stage.max_steps * stage.batch_size * stage.grad_accum * num_processes / max(1, num_samples)
+    return float(stage.epochs)
+
+
+def resolved_levers(stage: DictConfig, name: str, samples: Sequence,
+                    num_processes: int = 1) -> Tuple[DictConfig, Dict[str, LeverChoice]]:
     """A copy of ``stage`` (its precision resolved) whose speed levers are the values they take
     on this machine (``auto``: on where they win on its hardware class), and the choices, logged
     once (vlm.core.levers)."""
-    images = [path for sample in samples for path in sample.images]
-    facts = StageFacts(precision=Precision(stage.precision).value,
-                       rereads_images=float(stage.epochs) > 1 or len(set(map(str, images))) < len(images),
+    images = [str(path) for sample in samples for path in sample.images]
+    rereads = _passes(stage, len(samples), num_processes) > 1 or len(set(images)) < len(images)
+    facts = StageFacts(precision=Precision(stage.precision).value, rereads_images=rereads,
                        feature_cache=bool(stage.feature_cache), cores=_cores_per_process())
     choices = choose_levers({lever: stage[lever] for lever in LEVERS}, facts, detect(), f"stages.{name}")
     logger.info("stage %s: speed levers: %s", name, describe(choices))
@@ -141,7 +149,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     objective = objective_cls.build(None, ObjectiveContext(model, tokenizer))
     samples = read_samples(stage.data, cfg.model.image_token)
     check_image_files([p for s in samples for p in s.images], f"stages.{name}.data", stage.max_image_failure_ratio)
-    stage, levers = resolved_levers(stage, name, samples)
+    stage, levers = resolved_levers(stage, name, samples, accelerator.num_processes)
     if accelerator.is_main_process:
         (out_dir / LEVERS_FILE).write_text(json.dumps({k: c.as_record() for k, c in levers.items()}, indent=2))
     model.vision.use_channels_last(stage.channels_last)

@@ -133,7 +133,8 @@ def test_lora_on_vision_is_refused(recipe):
 
 def test_dotted_overrides_apply_with_schema_types(recipe):
     cfg = load_run_config(recipe, ["stages.align.learning_rate=0.5", "stages.align.batch_size=3",
-                               "stages.align.train.llm=lora", "model.vision.arch.num_hidden_layers=2"])
+                               "stages.align.train.llm=lora", "stages.align.init_from=/runs/x/final",
+                               "model.vision.arch.num_hidden_layers=2"])
     assert cfg.stages.align.learning_rate == 0.5 and isinstance(cfg.stages.align.learning_rate, float)
     assert cfg.stages.align.batch_size == 3
     assert cfg.stages.align.train.llm == Train.lora

@@ -445,12 +445,14 @@ def _dataclass_at(path: str):
     return node if dataclasses.is_dataclass(node) else None
 
 
-_THEIR_HINT = re.compile(r"\.?\s*Did you mean:? '([^']*)'\?")
+# OmegaConf's suggestion: "Did you mean: 'x'?" or "Did you mean one of: 'x', 'y'?"
+_THEIR_HINT = re.compile(r"\.?\s*Did you mean(?: one of)?:? '([^']*)'(?:, '[^']*')*\?")
 
 
 def _one_hint(msg: str, hint: str) -> str:
     """``msg`` + ``hint`` with a single "did you mean": OmegaConf's own suggestion (``. Did you
-    mean: 'x'?``) is dropped from ``msg``, and used, in our format, only when we have none."""
+    mean: 'x'?`` or ``. Did you mean one of: 'x', 'y'?``) is dropped from ``msg``, and its first
+    name used, in our format, only when we have none."""
     theirs = _THEIR_HINT.search(msg)
     msg = _THEIR_HINT.sub("", msg)
     if not hint and theirs:

@@ -92,3 +92,36 @@ def test_init_from_a_missing_folder_names_it_not_a_hub_id(project, capsys):
     code, _, err = run_vlm(["train", project.write(), "--out", project.out], capsys)
     line = error_line(err)
     assert code == 2 and "init_from" in line and "no_such_run" in line and "no such folder" in line
+
+
+def test_lora_on_a_random_llm_is_refused_before_training(project, capsys):
+    # it would train every step and then fail at the save: refused at load, nothing written
+    project.stage()["train"]["llm"] = "lora"
+    recipe = project.write()
+    before = snapshot(project.root)
+    code, _, err = run_vlm(["train", recipe, "--out", project.out], capsys)
+    line = error_line(err)
+    assert code == 2 and "stages.align.train: llm: LoRA on randomly initialised weights cannot be saved" in line
+    assert not project.out.exists() and snapshot(project.root) == before
+
+
+def test_lora_on_an_llm_an_earlier_stage_did_not_save_is_refused_before_step_1(project, capsys, monkeypatch):
+    # init_from a checkpoint whose manifest has no llm entry: known from the manifest, before training
+    from omegaconf import OmegaConf
+
+    import vlm.app.stages as stages
+    from vlm.checkpoint.manifest import unsaveable_lora
+    from vlm.config import ModelConfig, Train
+
+    modes = {"vision": Train.frozen, "connector": Train.full, "llm": Train.lora}
+    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), project.recipe["model"])
+    assert unsaveable_lora(modes, model, {"llm": [{"weights": "llm.safetensors"}]}) is None
+    assert "llm: LoRA" in unsaveable_lora(modes, model, {"vision": [{"weights": "v.safetensors"}]})
+    started = []
+    monkeypatch.setattr(stages.Trainer, "train", lambda self, resume=False: started.append(1))
+    monkeypatch.setattr(stages, "read_manifest", lambda folder: {"vision": [{"weights": "v.safetensors"}]})
+    project.stage()["train"]["llm"] = "lora"
+    project.stage()["init_from"] = str(project.root)  # exists; its manifest is the one above
+    code, _, err = run_vlm(["train", project.write(), "--out", project.out], capsys)
+    assert code == 2 and "stages.align.train: llm: LoRA on randomly initialised weights" in error_line(err)
+    assert not started

@@ -15,9 +15,10 @@ from transformers import set_seed
 
 from vlm.checkpoint.components import load_model_state, save_model_state
 from vlm.checkpoint.fsio import remove_stale_tmp
-from vlm.checkpoint.manifest import read_manifest
+from vlm.checkpoint.manifest import read_manifest, unsaveable_lora
 from vlm.checkpoint.pretrained import load_stage_tokenizer
 from vlm.config import Precision, TrainerSettings, WhatTrains, save_config, train_modes
+from vlm.core.errors import ConfigError
 from vlm.core.hardware import PrecisionChoice, detect, resolve_precision
 from vlm.core.levers import LEVERS, LeverChoice, StageFacts, choose_levers, describe
 from vlm.core.plugins import save_plugins
@@ -126,6 +127,10 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     stage, precision = resolved_precision(cfg.stages[name], name)
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg.out_dir) / name
     init_from = stage.init_from if load_init else None
+    prior = read_manifest(init_from) if init_from else None
+    refusal = unsaveable_lora(train_modes(stage.train), cfg.model, prior)  # before step 1, not at the save
+    if refusal:
+        raise ConfigError(f"stages.{name}.train: {refusal}")
     # refuse what this launch cannot run before anything is built
     strategy = build_strategy(stage, f"stages.{name}")
     check_environment(strategy, f"stages.{name}")
@@ -139,10 +144,8 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     set_seed(stage.seed)
     tokenizer = load_stage_tokenizer(cfg.model, init_from)
     model = VisionLanguageModel.from_config(cfg.model, tokenizer)
-    prior = None
     if init_from:
         load_model_state(model, init_from)
-        prior = read_manifest(init_from)
     objective_cls = OBJECTIVES.get(stage.objective)  # looked up once: what it freezes, then built
     apply_stage(model, WhatTrains.of(stage), objective_cls)
     processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length, stage.max_image_pixels)

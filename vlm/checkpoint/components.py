@@ -36,22 +36,16 @@ from vlm.checkpoint.fsio import io_error, sha256_file
 from vlm.checkpoint.manifest import (
     MANIFEST,
     SHA256,
+    has_pretrained_source,
     hashed_file,
     read_manifest,
+    unsaveable_lora,
     verify_entry,
 )
 from vlm.checkpoint.peft_sidecar import record_adapter_base
 from vlm.config import COMPONENTS, ModelConfig, Train
 from vlm.core.errors import CheckpointError
 from vlm.modeling.weights import check_finite_weights
-
-
-def _has_pretrained_source(model_cfg: ModelConfig, component: str) -> bool:
-    if component == "vision":
-        return bool(model_cfg.vision.pretrained)
-    if component == "llm":
-        return bool(model_cfg.llm.name_or_path)
-    return False
 
 
 def _component_state(state: Dict[str, torch.Tensor], comp: str) -> Dict[str, torch.Tensor]:
@@ -67,15 +61,15 @@ def save_model_state(model, folder: Path, modes: Mapping[str, Train], model_cfg:
 
     ``state``: the model's full state dict gathered from shards; the tensors are taken from it
     instead of from ``model`` (whose parameters are then shards)."""
+    refusal = unsaveable_lora(modes, model_cfg, prior)
+    if refusal:
+        raise CheckpointError(refusal)
     manifest: Dict[str, List[dict]] = {}
     for comp in COMPONENTS:
         entries = [dict(e) for e in (prior or {}).get(comp, [])]
         module = getattr(model, comp)
         mode = Train(modes[comp])
-        unsourced = not entries and not _has_pretrained_source(model_cfg, comp)
-        if unsourced and mode is Train.lora:
-            raise CheckpointError(f"{comp}: LoRA on randomly initialised weights cannot be saved; "
-                             "train the component fully in an earlier stage or load pretrained weights")
+        unsourced = not entries and not has_pretrained_source(model_cfg, comp)
         if mode is Train.full or unsourced:
             if state is None:
                 save_model(module, str(folder / f"{comp}.safetensors"))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Mapping, Optional
 
 from vlm.checkpoint.fsio import io_error, sha256_file
+from vlm.config import COMPONENTS, Train
 from vlm.core.errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -77,3 +78,25 @@ def verify_entry(entry: dict, folder) -> None:
     if actual != expected:
         raise CheckpointError(f"{path}: sha256 {actual[:12]}... does not match the manifest of {folder} "
                               f"({expected[:12]}...); the file is corrupt or was changed: copy it again")
+
+
+def has_pretrained_source(model_cfg, component: str) -> bool:
+    """Whether ``model_cfg`` loads pretrained weights for ``component`` (vision or llm)."""
+    if component == "vision":
+        return bool(model_cfg.vision.pretrained)
+    if component == "llm":
+        return bool(model_cfg.llm.name_or_path)
+    return False
+
+
+def unsaveable_lora(modes: Mapping[str, Train], model_cfg,
+                    prior: Optional[Dict[str, List[dict]]]) -> Optional[str]:
+    """Why a stage's LoRA could not be saved (a component with no weights to put the adapter
+    on: no earlier stage's entry in ``prior`` and no pretrained source), or None. Known before
+    training, so stages ask it before step 1 (vlm.app.stages) rather than at the save."""
+    for comp in COMPONENTS:
+        lora = Train(modes[comp]) is Train.lora
+        if lora and not (prior or {}).get(comp) and not has_pretrained_source(model_cfg, comp):
+            return (f"{comp}: LoRA on randomly initialised weights cannot be saved; "
+                    "train the component fully in an earlier stage or load pretrained weights")
+    return None

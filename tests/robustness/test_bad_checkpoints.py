@@ -172,6 +172,25 @@ def test_model_yaml_cannot_switch_on_trust_remote_code(final, image, capsys, mon
     assert seen == [False, True]  # only the explicit flag switches it on
 
 
+def test_an_llm_that_needs_its_own_code_is_one_line_and_the_code_never_runs(final, image, tmp_path, capsys):
+    # the checkpoint's model.yaml asks for trust_remote_code on an LLM folder with its own code
+    remote = tmp_path / "remote_llm"
+    remote.mkdir()
+    (remote / "config.json").write_text(json.dumps({
+        "model_type": "remote_llama", "architectures": ["RemoteForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_remote.RemoteConfig",
+                     "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM"}}))
+    ran = tmp_path / "ran"
+    for name in ("configuration_remote.py", "modeling_remote.py"):
+        (remote / name).write_text(f"open({str(ran)!r}, 'w').write('ran')\n")
+    text = (final / "model.yaml").read_text()
+    (final / "model.yaml").write_text(text.replace("name_or_path: null", f"name_or_path: {remote}", 1)
+                                      .replace("trust_remote_code: false", "trust_remote_code: true"))
+    line = chat_fails(capsys, final, image, f"model.llm.name_or_path: {remote} needs its own Python code",
+                      "--trust-remote-code")
+    assert "Traceback" not in line and not ran.exists()
+
+
 def test_truncated_training_state_names_the_file_on_resume(trained, tmp_path, tokenizer_dir, capsys):
     project = trained[0]
     out = tmp_path / "out"

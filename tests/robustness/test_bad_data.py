@@ -61,6 +61,13 @@ def test_jsonl_not_utf8_names_the_line(project, capsys):
     train_fails(project, capsys, f"{path}:2", "byte 30")
 
 
+def test_jsonl_text_with_an_image_marker_but_no_image_names_the_line(project, capsys):
+    path = project.data / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "a <image> but no image"}\n')
+    project.stage()["data"] = [{"format": "jsonl", "args": {"path": str(path)}}]
+    train_fails(project, capsys, f"{path}:2", "1 '<image>' marker(s) but 0 image(s)")
+
+
 def test_invalid_json_names_the_line(project, capsys):
     path = use_llava(project, [GOOD])
     path.write_text(path.read_text() + "\n]")

@@ -7,6 +7,8 @@ import contextvars
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List
 
+from vlm.core.errors import DataFormatError
+
 # the default image marker in conversation texts; a model's ``image_token`` replaces it
 IMAGE_TOKEN = "<image>"
 _marker: contextvars.ContextVar[str] = contextvars.ContextVar("vlm_image_marker", default=IMAGE_TOKEN)
@@ -59,6 +61,4 @@ class Sample:
         markers = sum(t.content.count(marker) for t in self.turns)
         if markers != len(self.images):
             where = self.meta.get("source", self.id)
-            raise ValueError(
-                f"{where}: {markers} '{marker}' marker(s) but {len(self.images)} image(s)"
-            )
+            raise DataFormatError(f"{where}: {markers} '{marker}' marker(s) but {len(self.images)} image(s)")

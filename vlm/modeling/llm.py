@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
@@ -25,6 +27,20 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ConfigError(f"model.llm.dtype: unknown dtype '{name}'; use one of {sorted(DTYPES)}") from None
 
 
+@contextlib.contextmanager
+def _remote_code_refused(source: str, key: str):
+    """transformers' refusal to run a model's own code (``trust_remote_code`` off) as one
+    ConfigError naming ``key`` and ``source``; other errors pass through."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ConfigError(f"{key}: {source} needs its own Python code to load, which vlm does not run "
+                          "unless asked: read that code, then set model.llm.trust_remote_code: true in your "
+                          "config (or pass --trust-remote-code)") from None
+
+
 def load_tokenizer(cfg: LLMConfig, image_token: str) -> PreTrainedTokenizerBase:
     """Load the tokenizer (``cfg.tokenizer``, else ``cfg.name_or_path``) and add the image token.
 
@@ -33,7 +49,8 @@ def load_tokenizer(cfg: LLMConfig, image_token: str) -> PreTrainedTokenizerBase:
     source = cfg.tokenizer or cfg.name_or_path
     if source is None:
         raise ConfigError("model.llm.tokenizer: an inline LLM needs a tokenizer path")
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    with _remote_code_refused(source, "model.llm.tokenizer" if cfg.tokenizer else "model.llm.name_or_path"):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
     if tokenizer.pad_token is None:
@@ -49,12 +66,13 @@ def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedM
     """
     dtype = torch_dtype(cfg.dtype)
     if cfg.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path,
-            dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        with _remote_code_refused(cfg.name_or_path, "model.llm.name_or_path"):
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.name_or_path,
+                dtype=dtype,
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+            )
     else:
         arch = dict(cfg.arch)
         model_type = arch.pop("model_type")

@@ -96,12 +96,14 @@ class VisionLanguageModel(nn.Module):
         if images is None or images.shape[0] == 0:
             if n_placeholders:
                 raise ImageTokenMismatch(f"input has {n_placeholders} image placeholder tokens but no images")
-            if self.training:
-                # a text-only batch must still touch every trainable vision/connector parameter,
-                # or DDP waits forever for their gradients on the other ranks
-                unused = [p.sum() for m in (self.vision, self.connector) for p in m.parameters() if p.requires_grad]
-                if unused:
-                    inputs_embeds = inputs_embeds + 0.0 * torch.stack(unused).sum()
+            if self.training and any(p.requires_grad for m in (self.vision, self.connector) for p in m.parameters()):
+                # a text-only batch still runs the trainable vision / connector, on one blank image
+                # weighted 0: the other ranks may be running them on real images, and DDP waits for
+                # every trainable gradient, FSDP for every unit's gather and reduce-scatter
+                size = self.vision.image_size
+                blank = torch.zeros(1, 3, size, size, device=inputs_embeds.device)  # as the collator gives pixels
+                visual = self.encode_images(blank, [""])
+                inputs_embeds = inputs_embeds + 0.0 * visual.sum().to(inputs_embeds.dtype)
             return inputs_embeds, None
         if image_features is not None:
             refusal = feature_cache_refusal(self.connector)  # the connector must read encoder features

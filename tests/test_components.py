@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from test_beit3 import ARCH as BEIT3_ARCH
 from test_qformer import SMALL as QFORMER_SMALL
+from test_siglip import SIGLIP2_ARCH, SIGLIP_ARCH
 from test_vision import OPEN_CLIP_ARCH
 
 from vlm.app.wiring import REGISTRIES, check_component, registry
@@ -62,6 +63,8 @@ ENCODERS = {
     "open_clip": ({}, OPEN_CLIP_ARCH),
     "beit3": ({}, BEIT3_ARCH),
     "hf_blip2_vision": ({}, BLIP2_VISION),
+    "hf_siglip": ({}, SIGLIP_ARCH),
+    "hf_siglip2": ({}, SIGLIP2_ARCH),
     "timm_vit": ({"model_name": "vit_base_patch16_224"},
                  dict(img_size=S, patch_size=8, embed_dim=32, depth=2, num_heads=4)),
     "timm_cnn": ({"model_name": "resnet10t", "image_size": S}, {}),

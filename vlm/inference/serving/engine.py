@@ -4,17 +4,22 @@ Requests wait in a thread-safe queue; the worker takes what has arrived (up to
 ``max_batch_size``), answers requests with the same sampling settings in one batch through
 :func:`vlm.inference.generation.generate_answers` (the path ``vlm chat`` and ``vlm eval`` use),
 and streamed requests one at a time with a streamer that hands out text as it is decoded.
-Nothing is dropped: a request waits until the worker reaches it.
+
+At most ``max_queue`` requests wait (``submit`` raises :class:`QueueFull` beyond). A request
+cancelled while it waits (its client left, its time ran out) leaves the queue at once and is
+never generated; a generation whose requests were all cancelled stops at its next token.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import math
 import threading
-from concurrent.futures import Future
+import time
+from collections import deque
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from transformers.generation.streamers import BaseStreamer
 
@@ -36,6 +41,13 @@ class GenerationRequest:
     stop: List[str] = field(default_factory=list)
     on_text: Optional[Callable[[str], None]] = None
     future: Future = field(default_factory=Future)
+    abandoned: bool = False
+
+    def cancel(self) -> None:
+        """Nobody waits for the answer any more: dropped if still queued, else its generation
+        stops once every request it answers is abandoned."""
+        self.abandoned = True
+        self.future.cancel()
 
     def sampling(self) -> Dict:
         """Generation keyword arguments: greedy at temperature 0, else sampling."""
@@ -61,15 +73,39 @@ class Completion:
     finish_reason: str  # "stop" (an end token or a stop string) or "length"
 
 
+class QueueFull(Exception):
+    """``max_queue`` requests are waiting already."""
+
+
+class Abandoned(Exception):
+    """Raised inside ``generate`` to stop a generation nobody waits for."""
+
+
+@dataclass
+class EngineStats:
+    """What the worker has done so far (read by /metrics)."""
+
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+    batches: int = 0
+    running: int = 0
+    cancelled_queued: int = 0
+    cancelled_generating: int = 0
+
+
 class TokenCounter(BaseStreamer):
-    """Collects each row's new token ids during ``generate`` (rows end at their first end token)."""
+    """Collects each row's new token ids during ``generate`` (rows end at their first end token);
+    raises :class:`Abandoned` at a step where ``should_stop()`` is true."""
 
     def __init__(self, end_ids):
         self.end_ids = set(end_ids)
         self.rows: List[List[int]] = []
         self.first = True
+        self.should_stop: Optional[Callable[[], bool]] = None
 
     def put(self, value) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise Abandoned()
         if self.first:  # generate() first passes the prompt (empty here: inputs_embeds)
             self.first = False
             if value.dim() > 1:
@@ -132,40 +168,97 @@ class TextDeltaStreamer(TokenCounter):
             self.sent = text
 
 
-class GenerationEngine:
-    """Owns the model and its processor; ``submit`` queues a request, the worker answers it."""
+def context_length(model) -> Optional[int]:
+    """The model's context in tokens: its LLM config's ``max_position_embeddings`` (None: unknown)."""
+    config = getattr(getattr(model, "llm", None), "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
 
-    def __init__(self, model, processor, max_batch_size: int = 8):
+
+class GenerationEngine:
+    """Owns the model and its processor; ``submit`` queues a request (at most ``max_queue``
+    waiting, None: no limit), the worker answers it."""
+
+    def __init__(self, model, processor, max_batch_size: int = 8, max_queue: Optional[int] = 64):
         self.model = model
         self.processor = processor
         self.max_batch_size = max_batch_size
-        self.queue: "queue.Queue[Optional[GenerationRequest]]" = queue.Queue()
+        self.max_queue = max_queue
+        self.context_length = context_length(model)
+        self.stats = EngineStats()
+        self._waiting: Deque[GenerationRequest] = deque()
+        self._lock = threading.Condition()
+        self._closed = False
         self.worker = threading.Thread(target=self._run, name="vlm-generate", daemon=True)
         self.worker.start()
 
     def submit(self, request: GenerationRequest) -> Future:
-        """Queue ``request``; its future resolves to its :class:`Completion`."""
-        self.queue.put(request)
+        """Queue ``request``; its future resolves to its :class:`Completion`. QueueFull when
+        ``max_queue`` requests wait already; RuntimeError once closed."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the generation engine is closed")
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self._waiting.append(request)
+            self._lock.notify()
+        request.future.add_done_callback(lambda future: self._cancelled(request, future))
         return request.future
 
+    def _cancelled(self, request: GenerationRequest, future: Future) -> None:
+        # a future can only be cancelled while pending, i.e. before the worker took it
+        if not future.cancelled():
+            return
+        with self._lock:
+            # by identity (a dataclass compares its fields, images included); absent when the
+            # worker has just popped it: it skips it
+            for i, waiting in enumerate(self._waiting):
+                if waiting is request:
+                    del self._waiting[i]
+                    break
+            self.stats.cancelled_queued += 1
+
+    def waiting(self) -> int:
+        """Requests queued and not started."""
+        with self._lock:
+            return len(self._waiting)
+
+    def retry_after_s(self) -> int:
+        """A guess at when a slot frees up: the mean batch time times the batches ahead, 1..60 s."""
+        stats = self.stats
+        per_batch = stats.generation_seconds / stats.batches if stats.batches else 1.0
+        ahead = self.waiting() / self.max_batch_size + 1
+        return int(min(60, max(1, math.ceil(per_batch * ahead))))
+
     def close(self) -> None:
-        self.queue.put(None)
+        """Refuse new requests; the worker answers those queued, then ends (join ``worker``)."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+
+    def _take(self) -> Optional[List[GenerationRequest]]:
+        """The next requests to answer (cancelled ones skipped); None once closed and drained."""
+        with self._lock:
+            while True:
+                while not self._waiting and not self._closed:
+                    self._lock.wait()
+                if not self._waiting:
+                    return None
+                taken = []
+                while self._waiting and len(taken) < self.max_batch_size:
+                    request = self._waiting.popleft()
+                    if request.future.set_running_or_notify_cancel():
+                        taken.append(request)
+                if taken:
+                    return taken
 
     def _run(self) -> None:
         while True:
-            first = self.queue.get()
-            if first is None:
+            taken = self._take()
+            if taken is None:
                 return
-            taken = [first]
-            while len(taken) < self.max_batch_size:
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self.queue.put(None)
-                    break
-                taken.append(item)
             groups: Dict[Tuple, List[GenerationRequest]] = {}
             for request in taken:
                 if request.on_text is not None:
@@ -176,6 +269,16 @@ class GenerationEngine:
                 self._answer(requests)
 
     def _answer(self, requests: List[GenerationRequest], streamer: bool = False) -> None:
+        live = []
+        for request in requests:
+            if request.abandoned:  # given up while an earlier group of its batch ran
+                self.stats.cancelled_queued += 1
+                request.future.set_exception(CancelledError())
+            else:
+                live.append(request)
+        requests = live
+        if not requests:
+            return
         first = requests[0]
         kwargs = first.sampling()
         end_ids = stop_settings(self.processor)["eos_token_id"]
@@ -184,15 +287,32 @@ class GenerationEngine:
             counter = TextDeltaStreamer(self.processor.tokenizer, stops, first.on_text, end_ids)
         else:
             counter = TokenCounter(end_ids)
+        counter.should_stop = lambda: all(r.abandoned for r in requests)
+        self.stats.running = len(requests)
+        start = time.perf_counter()
         try:
             texts = generate_answers(self.model, self.processor, [r.sample for r in requests],
                                      batch_size=len(requests), max_new_tokens=first.max_tokens, desc="serve",
                                      streamer=counter, **kwargs)
+        except Abandoned:
+            self.stats.cancelled_generating += len(requests)
+            for request in requests:
+                request.future.set_exception(CancelledError())
+            return
         except Exception as exc:  # handed to the waiting requests, never lost
             logger.exception("generation failed")
             for request in requests:
                 request.future.set_exception(exc)
             return
+        finally:
+            self._count(counter, time.perf_counter() - start)
         for row, (request, text) in enumerate(zip(requests, texts)):
             final = finish(text, request.stop)
             request.future.set_result(counter.completion(row, final, request.max_tokens, final != text))
+
+    def _count(self, counter: TokenCounter, seconds: float) -> None:
+        stats = self.stats
+        stats.generated_tokens += sum(len(row) for row in counter.rows)
+        stats.generation_seconds += seconds
+        stats.batches += 1
+        stats.running = 0

@@ -14,7 +14,7 @@ import binascii
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from PIL import Image
 
@@ -25,12 +25,13 @@ ROLES = ("system", "user", "assistant")
 
 
 class APIError(Exception):
-    """A request the server refuses: HTTP ``status`` with OpenAI's error body."""
+    """A request the server refuses: HTTP ``status`` with OpenAI's error body (and ``headers``)."""
 
     def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 status: int = 400, kind: str = "invalid_request_error"):
+                 status: int = 400, kind: str = "invalid_request_error", headers: Optional[Dict[str, str]] = None):
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.kind = message, param, code, status, kind
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -47,6 +48,7 @@ class ChatRequest:
     stop: List[str]
     stream: bool
     model: Optional[str]
+    max_tokens_given: bool = True  # False: the default, lowered to what the context leaves
 
 
 def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
@@ -150,12 +152,12 @@ def parse_chat_request(body: Any, image_root: Optional[Path] = None) -> ChatRequ
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError("'stream' must be true or false", param="stream")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 256, 1, MAX_TOKENS_LIMIT, integer=True)
+    given = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _number({"max_tokens": given}, "max_tokens", 256, 1, MAX_TOKENS_LIMIT, integer=True)
     return ChatRequest(
         sample=Sample(id="request", turns=turns, images=images),
         max_tokens=max_tokens,
         temperature=float(_number(body, "temperature", 0.0, 0.0, 2.0)),
         top_p=float(_number(body, "top_p", 1.0, 1e-6, 1.0)),
-        stop=stop, stream=stream, model=body.get("model"),
+        stop=stop, stream=stream, model=body.get("model"), max_tokens_given=given is not None,
     )

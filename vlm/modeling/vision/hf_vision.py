@@ -1,7 +1,8 @@
-"""What the transformers vision towers (``hf_clip``, ``hf_blip2_vision``) share.
+"""What the transformers vision towers (``hf_clip``, ``hf_siglip``, ...) share.
 
-What the transformers vision towers (``hf_clip``, ``hf_blip2_vision``) share: the build from
-``cfg.pretrained`` or ``cfg.arch``, and the pruning of the blocks after the feature layer.
+What the transformers vision towers (``hf_clip``, ``hf_siglip``, ``hf_siglip2``,
+``hf_blip2_vision``) share: the build from ``cfg.pretrained`` or ``cfg.arch``, and the pruning of
+the blocks after the feature layer.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ class HFVisionEncoder(VisionEncoder):
         model.encoder.layers = model.encoder.layers[:keep]
         self.model = model
         self.embed_dim = config.hidden_size
-        self.image_size = config.image_size
-        grid = config.image_size // config.patch_size
+        self.image_size = self.input_size(config)
+        grid = self.image_size // config.patch_size
         self.num_patches = grid * grid + (1 if cfg.keep_cls else 0)
 
     @classmethod
@@ -41,6 +42,10 @@ class HFVisionEncoder(VisionEncoder):
         else:
             model = cls.model_class(cls.config_class(**dict(cfg.arch)))
         return cls(cfg, model)
+
+    def input_size(self, config: PretrainedConfig) -> int:
+        """The side of the square images the encoder takes: the config's ``image_size``."""
+        return config.image_size
 
     @classmethod
     def arch_keys(cls) -> set:

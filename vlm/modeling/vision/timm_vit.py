@@ -40,14 +40,7 @@ class TimmViTEncoder(VisionEncoder):
 
     def __init__(self, cfg: VisionConfig, model: torch.nn.Module):
         super().__init__(cfg)
-        if not hasattr(model, "forward_intermediates") or not hasattr(model, "prune_intermediate_layers"):
-            raise ValueError(f"timm_vit encoder: {type(model).__name__} has no forward_intermediates; "
-                             "use a timm Vision Transformer")
-        keep = layer_count(cfg.feature_layer, len(model.blocks))
-        if keep == 0:
-            raise ValueError("timm_vit encoder: feature_layer must select a transformer block, not the embeddings")
-        # a list: an int would mean "the last n blocks" to timm and prune nothing
-        model.prune_intermediate_layers([keep - 1], prune_norm=True, prune_head=True)
+        prune_timm_vit(model, cfg.feature_layer, "timm_vit")
         self.model = model
         self.embed_dim = model.embed_dim
         self.image_size = model.patch_embed.img_size[0]
@@ -70,11 +63,30 @@ class TimmViTEncoder(VisionEncoder):
         return set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        dtype = self.model.patch_embed.proj.weight.dtype
-        out = self.model.forward_intermediates(
-            pixel_values.to(dtype), indices=[len(self.model.blocks) - 1], return_prefix_tokens=self.cfg.keep_cls,
-            norm=False, output_fmt="NLC", intermediates_only=True)[0]
-        if self.cfg.keep_cls:
-            patches, prefix = out
-            return torch.cat([prefix, patches], dim=1)
-        return out
+        return timm_vit_features(self.model, pixel_values, self.cfg.keep_cls)
+
+
+def prune_timm_vit(model: torch.nn.Module, feature_layer: int, encoder: str) -> None:
+    """Drop a timm ViT's blocks after ``feature_layer``, its final norm and its head (``encoder``
+    names the component in the errors: not a timm ViT, or a layer that is not a block)."""
+    if not hasattr(model, "forward_intermediates") or not hasattr(model, "prune_intermediate_layers"):
+        raise ValueError(f"{encoder} encoder: {type(model).__name__} has no forward_intermediates; "
+                         "use a timm Vision Transformer")
+    keep = layer_count(feature_layer, len(model.blocks))
+    if keep == 0:
+        raise ValueError(f"{encoder} encoder: feature_layer must select a transformer block, not the embeddings")
+    # a list: an int would mean "the last n blocks" to timm and prune nothing
+    model.prune_intermediate_layers([keep - 1], prune_norm=True, prune_head=True)
+
+
+def timm_vit_features(model: torch.nn.Module, pixel_values: torch.Tensor, keep_cls: bool) -> torch.Tensor:
+    """The last block's output of a pruned timm ViT (:func:`prune_timm_vit`) without the final
+    norm, ``(B, N, D)``; with ``keep_cls`` its prefix tokens (class, registers) in front."""
+    dtype = model.patch_embed.proj.weight.dtype
+    out = model.forward_intermediates(
+        pixel_values.to(dtype), indices=[len(model.blocks) - 1], return_prefix_tokens=keep_cls,
+        norm=False, output_fmt="NLC", intermediates_only=True)[0]
+    if keep_cls:
+        patches, prefix = out
+        return torch.cat([prefix, patches], dim=1)
+    return out

@@ -171,6 +171,7 @@ class StageConfig:
     max_length: int = 512
     init_from: Optional[str] = None
     save_every: Optional[int] = None  # None or 0: no step checkpoints (final/ is always written)
+    keep_last: Optional[int] = None  # keep only the N newest checkpoints/step_* (None: all)
     log_every: int = 10
     # speed levers (vlm/core/levers.py): auto, the default, turns each on only where it wins on
     # the hardware class and precision the stage runs on; true / false (a number of DataLoader
@@ -291,6 +292,7 @@ class Schedule:
     seed: int
     log_every: int
     save_every: Optional[int]
+    keep_last: Optional[int] = None
 
     @classmethod
     def of(cls, stage) -> "Schedule":
@@ -560,6 +562,7 @@ _STAGE_RANGES = [
     ("max_grad_norm", _non_negative, ">= 0 (0 or null: no clipping)"),
     ("max_length", _at_least_one, ">= 1"),
     ("save_every", _non_negative, ">= 0 (0 or null: no step checkpoints)"),
+    ("keep_last", _at_least_one, ">= 1 (or null: keep every step checkpoint)"),
     ("log_every", _at_least_one, ">= 1"),
     ("max_nonfinite_skips", _non_negative, ">= 0"),
     ("max_image_failure_ratio", _unit, "in [0, 1]"),

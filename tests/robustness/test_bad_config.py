@@ -121,7 +121,11 @@ def test_lora_on_an_llm_an_earlier_stage_did_not_save_is_refused_before_step_1(p
     monkeypatch.setattr(stages.Trainer, "train", lambda self, resume=False: started.append(1))
     monkeypatch.setattr(stages, "read_manifest", lambda folder: {"vision": [{"weights": "v.safetensors"}]})
     project.stage()["train"]["llm"] = "lora"
-    project.stage()["init_from"] = str(project.root)  # exists; its manifest is the one above
+    earlier = project.root / "earlier" / "final"  # a stage output whose manifest is the one above
+    (earlier / "tokenizer").mkdir(parents=True)
+    (earlier / "manifest.json").write_text("{}")
+    (earlier / "model.yaml").write_text("{}")
+    project.stage()["init_from"] = str(earlier)
     code, _, err = run_vlm(["train", project.write(), "--out", project.out], capsys)
     assert code == 2 and "stages.align.train: llm: LoRA on randomly initialised weights" in error_line(err)
     assert not started

@@ -11,7 +11,7 @@ import sys
 from typing import Iterator, List, Optional
 
 from vlm.config import ConfigError
-from vlm.core.errors import DataFormatError, VLMError
+from vlm.core.errors import DataFormatError, TrainingPreempted, VLMError
 
 
 def _load(args, out_required: bool = False):
@@ -28,6 +28,7 @@ def cmd_train(args) -> None:
     from vlm.app.stages import run_stage
 
     cfg = _load(args)
+    _resume_after_elastic_restart(args)
     names = [args.stage] if args.stage else list(cfg.stages)
     for name in names:
         if name not in cfg.stages:
@@ -53,8 +54,22 @@ def cmd_run(args) -> None:
     from vlm.app.recipes import run_recipe
 
     cfg = _load(args, out_required=True)
+    _resume_after_elastic_restart(args)
     with _run_dir(cfg, args):
         run_recipe(cfg, resume=args.resume)
+
+
+def _resume_after_elastic_restart(args) -> None:
+    """Under torchrun's elastic agent after a restart (``TORCHELASTIC_RESTART_COUNT`` > 0), resume
+    from the latest complete checkpoint as if --resume was given (the first attempt already
+    replaced the folder if --overwrite was given)."""
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if args.resume or not restarts.isdigit() or int(restarts) == 0:
+        return
+    args.resume, args.overwrite = True, False
+    if os.environ.get("RANK", "0") == "0":
+        logging.getLogger(__name__).info("torchrun restart %s (TORCHELASTIC_RESTART_COUNT): resuming from the "
+                                         "latest checkpoint, as with --resume", restarts)
 
 
 TASK_FLAGS = ("captions", "image_root", "rerank_k", "batch_size", "max_samples")
@@ -258,12 +273,19 @@ def cmd_serve(args) -> None:
 
     from vlm.inference.serving.app import serve
 
-    if args.max_batch_size < 1:
-        raise ConfigError(f"--max-batch-size: must be at least 1, got {args.max_batch_size}")
+    for flag, value, low in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 1)):
+        if value < low:
+            raise ConfigError(f"{flag}: must be at least {low}, got {value}")
+    for flag, value in (("--max-request-mb", args.max_request_mb), ("--request-timeout-s", args.request_timeout_s)):
+        if not value > 0:
+            raise ConfigError(f"{flag}: must be > 0, got {value}")
+    if not args.shutdown_grace_s >= 0:
+        raise ConfigError(f"--shutdown-grace-s: must be >= 0, got {args.shutdown_grace_s}")
     if args.image_root and not Path(args.image_root).is_dir():
         raise ConfigError(f"--image-root {args.image_root}: no such folder")
     serve(args.checkpoint, host=args.host, port=args.port, image_root=args.image_root, model_name=args.model_name,
-          max_batch_size=args.max_batch_size, template=args.template)
+          max_batch_size=args.max_batch_size, template=args.template, max_request_mb=args.max_request_mb,
+          max_queue=args.max_queue, request_timeout_s=args.request_timeout_s, shutdown_grace_s=args.shutdown_grace_s)
 
 
 def cmd_models(args) -> None:
@@ -442,6 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="vlm", help="the model id /v1/models lists")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests answered together at most")
     p.add_argument("--template", help="chat template (default: the model's)")
+    p.add_argument("--max-request-mb", type=float, default=20.0, help="larger request bodies get 413 (MiB)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; beyond: 503 + Retry-After")
+    p.add_argument("--request-timeout-s", type=float, default=300.0,
+                   help="a request not answered in this time gets 504 and its work is dropped")
+    p.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                   help="on SIGTERM: time given to requests in flight before exiting")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("env", help=cmd_env.__doc__)
@@ -475,6 +503,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     silence_third_party_warnings()
     try:
         args.func(args)
+    except TrainingPreempted as exc:  # not a failure: a checkpoint to resume from (exit 75, EX_TEMPFAIL)
+        _close_progress_bars()
+        sys.stderr.write(f"{error_line(exc)}\n")  # one write: under torchrun the ranks share stderr
+        sys.stderr.flush()
+        sys.exit(exc.exit_code)
     except (VLMError, OSError, UnicodeDecodeError) as exc:
         if debug:
             raise

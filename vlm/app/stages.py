@@ -16,7 +16,7 @@ from transformers import set_seed
 from vlm.checkpoint.components import load_model_state, save_model_state
 from vlm.checkpoint.fsio import remove_stale_tmp
 from vlm.checkpoint.manifest import read_manifest, unsaveable_lora
-from vlm.checkpoint.pretrained import load_stage_tokenizer
+from vlm.checkpoint.pretrained import load_stage_tokenizer, require_stage_output
 from vlm.config import Precision, TrainerSettings, WhatTrains, save_config, train_modes
 from vlm.core.errors import ConfigError
 from vlm.core.hardware import PrecisionChoice, detect, resolve_precision
@@ -127,7 +127,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     stage, precision = resolved_precision(cfg.stages[name], name)
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg.out_dir) / name
     init_from = stage.init_from if load_init else None
-    prior = read_manifest(init_from) if init_from else None
+    prior = read_manifest(require_stage_output(init_from, "init_from")) if init_from else None
     refusal = unsaveable_lora(train_modes(stage.train), cfg.model, prior)  # before step 1, not at the save
     if refusal:
         raise ConfigError(f"stages.{name}.train: {refusal}")

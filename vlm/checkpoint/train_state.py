@@ -10,7 +10,10 @@ more stateful in the dict.
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
 
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 from vlm.checkpoint.fsio import io_error
+from vlm.checkpoint.manifest import MANIFEST
 from vlm.core.errors import CheckpointError
 
 TRAINING_STATE = "training_state.pt"
@@ -169,3 +173,28 @@ def latest_checkpoint(checkpoints: str | Path) -> Optional[Path]:
     folder = Path(checkpoints)
     steps = sorted(p for p in folder.glob("step_*") if (p / TRAINING_STATE).is_file()) if folder.is_dir() else []
     return steps[-1] if steps else None
+
+
+STEP_FOLDER = re.compile(r"^step_(\d+)$")
+
+
+def prune_checkpoints(checkpoints: str | Path, keep_last: int, keep: Optional[Path] = None) -> List[Path]:
+    """Delete all but the ``keep_last`` newest step checkpoints in ``checkpoints`` (and never
+    ``keep``); returns the deleted folders. Only folders named ``step_<int>`` holding a vlm
+    manifest count: ``final/``, ``best/`` and anything vlm did not write are left alone. Each is
+    renamed to ``.NAME.old-PID`` first, so a kill mid-delete leaves nothing a resume would read
+    (the next checkpoint write removes such leftovers)."""
+    folder = Path(checkpoints)
+    if not folder.is_dir():
+        return []
+    steps = sorted((int(m[1]), p) for p in folder.iterdir()
+                   if (m := STEP_FOLDER.match(p.name)) and p.is_dir() and (p / MANIFEST).is_file())
+    doomed = [p for _, p in steps[:max(0, len(steps) - keep_last)] if keep is None or p != Path(keep)]
+    for path in doomed:
+        aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+        try:
+            os.replace(path, aside)
+        except OSError as exc:
+            raise io_error(exc, path, "cannot delete the old checkpoint") from exc
+        shutil.rmtree(aside, ignore_errors=True)
+    return doomed

@@ -2,8 +2,9 @@
 
 An expected error (a bad config, a malformed data file, an unreadable image, a broken
 checkpoint...) is one of these, and its message names the file, the record or line, the field,
-and what to do. The ``vlm`` command prints such an error as one line and exits 2; anything else
-is a bug and keeps its traceback. This module imports nothing heavy (no torch).
+and what to do. The ``vlm`` command prints such an error as one line and exits 2 (75 for
+:class:`TrainingPreempted`); anything else is a bug and keeps its traceback. This module imports
+nothing heavy (no torch).
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ class LayoutError(VLMError, ValueError):
 
 class TrainingError(VLMError, RuntimeError):
     """A training run that must stop (e.g. a non-finite loss); the message names the stage and step."""
+
+
+class TrainingPreempted(VLMError):
+    """A stage stopped by SIGTERM / SIGUSR1 after checkpointing a step boundary; the ``vlm``
+    command prints the message and exits :attr:`exit_code` (75, ``EX_TEMPFAIL``: rerun with --resume)."""
+
+    exit_code = 75
+
+    def __init__(self, stage: str, step: int, checkpoint):
+        super().__init__(f"preempted at step {step} of stage {stage}: checkpoint written to {checkpoint}; "
+                         "rerun with --resume")
+        self.stage, self.step, self.checkpoint = stage, step, checkpoint
 
 
 def describe_os_error(exc: OSError, path=None) -> str:

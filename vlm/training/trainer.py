@@ -3,9 +3,11 @@
 It runs on one CPU, one GPU, or many processes launched by ``torchrun`` or ``accelerate launch``;
 how the stage is spread over them (DDP, FSDP2, DeepSpeed ZeRO) is the stage's ``strategy``
 (:mod:`vlm.training.strategies`). Gradient accumulation, clipping, warmup + cosine schedule,
-bf16 / fp16 autocast, tqdm progress with loss / lr / samples/s, atomic checkpoints, a non-finite
-guard and exact resume live here; the JSON-lines metrics and the loss-curve PNG are written by a
-callback (``vlm.training.metrics_log.MetricsLog``), the seam everything else plugs into too.
+bf16 / fp16 autocast, tqdm progress with loss / lr / samples/s, atomic checkpoints (the
+``keep_last`` newest kept), a non-finite guard, exact resume and preemption (SIGTERM / SIGUSR1:
+a checkpoint at the step boundary, then :class:`~vlm.core.errors.TrainingPreempted`) live here;
+the JSON-lines metrics and the loss-curve PNG are written by a callback
+(``vlm.training.metrics_log.MetricsLog``), the seam everything else plugs into too.
 Callbacks never see the trainer: it builds one :class:`~vlm.training.callbacks.TrainingContext`
 (the stage's name and step counts, ``out_dir``, the unwrapped model, ``log`` / ``save`` /
 ``broadcast``, progress-bar fields) and passes it to every hook.
@@ -37,11 +39,12 @@ from vlm.checkpoint.train_state import (
     StateFunctions,
     collect_training_state,
     latest_checkpoint,
+    prune_checkpoints,
     restore_training_state,
     save_training_state,
 )
 from vlm.config import TrainerSettings
-from vlm.core.errors import DataFormatError, TrainingError
+from vlm.core.errors import DataFormatError, TrainingError, TrainingPreempted
 from vlm.data.samplers import EpochShuffleSampler  # noqa: F401  (re-exported)
 from vlm.modeling.attention import use_training_attention
 from vlm.modeling.weights import check_finite_weights
@@ -52,6 +55,7 @@ from vlm.training.metrics_log import MetricsLog
 from vlm.training.nonfinite import NonFiniteGuard
 from vlm.training.objectives.base import Objective
 from vlm.training.objectives.lm import LanguageModeling
+from vlm.training.preemption import PreemptionSignals, ignore_preemption_signals
 from vlm.training.skips import SkipCounter
 from vlm.training.stages import parameter_groups, set_train_modes
 from vlm.training.strategies import Strategy, split_module_state
@@ -105,7 +109,8 @@ class Trainer:
         # RNG, or a resumed run (which creates one mid-epoch) shifts every dropout mask after it
         loader = DataLoader(dataset, batch_size=schedule.batch_size, sampler=self.sampler,
                             collate_fn=collate, num_workers=settings.num_workers, drop_last=False,
-                            generator=torch.Generator().manual_seed(schedule.seed))
+                            generator=torch.Generator().manual_seed(schedule.seed),
+                            worker_init_fn=ignore_preemption_signals if settings.num_workers else None)
         objective = objective if objective is not None else LanguageModeling(model, None)
         if settings.training_attention:  # sdpa with an fp32 kernel under CPU autocast (faster backward)
             use_training_attention(model)
@@ -130,6 +135,7 @@ class Trainer:
         )
         self.history: List[dict] = []
         self.data = DataPosition()
+        self.preemption = PreemptionSignals()
         self._gathered_objective: Optional[dict] = None  # set while a sharded save runs
         # a checkpoint's training state, one stateful per part (vlm.checkpoint.train_state)
         self.training_state: Dict[str, Stateful] = {
@@ -240,7 +246,8 @@ class Trainer:
         ``compile`` on, the model's repeated blocks are compiled for the training steps
         (vlm.training.compile); with ``frozen_weight_cast`` on, under bf16 / fp16 the frozen
         linear weights are cast once, not every step. Callbacks and checkpoints see the eager
-        fp32 model."""
+        fp32 model. SIGTERM / SIGUSR1 meanwhile end the stage after the current step with a
+        checkpoint of it and raise TrainingPreempted (vlm.training.preemption)."""
         casts = self._frozen_weight_cast()
         blocks = compile_repeated_blocks(self._unwrapped()) if self.settings.compile else []
 
@@ -254,7 +261,8 @@ class Trainer:
         try:
             if casts:
                 casts.to_low()
-            return self._train(resume)
+            with self.preemption.installed():
+                return self._train(resume)
         finally:
             restore_eager(blocks)
             if casts:
@@ -347,14 +355,14 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 samples_s=f"{record['samples_per_s']:.1f}", **self.context.progress)
                 window, window_samples, window_start = {}, 0, time.perf_counter()
+            saved = None
             if schedule.save_every and step % schedule.save_every == 0 and step < self.total_steps:
-                folder = self.out_dir / "checkpoints" / f"step_{step:07d}"
-                with self._outside_steps():
-                    self.save_checkpoint(folder, with_training_state=True)
-                with self._outside_steps():
-                    self.callbacks.on_checkpoint(self.context, folder)
+                saved = self._save_step(step)
             with self._outside_steps():
                 self.callbacks.on_step_end(self.context, position)
+            if self.preemption.requested(acc):  # at the same step on every process
+                bar.close()
+                raise TrainingPreempted(self.stage_name, step, saved or self._save_step(step))
         bar.close()
         if self.skips.skipped_samples:
             logger.warning(self.skips.summary())
@@ -363,7 +371,24 @@ class Trainer:
             self.save_checkpoint(final, with_training_state=False)
         with self._outside_steps():
             self.callbacks.on_train_end(self.context, final)
+        if self.preemption.requested(acc):  # during the final save: the stage is complete
+            raise TrainingPreempted(self.stage_name, position["step"], final)
         return final
+
+    def _save_step(self, step: int) -> Path:
+        """Write ``checkpoints/step_N`` with the training state, tell the callbacks, then (main
+        process, the new checkpoint complete) keep only the ``keep_last`` newest."""
+        folder = self.out_dir / "checkpoints" / f"step_{step:07d}"
+        with self._outside_steps():
+            self.save_checkpoint(folder, with_training_state=True)
+        with self._outside_steps():
+            self.callbacks.on_checkpoint(self.context, folder)
+        keep_last = self.settings.schedule.keep_last
+        if keep_last and self.is_main:
+            removed = prune_checkpoints(folder.parent, keep_last, keep=folder)
+            if removed:
+                logger.info("keep_last %d: removed %s", keep_last, ", ".join(p.name for p in removed))
+        return folder
 
 
 def rank_sums(accelerator: Accelerator, window: Dict[str, float], samples: int):

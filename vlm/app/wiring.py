@@ -18,8 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from vlm.checkpoint.manifest import unsaveable_lora
-from vlm.config import Train, _one_hint, _schema_fields, load_config, train_modes
+from vlm.config import Train, _one_hint, _schema_fields, load_config
 from vlm.core.errors import ConfigError
 from vlm.core.plugins import load_plugins
 from vlm.core.registry import Registry, closest, import_object, load_entry_point_plugins
@@ -167,9 +166,6 @@ def validate(cfg: DictConfig) -> None:
             check_data(data, f"prepare.tokenizer.data.{i}")
     for name, stage in cfg.stages.items():
         check_stage(stage, connector_cls, f"stages.{name}")
-        refusal = None if stage.init_from else unsaveable_lora(train_modes(stage.train), cfg.model, None)
-        if refusal:  # no init_from, no pretrained weights: the stage would train, then fail at its save
-            raise ConfigError(f"stages.{name}.train: {refusal}")
     for name, ev in cfg.evals.items():
         check_eval(ev, f"evals.{name}")
 

@@ -214,19 +214,19 @@ def bench_train(cfg: DictConfig, stage_name: str, steps: int = 30, warmup: int =
     stage.save_every = None
     stage.log_every = warmup + steps
     stage.grad_accum = 1
-    validate(cfg)
     work = Path(work_dir) if work_dir else Path(cfg.out_dir) / "bench_train"
+    init = work / "init"
+    stage.init_from = str(init)  # written below: a random-weight model (validation needs it named)
+    validate(cfg)
 
     # one random-weight model, written as the stage's init_from (so vlm trains exactly these
     # weights and its final save works whatever the stage trains) and copied to transformers
     set_seed(stage.seed)
     tokenizer = load_stage_tokenizer(cfg.model, None)
     reference = VisionLanguageModel.from_config(cfg.model, tokenizer)
-    init = work / "init"
     everything = {comp: Train.full for comp in COMPONENTS}
     with atomic_dir(init) as tmp:
         save_model_state(reference, tmp, everything, cfg.model, tokenizer, None)
-    stage.init_from = str(init)
     timer = AlternatingTimer(stage.batch_size)
     run = build_stage(cfg, stage_name, out_dir=work / "vlm", callbacks=[timer])
     trainer = run.trainer

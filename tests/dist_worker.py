@@ -3,7 +3,8 @@
 ``python tests/dist_worker.py train CONFIG STAGE OUT [--kill-after-step N] [override ...]
 [--then OUT ...]`` trains ``STAGE`` of ``CONFIG`` under ``OUT`` as ``vlm train`` does, and writes each rank's own
 window losses to ``OUT/STAGE/rank_losses_<rank>.jsonl`` (what the logged rank means are checked
-against). ``--kill-after-step N``: every rank SIGKILLs itself after step N (a crash, not an exit).
+against). ``--kill-after-step N``: every rank SIGKILLs itself after step N (a crash, not an exit);
+``--sleep-after-step N R S``: rank R sleeps S seconds after step N (a stalled process).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from vlm.app.stages import build_stage
@@ -51,6 +53,17 @@ class KillAfter(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SleepAfter(Callback):
+    """Rank ``rank`` sleeps ``seconds`` once step ``step`` has finished (a stalled process)."""
+
+    def __init__(self, step: int, rank: int, seconds: float):
+        self.step, self.rank, self.seconds = step, rank, seconds
+
+    def on_step_end(self, ctx, position):
+        if position["step"] == self.step and int(os.environ.get("RANK", "0")) == self.rank:
+            time.sleep(self.seconds)
+
+
 def train(argv) -> None:
     """``CONFIG STAGE OUT [--kill-after-step N] [override ...] [--then OUT [...] ...]``: one run per
     ``--then``-separated part, in this launch (one process group for all)."""
@@ -67,15 +80,17 @@ def train(argv) -> None:
 
 
 def run_one(config: str, stage: str, out: str, rest) -> None:
-    kill = None
+    kill, sleep = None, None
     if rest[:1] == ["--kill-after-step"]:
         kill, rest = int(rest[1]), rest[2:]
+    if rest[:1] == ["--sleep-after-step"]:  # STEP RANK SECONDS
+        sleep, rest = SleepAfter(int(rest[1]), int(rest[2]), float(rest[3])), rest[4:]
     cfg = load_config(config, rest, out_dir=out)
     rank = int(os.environ.get("RANK", "0"))
     folder = Path(out) / stage
     folder.mkdir(parents=True, exist_ok=True)
     losses = RankLosses(folder / f"rank_losses_{rank}.jsonl")
-    callbacks = [losses] + ([KillAfter(kill)] if kill else [])
+    callbacks = [losses] + ([KillAfter(kill)] if kill else []) + ([sleep] if sleep else [])
     run = build_stage(cfg, stage, callbacks=callbacks)
     run.trainer.model.register_forward_hook(losses.forward_hook)
     run.trainer.train()

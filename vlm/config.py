@@ -187,6 +187,10 @@ class StageConfig:
     max_nonfinite_skips: int = 10
     # the stage stops when more than this fraction of the samples it has loaded had unreadable images
     max_image_failure_ratio: float = 0.5
+    # with several processes: a collective (gradient all-reduce, FSDP gather, ...) waiting longer
+    # than this stops every rank with one line naming the rank, the step and what it waited on;
+    # None: torch's default (30 min). Set by the first stage that starts the process group.
+    collective_timeout_s: Optional[float] = None
     # images with more pixels are refused before decoding (ImageLoadError)
     max_image_pixels: int = 40_000_000
     # train from the frozen encoder's features, computed once and stored on disk
@@ -566,6 +570,7 @@ _STAGE_RANGES = [
     ("log_every", _at_least_one, ">= 1"),
     ("max_nonfinite_skips", _non_negative, ">= 0"),
     ("max_image_failure_ratio", _unit, "in [0, 1]"),
+    ("collective_timeout_s", _positive, "> 0 (or null: torch's default)"),
     ("max_image_pixels", _at_least_one, ">= 1"),
     ("lora.r", _at_least_one, ">= 1"),
     ("lora.alpha", _positive, "> 0"),

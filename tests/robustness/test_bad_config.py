@@ -24,6 +24,7 @@ OUT_OF_RANGE = [
     ("stages.align.log_every=0", "must be >= 1"),
     ("stages.align.num_workers=-1", "must be auto or a number of worker processes >= 0"),
     ("stages.align.compile=sometimes", "must be auto, true or false"),
+    ("stages.align.collective_timeout_s=0", "must be > 0"),
     ("stages.align.weight_decay=-0.1", "must be >= 0"),
     ("stages.align.max_grad_norm=-1", "must be >= 0"),
     ("stages.align.lora.r=0", "must be >= 1"),

@@ -25,6 +25,7 @@ the environment announces or the stage asks for.
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import logging
 import os
@@ -45,14 +46,18 @@ MIXED_PRECISION = {Precision.fp32: "no", Precision.bf16: "bf16", Precision.fp16:
 TORCHRUN_CPU = "OMP_NUM_THREADS=1 torchrun --nproc_per_node N -m vlm train CONFIG --out DIR"
 
 
-def _accelerator(mixed: str, **kwargs) -> Accelerator:
+def _accelerator(mixed: str, collective_timeout_s: Optional[float] = None, **kwargs) -> Accelerator:
     """An Accelerator with ``mixed`` precision. accelerate keeps one process-wide state, fixed at
-    its first mixed-precision setting; a later stage with another precision resets it first."""
+    its first mixed-precision setting; a later stage with another precision resets it first. The
+    process group, and so ``collective_timeout_s``, is set up by the first stage of the process."""
     from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
 
     state = AcceleratorState._shared_state
     if state and str(state.get("_mixed_precision", mixed)) != mixed:
         AcceleratorState._reset_state(reset_partial_state=False)
+    if collective_timeout_s:
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout_s))]
     return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), **kwargs)
 
 
@@ -210,6 +215,7 @@ class DistributionSettings:
     fsdp_cpu_offload: bool = False
     train: TrainModes = field(default_factory=TrainModes)
     feature_cache: bool = False
+    collective_timeout_s: Optional[float] = None
 
     @classmethod
     def of(cls, stage: StageConfig) -> "DistributionSettings":
@@ -219,7 +225,7 @@ class DistributionSettings:
                    max_grad_norm=stage.max_grad_norm, gradient_checkpointing=stage.gradient_checkpointing,
                    fsdp_cpu_offload=stage.fsdp_cpu_offload,
                    train=TrainModes(**{c: Train(getattr(stage.train, c)) for c in COMPONENTS}),
-                   feature_cache=stage.feature_cache)
+                   feature_cache=stage.feature_cache, collective_timeout_s=stage.collective_timeout_s)
 
 
 STRATEGIES: Registry = Registry("strategy")
@@ -258,7 +264,7 @@ class Strategy:
 
     def make_accelerator(self) -> Accelerator:
         """The stage's Accelerator."""
-        return _accelerator(MIXED_PRECISION[Precision(self.settings.precision)])
+        return _accelerator(MIXED_PRECISION[Precision(self.settings.precision)], self.settings.collective_timeout_s)
 
     def prepare(self, accelerator: Accelerator, module: nn.Module, make_optimizer: Callable, loader):
         """(wrapped module, optimizer, loader) ready to train; ``make_optimizer()`` is called
@@ -425,7 +431,8 @@ class ZeroStrategy(Strategy):
                                  gradient_clipping=settings.max_grad_norm or 0.0,
                                  offload_optimizer_device="cpu" if settings.fsdp_cpu_offload else "none",
                                  zero3_save_16bit_model=True)  # get_state_dict gathers under ZeRO-3
-        return _accelerator(MIXED_PRECISION[Precision(settings.precision)], deepspeed_plugin=plugin)
+        return _accelerator(MIXED_PRECISION[Precision(settings.precision)], settings.collective_timeout_s,
+                            deepspeed_plugin=plugin)
 
     def clip_grad_norm(self, accelerator, model, max_norm):
         # DeepSpeed clips inside its step (gradient_clipping); the norm it measured, when it has one

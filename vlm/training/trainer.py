@@ -49,6 +49,7 @@ from vlm.data.samplers import EpochShuffleSampler  # noqa: F401  (re-exported)
 from vlm.modeling.attention import use_training_attention
 from vlm.modeling.weights import check_finite_weights
 from vlm.training.callbacks import Callback, CallbackList, TrainingContext
+from vlm.training.collectives import StepPhases, collective_failure
 from vlm.training.compile import compile_repeated_blocks, eager, restore_eager
 from vlm.training.frozen_weights import FrozenWeightCast
 from vlm.training.metrics_log import MetricsLog
@@ -303,66 +304,84 @@ class Trainer:
         with self._outside_steps():
             self.callbacks.on_train_start(self.context, position)
         batches = self._batches(position["epoch"], position["batch"])
-        while position["step"] < self.total_steps:
-            epoch, index, batch = next(batches)
-            last_of_epoch = index + 1 == self.micro_per_epoch
-            if not self.skips.observe(batch, position["step"] + 1):  # no sample left: skipped, counted
-                position.update(epoch=epoch + last_of_epoch, batch=0 if last_of_epoch else index + 1)
-                continue
-            micro += 1
-            sync = micro % schedule.grad_accum == 0 or last_of_epoch
-            n = batch.num_samples
-            # windows start at multiples of grad_accum in each epoch; an epoch's last may be shorter
-            accum_start = index // schedule.grad_accum * schedule.grad_accum
-            window_length = min(schedule.grad_accum, self.micro_per_epoch - accum_start)
-            context = contextlib.nullcontext() if sync else acc.no_sync(self.model)
-            with context, acc.autocast():
-                out = self.model(batch)
-                acc.backward(out.loss / window_length)
-            if guard.observe_loss(out.loss):
-                for name, value in _losses(out).items():
-                    window[name] = window.get(name, 0.0) + float(value) * n
-                window_samples += n
-            position.update(epoch=epoch, batch=index + 1, samples=position["samples"] + n)
-            if last_of_epoch:
-                position.update(epoch=epoch + 1, batch=0)
-            if not sync:
-                continue
-            micro = 0
-            grad_norm = None
-            if settings.optimization.max_grad_norm:
-                grad_norm = self.strategy.clip_grad_norm(acc, self.model, settings.optimization.max_grad_norm)
-            if not guard.step_ok(grad_norm, self.model.parameters(), position["step"] + 1):
+        phase = StepPhases()
+        try:
+            while position["step"] < self.total_steps:
+                epoch, index, batch = next(batches)
+                last_of_epoch = index + 1 == self.micro_per_epoch
+                phase("loading a batch")
+                if not self.skips.observe(batch, position["step"] + 1):  # no sample left: skipped, counted
+                    position.update(epoch=epoch + last_of_epoch, batch=0 if last_of_epoch else index + 1)
+                    continue
+                micro += 1
+                sync = micro % schedule.grad_accum == 0 or last_of_epoch
+                n = batch.num_samples
+                # windows start at multiples of grad_accum in each epoch; an epoch's last may be shorter
+                accum_start = index // schedule.grad_accum * schedule.grad_accum
+                window_length = min(schedule.grad_accum, self.micro_per_epoch - accum_start)
+                phase("the forward / backward pass (gradient all-reduce, parameter gathers)")
+                context = contextlib.nullcontext() if sync else acc.no_sync(self.model)
+                with context, acc.autocast():
+                    out = self.model(batch)
+                    acc.backward(out.loss / window_length)
+                if guard.observe_loss(out.loss):
+                    for name, value in _losses(out).items():
+                        window[name] = window.get(name, 0.0) + float(value) * n
+                    window_samples += n
+                position.update(epoch=epoch, batch=index + 1, samples=position["samples"] + n)
+                if last_of_epoch:
+                    position.update(epoch=epoch + 1, batch=0)
+                if not sync:
+                    continue
+                micro = 0
+                grad_norm = None
+                phase("gradient clipping (the norm's all-reduce)")
+                if settings.optimization.max_grad_norm:
+                    grad_norm = self.strategy.clip_grad_norm(acc, self.model, settings.optimization.max_grad_norm)
+                if not guard.step_ok(grad_norm, self.model.parameters(), position["step"] + 1):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    continue
+                phase("the optimizer step")
+                self.optimizer.step()
+                self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                continue
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            position["step"] += 1
-            step = self.context.step = position["step"]
-            bar.update(1)
-            if step % schedule.log_every == 0 or step == self.total_steps:
-                elapsed = time.perf_counter() - window_start
-                sums, all_samples = rank_sums(acc, window, window_samples)
-                record = {"stage": self.stage_name, "step": step, "epoch": round(step / self.steps_per_epoch, 4),
-                          **{k: v / all_samples for k, v in sums.items()},
-                          "lr": self.scheduler.get_last_lr()[0],
-                          "samples": all_samples,
-                          "samples_per_s": all_samples / max(elapsed, 1e-9),
-                          "grad_norm": grad_norm}
+                position["step"] += 1
+                step = self.context.step = position["step"]
+                bar.update(1)
+                if step % schedule.log_every == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    phase("the loss all-reduce of a log record", step_done=True)
+                    sums, all_samples = rank_sums(acc, window, window_samples)
+                    record = {"stage": self.stage_name, "step": step, "epoch": round(step / self.steps_per_epoch, 4),
+                              **{k: v / all_samples for k, v in sums.items()},
+                              "lr": self.scheduler.get_last_lr()[0],
+                              "samples": all_samples,
+                              "samples_per_s": all_samples / max(elapsed, 1e-9),
+                              "grad_norm": grad_norm}
+                    with self._outside_steps():
+                        self._log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    samples_s=f"{record['samples_per_s']:.1f}", **self.context.progress)
+                    window, window_samples, window_start = {}, 0, time.perf_counter()
+                phase("a checkpoint or a callback", step_done=True)
+                saved = None
+                if schedule.save_every and step % schedule.save_every == 0 and step < self.total_steps:
+                    saved = self._save_step(step)
                 with self._outside_steps():
-                    self._log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                samples_s=f"{record['samples_per_s']:.1f}", **self.context.progress)
-                window, window_samples, window_start = {}, 0, time.perf_counter()
-            saved = None
-            if schedule.save_every and step % schedule.save_every == 0 and step < self.total_steps:
-                saved = self._save_step(step)
-            with self._outside_steps():
-                self.callbacks.on_step_end(self.context, position)
-            if self.preemption.requested(acc):  # at the same step on every process
-                bar.close()
-                raise TrainingPreempted(self.stage_name, step, saved or self._save_step(step))
+                    self.callbacks.on_step_end(self.context, position)
+                phase("the preemption check", step_done=True)
+                if self.preemption.requested(acc):  # at the same step on every process
+                    bar.close()
+                    raise TrainingPreempted(self.stage_name, step, saved or self._save_step(step))
+        except RuntimeError as exc:  # a collective that timed out or lost a peer: one line
+            if acc.num_processes == 1 or isinstance(exc, TrainingError):
+                raise
+            step = position["step"] + (0 if phase.step_done else 1)
+            failure = collective_failure(exc, acc.process_index, self.stage_name, step, phase.current,
+                                         self.strategy.settings.collective_timeout_s)
+            if failure is None:
+                raise
+            raise failure from None
         bar.close()
         if self.skips.skipped_samples:
             logger.warning(self.skips.summary())

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from vlm.core.errors import ConfigError  # noqa: F401  (re-exported: vlm.config.ConfigError)
-from vlm.core.levers import AUTO, LEVERS, parse_switch, parse_workers
+from vlm.core.levers import AUTO, LEVERS, parse_lever
 from vlm.core.registry import closest
 
 
@@ -236,7 +236,7 @@ def resolved_lever(stage, name: str, consumer: str):
     ``num_workers``); ValueError naming ``consumer`` when it is still ``auto``
     (``vlm.core.levers.choose_levers`` decides those)."""
     raw = getattr(stage, name)
-    value = parse_workers(raw, name) if name == "num_workers" else parse_switch(raw, name)
+    value = parse_lever(name, raw, name)
     if value == AUTO:
         raise ValueError(f"{name} 'auto' reached {consumer} unresolved: resolve it first "
                          "(vlm.core.levers.choose_levers)")
@@ -604,7 +604,7 @@ def _check_levers(stage, where: str, origin: str) -> None:
     worker count for ``num_workers``)."""
     for name in LEVERS:
         value = stage.get(name, AUTO)
-        (parse_workers if name == "num_workers" else parse_switch)(value, f"{origin}: {where}{name}")
+        parse_lever(name, value, f"{origin}: {where}{name}")
 
 
 def check_ranges(cfg: DictConfig, origin: str = "config") -> None:

@@ -42,13 +42,20 @@ def parse_switch(value: Any, where: str) -> Switch:
 
 def parse_workers(value: Any, where: str) -> Union[str, int]:
     """``auto`` or a worker count >= 0 from a config value; ConfigError naming ``where`` otherwise."""
-    if isinstance(value, str) and value.strip().lower() == AUTO:
-        return AUTO
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value)
-        raise ConfigError(f"{where} = {value!r}: must be auto or a number of worker processes >= 0")
-    return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == AUTO:
+            return AUTO
+        if text.isdigit():
+            return int(text)
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ConfigError(f"{where} = {value!r}: must be auto or a number of worker processes >= 0")
+
+
+def parse_lever(name: str, value: Any, where: str) -> Union[str, bool, int]:
+    """Lever ``name``'s config value parsed: a worker count for ``num_workers``, else a switch."""
+    return parse_workers(value, where) if name == "num_workers" else parse_switch(value, where)
 
 
 @dataclass(frozen=True)
@@ -136,8 +143,7 @@ def choose_levers(requested: Mapping[str, Any], facts: StageFacts, hardware: Har
     choices: Dict[str, LeverChoice] = {}
     for name in LEVERS:
         raw = requested.get(name, AUTO)
-        value = (parse_workers(raw, f"{where}.{name}") if name == "num_workers"
-                                else parse_switch(raw, f"{where}.{name}"))
+        value = parse_lever(name, raw, f"{where}.{name}")
         if value == AUTO:
             chosen, reason = _RULES[name](hardware, facts)
             choices[name] = LeverChoice(AUTO, chosen, f"auto on {hardware.hardware_class}: {reason}")

@@ -281,6 +281,16 @@ class Strategy:
         """Clip the gradients to ``max_norm``; the total norm before clipping."""
         return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
 
+    # whether the trainer may rescale the accumulated gradients after the backward passes (what
+    # weighting a step by its tokens needs); DeepSpeed keeps them in its own partitioned buffers
+    rescales_gradients: ClassVar[bool] = True
+
+    def scale_gradients(self, model: nn.Module, factor: float) -> None:
+        """Multiply every accumulated gradient by ``factor`` (local, sharded or not)."""
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                parameter.grad.mul_(factor)
+
     def gathered_state(self, accelerator: Accelerator, model: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
         """The full training-module state on the main process when the live module does not hold
         it (sharded); None when it does. Called on every process."""
@@ -408,6 +418,7 @@ class ZeroStrategy(Strategy):
     """DeepSpeed ZeRO stage 2 or 3 through accelerate's DeepSpeedPlugin (CUDA only)."""
 
     zero_stage = 2
+    rescales_gradients = False
 
     @classmethod
     def check(cls, stage, where):

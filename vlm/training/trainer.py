@@ -297,7 +297,7 @@ class Trainer:
                    disable=not self.is_main, dynamic_ncols=True)
         window: Dict[str, float] = {}
         window_samples, window_start = 0, time.perf_counter()
-        micro = 0
+        micro, window_tokens = 0, 0
         guard = NonFiniteGuard(settings.nonfinite, self.stage_name, acc)
         self.skips = SkipCounter(self.stage_name, settings.max_image_failure_ratio, self.micro_per_epoch, acc)
         self.context.step = position["step"]
@@ -323,7 +323,12 @@ class Trainer:
                 context = contextlib.nullcontext() if sync else acc.no_sync(self.model)
                 with context, acc.autocast():
                     out = self.model(batch)
-                    acc.backward(out.loss / window_length)
+                    weighted = out.tokens is not None and self.strategy.rescales_gradients
+                    # a per-token loss is summed here and divided by the step's token count over
+                    # every rank at the sync (DDP and FSDP average over ranks: hence the world size)
+                    acc.backward(out.loss * out.tokens if weighted else out.loss / window_length)
+                if weighted:
+                    window_tokens = window_tokens + out.tokens.detach().to(torch.float64)
                 if guard.observe_loss(out.loss):
                     for name, value in _losses(out).items():
                         window[name] = window.get(name, 0.0) + float(value) * n
@@ -334,6 +339,11 @@ class Trainer:
                 if not sync:
                     continue
                 micro = 0
+                if isinstance(window_tokens, torch.Tensor):
+                    phase("the token count's all-reduce")
+                    total = acc.reduce(window_tokens, reduction="sum") if acc.num_processes > 1 else window_tokens
+                    self.strategy.scale_gradients(self.model, acc.num_processes / max(float(total), 1.0))
+                window_tokens = 0
                 grad_norm = None
                 phase("gradient clipping (the norm's all-reduce)")
                 if settings.optimization.max_grad_norm:

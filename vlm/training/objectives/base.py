@@ -19,10 +19,17 @@ from vlm.data.batch import Batch
 
 @dataclass
 class StepOutput:
-    """The loss to optimise and named partial losses to log."""
+    """The loss to optimise and named partial losses to log.
+
+    ``tokens``: how many terms ``loss`` is the mean of (labelled tokens), or None for a loss that
+    is not a per-token mean. When given, the trainer weights each micro-batch by it, so that a
+    step's gradient is the mean over every token of every rank and micro-batch of the step, as
+    one process over the same samples would compute it.
+    """
 
     loss: torch.Tensor
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vlm.data.batch import Batch
+from vlm.data.batch import IGNORE_INDEX, Batch
 from vlm.training.objectives.base import Objective, StepOutput
 
 
@@ -20,4 +20,6 @@ class LanguageModeling(Objective):
         return model.connector.llm_unused_parameters()
 
     def forward(self, model, batch: Batch):
-        return StepOutput(model(**batch.model_inputs(), return_logits=False).loss)
+        loss = model(**batch.model_inputs(), return_logits=False).loss
+        # the model's loss is the mean over the shifted labels that are not ignored
+        return StepOutput(loss, tokens=(batch.labels[:, 1:] != IGNORE_INDEX).sum())

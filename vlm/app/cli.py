@@ -25,7 +25,8 @@ def _load(args, out_required: bool = False):
 
 def cmd_train(args) -> None:
     """Train the config's stages (or one, with --stage) without running its evaluations."""
-    from vlm.app.stages import refuse_unsaveable_stages, run_stage
+    from vlm.app.preflight import preflight
+    from vlm.app.stages import run_stage
 
     cfg = _load(args)
     _resume_after_elastic_restart(args)
@@ -33,7 +34,7 @@ def cmd_train(args) -> None:
     for name in names:
         if name not in cfg.stages:
             raise ConfigError(f"--stage: no stage '{name}' in {args.config}; stages: {list(cfg.stages)}")
-    refuse_unsaveable_stages(cfg, names)
+    preflight(cfg, names, whole_recipe=False)
     with _run_dir(cfg, args):
         for name in names:
             print(f"{name}: {run_stage(cfg, name, resume=args.resume)}")
@@ -52,12 +53,12 @@ def _run_dir(cfg, args) -> Iterator:
 
 def cmd_run(args) -> None:
     """Run a recipe end to end and write OUT/metrics.json."""
+    from vlm.app.preflight import preflight
     from vlm.app.recipes import run_recipe
-    from vlm.app.stages import refuse_unsaveable_stages
 
     cfg = _load(args, out_required=True)
     _resume_after_elastic_restart(args)
-    refuse_unsaveable_stages(cfg, list(cfg.stages))
+    preflight(cfg, list(cfg.stages), whole_recipe=True)
     with _run_dir(cfg, args):
         run_recipe(cfg, resume=args.resume)
 

@@ -106,18 +106,6 @@ def resolved_levers(stage: DictConfig, name: str, samples: Sequence,
     return stage, choices
 
 
-def refuse_unsaveable_stages(cfg: DictConfig, names: Sequence[str]) -> None:
-    """Before a run writes anything: ConfigError for a stage among ``names`` that would train every
-    step and then fail at its save (LoRA on a component with no weights under it: no
-    ``init_from`` and no pretrained source). Stages with an ``init_from`` are checked against its
-    manifest in :func:`build_stage`, before step 1."""
-    for name in names:
-        stage = cfg.stages[name]
-        refusal = None if stage.init_from else unsaveable_lora(train_modes(stage.train), cfg.model, None)
-        if refusal:
-            raise ConfigError(f"stages.{name}.train: {refusal}")
-
-
 @dataclass
 class StageRun:
     """A stage ready to train: its trainer, its dataset, the precision it resolved to and, with

@@ -188,3 +188,22 @@ def test_torchrun_restarts_a_killed_worker_and_finishes_the_same_run(two_process
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from the latest checkpoint" in done.stderr and "at step 2" in done.stderr
     assert_same_final(two_processes_reference, out / "s" / "final")
+
+
+def test_resume_keeps_the_stages_that_finished(tmp_path, tokenizer_dir, shapes_data, monkeypatch, caplog):
+    # stage a finished, b was preempted: --resume goes on with b and never rebuilds a
+    first = stage(shapes_data, max_steps=2)["s"]
+    second = {**first, "init_from": str(tmp_path / "run" / "a" / "final")}
+    cfg = run_config(tmp_path, tokenizer_dir, {"a": first, "b": second})
+    final_a = vlm.app.stages.run_stage(cfg, "a")
+    weights = (final_a / "connector.safetensors").read_bytes()
+    built = []
+    build_stage = vlm.app.stages.build_stage
+    monkeypatch.setattr(vlm.app.stages, "build_stage", lambda c, name, **k: built.append(name) or build_stage(
+        c, name, **k))
+    with caplog.at_level(logging.INFO, logger="vlm.app.stages"):
+        assert vlm.app.stages.run_stage(cfg, "a", resume=True) == final_a
+        vlm.app.stages.run_stage(cfg, "b", resume=True)
+    assert built == ["b"] and (final_a / "connector.safetensors").read_bytes() == weights
+    assert f"stage a: complete ({final_a}); --resume keeps it" in caplog.text
+    assert (tmp_path / "run" / "b" / "final").is_dir()

@@ -187,6 +187,13 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
 
 
 def run_stage(cfg: DictConfig, name: str, resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:
-    """Train stage ``name`` of a run config (calling ``callbacks``); returns its ``final`` folder."""
+    """Train stage ``name`` of a run config (calling ``callbacks``); returns its ``final`` folder.
+    With ``resume``, a stage whose ``final`` is already written (atomically: only a complete
+    stage has one) is kept as it is, so a resumed multi-stage run retrains none of its finished
+    stages."""
+    final = Path(cfg.out_dir) / name / "final"
+    if resume and final.is_dir():
+        logger.info("stage %s: complete (%s); --resume keeps it", name, final)
+        return final
     run = build_stage(cfg, name, callbacks=callbacks)
     return run.trainer.train(resume=resume)

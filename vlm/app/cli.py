@@ -217,6 +217,15 @@ def cmd_bench_generate(args) -> None:
     print(json.dumps(result, indent=None if args.json else 2))
 
 
+def cmd_bench_serve(args) -> None:
+    """Soak `vlm serve CHECKPOINT`: concurrent clients, a share of bad requests; statuses, latency, memory."""
+    from vlm.app.bench.serve_soak import soak_serve
+
+    result = soak_serve(args.checkpoint, requests=args.requests, clients=args.clients, bad_ratio=args.bad_ratio,
+                        max_tokens=args.max_tokens, warm_requests=args.warm_requests, seed=args.seed)
+    print(json.dumps(result, indent=None if args.json else 2))
+
+
 def _require_registered(registry, name: str, flag: str) -> None:
     """ConfigError naming ``flag`` (with the registry's "did you mean") when ``name`` is unknown."""
     try:
@@ -429,6 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prepare", action="store_true", help="run the recipe's prepare step first (demo data)")
     s.add_argument("--json", action="store_true", help="one line of JSON")
     s.set_defaults(func=cmd_bench_generate)
+    s = bench_sub.add_parser("serve", help=cmd_bench_serve.__doc__)
+    s.add_argument("checkpoint", help="a stage output folder (.../final)")
+    s.add_argument("--requests", type=int, default=2000, help="requests in all")
+    s.add_argument("--clients", type=int, default=50, help="concurrent clients")
+    s.add_argument("--bad-ratio", type=float, default=0.1, help="share of bad requests (each must get a 4xx)")
+    s.add_argument("--max-tokens", type=int, default=8, help="max_tokens of the good requests")
+    s.add_argument("--warm-requests", type=int, default=100, help="memory is compared with after these")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="one line of JSON")
+    s.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("export", help="write a trained model in another library's format")
     export_sub = p.add_subparsers(dest="format", required=True)

@@ -5,6 +5,8 @@
 window losses to ``OUT/STAGE/rank_losses_<rank>.jsonl`` (what the logged rank means are checked
 against). ``--kill-after-step N``: every rank SIGKILLs itself after step N (a crash, not an exit);
 ``--sleep-after-step N R S``: rank R sleeps S seconds after step N (a stalled process).
+``--record-gradients``: rank 0 writes the gradients the first optimizer step reads (whole, after
+the reduction across ranks and the clipping) to ``OUT/STAGE/gradients_step_1.safetensors``.
 """
 
 from __future__ import annotations
@@ -64,6 +66,28 @@ class SleepAfter(Callback):
             time.sleep(self.seconds)
 
 
+def record_first_step_gradients(trainer, path: Path) -> None:
+    """Wrap ``trainer``'s optimizer so that its first step writes the gradients it reads, by
+    parameter name (a sharded gradient gathered whole on every rank; rank 0 writes)."""
+    from safetensors.torch import save_file
+
+    optimizer, step = trainer.optimizer, trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads = {}
+        for name, parameter in trainer.model.named_parameters():
+            if parameter.grad is not None:
+                grad = parameter.grad
+                grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+                grads[name.removeprefix("module.")] = grad.detach().clone().contiguous()
+        if int(os.environ.get("RANK", "0")) == 0:
+            save_file(grads, str(path))
+        optimizer.step = step
+        return step(*args, **kwargs)
+
+    optimizer.step = recording_step
+
+
 def train(argv) -> None:
     """``CONFIG STAGE OUT [--kill-after-step N] [override ...] [--then OUT [...] ...]``: one run per
     ``--then``-separated part, in this launch (one process group for all)."""
@@ -85,6 +109,8 @@ def run_one(config: str, stage: str, out: str, rest) -> None:
         kill, rest = int(rest[1]), rest[2:]
     if rest[:1] == ["--sleep-after-step"]:  # STEP RANK SECONDS
         sleep, rest = SleepAfter(int(rest[1]), int(rest[2]), float(rest[3])), rest[4:]
+    record = rest[:1] == ["--record-gradients"]
+    rest = rest[1:] if record else rest
     cfg = load_config(config, rest, out_dir=out)
     rank = int(os.environ.get("RANK", "0"))
     folder = Path(out) / stage
@@ -93,6 +119,8 @@ def run_one(config: str, stage: str, out: str, rest) -> None:
     callbacks = [losses] + ([KillAfter(kill)] if kill else []) + ([sleep] if sleep else [])
     run = build_stage(cfg, stage, callbacks=callbacks)
     run.trainer.model.register_forward_hook(losses.forward_hook)
+    if record:
+        record_first_step_gradients(run.trainer, folder / "gradients_step_1.safetensors")
     run.trainer.train()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from conftest import run_config
+from dist_worker import record_first_step_gradients
 from safetensors.torch import load_file
 from test_distributed import WORKER, component_weights, launch, torchrun
 
@@ -43,8 +44,9 @@ def test_text_only_and_image_batches_train_under_ddp_and_fsdp(tmp_path, tokenize
     order = list(run.trainer.sampler)
     assert any(has_image[order[2 * s]] != has_image[order[2 * s + 1]] for s in range(6)), "no mixed step"
 
-    done = launch(torchrun(WORKER, "train", config, "m", str(tmp_path / "ddp"),
-                           "--then", str(tmp_path / "fsdp"), "stages.m.strategy=fsdp"), timeout=240)
+    done = launch(torchrun(WORKER, "train", config, "m", str(tmp_path / "ddp"), "--record-gradients",
+                           "--then", str(tmp_path / "fsdp"), "--record-gradients", "stages.m.strategy=fsdp"),
+                  timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = component_weights(tmp_path / "ddp" / "m" / "final")
     fsdp = component_weights(tmp_path / "fsdp" / "m" / "final")
@@ -54,11 +56,21 @@ def test_text_only_and_image_batches_train_under_ddp_and_fsdp(tmp_path, tokenize
     # one process, batches of 2: step s reads order[2s] and order[2s + 1], what ranks 0 and 1 read
     one = run_config(tmp_path, tokenizer_dir, stages(shapes_data, tmp_path / "run" / "base" / "final"),
                      out_dir=tmp_path / "one", overrides=["stages.m.batch_size=2"])
-    vlm.app.stages.run_stage(one, "m")
+    single_run = vlm.app.stages.build_stage(one, "m")
+    record_first_step_gradients(single_run.trainer, tmp_path / "one_gradients.safetensors")
+    single_run.trainer.train()
+    # the first step's gradients: the mean over the step's tokens of both ranks, as one process's
+    single_grads = load_file(str(tmp_path / "one_gradients.safetensors"))
+    for run in ("ddp", "fsdp"):
+        grads = load_file(str(tmp_path / run / "m" / "gradients_step_1.safetensors"))
+        assert grads.keys() == single_grads.keys() and len(grads) > 10
+        for key in grads:
+            assert torch.allclose(grads[key], single_grads[key], atol=1e-5, rtol=0), (
+                run, key, (grads[key] - single_grads[key]).abs().max())
+    # and after 6 AdamW steps the weights: a mean of per-rank means ended ~1e-2 away; summation
+    # order (amplified by Adam on parameters whose true gradient is 0) leaves ~2e-5
     single = component_weights(tmp_path / "one" / "m" / "final")
     assert single.keys() == ddp.keys()
-    # a mean of per-rank means ends ~1e-2 away; summation order (and Adam's division by tiny
-    # second moments, e.g. of attention key biases whose true gradient is 0) leaves ~2e-5
     for key in ddp:
         assert torch.allclose(ddp[key], single[key], atol=5e-5, rtol=0), (key, (ddp[key] - single[key]).abs().max())
     base = load_file(str(tmp_path / "run" / "base" / "final" / "vision.safetensors"))

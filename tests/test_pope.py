@@ -213,9 +213,10 @@ def test_the_reader_builds_samples_from_instances_as_the_builder_does(tmp_path):
     path = _instances(tmp_path)
     assert pope.objects_from_instances(path) == IMAGES
     samples = read_dataset("pope", annotations=str(path), image_root=str(tmp_path))
-    questions = build_pope_splits(IMAGES)
+    questions = sorted(build_pope_splits(IMAGES), key=lambda q: q.image_id)  # image by image, stable
     assert [(s.meta["split"], s.meta["question_id"], s.meta["object"], s.turns[-1].content) for s in samples] == \
         [(q.split, q.question_id, q.object, q.label) for q in questions]
+    assert [s.meta["split"] for s in samples[:18]] == [s for s in pope.POPE_SPLITS for _ in range(6)]
     assert samples[0].turns[0].content.startswith("<image>\nIs there a person in the image?")
     assert samples[0].images == [str(tmp_path / "1.png")]
 
@@ -254,3 +255,155 @@ def test_invalid_json_names_its_file_and_line(tmp_path):
     path.write_text('{"images": [\n  {"id": 1, "file_name": "a.png"},\n  {"id": 2 "file_name": "b.png"}\n]}')
     with pytest.raises(DataFormatError, match=rf"^{path}:3: invalid JSON"):
         read_dataset("pope", annotations=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# the scenes data: several shapes per image and the instances POPE is built from
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from vlm.data.synthetic_scenes import generate_scenes
+
+    return generate_scenes(str(tmp_path_factory.mktemp("scenes")), shapes_per_image=(2, 4), num_train=40,
+                           num_test=12, image_size=48, seed=3, progress=False)
+
+
+def test_scenes_have_several_separate_shapes_named_by_their_instances(scenes):
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from vlm.data.synthetic_scenes import SCENE_SHAPES, _draw_kind
+
+    split = scenes["train"]
+    attributes = json.loads(Path(split["attributes"]).read_text())
+    found = {im.image_id: im for im in pope.objects_from_instances(split["instances"])}
+    assert sorted(found) == [a["image_id"] for a in attributes]
+    counts = Counter()
+    for a in attributes:
+        kinds = [o["shape"] for o in a["objects"]]
+        assert 2 <= len(kinds) <= 4 and len(set(kinds)) == len(kinds)
+        assert found[a["image_id"]].objects == tuple(kinds)
+        counts.update(kinds)
+        masks = []
+        for obj in a["objects"]:
+            mask = Image.new("L", (48, 48), 0)
+            _draw_kind(ImageDraw.Draw(mask), obj, 48, 255)
+            masks.append(np.asarray(mask) > 0)
+        assert all(m.any() for m in masks) and not (np.sum(masks, axis=0) > 1).any()  # none touch
+        image = np.asarray(Image.open(Path(split["image_root"]) / a["file_name"]), dtype=int)
+        assert image.shape == (48, 48, 3)
+    assert set(counts) <= set(SCENE_SHAPES) and len(counts) >= 6
+    instances = json.loads(Path(split["instances"]).read_text())["annotations"]
+    assert all(0 <= x and 0 <= y and x + w <= 48 and y + h <= 48 and a_["area"] > 0
+               for a_ in instances for x, y, w, h in [a_["bbox"]])
+
+
+def test_scene_questions_are_balanced_existence_questions_true_to_the_instances(scenes):
+    split = scenes["test"]
+    found = {im.image_id: set(im.objects) for im in pope.objects_from_instances(split["instances"])}
+    samples = read_dataset("vqav2", questions_path=split["questions"], annotations_path=split["annotations"],
+                           image_root=split["image_root"], image_pattern=scenes["image_pattern"])
+    labels = Counter()
+    for s in samples:
+        words = s.meta["question"].split(" ")
+        assert words[:2] == ["Is", "there"] and words[-3:] == ["in", "the", "image?"]
+        assert s.turns[-1].content == ("yes" if words[3] in found[s.meta["image_id"]] else "no")
+        labels[s.turns[-1].content] += 1
+    assert labels["yes"] == labels["no"] > 0
+
+
+def test_the_same_seed_writes_the_same_scenes(scenes, tmp_path):
+    from vlm.data.synthetic_scenes import generate_scenes
+
+    again = generate_scenes(str(tmp_path), shapes_per_image=(2, 4), num_train=40, num_test=12, image_size=48,
+                            seed=3, progress=False)
+    for name in ("instances", "questions", "annotations", "captions", "conversations"):
+        assert Path(again["train"][name]).read_bytes() == Path(scenes["train"][name]).read_bytes()
+    first = sorted(Path(scenes["test"]["image_root"]).iterdir())[0]
+    assert (Path(again["test"]["image_root"]) / first.name).read_bytes() == first.read_bytes()
+
+
+def test_vlm_data_shapes_writes_scenes_only_when_asked(tmp_path, capsys):
+    from conftest import run_vlm
+
+    from vlm.data.synthetic import generate_shapes
+
+    args = ["--num-train", "3", "--num-test", "2", "--image-size", "48", "--seed", "4"]
+    code, out, err = run_vlm(["data", "shapes", "--out", tmp_path / "one", *args], capsys)
+    assert code == 0, err
+    assert not list((tmp_path / "one").glob("instances_*.json"))
+    reference = generate_shapes(str(tmp_path / "ref"), num_train=3, num_test=2, image_size=48, seed=4,
+                                progress=False)
+    for name in ("captions", "questions", "annotations", "conversations"):
+        assert (tmp_path / "one" / f"{name}_train.json").read_bytes() == Path(reference["train"][name]).read_bytes()
+    code, out, err = run_vlm(["data", "shapes", "--out", tmp_path / "many", *args, "--scene-shapes", "2-3"], capsys)
+    assert code == 0, err
+    paths = json.loads(out)
+    assert [len(im.objects) in (2, 3) for im in pope.objects_from_instances(paths["test"]["instances"])] == [True] * 2
+    code, _, err = run_vlm(["data", "shapes", "--out", tmp_path / "bad", *args, "--scene-shapes", "3-9"], capsys)
+    assert code == 2 and "--scene-shapes: MIN-MAX shapes per image with 1 <= MIN <= MAX <= 5" in err
+    code, _, err = run_vlm(["data", "shapes", "--out", tmp_path / "bad", *args, "--scene-shapes", "2-3",
+                            "--shapes-per-image", "2"], capsys)
+    assert code == 2 and "two layouts; give one" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# the task: an eval of a training stage and `vlm eval --task pope`
+
+
+def test_pope_as_a_stage_eval_and_as_vlm_eval_task(tmp_path, tokenizer_dir, scenes, capsys):
+    from conftest import LLM_ARCH, VISION_ARCH, run_vlm
+
+    from vlm.app.stages import run_stage
+    from vlm.app.wiring import load_run_config
+
+    train, test = scenes["train"], scenes["test"]
+    evaluation = {"task": "pope", "data": {"format": "pope", "args": {
+        "annotations": test["instances"], "image_root": test["image_root"], "num_per_image": 1}},
+        "max_new_tokens": 2, "batch_size": 8, "max_samples_in_training": 12}
+    stage = {"train": {"vision": "frozen", "connector": "full", "llm": "full"},
+             "data": [{"format": "pope", "args": {"annotations": train["instances"], "image_root": train["image_root"],
+                                                  "num_per_image": 1}}],
+             "batch_size": 8, "max_steps": 2, "eval_every": 2, "evals": ["pope"], "keep_best": "pope/adversarial_f1"}
+    recipe = {"out_dir": str(tmp_path / "run"),
+              "model": {"vision": {"name": "hf_clip", "arch": dict(VISION_ARCH), "preprocess": "resize"},
+                        "llm": {"tokenizer": str(tokenizer_dir), "arch": dict(LLM_ARCH)}, "template": "chatml"},
+              "stages": {"s": stage}, "evals": {"pope": evaluation}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(recipe))
+    final = run_stage(load_run_config(path), "s")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "s" / "metrics.jsonl").read_text().splitlines()]
+    during = next(r for r in logged if "eval/pope/adversarial_f1" in r)
+    assert {f"eval/pope/{s}_{m}" for s in pope.POPE_SPLITS for m in POPE_METRICS} <= set(during)
+
+    code, out, err = run_vlm(["eval", "--task", "pope", "--checkpoint", final, "--annotations", test["instances"],
+                              "--image-root", test["image_root"], "--max-samples", "12", "--out", tmp_path / "ev"],
+                             capsys)
+    assert code == 0, err
+    metrics = json.loads(out.strip().splitlines()[-1])["pope"]
+    results = json.loads((tmp_path / "ev" / "pope_results.json").read_text())
+    assert len(results) == 12 and {r["split"] for r in results} == set(pope.POPE_SPLITS)  # 2 images, each split
+    assert metrics == pytest.approx(score_pope_splits(results), abs=1e-9)  # the answers written are the ones scored
+    code, _, err = run_vlm(["eval", "--task", "pope", "--checkpoint", final], capsys)
+    assert code == 2 and "vlm eval --task pope needs --checkpoint (a stage output) and --annotations" in err
+    code, _, err = run_vlm(["eval", "--task", "retrieval", "--checkpoint", final, "--captions", test["captions"],
+                            "--annotations", test["instances"]], capsys)
+    assert code == 2 and "--annotations: for --task pope only" in err
+
+
+def test_prepare_writes_scenes_and_checks_their_keys(tmp_path):
+    from vlm.app.recipes import run_prepare
+    from vlm.config import check_ranges, load_config
+
+    scenes = {"out": str(tmp_path / "scenes"), "shapes_per_image": "3-3", "num_train": 2, "num_test": 1,
+              "image_size": 48}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps({"prepare": {"scenes": scenes}}))
+    run_prepare(load_config(path))
+    found = pope.objects_from_instances(tmp_path / "scenes" / "instances_train.json")
+    assert [len(im.objects) for im in found] == [3, 3]
+    with pytest.raises(ConfigError, match=r"prepare\.scenes\.image_size = 32: must be >= 48"):
+        check_ranges(load_config(path, ["prepare.scenes.image_size=32"]))
+    with pytest.raises(ConfigError, match=r"^prepare\.scenes\.shapes_per_image: MIN-MAX .* got '2-7'"):
+        run_prepare(load_config(path, ["prepare.scenes.shapes_per_image=2-7"]))

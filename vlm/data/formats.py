@@ -579,7 +579,9 @@ def read_pope(
     ``vocabulary`` (``source: captions``). One sample per question and split,
     ``[user: "<image>\\n" + "Is there a {object} in the image?" + prompt_suffix, assistant: yes|no]``;
     ``meta`` holds ``question_id`` (counted per split), ``split``, ``image_id``, ``object``,
-    ``label`` and ``question``; sample ids are ``{split}/{question_id}``."""
+    ``label`` and ``question``; sample ids are ``{split}/{question_id}``. Samples come image by
+    image (each image's questions of every split together), so that the first N samples
+    (``max_samples``) cover every split."""
     from vlm.data import pope
 
     path = os.fspath(annotations)
@@ -595,6 +597,8 @@ def read_pope(
         splits = (splits,)
     questions = pope.build_pope_splits(images, tuple(splits), num_per_image=num_per_image, seed=seed,
                                        num_images=num_images)
+    order = {image_id: i for i, image_id in enumerate(dict.fromkeys(q.image_id for q in questions))}
+    questions.sort(key=lambda q: order[q.image_id])  # image by image: the first N cover every split
     marker = image_marker()
     return [
         Sample(id=f"{q.split}/{q.question_id}",

@@ -345,7 +345,11 @@ def test_vlm_data_shapes_writes_scenes_only_when_asked(tmp_path, capsys):
     assert code == 2 and "--scene-shapes: MIN-MAX shapes per image with 1 <= MIN <= MAX <= 5" in err
     code, _, err = run_vlm(["data", "shapes", "--out", tmp_path / "bad", *args, "--scene-shapes", "2-3",
                             "--shapes-per-image", "2"], capsys)
-    assert code == 2 and "two layouts; give one" in err
+    assert code == 2 and "--scene-shapes and --shapes-per-image 2 both set the shapes per image" in err
+    code, out, err = run_vlm(["data", "shapes", "--out", tmp_path / "four", *args, "--shapes-per-image", "4"], capsys)
+    assert code == 0, err
+    found = pope.objects_from_instances(json.loads(out)["train"]["instances"])
+    assert [len(im.objects) for im in found] == [4, 4, 4]
 
 
 # ---------------------------------------------------------------------------------------------

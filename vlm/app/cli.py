@@ -183,18 +183,21 @@ def cmd_data_shapes(args) -> None:
     from vlm.data.synthetic import ShapesStyle, generate_shapes
 
     colors = tuple(c.strip() for c in args.colors.split(",")) if args.colors else None
-    style = ShapesStyle(shape_scale=args.shape_scale, jitter=args.jitter, shapes_per_image=args.shapes_per_image,
+    halves = args.shapes_per_image if args.shapes_per_image <= 2 else 1  # 3 to 5: a scene of that many
+    style = ShapesStyle(shape_scale=args.shape_scale, jitter=args.jitter, shapes_per_image=halves,
                         background=args.background, colors=colors, phrasing=args.phrasing)
     try:
         style.check()
     except ValueError as exc:
         raise ConfigError(f"vlm data shapes: {exc}") from None
-    if args.scene_shapes:  # several shapes per image, with COCO instances for POPE
+    if args.scene_shapes or args.shapes_per_image > 2:  # several shapes per image, with COCO instances for POPE
         from vlm.data.synthetic_scenes import generate_scenes, parse_range
 
-        if args.shapes_per_image != 1:
-            raise ConfigError("vlm data shapes: --scene-shapes and --shapes-per-image 2 are two layouts; give one")
-        paths = generate_scenes(args.out, shapes_per_image=parse_range(args.scene_shapes), num_train=args.num_train,
+        if args.scene_shapes and args.shapes_per_image != 1:
+            raise ConfigError(f"vlm data shapes: --scene-shapes and --shapes-per-image {args.shapes_per_image} both "
+                              "set the shapes per image; give one")
+        per_image = parse_range(args.scene_shapes) if args.scene_shapes else (args.shapes_per_image,) * 2
+        paths = generate_scenes(args.out, shapes_per_image=per_image, num_train=args.num_train,
                                 num_test=args.num_test, image_size=args.image_size, seed=args.seed, style=style)
     else:
         paths = generate_shapes(args.out, num_train=args.num_train, num_test=args.num_test,
@@ -400,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shape-scale", type=float, default=1.0, help="multiply the shapes' sizes (0.3-1.6)")
     s.add_argument("--jitter", type=float, default=0.05, help="largest shift of a shape's centre, fraction of the side")
-    s.add_argument("--shapes-per-image", type=int, default=1, choices=[1, 2],
-                   help="2: a shape in each half; questions name which ('the shape on the left')")
+    s.add_argument("--shapes-per-image", type=int, default=1, choices=[1, 2, 3, 4, 5],
+                   help="2: a shape in each half; questions name which ('the shape on the left'); 3 to 5: "
+                        "scenes of that many distinct shapes, as --scene-shapes K-K")
     s.add_argument("--background", default="solid", choices=["solid", "noise", "gradient"])
     s.add_argument("--colors", help="comma-separated colour names to draw from (default: the six demo colours; "
                                     "also pink, brown, cyan, gray, black, white, lime, navy)")

@@ -228,10 +228,24 @@ def test_objects_from_captions_finds_vocabulary_words_in_order(tmp_path):
                             {"image_id": 2, "caption": "an empty street"}]}
     path = tmp_path / "captions.json"
     path.write_text(json.dumps(data))
+    with pytest.raises(DataFormatError, match="no question can be asked"):  # one image, holding every object
+        read_dataset("pope", annotations=str(path), source="captions", vocabulary=["person", "dog", "car"])
+    data["annotations"].append({"image_id": 2, "caption": "A cat crosses it."})
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(data))
     assert pope.objects_from_captions(path, ["person", "dog", "car", "cat"]) == \
-        [ImageObjects(1, "a.png", ("dog", "car", "person"))]
+        [ImageObjects(1, "a.png", ("dog", "car", "person")), ImageObjects(2, "b.png", ("cat",))]
+    samples = read_dataset("pope", annotations=str(path), source="captions", vocabulary=["person", "dog", "car",
+                                                                                       "cat"], splits="popular")
+    # one negative left for image 1; popular ties (each object in one image) break by name
+    assert [(s.meta["object"], s.meta["label"]) for s in samples] == [("dog", "yes"), ("cat", "no"),
+                                                                      ("cat", "yes"), ("car", "no")]
     with pytest.raises(ConfigError, match="vocabulary: a list of object names"):
         read_dataset("pope", annotations=str(path), source="captions")
+    with pytest.raises(ConfigError, match="vocabulary: only with source: captions"):
+        read_dataset("pope", annotations=str(path), vocabulary=["dog"])
+    with pytest.raises(ConfigError, match="source must be one of"):
+        read_dataset("pope", annotations=str(path), source="caption")
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -261,5 +261,9 @@ def build_pope_splits(
         images = [images[int(i)] for i in keep]
     if not images:
         raise DataFormatError("POPE: no image has any object (check the annotations or the vocabulary)")
-    return [q for s in splits for q in build_pope(images, s, num_per_image=num_per_image, seed=seed,
-                                                     template=template)]
+    questions = [q for s in splits for q in build_pope(images, s, num_per_image=num_per_image, seed=seed,
+                                                          template=template)]
+    if not questions:
+        raise DataFormatError(f"POPE: no question can be asked: each of the {len(images)} images holds every "
+                              "object of the dataset, so there is no object to ask about that is not in it")
+    return questions

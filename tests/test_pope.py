@@ -63,6 +63,41 @@ def test_per_split_scores_are_each_splits_own_in_percent():
     assert list(scores)[0].startswith("adversarial_")  # splits in order of first appearance
 
 
+def _official_files(folder, labels, answers):
+    """The official layouts: a POPE question file and an answer file, JSON lines."""
+    folder.mkdir(exist_ok=True)
+    questions, results = folder / "questions.jsonl", folder / "answers.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i + 1, "image": f"{i // 6}.png", "text": "Is there a cat "
+                                             "in the image?", "label": la}) + "\n" for i, la in enumerate(labels)))
+    results.write_text("".join(json.dumps({"question_id": i + 1, "answer": an}) + "\n"
+                               for i, an in reversed(list(enumerate(answers)))))  # matched by id, not by line
+    return questions, results
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN["sets"]))
+def test_vlm_score_pope_reads_the_official_files(tmp_path, capsys, name):
+    from conftest import run_vlm
+
+    case = GOLDEN["sets"][name]
+    questions, results = _official_files(tmp_path, case["labels"], case["answers"])
+    code, out, err = run_vlm(["score", "pope", "--annotations", questions, "--results", results], capsys)
+    assert code == 0, err
+    assert json.loads(out) == {k: case["official"][k] for k in (*COUNTS, *POPE_METRICS)}
+
+
+def test_vlm_score_pope_names_the_bad_line(tmp_path, capsys):
+    from conftest import run_vlm
+
+    questions, results = _official_files(tmp_path, ["yes", "no", "yes"], ["yes", "no", "no"])
+    lines = results.read_text().split("\n")
+    results.write_text("\n".join([lines[0], '{"question_id": 2}', *lines[2:]]))
+    code, _, err = run_vlm(["score", "pope", "--annotations", questions, "--results", results], capsys)
+    assert code != 0 and f"{results}:2: missing field 'answer'" in err
+    results.write_text("\n".join(lines[:2]))
+    code, _, err = run_vlm(["score", "pope", "--annotations", questions, "--results", results], capsys)
+    assert code != 0 and "1 questions of" in err and "without an answer (first: [1])" in err
+
+
 def test_no_yes_predicted_scores_zero_where_the_official_script_divides_by_zero():
     got = score_pope(["yes", "no", "no"], ["no", "No.", "not at all"])
     assert (got["precision"], got["recall"], got["f1"], got["yes_ratio"]) == (0.0, 0.0, 0.0, 0.0)

@@ -157,6 +157,10 @@ def cmd_score(args) -> None:
         from vlm.evaluation.caption_metric import score_captions
 
         scores = score_captions(args.annotations, args.results, spice=args.spice)
+    elif args.task == "pope":
+        from vlm.evaluation.pope_metric import score_pope_files
+
+        scores = score_pope_files(args.annotations, args.results)
     else:
         from vlm.evaluation.vqa_metric import score_vqa
 
@@ -382,9 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help=cmd_score.__doc__)
-    p.add_argument("task", choices=["caption", "vqa"])
-    p.add_argument("--annotations", required=True, help="COCO captions JSON, or VQAv2 annotations JSON")
-    p.add_argument("--results", required=True, help="results JSON in the official format")
+    p.add_argument("task", choices=["caption", "vqa", "pope"])
+    p.add_argument("--annotations", required=True, help="COCO captions JSON, or VQAv2 annotations JSON, or POPE "
+                                                         "questions (JSON lines with question_id and label)")
+    p.add_argument("--results", required=True, help="results JSON in the official format (pope: JSON lines "
+                                                    "with question_id and answer)")
     p.add_argument("--questions", help="VQAv2 questions JSON (vqa only)")
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs CoreNLP; not offline)")
     p.add_argument("--allow-missing", action="store_true",

@@ -10,6 +10,7 @@ predicted, or no "yes" label) the score is 0.0 here instead of an error.
 
 from __future__ import annotations
 
+import json
 from typing import Dict, Iterable, Mapping, Sequence
 
 from vlm.core.errors import DataFormatError
@@ -62,3 +63,51 @@ def score_pope_splits(results: Iterable[Mapping[str, str]]) -> Dict[str, float]:
         full = score_pope([r["label"] for r in mine], [r["answer"] for r in mine])
         scores.update({f"{split}_{k}": 100.0 * full[k] for k in POPE_METRICS})
     return scores
+
+
+def _read_jsonl(path: str, field: str) -> Dict[object, str]:
+    """``{question_id: record[field]}`` of a JSON-lines file, each bad line named ``path:line``."""
+    found: Dict[object, str] = {}
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().split("\n")
+    except OSError as e:
+        raise DataFormatError(f"{path}: cannot read: {e.strerror}") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataFormatError(f"{path}:{lineno}: expected an object, got {type(record).__name__}")
+        for key in ("question_id", field):
+            if key not in record:
+                raise DataFormatError(f"{path}:{lineno}: missing field '{key}'")
+        if not isinstance(record[field], str):
+            raise DataFormatError(f"{path}:{lineno}: field '{field}' has type {type(record[field]).__name__}")
+        qid = record["question_id"]
+        if not isinstance(qid, (int, str)) or isinstance(qid, bool):
+            raise DataFormatError(f"{path}:{lineno}: field 'question_id' has type {type(qid).__name__}")
+        if qid in found:
+            raise DataFormatError(f"{path}:{lineno}: duplicate question_id {qid!r}")
+        found[qid] = record[field]
+    if not found:
+        raise DataFormatError(f"{path}: no records")
+    return found
+
+
+def score_pope_files(labels_path: str, answers_path: str) -> Dict[str, float]:
+    """:func:`score_pope` of the official files: a question file (JSON lines with ``question_id``
+    and ``label``, as POPE's ``coco_pope_*.json``) and an answer file (``question_id`` and
+    ``answer`` per line), matched by ``question_id`` (the official script pairs them by line
+    order); every question must have one answer and every answer a question."""
+    labels = _read_jsonl(labels_path, "label")
+    answers = _read_jsonl(answers_path, "answer")
+    missing = [q for q in labels if q not in answers]
+    extra = [q for q in answers if q not in labels]
+    if missing or extra:
+        raise DataFormatError(f"{answers_path}: {len(missing)} questions of {labels_path} without an answer "
+                              f"(first: {missing[:3]}), {len(extra)} answers to no question (first: {extra[:3]})")
+    return score_pope([labels[q] for q in labels], [answers[q] for q in labels])

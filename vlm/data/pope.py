@@ -57,12 +57,6 @@ class PopeQuestion:
     text: str
     label: str
 
-    def to_json(self) -> Dict[str, object]:
-        """The official question file's record (``question_id``, ``image``, ``text``, ``label``)
-        plus ``image_id``, ``object`` and ``split``."""
-        return {"question_id": self.question_id, "image": self.file_name, "text": self.text,
-                "label": self.label, "image_id": self.image_id, "object": self.object, "split": self.split}
-
 
 def _load(path: str) -> object:
     try:

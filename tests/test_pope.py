@@ -95,7 +95,7 @@ def test_vlm_score_pope_names_the_bad_line(tmp_path, capsys):
     assert code != 0 and f"{results}:2: missing field 'answer'" in err
     results.write_text("\n".join(lines[:2]))
     code, _, err = run_vlm(["score", "pope", "--annotations", questions, "--results", results], capsys)
-    assert code != 0 and "1 questions of" in err and "without an answer (first: [1])" in err
+    assert code != 0 and f"unanswered questions of {questions}: 1 (first: [1])" in err
 
 
 def test_no_yes_predicted_scores_zero_where_the_official_script_divides_by_zero():

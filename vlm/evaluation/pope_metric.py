@@ -108,6 +108,6 @@ def score_pope_files(labels_path: str, answers_path: str) -> Dict[str, float]:
     missing = [q for q in labels if q not in answers]
     extra = [q for q in answers if q not in labels]
     if missing or extra:
-        raise DataFormatError(f"{answers_path}: {len(missing)} questions of {labels_path} without an answer "
-                              f"(first: {missing[:3]}), {len(extra)} answers to no question (first: {extra[:3]})")
+        raise DataFormatError(f"{answers_path}: unanswered questions of {labels_path}: {len(missing)} (first: "
+                              f"{missing[:3]}); answers to no question: {len(extra)} (first: {extra[:3]})")
     return score_pope([labels[q] for q in labels], [answers[q] for q in labels])

@@ -87,9 +87,10 @@ OBJECTIVES = {
     "qformer_stage1": ({"connector.name": "qformer", "connector.options": QFORMER_SMALL}, {}, {"llm": "full"}),
 }
 STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
-READERS = ["llava_json", "jsonl", "coco_captions", "vqav2"]
+READERS = ["llava_json", "jsonl", "coco_captions", "vqav2", "pope"]
 # name -> a data.args that is valid for the task's check
-TASKS = {"caption": {}, "retrieval": {}, "vqa": {"annotations_path": "annotations.json"}}
+TASKS = {"caption": {}, "retrieval": {}, "vqa": {"annotations_path": "annotations.json"},
+         "pope": {"annotations": "instances.json"}}
 
 CASES = {"vision_encoders": ENCODERS, "connectors": CONNECTORS, "templates": TEMPLATES,
          "preprocessing": TRANSFORMS, "objectives": OBJECTIVES, "strategies": STRATEGIES,

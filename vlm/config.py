@@ -397,11 +397,24 @@ class TokenizerTrainConfig:
 
 
 @dataclass
+class ScenesDataConfig:
+    """Synthetic shapes scenes (several shapes per image, COCO instances for POPE) written by ``prepare``."""
+
+    out: str = "data/scenes"
+    shapes_per_image: str = "2-4"  # MIN-MAX distinct shape kinds per image
+    num_train: int = 2000
+    num_test: int = 200
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
 class PrepareConfig:
     """Steps a recipe runs before its stages; each is skipped when left unset."""
 
     shapes: Optional[ShapesDataConfig] = None
     tokenizer: Optional[TokenizerTrainConfig] = None
+    scenes: Optional[ScenesDataConfig] = None  # written before the tokenizer is trained
 
 
 @dataclass
@@ -586,6 +599,8 @@ _DATA_RANGES = [("max_samples", _at_least_one, ">= 1 (or null: all)"), ("repeat"
 _PREPARE_RANGES = [
     ("prepare.shapes.num_train", _non_negative, ">= 0"), ("prepare.shapes.num_test", _non_negative, ">= 0"),
     ("prepare.shapes.image_size", _at_least_one, ">= 1"),
+    ("prepare.scenes.num_train", _non_negative, ">= 0"), ("prepare.scenes.num_test", _non_negative, ">= 0"),
+    ("prepare.scenes.image_size", lambda v: v >= 48, ">= 48"),
     ("prepare.tokenizer.vocab_size", _at_least_one, ">= 1"),
     ("prepare.tokenizer.min_frequency", _at_least_one, ">= 1"),
 ]

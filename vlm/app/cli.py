@@ -76,7 +76,7 @@ def _resume_after_elastic_restart(args) -> None:
                                          "latest checkpoint, as with --resume", restarts)
 
 
-TASK_FLAGS = ("captions", "image_root", "rerank_k", "batch_size", "max_samples")
+TASK_FLAGS = ("captions", "image_root", "rerank_k", "batch_size", "max_samples", "annotations")
 
 
 def cmd_eval(args) -> None:
@@ -121,12 +121,18 @@ def _eval_task(args) -> dict:
     if args.rerank_k is not None and (args.task != "retrieval" or args.rerank_k < 1):
         raise ConfigError(f"--rerank-k: must be at least 1, and for --task retrieval only; got {args.rerank_k} "
                           f"for task '{args.task}'")
-    if not args.checkpoint or not args.captions:
+    if args.task == "pope":
+        data = _pope_task_data(args)
+    elif not args.checkpoint or not args.captions:
         raise ConfigError(f"vlm eval --task {args.task} needs --checkpoint (a stage output) and --captions "
                           "(a COCO captions file)")
+    elif args.annotations:
+        raise ConfigError(f"--annotations: for --task pope only; task '{args.task}' reads --captions")
+    else:
+        data = {"path": args.captions}
     cfg = OmegaConf.structured(EvalConfig)
     cfg.task = args.task
-    cfg.data.args = {"path": args.captions, **({"image_root": args.image_root} if args.image_root else {})}
+    cfg.data.args = {**data, **({"image_root": args.image_root} if args.image_root else {})}
     cfg.data.max_samples = args.max_samples
     cfg.rerank_k = args.rerank_k
     if args.batch_size is not None:
@@ -138,12 +144,24 @@ def _eval_task(args) -> dict:
     return run_eval(model, processor, cfg, out, args.task)
 
 
+def _pope_task_data(args) -> dict:
+    """The pope reader's arguments of `vlm eval --task pope --annotations FILE` (COCO instances)."""
+    if not args.checkpoint or not args.annotations or args.captions:
+        raise ConfigError("vlm eval --task pope needs --checkpoint (a stage output) and --annotations (a COCO "
+                          "instances file to build the questions from), not --captions")
+    return {"annotations": args.annotations}
+
+
 def cmd_score(args) -> None:
     """Score official-format result files and print one JSON object."""
     if args.task == "caption":
         from vlm.evaluation.caption_metric import score_captions
 
         scores = score_captions(args.annotations, args.results, spice=args.spice)
+    elif args.task == "pope":
+        from vlm.evaluation.pope_metric import score_pope_files
+
+        scores = score_pope_files(args.annotations, args.results)
     else:
         from vlm.evaluation.vqa_metric import score_vqa
 
@@ -170,14 +188,25 @@ def cmd_data_shapes(args) -> None:
     from vlm.data.synthetic import ShapesStyle, generate_shapes
 
     colors = tuple(c.strip() for c in args.colors.split(",")) if args.colors else None
-    style = ShapesStyle(shape_scale=args.shape_scale, jitter=args.jitter, shapes_per_image=args.shapes_per_image,
+    halves = args.shapes_per_image if args.shapes_per_image <= 2 else 1  # 3 to 5: a scene of that many
+    style = ShapesStyle(shape_scale=args.shape_scale, jitter=args.jitter, shapes_per_image=halves,
                         background=args.background, colors=colors, phrasing=args.phrasing)
     try:
         style.check()
     except ValueError as exc:
         raise ConfigError(f"vlm data shapes: {exc}") from None
-    paths = generate_shapes(args.out, num_train=args.num_train, num_test=args.num_test,
-                            image_size=args.image_size, seed=args.seed, style=style)
+    if args.scene_shapes or args.shapes_per_image > 2:  # several shapes per image, with COCO instances for POPE
+        from vlm.data.synthetic_scenes import generate_scenes, parse_range
+
+        if args.scene_shapes and args.shapes_per_image != 1:
+            raise ConfigError(f"vlm data shapes: --scene-shapes and --shapes-per-image {args.shapes_per_image} both "
+                              "set the shapes per image; give one")
+        per_image = parse_range(args.scene_shapes) if args.scene_shapes else (args.shapes_per_image,) * 2
+        paths = generate_scenes(args.out, shapes_per_image=per_image, num_train=args.num_train,
+                                num_test=args.num_test, image_size=args.image_size, seed=args.seed, style=style)
+    else:
+        paths = generate_shapes(args.out, num_train=args.num_train, num_test=args.num_test,
+                                image_size=args.image_size, seed=args.seed, style=style)
     print(json.dumps(paths, indent=2, default=str))
 
 
@@ -352,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="vlm eval CONFIG [overrides] [--checkpoint DIR]: the config's evals. "
                                    "vlm eval --task retrieval --checkpoint DIR --captions FILE [--image-root DIR] "
                                    "[--rerank-k K]: one task (e.g. image-text retrieval of a Q-Former model) on "
-                                   "a COCO captions file.")
+                                   "a COCO captions file. vlm eval --task pope --checkpoint DIR --annotations "
+                                   "INSTANCES [--image-root DIR]: POPE questions built from COCO instances.")
     with_config(p, out_help="output folder (sets out_dir); --task: where TASK_results.json goes "
                             "(default: beside the checkpoint, in eval/)", config_nargs="?")
     p.add_argument("--checkpoint", help="stage output folder to evaluate (default: the last stage's final)")
@@ -362,12 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank-k", type=int, help="--task retrieval: re-rank each query's k best with the ITM head")
     p.add_argument("--batch-size", type=int, help="--task: batch size (default 16)")
     p.add_argument("--max-samples", type=int, help="--task: only the first N images")
+    p.add_argument("--annotations", help="--task pope: COCO instances file the questions are built from")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help=cmd_score.__doc__)
-    p.add_argument("task", choices=["caption", "vqa"])
-    p.add_argument("--annotations", required=True, help="COCO captions JSON, or VQAv2 annotations JSON")
-    p.add_argument("--results", required=True, help="results JSON in the official format")
+    p.add_argument("task", choices=["caption", "vqa", "pope"])
+    p.add_argument("--annotations", required=True, help="COCO captions JSON, or VQAv2 annotations JSON, or POPE "
+                                                         "questions (JSON lines with question_id and label)")
+    p.add_argument("--results", required=True, help="results JSON in the official format (pope: JSON lines "
+                                                    "with question_id and answer)")
     p.add_argument("--questions", help="VQAv2 questions JSON (vqa only)")
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs CoreNLP; not offline)")
     p.add_argument("--allow-missing", action="store_true",
@@ -386,12 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shape-scale", type=float, default=1.0, help="multiply the shapes' sizes (0.3-1.6)")
     s.add_argument("--jitter", type=float, default=0.05, help="largest shift of a shape's centre, fraction of the side")
-    s.add_argument("--shapes-per-image", type=int, default=1, choices=[1, 2],
-                   help="2: a shape in each half; questions name which ('the shape on the left')")
+    s.add_argument("--shapes-per-image", type=int, default=1, choices=[1, 2, 3, 4, 5],
+                   help="2: a shape in each half; questions name which ('the shape on the left'); 3 to 5: "
+                        "scenes of that many distinct shapes, as --scene-shapes K-K")
     s.add_argument("--background", default="solid", choices=["solid", "noise", "gradient"])
     s.add_argument("--colors", help="comma-separated colour names to draw from (default: the six demo colours; "
                                     "also pink, brown, cyan, gray, black, white, lime, navy)")
     s.add_argument("--phrasing", default="default", choices=["default", "alt"], help="question wordings")
+    s.add_argument("--scene-shapes", metavar="MIN-MAX",
+                   help="scenes: MIN to MAX non-overlapping shapes per image (e.g. 2-4), COCO instances_SPLIT.json "
+                        "and yes/no existence questions for POPE (docs/pope.md); default: one shape per image")
     s.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("chat", help=cmd_chat.__doc__)

@@ -25,6 +25,14 @@ def run_prepare(cfg: DictConfig) -> None:
         logger.info("prepare: shapes data -> %s", shapes.out)
         generate_shapes(shapes.out, num_train=shapes.num_train, num_test=shapes.num_test,
                         image_size=shapes.image_size, seed=shapes.seed)
+    scenes = cfg.prepare.scenes
+    if scenes is not None:
+        from vlm.data.synthetic_scenes import generate_scenes, parse_range
+
+        logger.info("prepare: shapes scenes -> %s", scenes.out)
+        per_image = parse_range(scenes.shapes_per_image, "prepare.scenes.shapes_per_image")
+        generate_scenes(scenes.out, shapes_per_image=per_image, num_train=scenes.num_train,
+                        num_test=scenes.num_test, image_size=scenes.image_size, seed=scenes.seed)
     tok = cfg.prepare.tokenizer
     if tok is not None:
         logger.info("prepare: tokenizer -> %s", tok.out)

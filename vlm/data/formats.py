@@ -554,3 +554,57 @@ def read_samples(data_cfgs, image_token: str = IMAGE_TOKEN) -> List[Sample]:
         part = read_dataset(data.format, image_token=image_token, **dict(data.args))
         samples.extend((part[: data.max_samples] if data.max_samples else part) * data.repeat)
     return samples
+
+
+# --------------------------------------------------------------------------------------------
+# POPE
+
+
+@READERS.register("pope")
+def read_pope(
+    annotations: PathLike,
+    image_root: Optional[PathLike] = None,
+    *,
+    source: str = "instances",
+    vocabulary: Optional[Sequence[str]] = None,
+    splits: Sequence[str] = ("random", "popular", "adversarial"),
+    num_per_image: int = 3,
+    num_images: Optional[int] = None,
+    seed: int = 0,
+    prompt_suffix: str = VQA_PROMPT_SUFFIX,
+    allow_outside_root: bool = False,
+) -> List[Sample]:
+    """POPE questions (``vlm.data.pope``) built from ``annotations``: a COCO instances file
+    (``source: instances``) or a COCO captions file whose captions mention words of
+    ``vocabulary`` (``source: captions``). One sample per question and split,
+    ``[user: "<image>\\n" + "Is there a {object} in the image?" + prompt_suffix, assistant: yes|no]``;
+    ``meta`` holds ``question_id`` (counted per split), ``split``, ``image_id``, ``object``,
+    ``label`` and ``question``; sample ids are ``{split}/{question_id}``. Samples come image by
+    image (each image's questions of every split together), so that the first N samples
+    (``max_samples``) cover every split."""
+    from vlm.data import pope
+
+    path = os.fspath(annotations)
+    if source == "instances":
+        if vocabulary is not None:
+            raise ConfigError("vocabulary: only with source: captions (instances name their categories)")
+        images = pope.objects_from_instances(path)
+    elif source == "captions":
+        images = pope.objects_from_captions(path, vocabulary)
+    else:
+        raise ConfigError(f"source must be one of {pope.SOURCES}, got {source!r}")
+    if isinstance(splits, str):
+        splits = (splits,)
+    questions = pope.build_pope_splits(images, tuple(splits), num_per_image=num_per_image, seed=seed,
+                                       num_images=num_images)
+    order = {image_id: i for i, image_id in enumerate(dict.fromkeys(q.image_id for q in questions))}
+    questions.sort(key=lambda q: order[q.image_id])  # image by image: the first N cover every split
+    marker = image_marker()
+    return [
+        Sample(id=f"{q.split}/{q.question_id}",
+               turns=[Turn("user", f"{marker}\n{q.text}{prompt_suffix}"), Turn("assistant", q.label)],
+               images=[_resolve(q.file_name, image_root, f"{path}: image {q.image_id}", allow_outside_root)],
+               meta={"source": f"{path}#image {q.image_id}", "question_id": q.question_id, "split": q.split,
+                     "image_id": q.image_id, "object": q.object, "label": q.label, "question": q.text})
+        for q in questions
+    ]

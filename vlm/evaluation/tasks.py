@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 TASKS: Registry = Registry("task", {
     "caption": "vlm.evaluation.tasks:CaptionTask",
+    "pope": "vlm.evaluation.tasks:PopeTask",
     "retrieval": "vlm.evaluation.tasks:RetrievalTask",
     "vqa": "vlm.evaluation.tasks:VQATask",
 })
@@ -170,3 +171,32 @@ class RetrievalTask(EvalTask):
         if _is_main():  # every rank ranks everything; one writes
             (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
         return scores
+
+
+class PopeTask(EvalTask):
+    """POPE object hallucination: yes/no "Is there a {object} in the image?" questions built from
+    instance or caption annotations (``vlm.data.pope``); per split, the official script's
+    accuracy, precision, recall, F1 and yes-ratio, in percent (``adversarial_f1``, ...); results
+    ``[{question_id, split, image_id, object, label, answer}]``."""
+
+    data_format = "pope"
+
+    @classmethod
+    def check(cls, ev, where):
+        super().check(ev, where)
+        if not ev.data.args.get("annotations"):
+            raise ConfigError(f"{where}.data.args.annotations: a pope eval needs a COCO instances (or, with "
+                              "source: captions, a COCO captions) file to build its questions from")
+
+    @classmethod
+    def run(cls, model, processor, cfg, samples, out_dir, name):
+        from vlm.evaluation.pope_metric import score_pope_splits
+
+        samples, answers, skipped = _generate(model, processor, cfg, samples, name)
+        if not _is_main():
+            return None
+        results = [{"question_id": s.meta["question_id"], "split": s.meta["split"], "image_id": s.meta["image_id"],
+                    "object": s.meta["object"], "label": s.meta["label"], "answer": a}
+                   for s, a in zip(samples, answers)]
+        (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
+        return _with_skips(score_pope_splits(results), skipped)

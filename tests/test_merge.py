@@ -78,7 +78,7 @@ def test_merge_keeps_logits_and_writes_full_weights(tmp_path, lora_output):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     # vlm chat answers the same, and export reads it
     image = write_images(tmp_path / "img", sizes=[(32, 32)])[0]
-    turns = [Turn("user", f"<image>\nwhat?")]
+    turns = [Turn("user", "<image>\nwhat?")]
     before, btok, bcfg = load_pretrained(stage_out, device="cpu")
     assert answer(model, build_processor(model, tok, cfg), image, turns) == \
         answer(before, build_processor(before, btok, bcfg), image, turns)

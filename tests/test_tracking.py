@@ -5,11 +5,12 @@ resumed stage continues the same tracker runs; unknown or uninstalled trackers a
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
-from conftest import run_config
+from conftest import run_config, run_vlm
 from preempt_worker import SignalAfterStep
 
 import vlm.app.stages
@@ -110,6 +111,30 @@ def test_a_resumed_stage_continues_the_same_tracker_runs(tmp_path, tokenizer_dir
     assert tensorboard_series(stage_dir) == pytest.approx(losses)  # step 3 of the first attempt purged
     assert wandb_history(stage_dir) == {first["run_id"]: pytest.approx(losses)}
     assert mlflow_history(Path(cfg.out_dir), first["trackers"]["mlflow"]["run_id"]) == pytest.approx(losses)
+
+
+def test_vlm_eval_out_writes_metrics_json_and_sends_the_scores_to_the_trackers(tmp_path, monkeypatch, capsys,
+                                                                            offline):
+    from mlflow.tracking import MlflowClient
+
+    fixture = Path(__file__).parent / "fixtures" / "old_run"  # a config and a trained final (test_old_run_folder)
+    shutil.copytree(fixture, tmp_path / "old_run")
+    monkeypatch.chdir(tmp_path / "old_run")
+    out = tmp_path / "evaluated"
+    code, stdout, err = run_vlm(["eval", "run/config.yaml", "--checkpoint", "run/instruct/final", "--out", out,
+                                 "report_to=[jsonl,tensorboard,wandb,mlflow]"], capsys)
+    assert code == 0, err[-3000:]
+    printed = json.loads(stdout.strip().splitlines()[-1])
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["vqa"] == printed["vqa"] and set(printed["vqa"]) >= {"accuracy", "accuracy_other"}
+    assert written["checkpoint"] == "run/instruct/final" and written["timings_s"]["total"] > 0
+    assert (out / "eval" / "vqa_results.json").is_file()
+    expected = {f"eval/vqa/{key}": value for key, value in printed["vqa"].items()}
+    for tag, value in expected.items():
+        assert tensorboard_series(out / "eval", tag) == {0: pytest.approx(value)}, tag
+    run_id = json.loads((out / "eval" / STATE_FILE).read_text())["trackers"]["mlflow"]["run_id"]
+    run = MlflowClient(tracking_uri=(out / "mlruns").as_uri()).get_run(run_id)
+    assert run.data.metrics == pytest.approx(expected) and run.info.status == "FINISHED"
 
 
 def test_an_unknown_tracker_is_refused_naming_the_entry(tmp_path, tokenizer_dir, shapes_data):

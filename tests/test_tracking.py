@@ -5,6 +5,7 @@ resumed stage continues the same tracker runs; unknown or uninstalled trackers a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -65,11 +66,19 @@ def wandb_history(stage_dir: Path) -> dict:
     return runs
 
 
-def mlflow_history(run_dir: Path, run_id: str) -> dict:
+def mlflow_client(run_dir: Path):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
-    return {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as the tracker sets it (mlflow_tracker.py)
+    return MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+
+
+def mlflow_history(run_dir: Path, run_id: str) -> dict:
+    return {m.step: m.value for m in mlflow_client(run_dir).get_metric_history(run_id, "train/loss")}
+
+
+def mlflow_run(run_dir: Path, run_id: str):
+    return mlflow_client(run_dir).get_run(run_id)
 
 
 @pytest.fixture
@@ -104,6 +113,7 @@ def test_a_resumed_stage_continues_the_same_tracker_runs(tmp_path, tokenizer_dir
     stage_dir = Path(cfg.out_dir) / "s"
     first = json.loads((stage_dir / STATE_FILE).read_text())
     assert sorted(tensorboard_series(stage_dir)) == [1, 2, 3]
+    assert mlflow_run(Path(cfg.out_dir), first["trackers"]["mlflow"]["run_id"]).info.status == "KILLED"
     vlm.app.stages.run_stage(cfg, "s", resume=True)  # from the checkpoint of step 2
     second = json.loads((stage_dir / STATE_FILE).read_text())
     assert second == first  # the same vlm run id and the same MLflow run
@@ -111,12 +121,11 @@ def test_a_resumed_stage_continues_the_same_tracker_runs(tmp_path, tokenizer_dir
     assert tensorboard_series(stage_dir) == pytest.approx(losses)  # step 3 of the first attempt purged
     assert wandb_history(stage_dir) == {first["run_id"]: pytest.approx(losses)}
     assert mlflow_history(Path(cfg.out_dir), first["trackers"]["mlflow"]["run_id"]) == pytest.approx(losses)
+    assert mlflow_run(Path(cfg.out_dir), first["trackers"]["mlflow"]["run_id"]).info.status == "FINISHED"
 
 
 def test_vlm_eval_out_writes_metrics_json_and_sends_the_scores_to_the_trackers(tmp_path, monkeypatch, capsys,
                                                                             offline):
-    from mlflow.tracking import MlflowClient
-
     fixture = Path(__file__).parent / "fixtures" / "old_run"  # a config and a trained final (test_old_run_folder)
     shutil.copytree(fixture, tmp_path / "old_run")
     monkeypatch.chdir(tmp_path / "old_run")
@@ -133,7 +142,7 @@ def test_vlm_eval_out_writes_metrics_json_and_sends_the_scores_to_the_trackers(t
     for tag, value in expected.items():
         assert tensorboard_series(out / "eval", tag) == {0: pytest.approx(value)}, tag
     run_id = json.loads((out / "eval" / STATE_FILE).read_text())["trackers"]["mlflow"]["run_id"]
-    run = MlflowClient(tracking_uri=(out / "mlruns").as_uri()).get_run(run_id)
+    run = mlflow_run(out, run_id)
     assert run.data.metrics == pytest.approx(expected) and run.info.status == "FINISHED"
 
 
@@ -150,3 +159,22 @@ def test_a_tracker_without_its_package_is_refused_naming_the_package(tmp_path, t
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
     with pytest.raises(ConfigError, match=r"report_to\.0: the 'wandb' tracker needs the wandb package"):
         run_config(tmp_path, tokenizer_dir, stages(shapes_data), overrides=["report_to=[wandb]"])
+
+
+@pytest.mark.slow  # a torchrun launch of two processes
+def test_under_two_processes_only_the_main_process_logs_and_one_builds_the_token_cache(tmp_path, tokenizer_dir,
+                                                                                     shapes_data):
+    from test_distributed import launch, torchrun
+
+    run_config(tmp_path, tokenizer_dir, stages(shapes_data, max_steps=3, save_every=0))
+    config = str(sorted(tmp_path.glob("recipe_*.yaml"))[-1])
+    out, cache = tmp_path / "two", tmp_path / "cache"
+    done = launch(torchrun("-m", "vlm", "train", config, "--out", str(out), f"token_cache_dir={cache}",
+                           "report_to=[jsonl,tensorboard,wandb,mlflow]"), WANDB_MODE="offline")
+    assert done.returncode == 0, done.stderr[-3000:]
+    stage_dir = out / "s"
+    assert len(list((stage_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert len(list((stage_dir / "wandb").glob("offline-run-*"))) == 1
+    assert len(mlflow_client(out).search_runs([e.experiment_id for e in mlflow_client(out).search_experiments()])) == 1
+    assert tensorboard_series(stage_dir) == pytest.approx(jsonl_losses(stage_dir))
+    assert done.stderr.count("tokenization built") == 1 and len(list(cache.rglob("*.npz"))) == 1

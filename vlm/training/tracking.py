@@ -134,12 +134,15 @@ class TrackingCallback(Callback):
         self._close("finished")
 
     def on_train_abort(self, ctx, error):
-        self._close("preempted" if isinstance(error, TrainingPreempted) else "failed")
+        try:
+            self._close("preempted" if isinstance(error, TrainingPreempted) else "failed")
+        except Exception as exc:  # the stage's own error is the one to report
+            logger.warning("stage %s: closing the tracker runs failed: %s", ctx.stage_name, exc)
 
     def _close(self, status: str) -> None:
-        if self.session is not None:
-            self.session.close(status)
-            self.session = None
+        session, self.session = self.session, None
+        if session is not None:
+            session.close(status)
 
 
 def log_evaluations(settings: TrackingSettings, metrics: Dict[str, Dict[str, float]], folder: Path,

@@ -93,7 +93,7 @@ def test_a_second_stage_on_the_same_data_skips_tokenising(tmp_path, tokenizer_di
         with caplog.at_level(logging.INFO, logger="vlm.data.token_cache"):
             vlm.app.stages.build_stage(cfg, name)
         seen.append([r.getMessage() for r in caplog.records if r.name == "vlm.data.token_cache"])
-    assert seen[0][0].startswith("a: tokenization built") and seen[1][0].startswith("b: tokenization skipped")
+    assert seen[0][0].startswith("a: tokenization built") and seen[1][0].startswith("b: tokenization skipped: reused")
     assert len(list(Path(tmp_path / "cache").rglob("*.npz"))) == 1
 
 

@@ -207,7 +207,8 @@ def cached_tokenize(samples: Sequence[Sample], processor, root: str | Path, name
             except OSError as exc:  # a read-only or full disk: the run goes on without the cache
                 logger.warning("%s: token cache not written (%s): %s", name, path, exc)
         else:
-            logger.info("%s: tokenization skipped: cache hit %s (%d samples)", name, path, len(samples))
+            logger.info("%s: tokenization skipped: reused the cache entry %s (%d samples)", name, path,
+                        len(samples))
     if wait is not None:
         wait()
     if encoded is None:  # a process that waited for the builder

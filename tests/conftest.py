@@ -3,6 +3,8 @@ small images on disk, and run configs for training tests. Nothing is downloaded.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -17,6 +19,11 @@ from transformers import AutoTokenizer
 from vlm.app.wiring import load_run_config
 from vlm.config import ModelConfig
 from vlm.data.tokenizer_training import train_tokenizer
+
+# the token cache (vlm/data/token_cache.py) of the tests, never the user's ~/.cache/vlm; inherited
+# by the subprocesses the tests start
+_TOKEN_CACHE = tempfile.TemporaryDirectory(prefix="vlm-test-cache-")  # removed when the session ends
+os.environ.setdefault("VLM_CACHE_DIR", _TOKEN_CACHE.name)
 
 SENTENCES = [
     "a small red circle in the center of the image",

@@ -91,10 +91,11 @@ READERS = ["llava_json", "jsonl", "coco_captions", "vqav2", "pope"]
 # name -> a data.args that is valid for the task's check
 TASKS = {"caption": {}, "retrieval": {}, "vqa": {"annotations_path": "annotations.json"},
          "pope": {"annotations": "instances.json"}}
+TRACKERS = ["jsonl", "tensorboard", "wandb", "mlflow"]
 
 CASES = {"vision_encoders": ENCODERS, "connectors": CONNECTORS, "templates": TEMPLATES,
          "preprocessing": TRANSFORMS, "objectives": OBJECTIVES, "strategies": STRATEGIES,
-         "data_formats": READERS, "tasks": TASKS}
+         "data_formats": READERS, "tasks": TASKS, "trackers": TRACKERS}
 EVERY_NAME = [(kind, name) for kind in REGISTRIES for name in registry(kind).names()]
 
 
@@ -297,3 +298,32 @@ def test_the_feature_cache_rule_combines_what_the_connector_and_the_objective_de
     assert (refusal is None) == expected_ok, refusal
     assert feature_cache_refusal(connector_cls, objective_cls, "full", objective).startswith(
         "needs train.vision: frozen")
+
+
+# ---------------------------------------------------------------------------------------------
+# experiment trackers
+
+
+@pytest.mark.parametrize("name", names("trackers"))
+def test_a_tracker_builds_for_a_stage_folder_logs_and_closes(name, tmp_path, monkeypatch):
+    import json
+
+    from vlm.training.trackers import Tracker, TrackerContext
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cls = registry("trackers").get(name)
+    assert cls.Options is None
+    cls.check(None, "report_to.0")  # installed (the test extra names every tracker's package)
+    ctx = TrackerContext(folder=tmp_path / "s", run_dir=tmp_path, stage="s", run_name="run", project="vlm",
+                         run_id="0123456789abcdef")
+    tracker = cls.build(None, ctx)
+    if name == "jsonl":  # metrics.jsonl is written by the trainer's MetricsLog in every run
+        assert tracker is None
+        return
+    assert isinstance(tracker, Tracker)
+    tracker.log_config({"model": {"template": "plain"}, "stages": {"s": {"max_steps": 2}}})
+    tracker.log({"train/loss": 1.5}, 1)
+    tracker.flush()
+    json.dumps(tracker.state())  # stored in the stage's tracking.json
+    tracker.close()

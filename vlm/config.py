@@ -418,6 +418,14 @@ class PrepareConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where the experiment trackers of ``report_to`` file a run (docs/tracking.md)."""
+
+    project: str = "vlm"  # the wandb project / mlflow experiment
+    run_name: Optional[str] = None  # None: the name of out_dir
+
+
+@dataclass
 class RunConfig:
     """A recipe: preparation, a model, ordered stages and evaluations, all under ``out_dir``."""
 
@@ -430,6 +438,14 @@ class RunConfig:
     evals: Dict[str, EvalConfig] = field(default_factory=dict)
     # free user variables for interpolation (``${vars.train_images}``); ``???`` marks one required
     vars: Dict[str, Any] = field(default_factory=dict)
+    # experiment trackers, names of vlm.training.trackers.TRACKERS (jsonl | tensorboard | wandb | mlflow);
+    # metrics.jsonl is always written (docs/tracking.md)
+    report_to: List[str] = field(default_factory=lambda: ["jsonl"])
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # tokenised samples cached on disk and reused (vlm/data/token_cache.py); None: $VLM_CACHE_DIR,
+    # else $XDG_CACHE_HOME/vlm, else ~/.cache/vlm (under it, tokenized/)
+    token_cache: bool = True
+    token_cache_dir: Optional[str] = None
 
 
 def _schema_fields(node_type) -> list[str]:

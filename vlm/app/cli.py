@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Iterator, List, Optional
 
 from vlm.config import ConfigError
@@ -83,6 +84,7 @@ def cmd_eval(args) -> None:
     """Run the config's evaluations on a checkpoint, or one task (--task) on a data file."""
     from vlm.app.recipes import format_table, run_evals
 
+    start = time.perf_counter()
     if args.task:
         if args.config is not None or args.overrides:
             raise ConfigError(f"vlm eval --task takes no config or overrides, got "
@@ -95,12 +97,32 @@ def cmd_eval(args) -> None:
                               "their settings from the config")
         if args.config is None:
             raise ConfigError("vlm eval needs a CONFIG, or --task NAME with --checkpoint and --captions")
-        metrics = run_evals(_load(args), checkpoint=args.checkpoint)
+        cfg = _load(args)
+        metrics = run_evals(cfg, checkpoint=args.checkpoint)
     from vlm.evaluation.distributed import is_main
 
     if is_main():  # under torchrun the ranks share the samples and agree on the scores
+        if args.out:
+            _write_eval_metrics(args, metrics, time.perf_counter() - start)
+        if not args.task:
+            from vlm.app.recipes import track_evaluations
+
+            track_evaluations(cfg, metrics)
         print(format_table(metrics))
-        print(json.dumps(metrics))
+        print(json.dumps(metrics))  # the last line of stdout: scripts read it
+
+
+def _write_eval_metrics(args, metrics: dict, seconds: float) -> None:
+    """``--out``: ``OUT/metrics.json`` as ``vlm run`` writes it (``{eval: {metric: value}}``, the
+    timings, and the checkpoint evaluated)."""
+    from pathlib import Path
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {**metrics, "timings_s": {"evaluation": seconds, "total": seconds},
+              "checkpoint": str(args.checkpoint) if args.checkpoint else None}
+    (out / "metrics.json").write_text(json.dumps(record, indent=2))
+    print(f"-> {out / 'metrics.json'}", file=sys.stderr)
 
 
 def _eval_task(args) -> dict:

@@ -99,4 +99,16 @@ def run_recipe(cfg: DictConfig, resume: bool = False) -> Dict[str, Dict[str, flo
                                                          "levers": levers}, indent=2))
         print(format_table(metrics))
         print(f"total time: {timings['total']:.1f} s  ->  {out / 'metrics.json'}")
+        track_evaluations(cfg, metrics)
     return metrics
+
+
+def track_evaluations(cfg: DictConfig, metrics: Dict[str, Dict[str, float]]) -> None:
+    """The final evaluations' scores to the trackers of ``report_to`` (main process): a tracker
+    run ``<run name>/eval`` under ``out_dir/eval``."""
+    from vlm.app.stages import tracking_settings
+    from vlm.training.tracking import log_evaluations
+
+    names = log_evaluations(tracking_settings(cfg), metrics, Path(cfg.out_dir) / "eval")
+    if names:
+        logger.info("evaluations sent to %s", ", ".join(names))

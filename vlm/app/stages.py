@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from vlm.training.eval_callback import EvalDuringTraining, Evaluator
 from vlm.training.objectives import OBJECTIVES, ObjectiveContext
 from vlm.training.stages import apply_stage
 from vlm.training.strategies import build_strategy, check_environment, check_launch
+from vlm.training.tracking import TrackingCallback, TrackingSettings
 from vlm.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -165,7 +167,8 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     dataset = ConversationDataset(
         samples, processor, name=name, progress=accelerator.is_main_process,
         image_features=features.load if features is not None else None,
-        image_cache_bytes=default_budget_bytes(max(1, stage.num_workers)) if stage.image_cache else None)
+        image_cache_bytes=default_budget_bytes(max(1, stage.num_workers)) if stage.image_cache else None,
+        tokenize=token_cache(cfg, processor, name, accelerator))
 
     def save_state(trained_model, folder, state=None):
         save_model_state(trained_model, folder, train_modes(stage.train), cfg.model, tokenizer, prior, state=state)
@@ -180,10 +183,36 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     if stage.eval_every and stage.evals:
         evaluate = in_training_evaluator(cfg, name, tokenizer, out_dir / "eval_during_training")
         callbacks = [*callbacks, EvalDuringTraining(evaluate, stage.eval_every, stage.keep_best)]
+    tracking = tracking_settings(cfg)
+    if tracking.active():  # after the eval callback: its records reach the trackers as they are logged
+        callbacks = [*callbacks, TrackingCallback(tracking)]
     trainer = Trainer(model, dataset, collate=collate, settings=TrainerSettings.of(stage), strategy=strategy,
                       out_dir=out_dir, save_state=save_state, accelerator=accelerator, stage_name=name,
                       objective=objective, callbacks=callbacks, sampler=sampler)
     return StageRun(trainer, dataset, precision, report, levers)
+
+
+def token_cache(cfg: DictConfig, processor, name: str, accelerator):
+    """The stage's tokenisation through the token cache (vlm.data.token_cache), built by each
+    node's local main process; None when ``token_cache`` is off."""
+    if not cfg.token_cache:
+        return None
+    from vlm.data.token_cache import cached_tokenize, default_cache_root
+
+    root = Path(cfg.token_cache_dir) if cfg.token_cache_dir else default_cache_root()
+    return functools.partial(cached_tokenize, processor=processor, root=root, name=name,
+                             progress=accelerator.is_main_process, builder=accelerator.is_local_main_process,
+                             wait=accelerator.wait_for_everyone)
+
+
+def tracking_settings(cfg: DictConfig) -> TrackingSettings:
+    """The trackers of ``report_to`` with the run's name (``tracking.run_name``, else the name of
+    ``out_dir``), project and resolved config."""
+    from vlm.config import to_container
+
+    run_name = cfg.tracking.run_name or Path(cfg.out_dir).resolve().name
+    return TrackingSettings(list(cfg.report_to), Path(cfg.out_dir), run_name, cfg.tracking.project,
+                            to_container(cfg))
 
 
 def run_stage(cfg: DictConfig, name: str, resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:

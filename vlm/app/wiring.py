@@ -33,6 +33,7 @@ REGISTRIES: Dict[str, str] = {
     "objectives": "vlm.training.objectives:OBJECTIVES",
     "tasks": "vlm.evaluation.tasks:TASKS",
     "strategies": "vlm.training.strategies:STRATEGIES",
+    "trackers": "vlm.training.trackers:TRACKERS",
 }
 
 
@@ -168,6 +169,13 @@ def validate(cfg: DictConfig) -> None:
         check_stage(stage, connector_cls, f"stages.{name}")
     for name, ev in cfg.evals.items():
         check_eval(ev, f"evals.{name}")
+    check_report_to(cfg)
+
+
+def check_report_to(cfg: DictConfig) -> None:
+    """``report_to``: registered tracker names (each checks that its package is installed)."""
+    for i, name in enumerate(cfg.report_to):
+        check_component("trackers", name, cfg, f"report_to.{i}", f"report_to.{i}")
 
 
 def catalog() -> Dict[str, List[str]]:

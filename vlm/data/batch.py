@@ -67,6 +67,8 @@ class Batch:
     - ``num_samples``: how many samples the batch holds (packed rows hold several; None given:
       one per row).
     - ``skipped``: how many samples the collate dropped (unreadable images).
+    - ``num_tokens``: the real (non-padding) tokens of the batch (None given: the attention
+      mask's ones, or every position when there is none).
     """
 
     input_ids: torch.Tensor
@@ -78,11 +80,15 @@ class Batch:
     instructions: List[str] = field(default_factory=list)
     num_samples: Optional[int] = None
     skipped: int = 0
+    num_tokens: Optional[int] = None
 
     def __post_init__(self):
         _check_kind(self.image_kind)
         if self.num_samples is None:
             self.num_samples = int(self.input_ids.shape[0])
+        if self.num_tokens is None:
+            mask = self.attention_mask
+            self.num_tokens = int(mask.sum()) if mask is not None else int(self.input_ids.numel())
 
     @property
     def packed(self) -> bool:
@@ -194,7 +200,7 @@ def _lay_out(items: Sequence[EncodedSample], rows: Sequence[Sequence[int]], pad_
     return Batch(input_ids=ids, labels=labels, attention_mask=mask, position_ids=positions,
                  images=torch.stack(images) if images else None,
                  image_kind=kinds.pop() if kinds else "pixels", instructions=instructions,
-                 num_samples=len(items), skipped=skipped)
+                 num_samples=len(items), skipped=skipped, num_tokens=sum(used))
 
 
 def _fence(labels: Sequence[int]) -> List[int]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
@@ -38,11 +38,14 @@ class ConversationDataset(Dataset):
     (raising ImageLoadError when it cannot); items then hold those (``image_kind``
     ``"features"``) instead of pixels. ``image_cache_bytes``, when given, keeps decoded images
     in memory up to that many bytes (:class:`~vlm.data.image_cache.DecodedImageCache`).
+    ``tokenize(samples)``, when given, returns every sample's ``(ids, labels)`` in its stead
+    (:func:`vlm.data.token_cache.cached_tokenize`).
     """
 
     def __init__(self, samples: Sequence[Sample], processor: VLMProcessor, name: str = "data", progress: bool = True,
                  image_features: Optional[Callable[[str], torch.Tensor]] = None,
-                 image_cache_bytes: Optional[int] = None):
+                 image_cache_bytes: Optional[int] = None,
+                 tokenize: Optional[Callable[[Sequence[Sample]], Sequence[Tuple[List[int], List[int]]]]] = None):
         self.processor = processor
         self.image_features = image_features
         self.load_image = (processor.load_image if image_cache_bytes is None
@@ -52,8 +55,10 @@ class ConversationDataset(Dataset):
         self.left_out: Dict[str, List[str]] = {}
         self.entries: List[tuple] = []
         truncated: List[str] = []
-        for sample in tqdm(samples, desc=f"tokenizing {name}", disable=not progress, leave=False):
-            ids, labels = processor.tokenize(sample.turns)
+        encoded = (tokenize(samples) if tokenize is not None else  # the token cache (data/token_cache.py)
+                   (processor.tokenize(s.turns) for s in tqdm(samples, desc=f"tokenizing {name}",
+                                                               disable=not progress, leave=False)))
+        for sample, (ids, labels) in zip(samples, encoded):
             reason = None
             if len(ids) > processor.max_length:
                 if processor.image_token_id in ids[processor.max_length:]:

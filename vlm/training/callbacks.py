@@ -78,6 +78,10 @@ class Callback:
     def on_train_end(self, ctx: TrainingContext, final: Path) -> None:
         """After the stage's ``final`` output was written."""
 
+    def on_train_abort(self, ctx: TrainingContext, error: BaseException) -> None:
+        """The stage stops with ``error`` (a failure, or TrainingPreempted after its checkpoint);
+        only this process's own resources may be released here (no collective)."""
+
 
 class CallbackList(Callback):
     """Calls each of several callbacks in order."""
@@ -104,3 +108,7 @@ class CallbackList(Callback):
     def on_train_end(self, ctx, final):
         for cb in self.callbacks:
             cb.on_train_end(ctx, final)
+
+    def on_train_abort(self, ctx, error):
+        for cb in self.callbacks:
+            cb.on_train_abort(ctx, error)

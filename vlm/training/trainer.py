@@ -264,6 +264,10 @@ class Trainer:
                 casts.to_low()
             with self.preemption.installed():
                 return self._train(resume)
+        except BaseException as error:  # the callbacks release what they hold (trackers), then it goes on
+            with self._outside_steps():
+                self.callbacks.on_train_abort(self.context, error)
+            raise
         finally:
             restore_eager(blocks)
             if casts:
@@ -296,8 +300,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=position["step"], desc=f"train {self.stage_name}",
                    disable=not self.is_main, dynamic_ncols=True)
         window: Dict[str, float] = {}
-        window_samples, window_start = 0, time.perf_counter()
-        micro, window_tokens = 0, 0
+        window_samples, window_tokens, window_start = 0, 0, time.perf_counter()
+        micro, step_label_tokens = 0, 0
         guard = NonFiniteGuard(settings.nonfinite, self.stage_name, acc)
         self.skips = SkipCounter(self.stage_name, settings.max_image_failure_ratio, self.micro_per_epoch, acc)
         self.context.step = position["step"]
@@ -328,22 +332,24 @@ class Trainer:
                     # every rank at the sync (DDP and FSDP average over ranks: hence the world size)
                     acc.backward(out.loss * out.tokens if weighted else out.loss / window_length)
                 if weighted:
-                    window_tokens = window_tokens + out.tokens.detach().to(torch.float64)
+                    step_label_tokens = step_label_tokens + out.tokens.detach().to(torch.float64)
                 if guard.observe_loss(out.loss):
                     for name, value in _losses(out).items():
                         window[name] = window.get(name, 0.0) + float(value) * n
                     window_samples += n
+                    window_tokens += batch.num_tokens
                 position.update(epoch=epoch, batch=index + 1, samples=position["samples"] + n)
                 if last_of_epoch:
                     position.update(epoch=epoch + 1, batch=0)
                 if not sync:
                     continue
                 micro = 0
-                if isinstance(window_tokens, torch.Tensor):
+                if isinstance(step_label_tokens, torch.Tensor):
                     phase("the token count's all-reduce")
-                    total = acc.reduce(window_tokens, reduction="sum") if acc.num_processes > 1 else window_tokens
+                    total = (acc.reduce(step_label_tokens, reduction="sum") if acc.num_processes > 1
+                             else step_label_tokens)
                     self.strategy.scale_gradients(self.model, acc.num_processes / max(float(total), 1.0))
-                window_tokens = 0
+                step_label_tokens = 0
                 grad_norm = None
                 phase("gradient clipping (the norm's all-reduce)")
                 if settings.optimization.max_grad_norm:
@@ -361,18 +367,21 @@ class Trainer:
                 if step % schedule.log_every == 0 or step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     phase("the loss all-reduce of a log record", step_done=True)
-                    sums, all_samples = rank_sums(acc, window, window_samples)
+                    sums, all_samples = rank_sums(acc, {**window, TOKENS: float(window_tokens)}, window_samples)
+                    all_tokens = int(sums.pop(TOKENS))
                     record = {"stage": self.stage_name, "step": step, "epoch": round(step / self.steps_per_epoch, 4),
                               **{k: v / all_samples for k, v in sums.items()},
                               "lr": self.scheduler.get_last_lr()[0],
                               "samples": all_samples,
                               "samples_per_s": all_samples / max(elapsed, 1e-9),
-                              "grad_norm": grad_norm}
+                              "grad_norm": grad_norm,
+                              **learning_rates(self.optimizer, self.scheduler),
+                              "tokens": all_tokens, "tokens_per_s": all_tokens / max(elapsed, 1e-9)}
                     with self._outside_steps():
                         self._log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     samples_s=f"{record['samples_per_s']:.1f}", **self.context.progress)
-                    window, window_samples, window_start = {}, 0, time.perf_counter()
+                    window, window_samples, window_tokens, window_start = {}, 0, 0, time.perf_counter()
                 phase("a checkpoint or a callback", step_done=True)
                 saved = None
                 if schedule.save_every and step % schedule.save_every == 0 and step < self.total_steps:
@@ -418,6 +427,16 @@ class Trainer:
             if removed:
                 logger.info("keep_last %d: removed %s", keep_last, ", ".join(p.name for p in removed))
         return folder
+
+
+TOKENS = "\0tokens"  # the real-token count of a window, summed over ranks beside the losses
+
+
+def learning_rates(optimizer, scheduler) -> Dict[str, float]:
+    """``lr_<group name>``: the learning rate of each parameter group (``lr`` is the first's; not
+    ``lr/...``, which a file-based tracker store cannot keep beside ``lr``)."""
+    return {f"lr_{group.get('name', i)}": lr
+            for i, (group, lr) in enumerate(zip(optimizer.param_groups, scheduler.get_last_lr()))}
 
 
 def rank_sums(accelerator: Accelerator, window: Dict[str, float], samples: int):

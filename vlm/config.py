@@ -402,6 +402,8 @@ class ShapesDataConfig:
     num_test: int = 200
     image_size: int = 64
     seed: int = 0
+    # multiplies the shapes' sizes (0.1-1.6); large images with small shapes: docs/resolution.md
+    shape_scale: float = 1.0
 
 
 @dataclass
@@ -607,6 +609,7 @@ _DATA_RANGES = [("max_samples", _at_least_one, ">= 1 (or null: all)"), ("repeat"
 _PREPARE_RANGES = [
     ("prepare.shapes.num_train", _non_negative, ">= 0"), ("prepare.shapes.num_test", _non_negative, ">= 0"),
     ("prepare.shapes.image_size", _at_least_one, ">= 1"),
+    ("prepare.shapes.shape_scale", lambda v: 0.1 <= v <= 1.6, "in [0.1, 1.6]"),
     ("prepare.tokenizer.vocab_size", _at_least_one, ">= 1"),
     ("prepare.tokenizer.min_frequency", _at_least_one, ">= 1"),
 ]

@@ -386,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-test", type=int, default=200)
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--shape-scale", type=float, default=1.0, help="multiply the shapes' sizes (0.3-1.6)")
+    s.add_argument("--shape-scale", type=float, default=1.0, help="multiply the shapes' sizes (0.1-1.6; "
+                   "0.1-0.2 with --image-size 256-384: small shapes for AnyRes tiling)")
     s.add_argument("--jitter", type=float, default=0.05, help="largest shift of a shape's centre, fraction of the side")
     s.add_argument("--shapes-per-image", type=int, default=1, choices=[1, 2],
                    help="2: a shape in each half; questions name which ('the shape on the left')")

@@ -129,3 +129,22 @@ def test_a_tile_grid_the_encoder_cannot_take_is_one_line(tokenizer_dir, tokenize
     with pytest.raises(ConfigError, match=message) as info:
         build_tiny_model(tiled_config(tokenizer_dir, **tiling), tokenizer)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("stage,message", [
+    ({"objective": "caption_bow", "train": {"vision": "full", "connector": "frozen", "llm": "frozen"}},
+     "stages.s.objective: 'caption_bow' reads one pixel tensor per image; with model.vision.tiling"),
+    ({"feature_cache": True, "train": {"vision": "frozen", "connector": "full", "llm": "frozen"}},
+     "stages.s.feature_cache: cached features are one encoder pass per image"),
+])
+def test_a_stage_that_needs_one_tensor_per_image_is_refused_with_tiling(tmp_path, tokenizer_dir, shapes_data,
+                                                                        stage, message):
+    from conftest import VISION_ARCH, run_config
+
+    data = {"format": "coco_captions", "args": {"path": shapes_data["train"]["captions"],
+                                                "image_root": shapes_data["train"]["image_root"]}}
+    vision = {"name": "hf_clip", "arch": dict(VISION_ARCH), "preprocess": "resize",
+              "tiling": {"enabled": True, "max_tiles": 4}}
+    with pytest.raises(ConfigError, match=message):
+        run_config(tmp_path, tokenizer_dir, {"s": {**stage, "data": [data]}}, model={"vision": vision})
+    run_config(tmp_path, tokenizer_dir, {"s": {**stage, "data": [data]}})  # untiled: accepted

@@ -148,3 +148,21 @@ def test_a_stage_that_needs_one_tensor_per_image_is_refused_with_tiling(tmp_path
     with pytest.raises(ConfigError, match=message):
         run_config(tmp_path, tokenizer_dir, {"s": {**stage, "data": [data]}}, model={"vision": vision})
     run_config(tmp_path, tokenizer_dir, {"s": {**stage, "data": [data]}})  # untiled: accepted
+
+
+def test_packed_tiled_batch_gives_the_padded_loss(tiled, tokenizer):
+    """Packing reorders samples into rows: each image's tiles and layout move with it."""
+    from vlm.data.batch import Collator
+
+    model, processor, _ = tiled
+    samples = [Sample(id=str(i), turns=[Turn("user", "<image>\nwhat is it?"), Turn("assistant", "a red " * (1 + i))],
+                      images=[image(w, h)]) for i, (w, h) in enumerate(SIZES)]
+    samples.insert(2, Sample(id="text", turns=[Turn("user", "hello"), Turn("assistant", "hi there")], images=[]))
+    items = [processor.encode(s) for s in samples]
+    packed = Collator(tokenizer.pad_token_id, packing=True, max_length=1000)(items)
+    padded = Collator(tokenizer.pad_token_id)(items)
+    assert packed.input_ids.shape[0] < len(items)
+    assert sorted(map(tuple, packed.image_layouts.tolist())) == sorted(map(tuple, padded.image_layouts.tolist()))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**packed.model_inputs()).loss, model(**padded.model_inputs()).loss,
+                                   atol=1e-5, rtol=0)

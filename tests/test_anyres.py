@@ -166,3 +166,21 @@ def test_packed_tiled_batch_gives_the_padded_loss(tiled, tokenizer):
     with torch.no_grad():
         torch.testing.assert_close(model(**packed.model_inputs()).loss, model(**padded.model_inputs()).loss,
                                    atol=1e-5, rtol=0)
+
+
+def test_image_size_of_reads_the_header_as_the_loader_sees_it(tmp_path):
+    from vlm.core.errors import ImageLoadError
+    from vlm.data.anyres import image_size_of
+
+    path = tmp_path / "a.jpg"
+    image(50, 30).save(path)
+    assert image_size_of(str(path)) == (30, 50)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the loader (exif_transpose) turns it upright
+    image(40, 20).save(path, exif=exif)  # the same path, another file: read again
+    assert image_size_of(str(path)) == (40, 20)
+    from vlm.data.images import open_image
+
+    assert open_image(str(path)).size == (20, 40)
+    with pytest.raises(ImageLoadError, match="missing.png"):
+        image_size_of(str(tmp_path / "missing.png"))

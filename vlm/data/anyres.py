@@ -15,7 +15,9 @@ model sees it (:meth:`TileLayout.num_tokens`); the model arranges the features t
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -174,6 +176,17 @@ def image_size_of(path: "str | Image.Image") -> Tuple[int, int]:
     loader sees it (EXIF orientation applied); ImageLoadError naming the file."""
     if isinstance(path, Image.Image):
         return path.height, path.width
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise ImageLoadError(f"cannot read image {path}: {exc}") from exc
+    return _file_size(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=1 << 16)
+def _file_size(path: str, mtime_ns: int, size: int) -> Tuple[int, int]:
+    """:func:`image_size_of` for a file, read once per version of it (samples share images; a PNG's
+    EXIF may sit after its pixel data, so reading it costs milliseconds)."""
     try:
         with Image.open(path) as image:
             width, height = image.size

@@ -184,3 +184,27 @@ def test_image_size_of_reads_the_header_as_the_loader_sees_it(tmp_path):
     assert open_image(str(path)).size == (20, 40)
     with pytest.raises(ImageLoadError, match="missing.png"):
         image_size_of(str(tmp_path / "missing.png"))
+
+
+def test_serve_counts_a_tiled_images_tokens_against_the_context(tiled):
+    """`vlm serve` refuses a prompt over the model's context counting each image's real tokens."""
+    import base64
+    import io
+    from types import SimpleNamespace
+
+    from vlm.inference.serving.app import _parse
+    from vlm.inference.serving.requests import APIError
+
+    model, processor, _ = tiled
+    buffer = io.BytesIO()
+    image(100, 37).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "what is it?"}]}], "max_tokens": 4}
+    expected = len(processor.encode(Sample(id="s", turns=[Turn("user", "<image>\nwhat is it?")], images=[image(100, 37)]),
+                                    for_generation=True).input_ids)
+    assert expected > 60  # a 1 x 3 grid: far more than the 16 tokens of an untiled image
+    _, prompt = _parse(SimpleNamespace(processor=processor, context_length=expected + 4), body, None)
+    assert prompt == expected
+    with pytest.raises(APIError, match=f"{expected} in the messages"):
+        _parse(SimpleNamespace(processor=processor, context_length=expected + 3), body, None)

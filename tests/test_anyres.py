@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_model, tiny_model_config
+from omegaconf import OmegaConf
 from PIL import Image
 
 from vlm.core.errors import ConfigError, LayoutError
@@ -208,3 +209,13 @@ def test_serve_counts_a_tiled_images_tokens_against_the_context(tiled):
     assert prompt == expected
     with pytest.raises(APIError, match=f"{expected} in the messages"):
         _parse(SimpleNamespace(processor=processor, context_length=expected + 3), body, None)
+
+
+@pytest.mark.parametrize("overrides", [{"vision.keep_cls": True}, {"connector.options": {"global_token": True}},
+                                       {"connector.name": "question_aware_mlp"}])
+def test_a_connector_whose_tokens_are_not_a_square_grid_cannot_tile(tokenizer_dir, tokenizer, overrides):
+    cfg = tiled_config(tokenizer_dir)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    with pytest.raises(ConfigError, match=r"^model.vision.tiling: tiling lays each tile's tokens out as a square grid"):
+        build_tiny_model(cfg, tokenizer)

@@ -27,15 +27,11 @@ NEWLINE = "image_newline"  # the connector parameter that holds the row-end toke
 def tile_grid(vision: nn.Module, connector: nn.Module, where: str = "model.vision.tiling") -> int:
     """The side of one tile's square token grid (what the connector makes of the encoder's
     patches); ConfigError naming ``where`` when the tokens are not a square spatial grid."""
-    if getattr(connector, "global_token", False) or getattr(connector, "instruction_aware", False):
+    side = connector.token_grid(vision.num_patches)
+    if side is None:
         raise ConfigError(f"{where}: tiling lays each tile's tokens out as a square grid; connector "
-                          f"{type(connector).__name__} adds tokens that are not grid cells (global_token / "
-                          "query tokens)")
-    tokens = connector.num_tokens(vision.num_patches)
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise ConfigError(f"{where}: tiling needs a square grid of tokens per tile; the encoder and connector "
-                          f"give {tokens} (keep_cls adds one: set model.vision.keep_cls false)")
+                          f"{type(connector).__name__} gives {connector.num_tokens(vision.num_patches)} tokens that "
+                          "are not one (keep_cls, global_token, a question token or queries)")
     return side
 
 

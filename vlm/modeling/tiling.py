@@ -47,6 +47,11 @@ def prepare_tiling(vision: nn.Module, connector: nn.Module, llm_dim: int, tiling
     return spec
 
 
+def row_end_token(connector: nn.Module, spec: Optional[TilingSpec]) -> Optional[torch.Tensor]:
+    """The connector's learned row-end token when the model tiles with ``newline``, else None."""
+    return getattr(connector, NEWLINE) if spec is not None and spec.newline else None
+
+
 def pool_tiles(tokens: torch.Tensor, side: int) -> torch.Tensor:
     """``(T, g*g, D)`` tile tokens -> ``(T, side*side, D)`` by bilinear interpolation of each grid."""
     grid = math.isqrt(tokens.shape[1])

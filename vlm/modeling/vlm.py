@@ -90,10 +90,10 @@ class VisionLanguageModel(nn.Module):
         """AnyRes: every image's tiles ``(tiles, 3, S, S)`` and layouts ``(n, 6)`` -> the images'
         visual tokens, concatenated ``(sum of each image's count, H_llm)`` (``vlm.modeling.tiling``)."""
         from vlm.data.anyres import TileLayout
-        from vlm.modeling.tiling import encode_tiled
+        from vlm.modeling.tiling import encode_tiled, row_end_token
 
         layouts = [TileLayout.from_row(row) for row in image_layouts.tolist()]
-        return encode_tiled(self.encode_images, pixel_values, layouts, getattr(self.connector, "image_newline", None),
+        return encode_tiled(self.encode_images, pixel_values, layouts, row_end_token(self.connector, self.tiling),
                             instructions)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
@@ -125,7 +125,9 @@ class VisionLanguageModel(nn.Module):
                 size = self.vision.image_size
                 blank = torch.zeros(1, 3, size, size, device=inputs_embeds.device)  # as the collator gives pixels
                 visual = self.encode_images(blank, [""])
-                newline = getattr(self.connector, "image_newline", None)  # AnyRes: trains with the connector
+                from vlm.modeling.tiling import row_end_token
+
+                newline = row_end_token(self.connector, self.tiling)  # AnyRes: trains with the connector
                 visual = visual.sum() + (0.0 if newline is None else newline.sum())
                 inputs_embeds = inputs_embeds + 0.0 * visual.to(inputs_embeds.dtype)
             return inputs_embeds, None

@@ -284,3 +284,23 @@ def test_bad_style_options_are_refused_by_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["data", "shapes", "--out", str(tmp_path / "x"), "--colors", "red,mauve"])
     assert "mauve" in capsys.readouterr().err
+
+
+def test_large_images_with_small_shapes(tmp_path, capsys):
+    """`vlm data shapes --image-size 256 --shape-scale 0.15`: readable at full resolution, a few
+    pixels once resized to a small encoder's 32 px input (what AnyRes tiling is for)."""
+    from conftest import run_vlm
+
+    code, _, _ = run_vlm(["data", "shapes", "--out", tmp_path / "big", "--num-train", 12, "--num-test", 2,
+                          "--image-size", 256, "--shape-scale", 0.15], capsys)
+    assert code == 0
+    paths = {"image_root": str(tmp_path / "big" / "images" / "train"),
+             "attributes": str(tmp_path / "big" / "attributes_train.json")}
+    for a in load(paths["attributes"]):
+        image = Image.open(os.path.join(paths["image_root"], a["file_name"]))
+        assert image.size == (256, 256) and a["radius"] * 256 < 14
+        background = BACKGROUNDS[a["background"]]
+        got = classify(image, background)
+        assert {k: got[k] for k in ("color", "shape", "position")} == {k: a[k] for k in ("color", "shape", "position")}
+        small = np.asarray(image.resize((32, 32), Image.BICUBIC), dtype=np.float64)
+        assert (np.abs(small - np.array(background)).max(axis=2) > 40).sum() <= 12, a["file_name"]

@@ -53,6 +53,22 @@ class Precision(str, enum.Enum):
 
 
 @dataclass
+class TilingConfig:
+    """AnyRes tiling (docs/resolution.md): each image as a grid of encoder-sized tiles chosen to
+    fit its aspect ratio, plus a downscaled overview. ``grid_pinpoints``: the allowed grids as
+    ``[height, width]`` pixel sizes (multiples of the encoder's image size), or ``max_tiles``: every
+    grid of at most that many tiles (exactly one of the two); ``newline``: a learned row-end token
+    after each row of the unpadded tile features (LLaVA-NeXT's ``image_newline``);
+    ``pool_stride``: bilinear pooling of each tile's feature grid to ``ceil(side / stride)``."""
+
+    enabled: bool = False
+    grid_pinpoints: Optional[List[List[int]]] = None
+    max_tiles: Optional[int] = None
+    newline: bool = True
+    pool_stride: int = 1
+
+
+@dataclass
 class VisionConfig:
     """A vision encoder: registry name, weights (local path or hub id) or inline architecture."""
 
@@ -63,6 +79,7 @@ class VisionConfig:
     keep_cls: bool = False
     preprocess: Optional[str] = None  # None: the encoder's own default (``default_preprocess``)
     options: Dict[str, Any] = field(default_factory=dict)
+    tiling: TilingConfig = field(default_factory=TilingConfig)  # AnyRes (vlm/data/anyres.py)
 
 
 @dataclass
@@ -193,6 +210,9 @@ class StageConfig:
     collective_timeout_s: Optional[float] = None
     # images with more pixels are refused before decoding (ImageLoadError)
     max_image_pixels: int = 40_000_000
+    # per sample: visual tokens beyond this first cost tiles, then more pooling (vlm/data/budget.py);
+    # a sample that still does not fit is left out and counted. None: no budget
+    max_visual_tokens: Optional[int] = None
     # train from the frozen encoder's features, computed once and stored on disk
     # (vlm/training/features.py); None: <out_dir>/feature_cache
     feature_cache: bool = False
@@ -382,6 +402,8 @@ class ShapesDataConfig:
     num_test: int = 200
     image_size: int = 64
     seed: int = 0
+    # multiplies the shapes' sizes (0.1-1.6); large images with small shapes: docs/resolution.md
+    shape_scale: float = 1.0
 
 
 @dataclass
@@ -601,6 +623,7 @@ _STAGE_RANGES = [
     ("max_image_failure_ratio", _unit, "in [0, 1]"),
     ("collective_timeout_s", _positive, "> 0 (or null: torch's default)"),
     ("max_image_pixels", _at_least_one, ">= 1"),
+    ("max_visual_tokens", _at_least_one, ">= 1 (or null: no budget)"),
     ("lora.r", _at_least_one, ">= 1"),
     ("lora.alpha", _positive, "> 0"),
     ("lora.dropout", _fraction, "in [0, 1)"),
@@ -617,6 +640,7 @@ _PREPARE_RANGES = [
     ("prepare.shapes.image_size", _at_least_one, ">= 1"),
     ("prepare.scenes.num_train", _non_negative, ">= 0"), ("prepare.scenes.num_test", _non_negative, ">= 0"),
     ("prepare.scenes.image_size", lambda v: v >= 48, ">= 48"),
+    ("prepare.shapes.shape_scale", lambda v: 0.1 <= v <= 1.6, "in [0.1, 1.6]"),
     ("prepare.tokenizer.vocab_size", _at_least_one, ">= 1"),
     ("prepare.tokenizer.min_frequency", _at_least_one, ">= 1"),
 ]

@@ -63,7 +63,7 @@ def test_an_os_error_is_one_line_with_the_path_and_what_to_do(monkeypatch, capsy
 
 @pytest.mark.parametrize("flags, named", [
     (["--jitter", "0.5"], "jitter must be in [0, 0.15], got 0.5"),
-    (["--shape-scale", "5"], "shape_scale must be in [0.3, 1.6], got 5"),
+    (["--shape-scale", "5"], "shape_scale must be in [0.1, 1.6], got 5"),
     (["--colors", "red"], "colors: at least two distinct names"),
 ])
 def test_bad_shapes_options_are_one_line_and_write_nothing(tmp_path, capsys, flags, named):

@@ -306,6 +306,18 @@ def cmd_export_hf_blip2(args) -> None:
         raise ConfigError(f"{args.checkpoint}: {exc}") from None
 
 
+def cmd_export_hf_llava_next(args) -> None:
+    """Write a tiled (AnyRes) stage output as a transformers LLaVA-NeXT folder (LlavaNextForConditionalGeneration)."""
+    from vlm.core.errors import LayoutError
+    from vlm.interop.hf_llava_next import export_hf_llava_next
+
+    try:
+        out = export_hf_llava_next(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    except LayoutError as exc:
+        raise ConfigError(f"{args.checkpoint}: {exc}") from None
+    print(f"exported: {out}")
+
+
 def cmd_import_hf_llava(args) -> None:
     """Write a local transformers LLaVA folder as a vlm stage output."""
     from vlm.data.image_transforms import PREPROCESSING
@@ -439,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-test", type=int, default=200)
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--shape-scale", type=float, default=1.0, help="multiply the shapes' sizes (0.3-1.6)")
+    s.add_argument("--shape-scale", type=float, default=1.0, help="multiply the shapes' sizes (0.1-1.6; "
+                   "0.1-0.2 with --image-size 256-384: small shapes for AnyRes tiling)")
     s.add_argument("--jitter", type=float, default=0.05, help="largest shift of a shape's centre, fraction of the side")
     s.add_argument("--shapes-per-image", type=int, default=1, choices=[1, 2, 3, 4, 5],
                    help="2: a shape in each half; questions name which ('the shape on the left'); 3 to 5: "
@@ -512,7 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     export_sub = p.add_subparsers(dest="format", required=True)
     for name, func, layout, reader in (
             ("hf-llava", cmd_export_hf_llava, "hf_clip + mlp2x_gelu + a causal LM", "LlavaForConditionalGeneration"),
-            ("hf-blip2", cmd_export_hf_blip2, "hf_blip2_vision + qformer + a causal LM", "Blip2ForConditionalGeneration")):
+            ("hf-blip2", cmd_export_hf_blip2, "hf_blip2_vision + qformer + a causal LM",
+             "Blip2ForConditionalGeneration"),
+            ("hf-llava-next", cmd_export_hf_llava_next, "hf_clip + mlp2x_gelu + a causal LM, model.vision.tiling",
+             "LlavaNextForConditionalGeneration")):
         s = export_sub.add_parser(name, help=func.__doc__)
         s.add_argument("checkpoint", help=f"stage output folder ({layout})")
         s.add_argument("--out", required=True, help=f"folder to write ({reader}.from_pretrained reads it)")

@@ -17,14 +17,15 @@ logger = logging.getLogger(__name__)
 
 def run_prepare(cfg: DictConfig) -> None:
     """Generate synthetic data and train a tokenizer when the recipe asks for them."""
-    from vlm.data.synthetic import generate_shapes
+    from vlm.data.synthetic import ShapesStyle, generate_shapes
     from vlm.data.tokenizer_training import train_tokenizer_from_files
 
     shapes = cfg.prepare.shapes
     if shapes is not None:
         logger.info("prepare: shapes data -> %s", shapes.out)
         generate_shapes(shapes.out, num_train=shapes.num_train, num_test=shapes.num_test,
-                        image_size=shapes.image_size, seed=shapes.seed)
+                        image_size=shapes.image_size, seed=shapes.seed,
+                        style=ShapesStyle(shape_scale=shapes.shape_scale))
     scenes = cfg.prepare.scenes
     if scenes is not None:
         from vlm.data.synthetic_scenes import generate_scenes, parse_range

@@ -150,7 +150,8 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
         load_model_state(model, init_from)
     objective_cls = OBJECTIVES.get(stage.objective)  # looked up once: what it freezes, then built
     apply_stage(model, WhatTrains.of(stage), objective_cls)
-    processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length, stage.max_image_pixels)
+    processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length, stage.max_image_pixels,
+                                stage.max_visual_tokens)
     objective = objective_cls.build(None, ObjectiveContext(model, tokenizer))
     samples = read_samples(stage.data, cfg.model.image_token)
     check_image_files([p for s in samples for p in s.images], f"stages.{name}.data", stage.max_image_failure_ratio)

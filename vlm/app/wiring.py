@@ -145,6 +145,17 @@ def check_stage(stage, connector_cls, where: str) -> None:
     check_component("strategies", stage.strategy, stage, where, f"{where}.strategy")
 
 
+def check_tiled_stage(stage, where: str) -> None:
+    """With ``model.vision.tiling`` an image is several tiles: ConfigError for a stage that
+    needs one pixel tensor or one cached feature map per image."""
+    if registry("objectives").get(stage.objective).needs_pixels:
+        raise ConfigError(f"{where}.objective: '{stage.objective}' reads one pixel tensor per image; with "
+                          "model.vision.tiling each image is several tiles (train it in an untiled recipe)")
+    if stage.feature_cache:
+        raise ConfigError(f"{where}.feature_cache: cached features are one encoder pass per image; with "
+                          "model.vision.tiling each image is several tiles")
+
+
 def check_eval(ev, where: str) -> None:
     """One evaluation: a registered task (and its checks), its data (format defaulting to the
     task's)."""
@@ -167,6 +178,8 @@ def validate(cfg: DictConfig) -> None:
             check_data(data, f"prepare.tokenizer.data.{i}")
     for name, stage in cfg.stages.items():
         check_stage(stage, connector_cls, f"stages.{name}")
+        if cfg.model.vision.tiling.enabled:
+            check_tiled_stage(stage, f"stages.{name}")
     for name, ev in cfg.evals.items():
         check_eval(ev, f"evals.{name}")
     check_report_to(cfg)

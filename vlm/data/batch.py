@@ -48,6 +48,10 @@ class EncodedSample:
     images: List[torch.Tensor] = field(default_factory=list)
     instructions: List[str] = field(default_factory=list)
     image_kind: ImageKind = "pixels"
+    # each image's number of visual tokens (placeholders), in marker order; empty: K each
+    image_tokens: List[int] = field(default_factory=list)
+    # AnyRes tiling: each image's vlm.data.anyres.TileLayout (its ``images`` entry holds its tiles)
+    image_layouts: Optional[List[Any]] = None
 
     def __post_init__(self):
         _check_kind(self.image_kind)
@@ -69,6 +73,8 @@ class Batch:
     - ``skipped``: how many samples the collate dropped (unreadable images).
     - ``num_tokens``: the real (non-padding) tokens of the batch (None given: the attention
       mask's ones, or every position when there is none).
+    - ``image_layouts``: AnyRes tiling, ``(n_images, 6)`` long (``vlm.data.anyres.TileLayout``
+      rows); ``images`` then holds every image's tiles, ``(tiles, 3, S, S)``.
     """
 
     input_ids: torch.Tensor
@@ -81,6 +87,7 @@ class Batch:
     num_samples: Optional[int] = None
     skipped: int = 0
     num_tokens: Optional[int] = None
+    image_layouts: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         _check_kind(self.image_kind)
@@ -111,7 +118,8 @@ class Batch:
         return dataclasses.replace(
             self, input_ids=apply(self.input_ids), labels=apply(self.labels),
             attention_mask=apply(self.attention_mask), position_ids=apply(self.position_ids),
-            images=apply(self.images), instructions=list(self.instructions))
+            images=apply(self.images), instructions=list(self.instructions),
+            image_layouts=apply(self.image_layouts))
 
     def model_inputs(self, with_labels: bool = True) -> Dict[str, Any]:
         """The keyword arguments of ``VisionLanguageModel.forward`` for this batch: ``input_ids``,
@@ -125,6 +133,8 @@ class Batch:
             inputs["labels"] = self.labels
         if self.position_ids is not None:
             inputs["position_ids"] = self.position_ids
+        if self.image_layouts is not None:
+            inputs["image_layouts"] = self.image_layouts
         return inputs
 
 
@@ -180,6 +190,7 @@ def _lay_out(items: Sequence[EncodedSample], rows: Sequence[Sequence[int]], pad_
     mask = None if packed else torch.zeros(shape, dtype=torch.long)
     images: List[torch.Tensor] = []
     instructions: List[str] = []
+    layouts: List[List[int]] = []
     for r, row in enumerate(rows):
         start = width - used[r] if left else 0
         for i in row:
@@ -193,14 +204,19 @@ def _lay_out(items: Sequence[EncodedSample], rows: Sequence[Sequence[int]], pad_
                 mask[r, span] = 1
             images.extend(item.images)
             instructions.extend(item.instructions)
+            layouts.extend(layout.as_row() for layout in item.image_layouts or [])
             start = span.stop
         if packed:
             # padding is a sequence of its own (positions restart), so it never joins a sample's block
             positions[r, start:] = torch.arange(width - start)
+    tiled = any(item.image_layouts for item in items)
+    if tiled and not all(item.image_layouts is not None or not item.images for item in items):
+        raise ValueError("a batch mixes tiled (AnyRes) and untiled images")
     return Batch(input_ids=ids, labels=labels, attention_mask=mask, position_ids=positions,
-                 images=torch.stack(images) if images else None,
+                 images=(torch.cat if tiled else torch.stack)(images) if images else None,
                  image_kind=kinds.pop() if kinds else "pixels", instructions=instructions,
-                 num_samples=len(items), skipped=skipped, num_tokens=sum(used))
+                 num_samples=len(items), skipped=skipped, num_tokens=sum(used),
+                 image_layouts=torch.tensor(layouts, dtype=torch.long) if tiled else None)
 
 
 def _fence(labels: Sequence[int]) -> List[int]:

@@ -1,10 +1,13 @@
 """A map-style dataset of pre-tokenised conversations whose images load lazily.
 
 Tokenising everything up front validates the data before training starts and finds the
-samples that cannot be trained on: those whose labels are all masked and those whose image
-placeholders do not fit in ``max_length``. Both are left out, counted and reported, never
-silently trained on. An image that fails to load at training time is logged with its path and
-the sample is dropped from its batch (and counted) instead of killing the run.
+samples that cannot be trained on: those whose labels are all masked, those whose first image's
+placeholders do not fit in ``max_length`` and those over the visual-token budget. They are left
+out, counted and reported (naming the record), never silently trained on. A sample too long
+for ``max_length`` is cut, never inside an image's tokens: after its last whole image
+(:func:`whole_image_cut`; the images after the cut are dropped with the text). An image that
+fails to load at training time is logged with its path and the sample is dropped from its
+batch (and counted) instead of killing the run.
 
 With ``image_features`` (the frozen-feature cache's reader), items carry each image's cached
 encoder features instead of its pixels (``image_kind`` ``"features"``); a missing or
@@ -21,7 +24,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from vlm.core.errors import ImageLoadError
 from vlm.data.batch import EncodedSample
+from vlm.data.budget import OverBudget
 from vlm.data.image_cache import DecodedImageCache
 from vlm.data.images import unless_unreadable
 from vlm.data.processor import IGNORE_INDEX, VLMProcessor, image_instructions
@@ -54,19 +59,41 @@ class ConversationDataset(Dataset):
         self.stats: Counter = Counter()
         self.left_out: Dict[str, List[str]] = {}
         self.entries: List[tuple] = []
+        self.layouts: List[Optional[list]] = []  # AnyRes: each entry's images' TileLayouts
+        self.num_images: List[int] = []  # each entry's images kept whole (a cut drops the ones after it)
         truncated: List[str] = []
-        encoded = (tokenize(samples) if tokenize is not None else  # the token cache (data/token_cache.py)
-                   (processor.tokenize(s.turns) for s in tqdm(samples, desc=f"tokenizing {name}",
-                                                               disable=not progress, leave=False)))
-        for sample, (ids, labels) in zip(samples, encoded):
+        # each image's visual tokens first (AnyRes reads the files' sizes; the budget is checked)
+        planned = []
+        for sample in tqdm(samples, desc=f"planning images of {name}", leave=False,
+                           disable=not progress or processor.tiling is None):
+            source = sample.meta.get("source", sample.id)
+            try:
+                layouts = processor.image_layouts(sample.images, source)
+            except OverBudget as exc:
+                self._leave_out("over_visual_budget", source, exc)
+                continue
+            except ImageLoadError as exc:  # AnyRes reads each image's size here
+                self._leave_out("unreadable_image", source, exc)
+                continue
+            planned.append((sample, source, layouts, processor.image_token_counts(layouts, len(sample.images))))
+        if tokenize is not None and processor.tiling is None:  # the token cache (data/token_cache.py)
+            encoded = tokenize([sample for sample, _, _, _ in planned])
+        else:  # tiled token counts depend on each image's size: not what the cache keys
+            encoded = (processor.tokenize(sample.turns, image_tokens=counts)
+                       for sample, _, _, counts in tqdm(planned, desc=f"tokenizing {name}", disable=not progress,
+                                                        leave=False))
+        for (sample, source, layouts, counts), (ids, labels) in zip(planned, encoded):
             reason = None
+            kept = len(sample.images)
             if len(ids) > processor.max_length:
-                if processor.image_token_id in ids[processor.max_length:]:
+                cut, kept = whole_image_cut(ids, processor.image_token_id, counts, processor.max_length)
+                if kept == 0 and sample.images:
                     reason = "too_long"
                 else:
-                    ids, labels = ids[: processor.max_length], labels[: processor.max_length]
+                    ids, labels = ids[:cut], labels[:cut]
+                    layouts = None if layouts is None else layouts[:kept]
                     self.stats["truncated"] += 1
-                    truncated.append(sample.meta.get("source", sample.id))
+                    truncated.append(source)
             if reason is None and all(label == IGNORE_INDEX for label in labels):
                 reason = "fully_masked"
             if reason:
@@ -74,6 +101,8 @@ class ConversationDataset(Dataset):
                 self.left_out.setdefault(reason, []).append(sample.meta.get("source", sample.id))
                 continue
             self.entries.append((sample, ids, labels))
+            self.layouts.append(layouts)
+            self.num_images.append(kept)
         self.stats["kept"] = len(self.entries)
         for reason, sources in self.left_out.items():
             logger.warning(
@@ -85,15 +114,46 @@ class ConversationDataset(Dataset):
                            ", ".join(truncated[:3]))
         self.image_failures = 0  # in this process only; the trainer counts across workers (training/skips.py)
 
+    def _leave_out(self, reason: str, source: str, exc: Exception) -> None:
+        """Count a sample left out for ``reason`` and log why (one line naming it)."""
+        self.stats[reason] += 1
+        self.left_out.setdefault(reason, []).append(source)
+        logger.warning("%s: leaving out %s: %s", self.name, source, exc)
+
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> Optional[EncodedSample]:
         sample, ids, labels = self.entries[index]
+        layouts = self.layouts[index]
+        paths = sample.images[:self.num_images[index]]
         load, kind = ((self.load_image, "pixels") if self.image_features is None
                       else (self.image_features, "features"))
-        images = unless_unreadable(lambda: [load(path) for path in sample.images], sample, where=self.name)
+        if layouts is None:
+            images = unless_unreadable(lambda: [load(path) for path in paths], sample, where=self.name)
+        else:
+            images = unless_unreadable(lambda: [self.processor.load_tiles(path, layout)
+                                                for path, layout in zip(paths, layouts)], sample,
+                                       where=self.name)
         if images is None:
             self.image_failures += 1
             return None
-        return EncodedSample(ids, labels, images, image_instructions(sample.turns, self.processor.image_token), kind)
+        instructions = image_instructions(sample.turns, self.processor.image_token)[:len(paths)]
+        return EncodedSample(ids, labels, images, instructions, kind,
+                             image_tokens=self.processor.image_token_counts(layouts, len(paths)),
+                             image_layouts=layouts)
+
+
+def whole_image_cut(ids: Sequence[int], image_token_id: int, counts: Sequence[int], max_length: int) -> tuple:
+    """``(cut, kept)``: where to cut ``ids`` to at most ``max_length`` tokens without cutting
+    through an image's placeholders (``counts``: each image's, in order), and how many images
+    stay whole before the cut: ``max_length`` when every image ends within it, else the start
+    of the first image that does not (or ``max_length``, if that comes first)."""
+    positions = [i for i, token in enumerate(ids) if token == image_token_id]
+    start = 0
+    for kept, count in enumerate(counts):
+        span = positions[start:start + count]
+        if span and span[-1] >= max_length:
+            return min(span[0], max_length), kept
+        start += count
+    return max_length, len(counts)

@@ -1,18 +1,21 @@
 """Turn Samples into model inputs: template -> segments -> token ids, labels and pixels.
 
 Each ``<image>`` in the text becomes K copies of the image placeholder id, K being what the
-model's connector produces per image. Labels are -100 everywhere but on the template's trainable
-segments, so they follow turn boundaries exactly.
+model's connector produces per image; with AnyRes tiling each image's own count, from its size
+(``vlm.data.anyres``, within the sample's visual-token budget: ``vlm.data.budget``). Labels
+are -100 everywhere but on the template's trainable segments, so they follow turn boundaries
+exactly.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
 
 from vlm.core.errors import ImageLoadError
+from vlm.data.anyres import TileLayout, TilingSpec, image_size_of, tile_pixels
 from vlm.data.batch import IGNORE_INDEX, EncodedSample
 from vlm.data.image_transforms import ImageTransform
 from vlm.data.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
@@ -32,6 +35,8 @@ class VLMProcessor:
         image_token: str = IMAGE_TOKEN,
         max_length: int = 2048,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        tiling: Optional[TilingSpec] = None,
+        max_visual_tokens: Optional[int] = None,
     ):
         self.tokenizer = tokenizer
         self.template = template
@@ -42,20 +47,25 @@ class VLMProcessor:
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.max_length = max_length
         self.max_image_pixels = max_image_pixels
+        self.tiling = tiling
+        self.max_visual_tokens = max_visual_tokens
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no '{image_token}' token; add it (vlm.modeling.llm.load_tokenizer)")
 
-    def _encode_text(self, text: str) -> List[int]:
+    def _encode_text(self, text: str, counts: Optional[Iterator[int]] = None) -> List[int]:
         ids: List[int] = []
         for i, piece in enumerate(text.split(self.image_token)):
             if i:
-                ids.extend([self.image_token_id] * self.num_image_tokens)
+                ids.extend([self.image_token_id] * (self.num_image_tokens if counts is None else _next_count(counts)))
             if piece:
                 ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
         return ids
 
-    def tokenize(self, turns: Sequence[Turn], add_generation_prompt: bool = False) -> Tuple[List[int], List[int]]:
-        """``(input_ids, labels)`` for a conversation, labels -100 outside trained segments."""
+    def tokenize(self, turns: Sequence[Turn], add_generation_prompt: bool = False,
+                 image_tokens: Optional[Sequence[int]] = None) -> Tuple[List[int], List[int]]:
+        """``(input_ids, labels)`` for a conversation, labels -100 outside trained segments;
+        ``image_tokens``: each ``<image>``'s count in marker order (default: K each)."""
+        counts = None if image_tokens is None else iter(image_tokens)
         input_ids: List[int] = []
         labels: List[int] = []
         bos = self.tokenizer.bos_token_id
@@ -63,7 +73,7 @@ class VLMProcessor:
             input_ids.append(bos)
             labels.append(IGNORE_INDEX)
         for segment in self.template.segments(turns, add_generation_prompt=add_generation_prompt):
-            ids = self._encode_text(segment.text)
+            ids = self._encode_text(segment.text, counts)
             input_ids.extend(ids)
             if segment.trainable:
                 labels.extend(IGNORE_INDEX if t == self.image_token_id else t for t in ids)
@@ -81,6 +91,32 @@ class VLMProcessor:
             raise ValueError("a generation prompt needs a user turn")
         return turns
 
+    def image_layouts(self, images: Sequence["str | Image.Image"], where: str = "sample") -> Optional[List[TileLayout]]:
+        """With tiling, each image's :class:`~vlm.data.anyres.TileLayout` from its size (read from
+        the file's header), within ``max_visual_tokens`` (``vlm.data.budget``: OverBudget naming
+        ``where``); None without tiling (the budget still checked)."""
+        from vlm.data.budget import check_fixed_budget, fit_layouts
+
+        if self.tiling is None:
+            check_fixed_budget([self.num_image_tokens] * len(images), self.max_visual_tokens, where)
+            return None
+        return fit_layouts([image_size_of(image) for image in images], self.tiling, self.max_visual_tokens, where)
+
+    def image_token_counts(self, layouts: Optional[Sequence[TileLayout]], num_images: int) -> List[int]:
+        """Each image's number of visual tokens: its layout's, or K without tiling."""
+        if layouts is None:
+            return [self.num_image_tokens] * num_images
+        return [layout.num_tokens() for layout in layouts]
+
+    def load_tiles(self, path: "str | Image.Image", layout: TileLayout) -> torch.Tensor:
+        """AnyRes: one image opened as :meth:`load_image` does, as its overview and tiles
+        ``(num_tiles, 3, S, S)`` (:func:`vlm.data.anyres.tile_pixels`)."""
+        image = to_rgb(path) if isinstance(path, Image.Image) else open_image(path, self.max_image_pixels)
+        if (image.height, image.width) != (layout.height, layout.width):
+            raise ImageLoadError(f"image {path}: {image.width} x {image.height} pixels, its layout was planned for "
+                                 f"{layout.width} x {layout.height}")
+        return tile_pixels(image, layout, self.tiling)
+
     def load_image(self, path: "str | Image.Image") -> torch.Tensor:
         """Open (pixel limit, EXIF orientation: :func:`vlm.data.images.open_image`) and transform
         one image, given as a path or as a PIL image already in memory (converted to RGB by
@@ -95,9 +131,22 @@ class VLMProcessor:
         """Token ids, labels, pixel tensors (images loaded here) and each image's instruction
         for one sample; :class:`vlm.data.batch.Collator` batches them."""
         turns = self.prompt_turns(sample.turns) if for_generation else sample.turns
-        input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation)
-        pixels = [self.load_image(p) for p in sample.images]
-        return EncodedSample(input_ids, labels, pixels, image_instructions(turns, self.image_token))
+        layouts = self.image_layouts(sample.images, sample.meta.get("source", sample.id))
+        counts = self.image_token_counts(layouts, len(sample.images))
+        input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation, image_tokens=counts)
+        if layouts is None:
+            pixels = [self.load_image(p) for p in sample.images]
+        else:
+            pixels = [self.load_tiles(p, layout) for p, layout in zip(sample.images, layouts)]
+        return EncodedSample(input_ids, labels, pixels, image_instructions(turns, self.image_token),
+                             image_tokens=counts, image_layouts=layouts)
+
+
+def _next_count(counts: Iterator[int]) -> int:
+    count = next(counts, None)
+    if count is None:
+        raise ValueError("the text has more <image> markers than the sample has images")
+    return count
 
 
 def image_instructions(turns: Sequence[Turn], image_token: str = IMAGE_TOKEN) -> List[str]:

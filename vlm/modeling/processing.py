@@ -11,8 +11,10 @@ from vlm.modeling.vlm import VisionLanguageModel
 
 
 def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: Optional[str] = None,
-                    max_length: int = 2048, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> VLMProcessor:
-    """A processor matching ``model``: its image transform and its number of image tokens."""
+                    max_length: int = 2048, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                    max_visual_tokens: Optional[int] = None) -> VLMProcessor:
+    """A processor matching ``model``: its image transform and its number of image tokens (with
+    AnyRes tiling, its tiling spec); ``max_visual_tokens``: the per-sample budget."""
     return VLMProcessor(
         tokenizer,
         build_template(template or model_cfg.template, tokenizer, model_cfg.system_prompt),
@@ -21,4 +23,6 @@ def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: 
         image_token=model_cfg.image_token,
         max_length=max_length,
         max_image_pixels=max_image_pixels,
+        tiling=model.tiling,
+        max_visual_tokens=max_visual_tokens,
     )

@@ -47,6 +47,7 @@ class VisionLanguageModel(nn.Module):
         self.connector = connector
         self.llm = llm
         self.image_token_id = image_token_id
+        self.tiling = None  # AnyRes: the vlm.data.anyres.TilingSpec the processor tiles images by
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, tokenizer) -> "VisionLanguageModel":
@@ -60,7 +61,14 @@ class VisionLanguageModel(nn.Module):
         ctx = BuildContext(vision_dim=vision.embed_dim, llm_dim=llm.config.get_text_config().hidden_size,
                            tokenizer=tokenizer, vision=vision)
         connector = build_connector(cfg.connector, ctx)
-        return cls(vision, connector, llm, tokenizer.convert_tokens_to_ids(cfg.image_token))
+        tiling = None
+        if cfg.vision.tiling.enabled:
+            from vlm.modeling.tiling import prepare_tiling
+
+            tiling = prepare_tiling(vision, connector, ctx.llm_dim, cfg.vision.tiling)
+        model = cls(vision, connector, llm, tokenizer.convert_tokens_to_ids(cfg.image_token))
+        model.tiling = tiling
+        return model
 
     @property
     def vision_dtype(self) -> torch.dtype:
@@ -77,13 +85,27 @@ class VisionLanguageModel(nn.Module):
         image, or None) go to the connector, which may ignore them."""
         return self.connector.encode_images(self.vision, pixel_values, instructions)
 
+    def encode_tiled(self, pixel_values: torch.Tensor, image_layouts: torch.Tensor,
+                     instructions: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """AnyRes: every image's tiles ``(tiles, 3, S, S)`` and layouts ``(n, 6)`` -> the images'
+        visual tokens, concatenated ``(sum of each image's count, H_llm)`` (``vlm.modeling.tiling``)."""
+        from vlm.data.anyres import TileLayout
+        from vlm.modeling.tiling import encode_tiled, row_end_token
+
+        layouts = [TileLayout.from_row(row) for row in image_layouts.tolist()]
+        return encode_tiled(self.encode_images, pixel_values, layouts, row_end_token(self.connector, self.tiling),
+                            instructions)
+
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
-              image_features: Optional[torch.Tensor] = None, instructions: Optional[Sequence[str]] = None):
+              image_features: Optional[torch.Tensor] = None, instructions: Optional[Sequence[str]] = None,
+              image_layouts: Optional[torch.Tensor] = None):
         """Token embeddings with visual tokens scattered into the placeholder positions.
 
         Images come either as ``pixel_values`` or as ``image_features``, the frozen encoder's
         precomputed output ``(n, N, Dv)`` (the feature cache), which skips the encoder.
         ``instructions`` (one text per image, from the processor) reach connectors that read them.
+        ``image_layouts`` (AnyRes tiling, one row per image: ``vlm.data.anyres.TileLayout``):
+        ``pixel_values`` are every image's tiles and each image gives its own number of tokens.
         Returns ``(inputs_embeds, visual_tokens or None)``.
         """
         if pixel_values is not None and image_features is not None:
@@ -103,9 +125,17 @@ class VisionLanguageModel(nn.Module):
                 size = self.vision.image_size
                 blank = torch.zeros(1, 3, size, size, device=inputs_embeds.device)  # as the collator gives pixels
                 visual = self.encode_images(blank, [""])
-                inputs_embeds = inputs_embeds + 0.0 * visual.sum().to(inputs_embeds.dtype)
+                from vlm.modeling.tiling import row_end_token
+
+                newline = row_end_token(self.connector, self.tiling)  # AnyRes: trains with the connector
+                visual = visual.sum() + (0.0 if newline is None else newline.sum())
+                inputs_embeds = inputs_embeds + 0.0 * visual.to(inputs_embeds.dtype)
             return inputs_embeds, None
-        if image_features is not None:
+        if image_layouts is not None:
+            if image_features is not None:
+                raise ValueError("AnyRes tiling encodes pixels: cached image_features cannot be tiled")
+            visual = self.encode_tiled(pixel_values, image_layouts, instructions)[None]
+        elif image_features is not None:
             refusal = feature_cache_refusal(self.connector)  # the connector must read encoder features
             if refusal:
                 raise ValueError(refusal)
@@ -131,6 +161,7 @@ class VisionLanguageModel(nn.Module):
         image_features: Optional[torch.Tensor] = None,
         instructions: Optional[Sequence[str]] = None,
         return_logits: bool = True,
+        image_layouts: Optional[torch.Tensor] = None,
         **llm_kwargs,
     ) -> VLMOutput:
         """Logits for every position, and the shifted next-token loss when ``labels`` are given
@@ -140,7 +171,7 @@ class VisionLanguageModel(nn.Module):
         cross-entropy run on the labelled positions only and ``logits`` is None: the same loss,
         without a vocabulary-wide projection of every prompt, image and padding position.
         """
-        inputs_embeds, visual = self.embed(input_ids, pixel_values, image_features, instructions)
+        inputs_embeds, visual = self.embed(input_ids, pixel_values, image_features, instructions, image_layouts)
         if labels is not None:
             # a loss needs no KV cache, and with one transformers ignores packed position ids
             llm_kwargs.setdefault("use_cache", False)
@@ -176,11 +207,12 @@ class VisionLanguageModel(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         pixel_values: Optional[torch.Tensor] = None,
         instructions: Optional[Sequence[str]] = None,
+        image_layouts: Optional[torch.Tensor] = None,
         **generation_kwargs,
     ) -> torch.Tensor:
         """New token ids only, ``(B, T_new)``, by transformers' generation (greedy, beam search or
         sampling, KV cache on by default). Batches must be left-padded."""
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate() needs left padding: the last position is padding in some rows")
-        inputs_embeds, _ = self.embed(input_ids, pixel_values, instructions=instructions)
+        inputs_embeds, _ = self.embed(input_ids, pixel_values, instructions=instructions, image_layouts=image_layouts)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generation_kwargs)

@@ -130,7 +130,10 @@ def _parse(engine: GenerationEngine, body, root: Optional[Path]) -> Tuple[ChatRe
     processor encodes them); over the model's context: 400, before anything is queued."""
     chat = parse_chat_request(body, root)
     processor = engine.processor
-    prompt = len(processor.tokenize(processor.prompt_turns(chat.sample.turns), add_generation_prompt=True)[0])
+    images = chat.sample.images  # with AnyRes tiling each image's own count, from its size
+    counts = processor.image_token_counts(processor.image_layouts(images), len(images))
+    prompt = len(processor.tokenize(processor.prompt_turns(chat.sample.turns), add_generation_prompt=True,
+                                    image_tokens=counts)[0])
     chat.max_tokens = completion_budget(prompt, chat.max_tokens, chat.max_tokens_given, engine.context_length)
     return chat, prompt
 

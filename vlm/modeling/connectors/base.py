@@ -34,7 +34,7 @@ class Connector(nn.Module, ABC):
       text per image) may be ignored.
 
     Optional: ``check_options`` (value checks at config load, called by ``check``),
-    ``requires_vision`` (the encoder class it needs), ``encode_images`` (a connector that runs
+    ``requires_vision`` (the encoder class it needs), ``token_grid`` (tiling), ``encode_images`` (a connector that runs
     inside the encoder) together with ``feature_cache_conflict``, and ``llm_unused_parameters``.
     """
 
@@ -79,6 +79,12 @@ class Connector(nn.Module, ABC):
         (the default: its visual tokens are a function of the encoder's features). Read only by
         ``vlm.data.feature_cache.feature_cache_refusal``, the one place the feature-cache
         precondition is combined (for the config validation and for the cache alike)."""
+        return None
+
+    def token_grid(self, num_patches: int) -> Optional[int]:
+        """The side of the square spatial grid an image's visual tokens form, row by row, or None
+        (the default: not a grid, e.g. queries). AnyRes tiling (``vlm.modeling.tiling``) lays
+        tiles' grids side by side, so it needs one."""
         return None
 
     def llm_unused_parameters(self) -> List[nn.Parameter]:

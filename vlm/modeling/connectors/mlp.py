@@ -50,6 +50,15 @@ class _TokenwiseProjector(Connector):
     def num_tokens(self, num_patches: int) -> int:
         return self.image_tokens(num_patches)
 
+    def token_grid(self, num_patches: int) -> Optional[int]:
+        """The side of the projected patch grid; None with ``global_token`` (a token outside the
+        grid) or a patch count that is not a square (a CLS token kept)."""
+        if self.global_token:
+            return None
+        tokens = self.image_tokens(num_patches)
+        side = math.isqrt(tokens)
+        return side if side * side == tokens else None
+
     def image_tokens(self, num_patches: int) -> int:
         """How many tokens the projection of the image's features gives (``num_tokens`` less any
         token a subclass adds from elsewhere)."""

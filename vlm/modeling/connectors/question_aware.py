@@ -63,6 +63,10 @@ class QuestionAwareMLPProjector(MLPProjector):
     def num_tokens(self, num_patches: int) -> int:
         return super().num_tokens(num_patches) + 1
 
+    def token_grid(self, num_patches: int) -> Optional[int]:
+        """None: the question token is not a grid cell."""
+        return None
+
     def question_parameters(self):
         """The question token's own parameters (what ``answer_words`` trains in a vision warm-up)."""
         return [p for m in (self.question_image, self.question_words, self.question_mlp) for p in m.parameters()]

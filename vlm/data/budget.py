@@ -1,0 +1,64 @@
+"""The visual-token budget of a sample: fewer tiles, then more pooling, else the sample is refused.
+
+``stages.<name>.max_visual_tokens`` caps the visual tokens of one sample (all its images). A
+sample over it is reduced in this order, each step taken only while the sample is still over
+(docs/resolution.md):
+
+1. fewer tiles: the image with the most tiles (the first of equals) moves to its best grid with
+   fewer tiles, down to the smallest grid the pinpoints allow;
+2. more pooling: every image's tiles are pooled with the next stride (2, 3, ...), until each
+   tile is a single token;
+3. refused: :class:`OverBudget`, one line with the sample's tokens at its smallest and the budget;
+   a dataset leaves the sample out and counts it (``over_visual_budget``).
+
+Without tiling an image's count is fixed, so only step 3 applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import List, Optional, Sequence, Tuple
+
+from vlm.core.errors import DataFormatError
+from vlm.data.anyres import TileLayout, TilingSpec, pooled_side
+
+
+class OverBudget(DataFormatError):
+    """A sample whose visual tokens cannot be brought within ``max_visual_tokens``."""
+
+
+def _total(layouts: Sequence[TileLayout]) -> int:
+    return sum(layout.num_tokens() for layout in layouts)
+
+
+def fit_layouts(sizes: Sequence[Tuple[int, int]], spec: TilingSpec, budget: Optional[int],
+                where: str = "sample") -> List[TileLayout]:
+    """The layouts of images of ``sizes`` (``(height, width)``) within ``budget`` visual tokens
+    (None: no budget), reduced in the module's order; OverBudget naming ``where`` when even the
+    smallest layouts exceed it."""
+    layouts = [spec.layout(h, w) for h, w in sizes]
+    if budget is None or _total(layouts) <= budget:
+        return layouts
+    smallest = min((p[0] // spec.image_size) * (p[1] // spec.image_size) for p in spec.pinpoints)
+    while _total(layouts) > budget:  # 1. fewer tiles
+        index = max(range(len(layouts)), key=lambda i: (layouts[i].rows * layouts[i].cols, -i))
+        tiles = layouts[index].rows * layouts[index].cols
+        if tiles <= smallest:
+            break
+        layouts[index] = spec.layout(*sizes[index], max_tiles=tiles - 1)
+    stride = spec.pool_stride
+    while _total(layouts) > budget and pooled_side(spec.grid, stride) > 1:  # 2. more pooling
+        stride += 1
+        layouts = [replace(layout, side=pooled_side(spec.grid, stride)) for layout in layouts]
+    if _total(layouts) > budget:
+        raise OverBudget(f"{where}: {len(sizes)} image(s) need at least {_total(layouts)} visual tokens "
+                         f"(fewest tiles, each tile one token), more than max_visual_tokens {budget}")
+    return layouts
+
+
+def check_fixed_budget(counts: Sequence[int], budget: Optional[int], where: str = "sample") -> None:
+    """OverBudget naming ``where`` when images of fixed token ``counts`` (no tiling) exceed ``budget``."""
+    if budget is not None and sum(counts) > budget:
+        raise OverBudget(f"{where}: {len(counts)} image(s) of {counts[0] if counts else 0} visual tokens each "
+                         f"= {sum(counts)}, more than max_visual_tokens {budget} (without tiling an image "
+                         "cannot be reduced)")

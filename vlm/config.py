@@ -83,6 +83,9 @@ class LLMConfig:
     dtype: str = "float32"
     attn_implementation: Optional[str] = None
     trust_remote_code: bool = False
+    # causal (decoder-only, AutoModelForCausalLM) | seq2seq (encoder-decoder such as T5,
+    # AutoModelForSeq2SeqLM) | auto (the model config's is_encoder_decoder)
+    kind: str = "causal"
 
 
 @dataclass

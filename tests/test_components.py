@@ -85,6 +85,8 @@ OBJECTIVES = {
     "caption_bow": ({}, {"vision": "full", "connector": "frozen"}, {}),
     "answer_words": ({}, {"vision": "full", "connector": "frozen"}, {}),
     "qformer_stage1": ({"connector.name": "qformer", "connector.options": QFORMER_SMALL}, {}, {"llm": "full"}),
+    "prefix_lm": ({"llm.kind": "seq2seq", "llm.arch": dict(model_type="t5", d_model=48, d_kv=12, d_ff=96, num_layers=1,
+                                                            num_heads=4)}, {}, None),
 }
 STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
 READERS = ["llava_json", "jsonl", "coco_captions", "vqav2"]

@@ -61,6 +61,9 @@ class VisionLanguageModel(nn.Module):
 
         vision = build_vision_encoder(cfg.vision)
         llm = build_llm(cfg.llm, tokenizer)
+        if bool(llm.config.is_encoder_decoder) != cls.is_encoder_decoder:
+            raise TypeError(f"{cls.__name__} cannot hold this LLM (is_encoder_decoder="
+                            f"{llm.config.is_encoder_decoder}); build it with vlm.modeling.build.build_model")
         ctx = BuildContext(vision_dim=vision.embed_dim, llm_dim=llm.config.get_text_config().hidden_size,
                            tokenizer=tokenizer, vision=vision)
         connector = build_connector(cfg.connector, ctx)

@@ -77,7 +77,7 @@ CONNECTORS = {
     "qformer": QFORMER_SMALL,
     "beit3_query": {"num_queries": 4},
 }
-TEMPLATES = ["plain", "vicuna_v1", "chatml", "tokenizer"]
+TEMPLATES = ["plain", "vicuna_v1", "chatml", "tokenizer", "blip2_qa", "instructblip"]
 TRANSFORMS = ["resize", "pad", "resize_center_crop"]
 # name -> (model overrides, train modes the objective accepts, train modes it refuses or None)
 OBJECTIVES = {

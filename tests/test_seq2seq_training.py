@@ -108,3 +108,10 @@ def test_a_t5_stage_trains_with_prefix_lm_and_lora_and_reloads_with_the_same_tok
     lean = generate_answers(model, processor, samples, batch_size=3, max_new_tokens=6)
     full = generate_answers(model, processor, samples, batch_size=3, max_new_tokens=6, lean=False)
     assert lean == full and all(isinstance(a, str) for a in lean)
+
+
+def test_a_recipe_with_an_unknown_llm_kind_is_refused_before_anything_is_built(tmp_path, tokenizer_dir, shapes_data):
+    captions = {"format": "coco_captions", "args": {"path": shapes_data["train"]["captions"]}}
+    llm = {"tokenizer": str(tokenizer_dir), "arch": dict(T5_ARCH), "kind": "seq2sq"}
+    with pytest.raises(ConfigError, match=r"^model\.llm\.kind: unknown kind 'seq2sq' \(did you mean 'seq2seq'\?\)"):
+        run_config(tmp_path, tokenizer_dir, {"s": {"data": [captions]}}, model={"llm": llm})

@@ -120,6 +120,11 @@ def check_model(model):
     if model.llm.dtype not in DTYPES:
         raise ConfigError(f"model.llm.dtype: unknown dtype '{model.llm.dtype}'{closest(model.llm.dtype, DTYPES)}; "
                           f"known: {', '.join(sorted(DTYPES))}")
+    from vlm.modeling.llm import LLM_KINDS
+
+    if model.llm.kind not in LLM_KINDS:
+        raise ConfigError(f"model.llm.kind: unknown kind '{model.llm.kind}'{closest(model.llm.kind, LLM_KINDS)}; "
+                          f"known: {', '.join(LLM_KINDS)}")
     return connector_cls
 
 

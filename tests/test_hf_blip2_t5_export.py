@@ -71,3 +71,46 @@ def test_exported_t5_blip2_gives_vlms_greedy_tokens(tmp_path, tokenizer_dir, tok
         got = hf.generate(input_ids=encoder_ids, attention_mask=torch.ones_like(encoder_ids), pixel_values=pixels,
                           **kwargs, **extra)[:, 1:]  # the decoder's start token left out
     assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("family", ["causal", "seq2seq"])
+def test_import_of_an_exported_blip2_folder_gives_the_same_greedy_tokens(tmp_path, tokenizer_dir, tokenizer, family,
+                                                                         capsys):
+    from conftest import run_vlm
+
+    overrides = {"llm.arch": dict(T5_ARCH), "llm.kind": "seq2seq"} if family == "seq2seq" else {}
+    cfg = blip2_config(tokenizer_dir, template="blip2_qa", **overrides)
+    ours = build_tiny_model(cfg, tokenizer, seed=4)
+    with torch.no_grad():
+        for param in ours.llm.parameters():
+            if param.dim() == 2:
+                param.normal_(std=0.2)
+    stage_out = write_stage_output(tmp_path / "s" / "final", ours, cfg, tokenizer)
+    hf_dir = export_hf_blip2(stage_out, tmp_path / "hf")
+    imported = tmp_path / "imported"
+    code, out, err = run_vlm(["import", "hf-blip2", hf_dir, "--out", imported], capsys)
+    assert code == 0 and f"imported: {imported}" in out, err[-2000:]
+
+    image = write_images(tmp_path / "img", sizes=[(40, 40)])[0]
+    tokens = []
+    for folder in (stage_out, imported):
+        model, tok, model_cfg = load_pretrained(folder, device="cpu")
+        processor = build_processor(model, tok, model_cfg)
+        ids, _ = processor.tokenize([Turn("user", f"<image>\n{QUESTION}")], add_generation_prompt=True)
+        tokens.append(model.generate(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                                     processor.load_image(image)[None], max_new_tokens=8, do_sample=False,
+                                     eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id).tolist())
+        assert model.is_encoder_decoder == (family == "seq2seq")
+    assert tokens[0] == tokens[1] and len(set(tokens[0][0])) > 1
+
+
+def test_import_refuses_a_folder_that_is_not_blip2(tmp_path, tokenizer_dir, tokenizer, capsys):
+    from conftest import run_vlm, tiny_model_config
+
+    from vlm.interop.hf_llava import export_hf_llava
+
+    cfg = tiny_model_config(tokenizer_dir, template="chatml")
+    stage_out = write_stage_output(tmp_path / "s" / "final", build_tiny_model(cfg, tokenizer), cfg, tokenizer)
+    hf_dir = export_hf_llava(stage_out, tmp_path / "hf")
+    code, _, err = run_vlm(["import", "hf-blip2", hf_dir, "--out", tmp_path / "imported"], capsys)
+    assert code == 2 and "model_type is 'llava'" in err and not (tmp_path / "imported").exists()

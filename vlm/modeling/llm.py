@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import (
@@ -16,7 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from vlm.config import ConfigError, LLMConfig, LoraConfig
+from vlm.config import LLM_KINDS, ConfigError, LLMConfig, LoraConfig
 from vlm.modeling.dtypes import DTYPES
 
 
@@ -42,7 +43,10 @@ def _remote_code_refused(source: str, key: str):
                           "config (or pass --trust-remote-code)") from None
 
 
-LLM_KINDS = ("causal", "seq2seq", "auto")
+def _plain_arch(cfg: LLMConfig) -> dict:
+    """``cfg.arch`` as plain Python values (nested mappings and lists too, as transformers'
+    configs check their field types)."""
+    return OmegaConf.to_container(cfg.arch, resolve=True) if isinstance(cfg.arch, DictConfig) else dict(cfg.arch)
 
 
 def llm_kind(cfg: LLMConfig) -> str:
@@ -56,7 +60,7 @@ def llm_kind(cfg: LLMConfig) -> str:
         with _remote_code_refused(cfg.name_or_path, "model.llm.name_or_path"):
             config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     else:
-        arch = dict(cfg.arch)
+        arch = _plain_arch(cfg)
         try:
             config = AutoConfig.for_model(arch.pop("model_type"), **arch)
         except (KeyError, ValueError) as exc:
@@ -100,7 +104,7 @@ def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedM
                 trust_remote_code=cfg.trust_remote_code,
             )
     else:
-        arch = dict(cfg.arch)
+        arch = _plain_arch(cfg)
         model_type = arch.pop("model_type")
         arch.setdefault("vocab_size", len(tokenizer))
         for name in ("pad", "bos", "eos"):

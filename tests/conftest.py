@@ -79,10 +79,10 @@ def model_config(tokenizer_dir):
 
 def build_tiny_model(model_cfg, tokenizer, seed: int = 0):
     """A randomly initialised ``VisionLanguageModel`` (fp32, eval mode), reproducible by seed."""
-    from vlm.modeling.vlm import VisionLanguageModel
+    from vlm.modeling.build import build_model
 
     torch.manual_seed(seed)
-    return VisionLanguageModel.from_config(model_cfg, tokenizer).eval()
+    return build_model(model_cfg, tokenizer).eval()
 
 
 @pytest.fixture

@@ -77,7 +77,7 @@ CONNECTORS = {
     "qformer": QFORMER_SMALL,
     "beit3_query": {"num_queries": 4},
 }
-TEMPLATES = ["plain", "vicuna_v1", "chatml", "tokenizer"]
+TEMPLATES = ["plain", "vicuna_v1", "chatml", "tokenizer", "blip2_qa", "instructblip"]
 TRANSFORMS = ["resize", "pad", "resize_center_crop"]
 # name -> (model overrides, train modes the objective accepts, train modes it refuses or None)
 OBJECTIVES = {
@@ -85,6 +85,8 @@ OBJECTIVES = {
     "caption_bow": ({}, {"vision": "full", "connector": "frozen"}, {}),
     "answer_words": ({}, {"vision": "full", "connector": "frozen"}, {}),
     "qformer_stage1": ({"connector.name": "qformer", "connector.options": QFORMER_SMALL}, {}, {"llm": "full"}),
+    "prefix_lm": ({"llm.kind": "seq2seq", "llm.arch": dict(model_type="t5", d_model=48, d_kv=12, d_ff=96, num_layers=1,
+                                                            num_heads=4)}, {}, None),
 }
 STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
 READERS = ["llava_json", "jsonl", "coco_captions", "vqav2", "pope"]

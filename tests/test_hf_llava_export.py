@@ -118,7 +118,7 @@ def test_export_writes_one_dtype_architectures_and_processor_config(tmp_path, to
     assert AutoConfig.from_pretrained(str(hf_dir)).dtype == torch.float32
 
 
-@pytest.mark.parametrize("name", ["plain", "vicuna_v1", "chatml", "tokenizer"])
+@pytest.mark.parametrize("name", ["plain", "vicuna_v1", "chatml", "tokenizer", "blip2_qa", "instructblip"])
 @pytest.mark.parametrize("system_prompt", [None, "Answer briefly."])
 def test_jinja_template_renders_vlms_text(tokenizer, name, system_prompt):
     ours = build_template(name, tokenizer, system_prompt)

@@ -167,7 +167,9 @@ def test_config_checks_qformer_options_at_load(tmp_path, tokenizer_dir, shapes_d
 
 
 @pytest.mark.parametrize("path", ["configs/demo/qformer_shapes.yaml", "configs/pretrain/blip2_opt2.7b.yaml",
-                                  "configs/finetune/blip2_opt2.7b_instruct_lora.yaml"])
+                                  "configs/finetune/blip2_opt2.7b_instruct_lora.yaml",
+                                  "configs/pretrain/blip2_flant5xl.yaml", "configs/finetune/instructblip_flant5xl.yaml",
+                                  "configs/demo/qformer_t5_shapes.yaml"])
 def test_shipped_qformer_recipes_load_and_validate(path):
     from pathlib import Path
 

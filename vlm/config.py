@@ -90,6 +90,9 @@ class ConnectorConfig:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
+LLM_KINDS = ("causal", "seq2seq", "auto")  # what model.llm.kind may name
+
+
 @dataclass
 class LLMConfig:
     """An HF causal LM: a local path / hub id, or an inline config (``arch.model_type`` + fields)."""
@@ -100,6 +103,9 @@ class LLMConfig:
     dtype: str = "float32"
     attn_implementation: Optional[str] = None
     trust_remote_code: bool = False
+    # one of LLM_KINDS: causal (decoder-only, AutoModelForCausalLM) | seq2seq (encoder-decoder
+    # such as T5, AutoModelForSeq2SeqLM) | auto (the model config's is_encoder_decoder)
+    kind: str = "causal"
 
 
 @dataclass

@@ -336,6 +336,23 @@ def cmd_import_hf_llava(args) -> None:
           f"{out}/vision and model.llm.name_or_path: {out}/llm)")
 
 
+def cmd_import_hf_blip2(args) -> None:
+    """Write a local transformers BLIP-2 folder (causal or T5 language model) as a vlm stage output."""
+    from vlm.core.errors import LayoutError
+    from vlm.data.image_transforms import PREPROCESSING
+    from vlm.data.templates import TEMPLATES
+    from vlm.interop.hf_blip2_import import import_hf_blip2
+
+    _require_registered(TEMPLATES, args.template, "--template")
+    _require_registered(PREPROCESSING, args.preprocess, "--preprocess")
+    try:
+        out = import_hf_blip2(args.folder, args.out, template=args.template, preprocess=args.preprocess,
+                              overwrite=args.overwrite)
+    except LayoutError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"imported: {out} (vlm chat {out} --image IMG, or init_from: {out})")
+
+
 def cmd_merge(args) -> None:
     """Fold a stage output's LoRA adapters into full weights (a stage output like any other)."""
     from vlm.interop.merge import merge_checkpoint
@@ -547,6 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-token", default="<image>", help="the tokenizer's image placeholder token")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     s.set_defaults(func=cmd_import_hf_llava)
+    s = import_sub.add_parser("hf-blip2", help=cmd_import_hf_blip2.__doc__)
+    s.add_argument("folder", help="local transformers BLIP-2 folder (config.json, safetensors, tokenizer)")
+    s.add_argument("--out", required=True, help="stage output folder to write")
+    s.add_argument("--template", default="blip2_qa", help="prompt template (BLIP-2's: blip2_qa)")
+    s.add_argument("--preprocess", default="resize", help="image preprocessing (BLIP-2's: resize)")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    s.set_defaults(func=cmd_import_hf_blip2)
 
     p = sub.add_parser("merge", help=cmd_merge.__doc__)
     p.add_argument("checkpoint", help="stage output folder with LoRA adapters (e.g. runs/demo/instruct/final)")

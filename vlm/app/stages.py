@@ -31,8 +31,8 @@ from vlm.data.image_cache import default_budget_bytes
 from vlm.data.images import check_image_files
 from vlm.data.samplers import LengthGroupedSampler
 from vlm.evaluation.runner import run_eval
+from vlm.modeling.build import build_model
 from vlm.modeling.processing import build_processor
-from vlm.modeling.vlm import VisionLanguageModel
 from vlm.training.callbacks import Callback
 from vlm.training.eval_callback import EvalDuringTraining, Evaluator
 from vlm.training.objectives import OBJECTIVES, ObjectiveContext
@@ -145,7 +145,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
             remove_stale_tmp(folder)
     set_seed(stage.seed)
     tokenizer = load_stage_tokenizer(cfg.model, init_from)
-    model = VisionLanguageModel.from_config(cfg.model, tokenizer)
+    model = build_model(cfg.model, tokenizer)
     if init_from:
         load_model_state(model, init_from)
     objective_cls = OBJECTIVES.get(stage.objective)  # looked up once: what it freezes, then built

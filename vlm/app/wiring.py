@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from vlm.config import Train, _one_hint, _schema_fields, load_config
+from vlm.config import LLM_KINDS, Train, _one_hint, _schema_fields, load_config
 from vlm.core.errors import ConfigError
 from vlm.core.plugins import load_plugins
 from vlm.core.registry import Registry, closest, import_object, load_entry_point_plugins
@@ -121,6 +121,9 @@ def check_model(model):
     if model.llm.dtype not in DTYPES:
         raise ConfigError(f"model.llm.dtype: unknown dtype '{model.llm.dtype}'{closest(model.llm.dtype, DTYPES)}; "
                           f"known: {', '.join(sorted(DTYPES))}")
+    if model.llm.kind not in LLM_KINDS:
+        raise ConfigError(f"model.llm.kind: unknown kind '{model.llm.kind}'{closest(model.llm.kind, LLM_KINDS)}; "
+                          f"known: {', '.join(LLM_KINDS)}")
     return connector_cls
 
 

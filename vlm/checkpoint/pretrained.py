@@ -18,6 +18,7 @@ from vlm.checkpoint.components import load_model_state
 from vlm.config import ModelConfig
 from vlm.core.errors import CheckpointError
 from vlm.core.plugins import load_saved_plugins
+from vlm.modeling.build import build_model
 from vlm.modeling.llm import load_tokenizer
 from vlm.modeling.vlm import VisionLanguageModel
 
@@ -58,7 +59,7 @@ def load_pretrained(folder: str | Path, device: Optional[str] = None,
                        folder)
     model_cfg.llm.trust_remote_code = bool(trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-    model = VisionLanguageModel.from_config(model_cfg, tokenizer)
+    model = build_model(model_cfg, tokenizer)
     load_model_state(model, folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer, model_cfg

@@ -8,6 +8,7 @@ counting. Templates:
 - ``vicuna_v1``: ``SYSTEM USER: q ASSISTANT: a</s>USER: ...`` (LLaVA-1.5).
 - ``chatml``: ``<|im_start|>role\\n...<|im_end|>\\n`` (Qwen and others).
 - ``tokenizer``: the tokenizer's own ``chat_template`` (Jinja), split by rendering prefixes.
+- ``blip2_qa``, ``instructblip``: the BLIP-2 / InstructBLIP papers' prompts (``Question: {} Short answer:``).
 """
 
 from __future__ import annotations
@@ -213,6 +214,53 @@ class TokenizerChatTemplate(ChatTemplate):
         if final[len(done):]:
             out.append(Segment(final[len(done):], False))
         return [s for s in out if s.text]
+
+
+class PaperPromptTemplate(ChatTemplate):
+    """A paper's fixed prompt: each user turn's images, then its text in ``question`` (or, for a
+    turn with no text besides its images, ``caption``); the answer after a space, eos trained
+    after it (an encoder-decoder model's target ends with eos anyway)."""
+
+    add_bos = False  # BLIP-2's prompts start with the visual tokens, as its processor writes them
+    question: ClassVar[str] = "{}"
+    caption: ClassVar[str] = ""
+
+    def prompt(self, content: str) -> str:
+        """A user turn's text: its image markers, then the question or caption prompt."""
+        markers = self.image_token * content.count(self.image_token)
+        text = content.replace(self.image_token, "").strip()
+        return markers + (self.question.format(text) if text else self.caption)
+
+    def segments(self, turns, add_generation_prompt=False):
+        _, turns = self.split_system(turns)
+        eos = self.tokenizer.eos_token or ""
+        out: List[Segment] = []
+        text = ""
+        for turn in turns:
+            if turn.role == "user":
+                text += (" " if text else "") + self.prompt(turn.content)
+            else:
+                out += [Segment(text, False), Segment(f" {turn.content}{eos}", True)]
+                text = ""
+        if text:
+            out.append(Segment(text, False))
+        return [s for s in out if s.text]
+
+
+@TEMPLATES.register("blip2_qa")
+class Blip2QATemplate(PaperPromptTemplate):
+    """BLIP-2's zero-shot VQA prompt ``Question: {} Short answer:``; captions get no prompt."""
+
+    question = "Question: {} Short answer:"
+
+
+@TEMPLATES.register("instructblip")
+class InstructBlipTemplate(PaperPromptTemplate):
+    """InstructBLIP's instruction templates: ``Question: {} Short answer:`` for a question,
+    ``A short image description:`` for a caption (its VQA and captioning evaluation prompts)."""
+
+    question = "Question: {} Short answer:"
+    caption = "A short image description:"
 
 
 def build_template(name: str, tokenizer, system_prompt: Optional[str] = None) -> ChatTemplate:

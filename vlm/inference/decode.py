@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 import torch
 from transformers import DynamicCache
 
+from vlm.inference.seq2seq_decode import greedy_decode_seq2seq
+
 
 @torch.no_grad()
 def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -28,7 +30,14 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     answer (at most ``max_new_tokens``), each row stopping after its first token in ``eos_token_ids``.
 
     ``image_index`` (one entry per ``<image>`` of the batch, in order) says which of
-    ``pixel_values`` each one shows, so an image asked about several times is passed once."""
+    ``pixel_values`` each one shows, so an image asked about several times is passed once.
+    An encoder-decoder model's prompts go to its encoder once
+    (:func:`vlm.inference.seq2seq_decode.greedy_decode_seq2seq`); they may be padded on either side."""
+    if model.is_encoder_decoder:
+        enc_ids, enc_mask = model.encoder_inputs(input_ids, attention_mask)
+        embeds = _prompt_embeds(model, enc_ids, pixel_values, instructions, image_index)
+        return greedy_decode_seq2seq(model.llm, embeds, enc_mask, max_new_tokens=max_new_tokens,
+                                     eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("greedy_decode needs left padding: the last position is padding in some rows")
     inputs_embeds = _prompt_embeds(model, input_ids, pixel_values, instructions, image_index)

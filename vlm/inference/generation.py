@@ -145,8 +145,9 @@ def _prompt_batch(prompts: Sequence[Sequence[int]], pad_id: int):
 def _shared_prefix_keys(model, samples: Sequence[Sample], prompts: Sequence[Sequence[int]]) -> List[Optional[tuple]]:
     """Per sample, ``(prefix ids, image keys)`` when its prompt can share a prefix: the tokens
     through its last image placeholder (which show all its images), with text after them;
-    None otherwise (no image, or a connector whose visual tokens depend on the question)."""
-    if getattr(model.connector, "instruction_aware", False):
+    None otherwise (no image, a connector whose visual tokens depend on the question, or an
+    encoder-decoder LLM, whose encoder reads the whole prompt at once)."""
+    if getattr(model.connector, "instruction_aware", False) or getattr(model, "is_encoder_decoder", False):
         return [None] * len(samples)
     keys: List[Optional[tuple]] = []
     for sample, ids in zip(samples, prompts):

@@ -126,3 +126,22 @@ def load_instructblip_qformer(connector, qformer, query_tokens: torch.Tensor) ->
     _copy_word_embeddings(connector, words)
     _load(connector, mapped, ["word_embeddings.", "vision_proj.", "text_proj.", "itm_head.", "lm_head.", "temp",
                               "proj."])
+
+
+def load_instructblip_for_conditional_generation(model, hf) -> None:
+    """Copy a transformers ``InstructBlipForConditionalGeneration`` (vision tower, queries,
+    instruction-aware Q-Former with its word embeddings, language projection, LLM: causal or
+    T5) into ``model`` (``hf_blip2_vision`` encoder, ``qformer`` connector with
+    ``instruction_aware: true`` and ``vision_layernorm: false``, the LLM of the same class as
+    ``hf.language_model``). The Q-Former's stage-1 heads keep their values."""
+    state = hf.state_dict()
+    vision = sub_state(state, "vision_model.")
+    kept = len(model.vision.model.encoder.layers)
+    vision = {k: v for k, v in vision.items()
+              if not (k.startswith("encoder.layers.") and int(k.split(".")[2]) >= kept)}
+    _load(model.vision.model, vision, [])
+    load_instructblip_qformer(model.connector, hf.qformer, state["query_tokens"])
+    with torch.no_grad():
+        for name, value in sub_state(state, "language_projection.").items():
+            getattr(model.connector.proj, name).copy_(value)
+    _load(model.llm, sub_state(state, "language_model."), [])

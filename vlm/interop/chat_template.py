@@ -2,11 +2,11 @@
 
 ``jinja_chat_template(name, tokenizer, system_prompt, image_token)`` writes a Jinja
 ``chat_template`` that renders a conversation to exactly the text vlm's template of that name
-builds (``plain``, ``vicuna_v1``, ``chatml``, or ``tokenizer``: the tokenizer's own template),
-bos token included where vlm adds one. Message contents may be strings (``"<image>\\nQ"``) or
-OpenAI-style lists of parts: ``{"type": "image"}`` (or ``image_url``) becomes
-``<image>\\n``, ``{"type": "text", "text": T}`` becomes ``T``, in order, as ``vlm chat`` writes
-an image question.
+builds (``plain``, ``vicuna_v1``, ``chatml``, ``blip2_qa``, ``instructblip``, or ``tokenizer``:
+the tokenizer's own template), bos token included where vlm adds one. Message contents may be
+strings (``"<image>\\nQ"``) or OpenAI-style lists of parts: ``{"type": "image"}`` (or
+``image_url``) becomes ``<image>\\n``, ``{"type": "text", "text": T}`` becomes ``T``, in order, as
+``vlm chat`` writes an image question.
 """
 
 from __future__ import annotations
@@ -76,6 +76,25 @@ def _chatml(system_prompt: Optional[str]) -> str:
                    "{%- if not (loop.last and add_generation_prompt) -%}{{ '\\n' }}{%- endif -%}"))
 
 
+def _paper(template_cls, image_token: str) -> str:
+    # as vlm's PaperPromptTemplate: a user turn's image markers, then its text in the question
+    # format (or the caption prompt when it has none); an answer after a space, then eos
+    before, after = template_cls.question.split("{}")
+    return ("{%- set ns = namespace(open=false) -%}"
+            "{%- for m in messages -%}"
+            "{%- if m['role'] == 'user' -%}"
+            "{%- set text = vlm_content(m['content']) -%}"
+            "{%- if ns.open -%}{{ ' ' }}{%- endif -%}"
+            "{{ " + _lit(image_token) + " * (text.split(" + _lit(image_token) + ")|length - 1) }}"
+            "{%- set q = text.replace(" + _lit(image_token) + ", '')|trim -%}"
+            "{%- if q -%}{{ " + _lit(before) + " + q + " + _lit(after) + " }}"
+            "{%- else -%}{{ " + _lit(template_cls.caption) + " }}{%- endif -%}"
+            "{%- set ns.open = true -%}"
+            "{%- elif m['role'] == 'assistant' -%}{{ ' ' + vlm_content(m['content']) + eos_token }}"
+            "{%- set ns.open = false -%}"
+            "{%- endif -%}{%- endfor -%}")
+
+
 def _tokenizer_own(tokenizer, system_prompt: Optional[str]) -> str:
     own = getattr(tokenizer, "chat_template", None)
     if not own or not isinstance(own, str):
@@ -111,6 +130,8 @@ def jinja_chat_template(name: str, tokenizer, system_prompt: Optional[str] = Non
         "vicuna_v1": lambda: _vicuna(system_prompt or VICUNA_SYSTEM, bos),
         "chatml": lambda: _chatml(system_prompt),
         "tokenizer": lambda: _tokenizer_own(tokenizer, system_prompt),
+        "blip2_qa": lambda: _paper(cls, image_token),
+        "instructblip": lambda: _paper(cls, image_token),
     }
     if name not in body:
         raise TemplateError(f"template '{name}' has no Jinja export (exportable: {sorted(body)})")

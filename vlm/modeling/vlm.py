@@ -41,6 +41,9 @@ class VLMOutput:
 class VisionLanguageModel(nn.Module):
     """A vision encoder, a connector and an HF causal LM joined by image placeholder tokens."""
 
+    # an encoder-decoder LLM (vlm.modeling.seq2seq_vlm.Seq2SeqVisionLanguageModel) says True
+    is_encoder_decoder = False
+
     def __init__(self, vision: nn.Module, connector: nn.Module, llm: nn.Module, image_token_id: int):
         super().__init__()
         self.vision = vision
@@ -51,13 +54,17 @@ class VisionLanguageModel(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, tokenizer) -> "VisionLanguageModel":
-        """Build every component from a model config; the tokenizer must hold the image token."""
+        """Build every component from a model config; the tokenizer must hold the image token.
+        :func:`vlm.modeling.build.build_model` picks this class or the encoder-decoder one."""
         from vlm.modeling.connectors import BuildContext, build_connector
         from vlm.modeling.llm import build_llm
         from vlm.modeling.vision import build_vision_encoder
 
         vision = build_vision_encoder(cfg.vision)
         llm = build_llm(cfg.llm, tokenizer)
+        if bool(llm.config.is_encoder_decoder) != cls.is_encoder_decoder:
+            raise TypeError(f"{cls.__name__} cannot hold this LLM (is_encoder_decoder="
+                            f"{llm.config.is_encoder_decoder}); build it with vlm.modeling.build.build_model")
         ctx = BuildContext(vision_dim=vision.embed_dim, llm_dim=llm.config.get_text_config().hidden_size,
                            tokenizer=tokenizer, vision=vision)
         connector = build_connector(cfg.connector, ctx)

@@ -26,7 +26,7 @@ def _recipe_and_model(target: str, overrides: Sequence[str], out: Optional[str],
     from vlm.app.recipes import run_prepare
     from vlm.app.wiring import load_run_config as load_config
     from vlm.checkpoint.pretrained import load_pretrained, load_stage_tokenizer
-    from vlm.modeling.vlm import VisionLanguageModel
+    from vlm.modeling.build import build_model
 
     path = Path(target)
     if path.is_dir():
@@ -46,7 +46,7 @@ def _recipe_and_model(target: str, overrides: Sequence[str], out: Optional[str],
         return cfg, model, tokenizer, model_cfg, str(final)
     torch.manual_seed(0)
     tokenizer = load_stage_tokenizer(cfg.model, None)
-    model = VisionLanguageModel.from_config(cfg.model, tokenizer).eval()
+    model = build_model(cfg.model, tokenizer).eval()
     return cfg, model, tokenizer, cfg.model, "random (no trained checkpoint at " + str(final) + ")"
 
 

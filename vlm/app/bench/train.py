@@ -195,7 +195,7 @@ def bench_train(cfg: DictConfig, stage_name: str, steps: int = 30, warmup: int =
     from vlm.app.recipes import run_prepare
     from vlm.app.stages import build_stage
     from vlm.checkpoint.pretrained import load_stage_tokenizer
-    from vlm.modeling.vlm import VisionLanguageModel
+    from vlm.modeling.build import build_model
 
     if stage_name not in cfg.stages:
         raise ConfigError(f"--stage: no stage '{stage_name}'; stages: {list(cfg.stages)}")
@@ -223,7 +223,7 @@ def bench_train(cfg: DictConfig, stage_name: str, steps: int = 30, warmup: int =
     # weights and its final save works whatever the stage trains) and copied to transformers
     set_seed(stage.seed)
     tokenizer = load_stage_tokenizer(cfg.model, None)
-    reference = VisionLanguageModel.from_config(cfg.model, tokenizer)
+    reference = build_model(cfg.model, tokenizer)
     everything = {comp: Train.full for comp in COMPONENTS}
     with atomic_dir(init) as tmp:
         save_model_state(reference, tmp, everything, cfg.model, tokenizer, None)

@@ -9,6 +9,7 @@ OBJECTIVES: Registry = Registry("training objective", {
     "caption_bow": "vlm.training.objectives.warmup:CaptionBagOfWords",
     "answer_words": "vlm.training.objectives.warmup:AnswerWords",
     "lm": "vlm.training.objectives.lm:LanguageModeling",
+    "prefix_lm": "vlm.training.objectives.prefix_lm:PrefixLanguageModeling",
     "qformer_stage1": "vlm.training.objectives.qformer_stage1:QFormerStage1",
 })
 

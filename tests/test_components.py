@@ -85,9 +85,11 @@ OBJECTIVES = {
     "caption_bow": ({}, {"vision": "full", "connector": "frozen"}, {}),
     "answer_words": ({}, {"vision": "full", "connector": "frozen"}, {}),
     "qformer_stage1": ({"connector.name": "qformer", "connector.options": QFORMER_SMALL}, {}, {"llm": "full"}),
+    "dpo": ({}, {"connector": "frozen", "llm": "lora"}, {"llm": "full"}),
+    "simpo": ({}, {}, None),
 }
 STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
-READERS = ["llava_json", "jsonl", "coco_captions", "vqav2"]
+READERS = ["llava_json", "jsonl", "coco_captions", "vqav2", "preference_json"]
 # name -> a data.args that is valid for the task's check
 TASKS = {"caption": {}, "retrieval": {}, "vqa": {"annotations_path": "annotations.json"}}
 
@@ -218,7 +220,8 @@ def test_an_objective_builds_for_a_tiny_model_and_checks_its_stage(name, tokeniz
     cls = registry("objectives").get(name)
     model = build_tiny_model(tiny_model_config(tokenizer_dir, **overrides), tokenizer)
     objective = cls.build(None, ObjectiveContext(model, tokenizer))
-    assert isinstance(objective, Objective) and cls.Options is None
+    assert isinstance(objective, Objective)
+    assert cls.Options is None or dataclasses.is_dataclass(cls.Options)
     frozen = cls.frozen_parameters(model)
     assert all(isinstance(p, torch.nn.Parameter) for p in frozen)
     cls.check(stage_config(objective=name, train=accepted), "stages.s")

@@ -10,6 +10,8 @@ OBJECTIVES: Registry = Registry("training objective", {
     "answer_words": "vlm.training.objectives.warmup:AnswerWords",
     "lm": "vlm.training.objectives.lm:LanguageModeling",
     "qformer_stage1": "vlm.training.objectives.qformer_stage1:QFormerStage1",
+    "dpo": "vlm.training.objectives.preference:DPO",
+    "simpo": "vlm.training.objectives.preference:SimPO",
 })
 
 

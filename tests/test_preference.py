@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny_model, run_config
 from preference_data import write_vqa_pairs
 
+import vlm.app.stages
 from vlm.core.errors import ConfigError, DataFormatError
 from vlm.data.formats import read_dataset
 from vlm.data.pairs import PairCollator, PairDataset
@@ -130,3 +132,201 @@ def test_pairs_batch_chosen_then_rejected_and_encode_each_image_once(tmp_path, t
                        instructions=batch.instructions * 2).logits
     torch.testing.assert_close(out.logits, twice)
 
+
+# ------------------------------------------------------------------------------ TRL parity
+
+def _pair_batch(tmp_path, model, model_config, shapes_data, tokenizer, limit=3):
+    from vlm.modeling.processing import build_processor
+
+    path = write_vqa_pairs(shapes_data["train"], tmp_path / "pairs.json", limit=limit)
+    samples = read_dataset("preference_json", path=str(path), image_root=shapes_data["train"]["image_root"],
+                           image_token="<image>")
+    processor = build_processor(model, tokenizer, model_config, "plain", 128)
+    return PairDataset(samples, processor, progress=False), PairCollator(tokenizer.pad_token_id)
+
+
+class _TRLStub:
+    """What ``DPOTrainer._compute_loss`` reads of its trainer, for one process, without building one."""
+
+    def __init__(self, model, ref_model, beta, loss_type, label_smoothing=0.0):
+        import types
+        from collections import defaultdict
+
+        self.model, self.ref_model, self.beta, self.label_smoothing = model, ref_model, beta, label_smoothing
+        self.loss_types, self.loss_weights, self.ld_alpha, self.f_divergence_type = [loss_type], [1.0], None, "reverse_kl"
+        self.precompute_ref_logps, self.use_weighting, self.aux_loss_enabled = False, False, False
+        self._metrics, self._total_train_tokens, self._tp_size = {"train": defaultdict(list)}, 0, 1
+        self.args = types.SimpleNamespace(gradient_checkpointing_kwargs=None)
+        self.accelerator = types.SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t,
+                                                 gather_for_metrics=lambda t: t)
+
+
+def _hf_grads(llava):
+    """transformers LLaVA gradients under vlm's parameter names."""
+    names = {"model.multi_modal_projector.linear_1.": "connector.proj.0.",
+             "model.multi_modal_projector.linear_2.": "connector.proj.2.",
+             "model.vision_tower.": "vision.model.", "model.language_model.": "llm.model.", "lm_head.": "llm.lm_head."}
+    grads = {}
+    for name, param in llava.named_parameters():
+        if param.grad is not None:
+            prefix = next(p for p in names if name.startswith(p))
+            grads[names[prefix] + name[len(prefix):]] = param.grad
+    return grads
+
+
+@pytest.mark.parametrize("loss_type, label_smoothing, pairs", [("sigmoid", 0.0, 3), ("ipo", 0.0, 3),
+                                                               ("sigmoid", 0.2, 1)])
+def test_dpo_loss_rewards_and_gradients_equal_trl(tmp_path, model_config, shapes_data, tokenizer, loss_type,
+                                                 label_smoothing, pairs):
+    """vlm's dpo (reference log-probabilities precomputed from the starting weights) against TRL's
+    DPOTrainer loss on the same model exported to transformers' LLaVA, the same pairs, fp32.
+    TRL 1.16's sigmoid has no label smoothing: the conservative loss is its ``aot`` on one pair
+    (sorting one pair changes nothing)."""
+    from trl.trainer.dpo_trainer import DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from vlm.interop.hf_llava import to_hf_llava
+    from vlm.training.objectives import OBJECTIVES, ObjectiveContext
+    from vlm.training.objectives.preference import precomputed_reference
+
+    start = build_tiny_model(model_config, tokenizer)
+    policy = build_tiny_model(model_config, tokenizer)
+    torch.manual_seed(5)
+    with torch.no_grad():  # the policy has moved away from its starting weights
+        for param in policy.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    dataset, collate = _pair_batch(tmp_path, start, model_config, shapes_data, tokenizer, limit=pairs)
+    dataset.reference = precomputed_reference(start, dataset, collate, 2, tmp_path / "ref.pt", True)
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    options = {"beta": 0.3, "loss_type": loss_type, "label_smoothing": label_smoothing, "precompute_reference": True}
+    objective = OBJECTIVES.get("dpo").build(options, ObjectiveContext(policy, tokenizer))
+    policy.train()
+    out = objective(policy, batch)
+    out.loss.backward()
+
+    hf_policy, hf_ref = to_hf_llava(policy).train(), to_hf_llava(start)
+    add_fused_lm_head(hf_policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    add_fused_lm_head(hf_ref)
+    trl_loss_type = "aot" if label_smoothing else loss_type
+    stub = _TRLStub(hf_policy, hf_ref, 0.3, trl_loss_type, label_smoothing)
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+              "completion_mask": (batch.labels != -100).long(),
+              "pixel_values": torch.cat([batch.images, batch.images])}  # TRL: one image per row
+    trl_loss = DPOTrainer._compute_loss(stub, hf_policy, inputs, False)
+    trl_loss.backward()
+
+    assert out.losses["rewards/chosen"].abs() > 1e-3  # the policy is not its reference
+    torch.testing.assert_close(out.loss, trl_loss, atol=1e-5, rtol=1e-5)
+    logged = stub._metrics["train"]
+    for ours, theirs in (("rewards/chosen", "rewards/chosen"), ("rewards/rejected", "rewards/rejected"),
+                         ("rewards/margin", "rewards/margins"), ("rewards/accuracy", "rewards/accuracies")):
+        assert abs(out.losses[ours].item() - logged[theirs][0]) < 1e-5, ours
+    theirs = _hf_grads(hf_policy)
+    ours = {name: p.grad for name, p in policy.named_parameters() if p.grad is not None}
+    assert set(ours) <= set(theirs) and len(ours) > 20
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, theirs[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert any(grad.abs().max() > 1e-3 for grad in ours.values())
+
+
+# ------------------------------------------------------------------ the LoRA reference
+
+def _parameters_in_memory() -> int:
+    """Elements of every live ``nn.Parameter`` of the process (a second model copy would add its own)."""
+    import gc
+    import warnings
+
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sum(o.numel() for o in gc.get_objects() if isinstance(o, torch.nn.Parameter))
+
+
+def test_lora_reference_is_the_model_with_its_adapters_disabled_not_a_second_model(tmp_path, model_config,
+                                                                                   shapes_data, tokenizer):
+    from conftest import lora_instruct_model
+
+    from vlm.training.objectives import OBJECTIVES, ObjectiveContext
+    from vlm.training.objectives.preference import answer_logps
+
+    base = build_tiny_model(model_config, tokenizer)
+    dataset, collate = _pair_batch(tmp_path, base, model_config, shapes_data, tokenizer)
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        starting, _ = answer_logps(base, batch)
+    del base
+    model = lora_instruct_model(build_tiny_model(model_config, tokenizer))  # the same base weights, + LoRA
+    before = _parameters_in_memory()
+    objective = OBJECTIVES.get("dpo").build({"beta": 0.1}, ObjectiveContext(model, tokenizer))
+    model.train()
+    out = objective(model, batch)
+    out.loss.backward()
+    assert _parameters_in_memory() == before and not list(objective.parameters())
+    reference = objective.reference_logps(model, batch)
+    torch.testing.assert_close(reference, starting, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        policy, _ = answer_logps(model, batch)  # the adapters are back on after the reference
+    assert (policy - reference).abs().max() > 1e-3
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None for g in lora_grads)
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and "lora_" not in n} == {
+        "connector"}  # lora_instruct_model leaves the connector trainable
+
+
+def test_dpo_without_lora_needs_precomputed_reference(tmp_path, tokenizer_dir, shapes_data):
+    with pytest.raises(ConfigError, match=r"^stages\.dpo\.train: dpo's reference .*precompute_reference"):
+        run_config(tmp_path, tokenizer_dir, {"dpo": _pref_stage(tmp_path, shapes_data, "dpo", connector="full")})
+    with pytest.raises(ConfigError, match=r"^stages\.dpo\.objective_options\.betta: "):
+        run_config(tmp_path, tokenizer_dir, {"dpo": _pref_stage(tmp_path, shapes_data, "dpo", betta=0.1)})
+    with pytest.raises(ConfigError, match=r"^stages\.dpo\.objective_options\.loss_type: unknown 'hinge'"):
+        run_config(tmp_path, tokenizer_dir, {"dpo": _pref_stage(tmp_path, shapes_data, "dpo", loss_type="hinge")})
+
+
+# ----------------------------------------------------------------------- training stages
+
+@pytest.fixture(scope="module")
+def base_final(tmp_path_factory, tokenizer_dir, shapes_data):
+    """A stage output whose LLM trained fully (one step): what a LoRA stage may start from."""
+    root = tmp_path_factory.mktemp("prefs_base")
+    split = shapes_data["train"]
+    base = {"train": {"vision": "frozen", "connector": "full", "llm": "full"},
+            "data": [{"format": "coco_captions", "args": {"path": split["captions"], "image_root": split["image_root"]},
+                      "max_samples": 4}], "batch_size": 4, "max_steps": 1, "warmup_ratio": 0.0}
+    return vlm.app.stages.run_stage(run_config(root, tokenizer_dir, {"base": base}), "base")
+
+
+def _pref_stage(tmp_path, shapes_data, objective, connector="frozen", llm="lora", steps=16, init_from=None,
+                lr=5e-3, **options):
+    split = shapes_data["train"]
+    pairs = write_vqa_pairs(split, tmp_path / "train_pairs.json", limit=8)
+    return {"objective": objective, "objective_options": options, "init_from": init_from,
+            "train": {"vision": "frozen", "connector": connector, "llm": llm},
+            "data": [{"format": "preference_json", "args": {"path": str(pairs), "image_root": split["image_root"]}}],
+            "learning_rate": lr, "batch_size": 4, "max_steps": steps, "log_every": 4, "warmup_ratio": 0.0,
+            "seed": 0}
+
+
+def _records(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("objective, connector, llm, lr, options", [
+    ("dpo", "frozen", "lora", 3e-2, {"beta": 0.5}),
+    pytest.param("dpo", "full", "frozen", 1e-2, {"beta": 0.5, "precompute_reference": True}, marks=pytest.mark.slow),
+    pytest.param("simpo", "frozen", "lora", 3e-2, {}, marks=pytest.mark.slow),
+])
+def test_a_preference_stage_learns_to_prefer_the_chosen_answers(tmp_path, tokenizer_dir, shapes_data, base_final,
+                                                                objective, connector, llm, lr, options):
+    """8 pairs, 16 steps of 4 (8 epochs): the loss falls, the margin widens, the chosen answers win."""
+    stage = _pref_stage(tmp_path, shapes_data, objective, connector, llm, init_from=str(base_final), lr=lr,
+                        **options)
+    cfg = run_config(tmp_path, tokenizer_dir, {"prefs": stage})
+    final = vlm.app.stages.run_stage(cfg, "prefs")
+    records = _records(tmp_path / "run" / "prefs")
+    first, last = records[0], records[-1]
+    assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"} <= set(first)
+    assert last["loss"] < first["loss"] - 0.05, (first, last)
+    assert last["rewards/margin"] > first["rewards/margin"] + 0.1 and last["rewards/accuracy"] >= 0.75
+    assert (final / "manifest.json").exists()
+    reference = tmp_path / "run" / "prefs" / "reference_logps.pt"
+    assert reference.exists() == bool(options.get("precompute_reference"))

@@ -128,6 +128,9 @@ class DPO(Objective):
             raise ConfigError(f"{where}.train: dpo's reference is the starting weights; with {', '.join(full)} "
                               "trained fully set objective_options.precompute_reference: true (only LoRA adapters "
                               "can be switched off to recover it)")
+        if not options.precompute_reference and not any(m is Train.lora for m in modes.values()):
+            raise ConfigError(f"{where}.train: dpo's reference is the model with its LoRA adapters disabled and no "
+                              "component trains with LoRA; set objective_options.precompute_reference: true")
 
     def reference_logps(self, model, batch: PreferenceBatch) -> torch.Tensor:
         """``(2B,)`` reference log-probabilities: precomputed ones, else the model with its LoRA

@@ -330,3 +330,21 @@ def test_a_preference_stage_learns_to_prefer_the_chosen_answers(tmp_path, tokeni
     assert (final / "manifest.json").exists()
     reference = tmp_path / "run" / "prefs" / "reference_logps.pt"
     assert reference.exists() == bool(options.get("precompute_reference"))
+
+
+def test_precomputed_reference_is_kept_for_a_resume_and_recomputed_for_other_pairs(tmp_path, model_config,
+                                                                                 shapes_data, tokenizer):
+    from vlm.training.objectives.preference import answer_logps, precomputed_reference
+
+    start = build_tiny_model(model_config, tokenizer)
+    dataset, collate = _pair_batch(tmp_path, start, model_config, shapes_data, tokenizer, limit=3)
+    path = tmp_path / "stage" / "reference_logps.pt"
+    first = precomputed_reference(start, dataset, collate, 2, path, True)
+    with torch.no_grad():
+        logps, _ = answer_logps(start, collate([dataset[i] for i in range(3)]))
+    torch.testing.assert_close(first, torch.stack([logps[:3], logps[3:]], dim=1))
+    moved = build_tiny_model(model_config, tokenizer, seed=1)  # a resume's weights have moved on
+    torch.testing.assert_close(precomputed_reference(moved, dataset, collate, 2, path, True), first)
+    fewer, _ = _pair_batch(tmp_path, start, model_config, shapes_data, tokenizer, limit=2)
+    other = precomputed_reference(moved, fewer, collate, 2, path, True)  # other pairs: computed again
+    assert other.shape == (2, 2) and not torch.allclose(other, first[:2])

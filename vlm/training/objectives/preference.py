@@ -173,8 +173,8 @@ class DPO(Objective):
         this dataset's (a resume), else computed in eval mode and written there (main process)."""
         if not self.precompute_reference:
             return
-        dataset.reference = precomputed_reference(model, dataset, collate, batch_size, Path(out_dir) / REFERENCE_FILE,
-                                                  is_main)
+        path = Path(out_dir) / REFERENCE_FILE if out_dir is not None else None
+        dataset.reference = precomputed_reference(model, dataset, collate, batch_size, path, is_main)
 
 
 def _fingerprint(dataset) -> str:
@@ -186,12 +186,13 @@ def _fingerprint(dataset) -> str:
 
 
 @torch.no_grad()
-def precomputed_reference(model, dataset, collate, batch_size: int, path: Path, is_main: bool) -> torch.Tensor:
+def precomputed_reference(model, dataset, collate, batch_size: int, path: Optional[Path],
+                          is_main: bool) -> torch.Tensor:
     """``(len(dataset), 2)`` reference log-probabilities (chosen, rejected) of every pair, read
     from ``path`` when it holds this dataset's, else computed by ``model`` in eval mode, in
-    dataset order, and written to ``path`` (atomically, by the main process)."""
+    dataset order, and written to ``path`` (atomically, by the main process; None: not kept)."""
     fingerprint = _fingerprint(dataset)
-    if path.exists():
+    if path is not None and path.exists():
         stored = torch.load(path, map_location="cpu")
         if stored.get("fingerprint") == fingerprint:
             logger.info("reference log-probabilities read from %s", path)
@@ -215,7 +216,7 @@ def precomputed_reference(model, dataset, collate, batch_size: int, path: Path, 
         for name, module in model.named_modules():
             module.train(modes[name])
     logps = torch.cat(rows) if rows else torch.zeros(0, 2)
-    if is_main:
+    if is_main and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"fingerprint": fingerprint, "logps": logps}, tmp)

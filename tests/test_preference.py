@@ -348,3 +348,85 @@ def test_precomputed_reference_is_kept_for_a_resume_and_recomputed_for_other_pai
     fewer, _ = _pair_batch(tmp_path, start, model_config, shapes_data, tokenizer, limit=2)
     other = precomputed_reference(moved, fewer, collate, 2, path, True)  # other pairs: computed again
     assert other.shape == (2, 2) and not torch.allclose(other, first[:2])
+
+
+# ----------------------------------------------------------------------- vlm prefs generate
+
+def test_the_vqa_judge_scores_answers_and_the_pair_is_the_best_and_a_worse_one():
+    from vlm.data.types import Sample
+    from vlm.evaluation.judges import JUDGES
+    from vlm.evaluation.preference_pairs import choose_pair
+
+    judge = JUDGES.get("vqa_accuracy").build(None, None)
+    sample = Sample(id="1", turns=[], meta={"answers": ["red"] * 7 + ["blue"] * 3})
+    assert judge.score(sample, ["red", "Blue", "green"]) == [1.0, pytest.approx(0.9), 0.0]
+    with pytest.raises(DataFormatError, match="needs the reference answers"):
+        judge.score(Sample(id="2", turns=[]), ["red"])
+    assert choose_pair(["a", "b", "c", "b"], [0.5, 1.0, 0.0, 1.0]) == (1, 2)
+    assert choose_pair(["a", "a "], [1.0, 0.0]) is None  # the same answer
+    assert choose_pair(["a", "b"], [1.0, 1.0]) is None  # nothing worse
+
+
+def _prefs_config(tmp_path, tokenizer_dir, shapes_data):
+    import yaml
+    from conftest import LLM_ARCH, VISION_ARCH
+
+    split = shapes_data["train"]
+    recipe = {"out_dir": str(tmp_path / "run"), "plugins": ["answer_length_judge"],
+              "model": {"vision": {"name": "hf_clip", "arch": dict(VISION_ARCH), "preprocess": "resize"},
+                        "connector": {"name": "mlp2x_gelu"},
+                        "llm": {"tokenizer": str(tokenizer_dir), "arch": dict(LLM_ARCH)}, "template": "plain"},
+              "stages": {},
+              "evals": {"vqa": {"task": "vqa", "max_new_tokens": 6,
+                                "data": {"format": "vqav2", "max_samples": 4,
+                                         "args": {"questions_path": split["questions"],
+                                                  "annotations_path": split["annotations"],
+                                                  "image_root": split["image_root"],
+                                                  "image_pattern": "{image_id:012d}.png"}}}}}
+    path = tmp_path / "prefs.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_prefs_generate_with_a_plugin_judge_writes_pairs_and_resumes(tmp_path, tokenizer_dir, shapes_data,
+                                                                    base_final, capsys, monkeypatch):
+    from pathlib import Path
+
+    from conftest import run_vlm
+
+    import vlm.evaluation.preference_pairs as pp
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "plugins"))
+    config = _prefs_config(tmp_path, tokenizer_dir, shapes_data)
+    argv = ["prefs", "generate", base_final, config, "--judge", "answer_length", "--n", "4", "--batch-size", "2",
+            "--temperature", "1.5", "--top-p", "1.0"]
+    code, out, err = run_vlm([*argv, "--out", tmp_path / "whole.json"], capsys)
+    assert code == 0, err
+    counts = json.loads(out.strip().splitlines()[-1])
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    assert counts["pairs"] == len(whole) >= 2 and counts["pairs"] + counts["skipped"] == 4
+    for pair in whole:
+        assert pair["scores"]["chosen"] > pair["scores"]["rejected"]
+        assert len(pair["chosen"].strip()) == pair["scores"]["chosen"]
+    samples = read_dataset("preference_json", path=str(tmp_path / "whole.json"))  # the pairs read back
+    assert [s.meta["chosen"] for s in samples] == [p["chosen"] for p in whole]
+    assert samples[0].turns[-1].role == "user" and samples[0].images
+
+    original, calls = pp.generate_answers, []
+
+    def interrupted(*args, **kwargs):  # the run stops while sampling its second chunk
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pp, "generate_answers", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_vlm([*argv, "--out", tmp_path / "again.json"], capsys)
+    assert (tmp_path / "again.json.partial").exists() and not (tmp_path / "again.json").exists()
+    monkeypatch.setattr(pp, "generate_answers", original)
+    code, out, err = run_vlm([*argv, "--out", tmp_path / "again.json"], capsys)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["resumed"] == 2
+    assert json.loads((tmp_path / "again.json").read_text()) == whole  # the same pairs as without a stop
+    code, _, err = run_vlm([*argv[:4], "--judge", "answer_lenght", "--out", tmp_path / "x.json"], capsys)
+    assert code == 2 and "did you mean 'answer_length'" in err

@@ -430,3 +430,56 @@ def test_prefs_generate_with_a_plugin_judge_writes_pairs_and_resumes(tmp_path, t
     assert json.loads((tmp_path / "again.json").read_text()) == whole  # the same pairs as without a stop
     code, _, err = run_vlm([*argv[:4], "--judge", "answer_lenght", "--out", tmp_path / "x.json"], capsys)
     assert code == 2 and "did you mean 'answer_length'" in err
+
+
+# ------------------------------------------------------------- two processes: DDP, FSDP, resume
+
+@pytest.mark.slow  # four 2-process launches
+@pytest.mark.parametrize("connector, options", [("frozen", {}), ("full", {"precompute_reference": True})])
+def test_dpo_under_ddp_and_fsdp_survives_sigkill_and_resumes_bit_identically(tmp_path, tokenizer_dir, shapes_data,
+                                                                            connector, options):
+    from safetensors.torch import load_file
+    from test_distributed import WORKER, launch, torchrun
+
+    split = shapes_data["train"]
+    pairs = write_vqa_pairs(split, tmp_path / "pairs.json", limit=12)
+    base = {"train": {"vision": "frozen", "connector": "full", "llm": "full"},
+            "data": [{"format": "coco_captions", "args": {"path": split["captions"], "image_root": split["image_root"]},
+                      "max_samples": 4}], "batch_size": 4, "max_steps": 1, "warmup_ratio": 0.0}
+    dpo = {"init_from": str(tmp_path / "run" / "base" / "final"), "objective": "dpo",
+           "objective_options": {"beta": 0.5, **options},
+           "train": {"vision": "frozen", "connector": connector, "llm": "lora"}, "lora": {"r": 4, "alpha": 8},
+           "data": [{"format": "preference_json", "args": {"path": str(pairs), "image_root": split["image_root"]}}],
+           "learning_rate": 1e-2, "batch_size": 2, "max_steps": 6, "save_every": 3, "log_every": 1,
+           "warmup_ratio": 0.0}
+    cfg = run_config(tmp_path, tokenizer_dir, {"base": base, "p": dpo})
+    vlm.app.stages.run_stage(cfg, "base")
+    config = str(sorted(tmp_path.glob("recipe_*.yaml"))[-1])
+    fsdp = ["stages.p.strategy=fsdp"]
+
+    def weights(final):
+        out = {f"llm.{k}": v for k, v in load_file(str(final / "llm_adapter" / "adapter_model.safetensors")).items()}
+        if connector == "full":
+            out.update({f"connector.{k}": v for k, v in load_file(str(final / "connector.safetensors")).items()})
+        return out
+
+    done = launch(torchrun(WORKER, "train", config, "p", str(tmp_path / "ddp"), "--then", str(tmp_path / "fsdp"), *fsdp))
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = launch(torchrun(WORKER, "train", config, "p", str(tmp_path / "resumed"), "--kill-after-step", "4", *fsdp))
+    assert killed.returncode != 0
+    out = tmp_path / "resumed" / "p"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000003"] and not (out / "final").exists()
+    resumed = launch(torchrun("-m", "vlm", "train", config, *fsdp, "--stage", "p", "--out", str(tmp_path / "resumed"),
+                              "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+
+    ddp_w, fsdp_w, resumed_w = (weights(tmp_path / run / "p" / "final") for run in ("ddp", "fsdp", "resumed"))
+    assert ddp_w.keys() == fsdp_w.keys() == resumed_w.keys() and any("lora_B" in k for k in ddp_w)
+    for key in ddp_w:
+        assert torch.equal(fsdp_w[key], resumed_w[key]), key
+        assert torch.allclose(fsdp_w[key], ddp_w[key], atol=1e-5, rtol=0), (key, (fsdp_w[key] - ddp_w[key]).abs().max())
+    assert any(v.abs().max() > 0 for k, v in fsdp_w.items() if "lora_B" in k)  # the adapters trained
+    losses = [r["loss"] for r in _records(tmp_path / "fsdp" / "p")]
+    assert [r["loss"] for r in _records(out)] == losses and len(losses) == 6
+    assert [r["rewards/margin"] for r in _records(out)] == [r["rewards/margin"] for r in _records(tmp_path / "fsdp" / "p")]

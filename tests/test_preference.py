@@ -430,6 +430,8 @@ def test_prefs_generate_with_a_plugin_judge_writes_pairs_and_resumes(tmp_path, t
     assert json.loads((tmp_path / "again.json").read_text()) == whole  # the same pairs as without a stop
     code, _, err = run_vlm([*argv[:4], "--judge", "answer_lenght", "--out", tmp_path / "x.json"], capsys)
     assert code == 2 and "did you mean 'answer_length'" in err
+    code, _, err = run_vlm([*argv, "--temperature", "0", "--out", tmp_path / "x.json"], capsys)
+    assert code == 2 and "--temperature must be > 0" in err
 
 
 # ------------------------------------------------------------- two processes: DDP, FSDP, resume

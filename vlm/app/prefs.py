@@ -25,6 +25,8 @@ def prefs_generate(cfg, args) -> dict:
     for flag, value in (("--n", args.n), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(f"{flag}: must be at least 1, got {value}")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        raise ConfigError(f"--temperature must be > 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
     ev = cfg.evals[args.eval]
     model, tokenizer, model_cfg = load_pretrained(args.checkpoint, trust_remote_code=cfg.model.llm.trust_remote_code)
     processor = build_processor(model, tokenizer, model_cfg, ev.template, max_image_pixels=ev.max_image_pixels)

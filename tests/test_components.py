@@ -87,9 +87,11 @@ OBJECTIVES = {
     "qformer_stage1": ({"connector.name": "qformer", "connector.options": QFORMER_SMALL}, {}, {"llm": "full"}),
     "prefix_lm": ({"llm.kind": "seq2seq", "llm.arch": dict(model_type="t5", d_model=48, d_kv=12, d_ff=96, num_layers=1,
                                                             num_heads=4)}, {}, None),
+    "dpo": ({}, {"connector": "frozen", "llm": "lora"}, {"llm": "full"}),
+    "simpo": ({}, {}, None),
 }
 STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
-READERS = ["llava_json", "jsonl", "coco_captions", "vqav2", "pope"]
+READERS = ["llava_json", "jsonl", "coco_captions", "vqav2", "pope", "preference_json"]
 # name -> a data.args that is valid for the task's check
 TASKS = {"caption": {}, "retrieval": {}, "vqa": {"annotations_path": "annotations.json"},
          "pope": {"annotations": "instances.json"}}
@@ -222,7 +224,8 @@ def test_an_objective_builds_for_a_tiny_model_and_checks_its_stage(name, tokeniz
     cls = registry("objectives").get(name)
     model = build_tiny_model(tiny_model_config(tokenizer_dir, **overrides), tokenizer)
     objective = cls.build(None, ObjectiveContext(model, tokenizer))
-    assert isinstance(objective, Objective) and cls.Options is None
+    assert isinstance(objective, Objective)
+    assert cls.Options is None or dataclasses.is_dataclass(cls.Options)
     frozen = cls.frozen_parameters(model)
     assert all(isinstance(p, torch.nn.Parameter) for p in frozen)
     cls.check(stage_config(objective=name, train=accepted), "stages.s")

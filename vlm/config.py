@@ -175,6 +175,8 @@ class StageConfig:
     """One training stage: what trains, on which data, with which schedule."""
 
     objective: str = "lm"
+    # the objective's options (its Options dataclass, e.g. dpo's beta), checked by vlm.app.wiring
+    objective_options: Dict[str, Any] = field(default_factory=dict)
     train: TrainModes = field(default_factory=TrainModes)
     lora: LoraConfig = field(default_factory=LoraConfig)
     learning_rate: float = 1e-3

@@ -381,6 +381,14 @@ def cmd_serve(args) -> None:
           max_queue=args.max_queue, request_timeout_s=args.request_timeout_s, shutdown_grace_s=args.shutdown_grace_s)
 
 
+def cmd_prefs_generate(args) -> None:
+    """Sample answers from a checkpoint, score them with a judge, write preference pairs (--out)."""
+    from vlm.app.prefs import prefs_generate
+    from vlm.app.wiring import load_run_config
+
+    print(json.dumps(prefs_generate(load_run_config(args.config, args.overrides), args)))
+
+
 def cmd_models(args) -> None:
     """List the registered vision encoders, connectors, templates and data formats."""
     from vlm.app.wiring import catalog
@@ -593,6 +601,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace-s", type=float, default=30.0,
                    help="on SIGTERM: time given to requests in flight before exiting")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("prefs", help="preference pairs")
+    prefs_sub = p.add_subparsers(dest="prefs_command", required=True)
+    s = prefs_sub.add_parser("generate", help=cmd_prefs_generate.__doc__)
+    s.add_argument("checkpoint", help="stage output folder whose answers are sampled")
+    s.add_argument("config", help="YAML config: its evals.<--eval> entry gives the questions and references")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evals.vqa.data.max_samples=100")
+    s.add_argument("--out", required=True, help="pairs JSON to write (format: preference_json)")
+    s.add_argument("--eval", default="vqa", help="the config's evals entry to read (default: vqa)")
+    s.add_argument("--judge", default="vqa_accuracy", help="registered judge (a plug-in via the config's plugins)")
+    s.add_argument("--n", type=int, default=4, help="answers sampled per question (default 4)")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-p", type=float, default=0.9)
+    s.add_argument("--max-new-tokens", type=int, help="default: the eval entry's")
+    s.add_argument("--batch-size", type=int, default=16, help="questions per chunk (default 16)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_prefs_generate)
 
     p = sub.add_parser("env", help=cmd_env.__doc__)
     p.add_argument("--json", action="store_true", help="print the report as JSON")

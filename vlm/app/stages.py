@@ -29,6 +29,7 @@ from vlm.data.feature_cache import BuildReport, build_stage_feature_cache
 from vlm.data.formats import read_samples
 from vlm.data.image_cache import default_budget_bytes
 from vlm.data.images import check_image_files
+from vlm.data.pairs import PairCollator, PairDataset
 from vlm.data.samplers import LengthGroupedSampler
 from vlm.evaluation.runner import run_eval
 from vlm.modeling.build import build_model
@@ -152,7 +153,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     apply_stage(model, WhatTrains.of(stage), objective_cls)
     processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length, stage.max_image_pixels,
                                 stage.max_visual_tokens)
-    objective = objective_cls.build(None, ObjectiveContext(model, tokenizer))
+    objective = objective_cls.build(dict(stage.objective_options), ObjectiveContext(model, tokenizer))
     samples = read_samples(stage.data, cfg.model.image_token)
     check_image_files([p for s in samples for p in s.images], f"stages.{name}.data", stage.max_image_failure_ratio)
     stage, levers = resolved_levers(stage, name, samples, accelerator.num_processes)
@@ -165,17 +166,23 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
         features, report = build_stage_feature_cache(
             model, objective, processor, samples, WhatTrains.of(stage), stage.precision, root, name, accelerator,
             batch_size=stage.batch_size, num_workers=stage.num_workers, progress=accelerator.is_main_process)
-    dataset = ConversationDataset(
-        samples, processor, name=name, progress=accelerator.is_main_process,
-        image_features=features.load if features is not None else None,
-        image_cache_bytes=default_budget_bytes(max(1, stage.num_workers)) if stage.image_cache else None,
-        tokenize=token_cache(cfg, processor, name, accelerator))
+    if objective_cls.reads_pairs:
+        dataset = PairDataset(samples, processor, name=name, progress=accelerator.is_main_process)
+    else:
+        dataset = ConversationDataset(
+            samples, processor, name=name, progress=accelerator.is_main_process,
+            image_features=features.load if features is not None else None,
+            image_cache_bytes=default_budget_bytes(max(1, stage.num_workers)) if stage.image_cache else None,
+            tokenize=token_cache(cfg, processor, name, accelerator))
 
     def save_state(trained_model, folder, state=None):
         save_model_state(trained_model, folder, train_modes(stage.train), cfg.model, tokenizer, prior, state=state)
         save_plugins(folder, list(cfg.plugins))
 
     collate = Collator(tokenizer.pad_token_id, packing=stage.packing, max_length=stage.max_length)
+    if objective_cls.reads_pairs:
+        collate = PairCollator(tokenizer.pad_token_id)
+    objective.prepare_data(model, dataset, collate, stage.batch_size, out_dir, accelerator.is_main_process)
     sampler = None
     if stage.group_by_length:
         sampler = LengthGroupedSampler([len(ids) for _, ids, _ in dataset.entries],

@@ -138,6 +138,8 @@ def check_stage(stage, connector_cls, where: str) -> None:
         raise ConfigError(f"{where}.data: a stage needs at least one dataset")
     for i, data in enumerate(stage.data):
         check_data(data, f"{where}.data.{i}")
+    check_options(dict(stage.objective_options), _lookup(registry("objectives"), stage.objective, f"{where}.objective")
+                  .Options, f"{where}.objective_options")
     objective = check_component("objectives", stage.objective, stage, where, f"{where}.objective")
     if any(getattr(stage.train, c) == Train.lora for c in ("vision", "connector")):
         raise ConfigError(f"{where}.train: LoRA is supported for the llm only")

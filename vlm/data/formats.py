@@ -17,20 +17,16 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from vlm.core.errors import ConfigError, DataFormatError
 from vlm.core.registry import FunctionComponent, Registry, closest
+from vlm.data.records import SPEAKERS as _SPEAKERS
+from vlm.data.records import PathLike, read_utf8
+from vlm.data.records import require as _require
+from vlm.data.records import resolve_image as _resolve
+from vlm.data.records import type_name as _type_name
 from vlm.data.types import IMAGE_TOKEN, Sample, Turn, image_marker, marking_images_with
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 CAPTION_PROMPT = "Describe the image briefly."
 VQA_PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
-_SPEAKERS = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-}
 
 @dataclass(frozen=True)
 class ReaderContext:
@@ -57,7 +53,10 @@ class Reader(FunctionComponent):
                 raise ConfigError(f"{where}.args.{key}: not an argument of {self.__name__}{closest(key, params)}")
 
 
-READERS: Registry[Reader] = Registry("dataset format", adapt=Reader.adapt)
+# readers in modules of their own, imported on first use
+READERS: Registry[Reader] = Registry("dataset format", {
+    "preference_json": "vlm.data.preference:read_preference_json",
+}, adapt=Reader.adapt)
 
 
 def read_dataset(format: str, image_token: str = IMAGE_TOKEN, **kwargs: Any) -> List[Sample]:
@@ -70,20 +69,6 @@ def read_dataset(format: str, image_token: str = IMAGE_TOKEN, **kwargs: Any) -> 
 # helpers
 
 
-def read_utf8(path: PathLike) -> str:
-    """The text of a UTF-8 file; a DataFormatError naming the file, line and byte offset when
-    it is not UTF-8 (a leading BOM is accepted)."""
-    data = open(path, "rb").read()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataFormatError(
-            f"{os.fspath(path)}:{line}: not UTF-8 at byte {e.start} ({data[e.start:e.start + 1]!r}); "
-            "re-save the file as UTF-8"
-        ) from None
-
-
 def _load_json(path: str) -> Any:
     try:
         return json.loads(read_utf8(path))
@@ -91,42 +76,6 @@ def _load_json(path: str) -> Any:
         raise DataFormatError(
             f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})"
         ) from None
-
-
-def _resolve(image: str, image_root: Optional[PathLike], where: str = "", allow_outside_root: bool = False) -> str:
-    """``image`` joined to ``image_root`` (an absolute path is kept); a DataFormatError naming
-    ``where`` when the result is outside ``image_root`` (``../``, an absolute path elsewhere)
-    unless ``allow_outside_root``."""
-    if image_root is None:
-        return image
-    root = os.fspath(image_root)
-    path = image if os.path.isabs(image) else os.path.join(root, image)
-    if not allow_outside_root:
-        real_root, real = os.path.abspath(root), os.path.abspath(path)  # string ops: fast on big sets
-        if os.path.commonpath([real_root, real]) != real_root:
-            raise DataFormatError(f"{where}: image '{image}' is outside image_root {root}; move it under "
-                                  "image_root, or set the reader argument allow_outside_root: true")
-    return path
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _require(record: Any, key: str, types: Any, where: str, field: str) -> Any:
-    """Return record[key], raising a DataFormatError naming `where` and `field` if bad."""
-    if not isinstance(record, dict):
-        raise DataFormatError(f"{where}: expected an object, got {_type_name(record)}")
-    if key not in record:
-        raise DataFormatError(f"{where}: missing field '{field}'")
-    value = record[key]
-    # bool is an int subclass, but never a valid id or text
-    if not isinstance(value, types) or isinstance(value, bool):
-        raise DataFormatError(
-            f"{where}: field '{field}' has type {_type_name(value)}, expected "
-            + " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-        )
-    return value
 
 
 def _require_list(data: Any, key: str, path: str) -> list:

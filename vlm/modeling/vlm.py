@@ -105,7 +105,7 @@ class VisionLanguageModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
               image_features: Optional[torch.Tensor] = None, instructions: Optional[Sequence[str]] = None,
-              image_layouts: Optional[torch.Tensor] = None):
+              image_layouts: Optional[torch.Tensor] = None, image_repeats: int = 1):
         """Token embeddings with visual tokens scattered into the placeholder positions.
 
         Images come either as ``pixel_values`` or as ``image_features``, the frozen encoder's
@@ -113,6 +113,9 @@ class VisionLanguageModel(nn.Module):
         ``instructions`` (one text per image, from the processor) reach connectors that read them.
         ``image_layouts`` (AnyRes tiling, one row per image: ``vlm.data.anyres.TileLayout``):
         ``pixel_values`` are every image's tiles and each image gives its own number of tokens.
+        ``image_repeats``: the rows hold the images' placeholders that many times over, in blocks
+        (preference pairs: chosen rows, then rejected rows); each image is encoded once and its
+        visual tokens are scattered into every block.
         Returns ``(inputs_embeds, visual_tokens or None)``.
         """
         if pixel_values is not None and image_features is not None:
@@ -149,6 +152,8 @@ class VisionLanguageModel(nn.Module):
             visual = self.connector(image_features.to(self.vision_dtype), instructions)
         else:
             visual = self.encode_images(pixel_values, instructions)
+        if image_repeats != 1:
+            visual = visual.repeat(image_repeats, 1, 1)
         if n_placeholders != visual.shape[0] * visual.shape[1]:
             raise ImageTokenMismatch(
                 f"input has {n_placeholders} image placeholder tokens but {visual.shape[0]} image(s) "
@@ -169,6 +174,7 @@ class VisionLanguageModel(nn.Module):
         instructions: Optional[Sequence[str]] = None,
         return_logits: bool = True,
         image_layouts: Optional[torch.Tensor] = None,
+        image_repeats: int = 1,
         **llm_kwargs,
     ) -> VLMOutput:
         """Logits for every position, and the shifted next-token loss when ``labels`` are given
@@ -177,8 +183,10 @@ class VisionLanguageModel(nn.Module):
         With labels and ``return_logits=False`` (what training asks for) the LM head and the
         cross-entropy run on the labelled positions only and ``logits`` is None: the same loss,
         without a vocabulary-wide projection of every prompt, image and padding position.
+        ``image_repeats``: see :meth:`embed`.
         """
-        inputs_embeds, visual = self.embed(input_ids, pixel_values, image_features, instructions, image_layouts)
+        inputs_embeds, visual = self.embed(input_ids, pixel_values, image_features, instructions, image_layouts,
+                                           image_repeats)
         if labels is not None:
             # a loss needs no KV cache, and with one transformers ignores packed position ids
             llm_kwargs.setdefault("use_cache", False)

@@ -1,7 +1,8 @@
 """Training objectives: the contract (``Objective``, ``StepOutput``) and ``OBJECTIVES``.
 
 Training objectives: the contract (``Objective``, ``StepOutput``) and the registry
-``OBJECTIVES`` (``lm``, ``caption_bow``, ``answer_words``, ``qformer_stage1``).
+``OBJECTIVES`` (``lm``, ``caption_bow``, ``answer_words``, ``qformer_stage1``, ``dpo``,
+``simpo``).
 """
 
 from vlm.training.objectives.base import Objective, ObjectiveContext, StepOutput

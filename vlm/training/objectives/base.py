@@ -50,7 +50,10 @@ class Objective(nn.Module):
 
     needs_pixels: ClassVar[bool] = False
     supports_packing: ClassVar[bool] = False
-    # the component protocol (vlm.core.registry.Component): an objective takes no options
+    # the objective reads preference pairs (vlm.data.pairs: PairDataset, PairCollator)
+    reads_pairs: ClassVar[bool] = False
+    # the component protocol (vlm.core.registry.Component): the objective's options
+    # (stages.<name>.objective_options), or None when it takes none
     Options: ClassVar[Optional[type]] = None
 
     @classmethod
@@ -77,6 +80,10 @@ class Objective(nn.Module):
         ``vlm.training.stages.apply_stage`` (before it counts what trains): DDP would otherwise
         wait for their gradients, and weight decay would shrink them. The default: none."""
         return []
+
+    def prepare_data(self, model, dataset, collate, batch_size: int, out_dir, is_main: bool) -> None:
+        """Called once before training with the stage's starting ``model``, its ``dataset`` and
+        ``collate`` (e.g. to precompute what the loss compares with); the default: nothing."""
 
     def forward(self, model, batch: Batch) -> StepOutput:
         """The loss of ``model`` on ``batch`` (and its logged parts)."""

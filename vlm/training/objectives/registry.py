@@ -11,6 +11,8 @@ OBJECTIVES: Registry = Registry("training objective", {
     "lm": "vlm.training.objectives.lm:LanguageModeling",
     "prefix_lm": "vlm.training.objectives.prefix_lm:PrefixLanguageModeling",
     "qformer_stage1": "vlm.training.objectives.qformer_stage1:QFormerStage1",
+    "dpo": "vlm.training.objectives.preference:DPO",
+    "simpo": "vlm.training.objectives.preference:SimPO",
 })
 
 

@@ -4,6 +4,9 @@ and ``vlm eval --task retrieval``."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 
 import pytest
 import torch
@@ -21,6 +24,7 @@ from test_qformer_objectives import QFORMER
 from vlm.app.stages import run_stage
 from vlm.app.wiring import load_run_config
 from vlm.config import ConfigError
+from vlm.core.errors import ImageLoadError
 from vlm.data.formats import read_dataset
 from vlm.evaluation.retrieval import evaluate_retrieval, recall_at_k, retrieval_pairs
 from vlm.modeling.processing import build_processor
@@ -99,6 +103,34 @@ def test_evaluate_retrieval_agrees_with_the_qformer_similarities(qformer_model, 
         sims = torch.einsum("iqd,td->itq", image_embeds, text_embeds).amax(-1)
     best_text = sims.argmax(dim=1)
     assert [r["top_texts"][0] for r in results["i2t"]] == [texts[i] for i in best_text.tolist()]
+
+
+def test_retrieval_skips_and_counts_an_unreadable_image_with_its_captions(qformer_model, tokenizer, shapes_data,
+                                                                         tmp_path, caplog):
+    model, cfg = qformer_model
+    processor = build_processor(model, tokenizer, cfg)
+    train = shapes_data["train"]
+    root = tmp_path / "images"
+    shutil.copytree(train["image_root"], root)
+    samples = read_dataset("coco_captions", path=train["captions"], image_root=str(root), per="image")
+    broken = samples[2].images[0]
+    with open(broken, "wb") as f:
+        f.write(b"not a png")
+    with caplog.at_level(logging.WARNING):
+        metrics, results = evaluate_retrieval(model, processor.load_image, samples, rerank_k=3, batch_size=6)
+    assert metrics["skipped_unreadable"] == 1
+    assert any(os.path.basename(broken) in r.getMessage() for r in caplog.records)
+    # the other 15 images and their 75 captions are ranked, exactly as without the broken one
+    readable = [s for i, s in enumerate(samples) if i != 2]
+    expected, expected_results = evaluate_retrieval(model, processor.load_image, readable, rerank_k=3, batch_size=6)
+    assert {k: v for k, v in metrics.items() if k != "skipped_unreadable"} == expected
+    assert results == expected_results and len(results["i2t"]) == 15 and len(results["t2i"]) == 75
+    # nothing readable at all is an error naming the problem, not an empty table
+    for sample in samples:
+        with open(sample.images[0], "wb") as f:
+            f.write(b"")
+    with pytest.raises(ImageLoadError, match="none of the 16 images could be read"):
+        evaluate_retrieval(model, processor.load_image, samples)
 
 
 def test_retrieval_needs_a_connector_with_image_text_heads(tiny_model, model_config, tokenizer, shapes_data):

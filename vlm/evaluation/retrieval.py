@@ -8,18 +8,25 @@ when its image is among its k best images. Chance for text -> image recall@k is 
 With ``rerank_k``, the k best candidates of every query (BLIP-2's ``k_test``) are scored again
 by the ITM head, as LAVIS does: ITM match logit (mean over the queries) + ITC cosine similarity;
 candidates outside the k best keep -100 and so stay behind them.
+
+An image that cannot be read is skipped with a warning naming it, together with its captions;
+the rest are ranked and ``skipped_unreadable`` counts the skipped images.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
-from vlm.core.errors import ConfigError, DataFormatError
+from vlm.core.errors import ConfigError, DataFormatError, ImageLoadError
+from vlm.data.images import unless_unreadable
 from vlm.data.types import Sample
 from vlm.modeling.connectors.image_text import ImageTextMatcher, similarity
+
+logger = logging.getLogger(__name__)
 
 KS = (1, 5, 10)
 
@@ -69,21 +76,38 @@ def _matcher(model) -> ImageTextMatcher:
 
 
 @torch.no_grad()
-def encode_for_retrieval(model, load_image, image_paths: Sequence[str], texts: Sequence[str],
-                         batch_size: int = 64, desc: str = "retrieval"):
-    """``(image features, image embeddings, text ids, text mask, text embeddings)``, on the model's device."""
+def encode_images(model, load_image, samples: Sequence[Sample], batch_size: int = 64,
+                  desc: str = "retrieval") -> Tuple[torch.Tensor, torch.Tensor, List[Sample]]:
+    """``(image features, image embeddings, readable samples)``: each sample's one image encoded;
+    a sample whose image cannot be read is left out with a warning naming the file."""
     matcher = _matcher(model)
     device = next(model.parameters()).device
-    features, image_embeds = [], []
-    for start in tqdm(range(0, len(image_paths), batch_size), desc=f"{desc} images", leave=False):
-        pixels = torch.stack([load_image(p) for p in image_paths[start:start + batch_size]]).to(device)
-        feats = model.vision(pixels)
+    features, image_embeds, kept = [], [], []
+    for start in tqdm(range(0, len(samples), batch_size), desc=f"{desc} images", leave=False):
+        chunk = samples[start:start + batch_size]
+        loaded = [unless_unreadable(lambda s=s: load_image(s.images[0]), s, where=desc) for s in chunk]
+        readable = [(s, pixels) for s, pixels in zip(chunk, loaded) if pixels is not None]
+        if not readable:
+            continue
+        feats = model.vision(torch.stack([pixels for _, pixels in readable]).to(device))
         features.append(feats)
         image_embeds.append(matcher.image_embeddings(feats))
+        kept.extend(s for s, _ in readable)
+    if not kept:
+        raise ImageLoadError(f"{desc}: none of the {len(samples)} images could be read (see the warnings); "
+                             "check the eval's image_root")
+    return torch.cat(features), torch.cat(image_embeds), kept
+
+
+@torch.no_grad()
+def encode_texts(model, texts: Sequence[str], batch_size: int = 64, desc: str = "retrieval"):
+    """``(text ids, text mask, text embeddings)`` on the model's device."""
+    matcher = _matcher(model)
+    device = next(model.parameters()).device
     ids, mask = matcher.tokenize_texts(texts, device=device)
     text_embeds = [matcher.text_embeddings(ids[s:s + batch_size], mask[s:s + batch_size])
                    for s in tqdm(range(0, len(texts), batch_size), desc=f"{desc} texts", leave=False)]
-    return torch.cat(features), torch.cat(image_embeds), ids, mask, torch.cat(text_embeds)
+    return ids, mask, torch.cat(text_embeds)
 
 
 @torch.no_grad()
@@ -118,15 +142,24 @@ def rerank_with_itm(model, sims: torch.Tensor, features: torch.Tensor, ids: torc
 
 def evaluate_retrieval(model, load_image, samples: Sequence[Sample], rerank_k: Optional[int] = None,
                        batch_size: int = 64, desc: str = "retrieval") -> Tuple[Dict[str, float], dict]:
-    """Recall metrics (ITC, and ``itm_*`` after re-ranking when ``rerank_k``) and the top-10
-    lists ``{"i2t": [...], "t2i": [...]}`` for a results file."""
+    """Recall metrics (ITC, and ``itm_*`` after re-ranking when ``rerank_k``; ``skipped_unreadable``
+    when images could not be read) and the top-10 lists ``{"i2t": [...], "t2i": [...]}`` for a
+    results file, over the samples whose image could be read."""
     model.eval()
+    retrieval_pairs(samples)  # malformed samples fail before any image is read
+    features, image_embeds, readable = encode_images(model, load_image, samples, batch_size, desc)
+    skipped = len(samples) - len(readable)
+    if skipped:
+        logger.warning("%s: %d of %d images skipped as unreadable (with their captions); ranked the rest",
+                       desc, skipped, len(samples))
+    samples = readable
     image_paths, texts, text_image = retrieval_pairs(samples)
-    features, image_embeds, ids, mask, text_embeds = encode_for_retrieval(
-        model, load_image, image_paths, texts, batch_size, desc)
+    ids, mask, text_embeds = encode_texts(model, texts, batch_size, desc)
     sims = similarity(image_embeds, text_embeds)
     metrics = recall_at_k(sims.cpu(), text_image)
     metrics["t2i_r5_chance"] = 100.0 * min(5, len(image_paths)) / len(image_paths)
+    if skipped:
+        metrics["skipped_unreadable"] = skipped
     i2t_scores, t2i_scores = sims, sims
     if rerank_k:
         i2t_scores, t2i_scores = rerank_with_itm(model, sims, features, ids, mask, rerank_k, batch_size, desc)

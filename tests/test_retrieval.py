@@ -26,7 +26,12 @@ from vlm.app.wiring import load_run_config
 from vlm.config import ConfigError
 from vlm.core.errors import ImageLoadError
 from vlm.data.formats import read_dataset
-from vlm.evaluation.retrieval import evaluate_retrieval, recall_at_k, retrieval_pairs
+from vlm.evaluation.retrieval import (
+    evaluate_retrieval,
+    recall_at_k,
+    rerank_with_itm,
+    retrieval_pairs,
+)
 from vlm.modeling.processing import build_processor
 
 
@@ -86,6 +91,31 @@ def test_evaluate_retrieval_on_a_qformer_model_and_itm_reranking_keeps_the_top_k
     assert metrics["itm_i2t_r5"] == metrics["i2t_r5"] and metrics["itm_t2i_r5"] == metrics["t2i_r5"]
     assert len(results["i2t"]) == 16 and len(results["i2t"][0]["top_texts"]) == 10
     assert len(results["t2i"]) == 80 and results["t2i"][0]["image_id"] == samples[0].meta["image_id"]
+
+
+def test_itm_reranking_scores_itm_match_logit_plus_the_itc_logit(qformer_model, monkeypatch):
+    model, _ = qformer_model
+    qformer = model.connector
+    with torch.no_grad():
+        qformer.temp.fill_(0.02)
+    sims = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.8, 0.7]])  # 2 images, 3 texts
+    features, ids, mask = torch.randn(2, 16, 32), torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4)
+    match = {(0, 0): 0.5, (0, 1): 3.0, (0, 2): -1.0, (1, 0): 2.0, (1, 1): -2.0, (1, 2): 1.0}
+
+    def fake_match_logits(image_features, input_ids, text_mask):
+        image = [int(torch.nonzero((features == f).flatten(1).all(1))[0]) for f in image_features]
+        text = [int(t) for t in input_ids[:, 0]]
+        return torch.tensor([[0.0, match[i, t]] for i, t in zip(image, text)])
+
+    monkeypatch.setattr(qformer, "match_logits", fake_match_logits)
+    ids[:, 0] = torch.arange(3)  # each text's index in its first id, for the fake head
+    i2t, t2i = rerank_with_itm(model, sims, features, ids, mask, k=2)
+    # image 0's two best texts are 0 and 1: 0.5 + 0.9/0.02 = 45.5 and 3.0 + 0.5/0.02 = 28.0
+    assert i2t[0].tolist() == pytest.approx([45.5, 28.0, -1e4])
+    # text 2's two best images are 1 and 0: 1.0 + 0.7/0.02 and -1.0 + 0.1/0.02
+    assert t2i[:, 2].tolist() == pytest.approx([4.0, 36.0])
+    # the ITM head's 3.0 for (0, 1) does not override ITC's confident 0.9 vs 0.5 (LAVIS's sum would)
+    assert i2t[0].argmax() == 0 and (3.0 + 0.5) > (0.5 + 0.9)
 
 
 def test_evaluate_retrieval_agrees_with_the_qformer_similarities(qformer_model, tokenizer, shapes_data):

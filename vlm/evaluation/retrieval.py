@@ -6,8 +6,10 @@ when any of its captions is among its k best texts. Text -> image: a caption sco
 when its image is among its k best images. Chance for text -> image recall@k is k / images.
 
 With ``rerank_k``, the k best candidates of every query (BLIP-2's ``k_test``) are scored again
-by the ITM head, as LAVIS does: ITM match logit (mean over the queries) + ITC cosine similarity;
-candidates outside the k best keep -100 and so stay behind them.
+by the ITM head: ITM match logit (mean over the queries) + ITC logit (the cosine similarity over
+the learned temperature), so each head votes in the units it was trained in; LAVIS adds the bare
+cosine, which lets the ITM head's errors override ITC's confident rankings (see docs/qformer.md).
+Candidates outside the k best keep -1e4 and so stay behind them.
 
 An image that cannot be read is skipped with a warning naming it, together with its captions;
 the rest are ranked and ``skipped_unreadable`` counts the skipped images.
@@ -114,8 +116,9 @@ def encode_texts(model, texts: Sequence[str], batch_size: int = 64, desc: str = 
 def rerank_with_itm(model, sims: torch.Tensor, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                     k: int, batch_size: int = 64, desc: str = "retrieval") -> Tuple[torch.Tensor, torch.Tensor]:
     """``(i2t scores, t2i scores)``, both ``(n_images, n_texts)``: each query's k best ITC
-    candidates rescored as ITM match logit + ITC similarity, the rest -100."""
+    candidates rescored as ITM match logit + ITC similarity / ITC temperature, the rest -1e4."""
     matcher = _matcher(model)
+    temperature = matcher.retrieval_temperature()
 
     def score(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
         out = []
@@ -125,18 +128,18 @@ def rerank_with_itm(model, sims: torch.Tensor, features: torch.Tensor, ids: torc
         return torch.cat(out)
 
     n_images, n_texts = sims.shape
-    i2t = torch.full_like(sims, -100.0)
+    i2t = torch.full_like(sims, -1e4)
     top = sims.topk(min(k, n_texts), dim=1).indices  # (n_images, k)
     rows = torch.arange(n_images, device=sims.device).unsqueeze(1).expand_as(top).flatten()
     for start in tqdm(range(0, len(rows), 4096), desc=f"{desc} itm i2t", leave=False):
         r, c = rows[start:start + 4096], top.flatten()[start:start + 4096]
-        i2t[r, c] = score(r, c) + sims[r, c]
-    t2i = torch.full_like(sims, -100.0)
+        i2t[r, c] = score(r, c) + sims[r, c] / temperature
+    t2i = torch.full_like(sims, -1e4)
     top = sims.t().topk(min(k, n_images), dim=1).indices  # (n_texts, k)
     cols = torch.arange(n_texts, device=sims.device).unsqueeze(1).expand_as(top).flatten()
     for start in tqdm(range(0, len(cols), 4096), desc=f"{desc} itm t2i", leave=False):
         c, r = cols[start:start + 4096], top.flatten()[start:start + 4096]
-        t2i[r, c] = score(r, c) + sims[r, c]
+        t2i[r, c] = score(r, c) + sims[r, c] / temperature
     return i2t, t2i
 
 

@@ -43,6 +43,8 @@ class Objective(nn.Module):
 
     needs_pixels: ClassVar[bool] = False
     supports_packing: ClassVar[bool] = False
+    # trains the connector's image-text heads (ITC / ITM), as BLIP-2 stage 1 does
+    trains_matching: ClassVar[bool] = False
     # the component protocol (vlm.core.registry.Component): an objective takes no options
     Options: ClassVar[Optional[type]] = None
 

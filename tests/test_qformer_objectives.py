@@ -12,6 +12,7 @@ from conftest import build_tiny_model, run_config, tiny_model_config
 from safetensors.torch import load_file
 
 from vlm.app.stages import run_stage
+from vlm.checkpoint.pretrained import load_pretrained
 from vlm.config import ConfigError
 from vlm.data.batch import Batch, Collator
 from vlm.modeling.connectors.image_text import similarity
@@ -312,6 +313,71 @@ def test_stage1_then_stage2_logs_each_loss_and_stage2_leaves_the_text_path_alone
         assert torch.equal(before[key], after[key]), key  # frozen in stage 2, despite weight decay
     assert not torch.equal(before["proj.weight"], after["proj.weight"])
     assert not torch.equal(before["query_tokens"], after["query_tokens"])
+
+
+def retrieval_outputs(qformer, seed=0):
+    """ITC embeddings both ways and ITM logits of fixed random features and texts."""
+    features = torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(seed))
+    ids, mask = qformer.tokenize_texts(TEXTS[:3])
+    with torch.no_grad():
+        return (qformer.image_embeddings(features), qformer.text_embeddings(ids, mask),
+                qformer.match_logits(features, ids, mask))
+
+
+def test_separate_retrieval_keeps_the_stage1_qformer_once_a_later_stage_begins(tokenizer_dir, tokenizer):
+    cfg = tiny_model_config(tokenizer_dir, **{"connector.name": "qformer",
+                                              "connector.options": {**QFORMER["options"], "separate_retrieval": True}})
+    model = build_tiny_model(cfg, tokenizer)
+    plain = build_tiny_model(tiny_model_config(tokenizer_dir, **{"connector.name": "qformer",
+                                                                "connector.options": QFORMER["options"]}), tokenizer)
+    # the copy draws no random numbers: everything else starts (and so trains) as without it
+    own = {k: v for k, v in model.state_dict().items() if ".retrieval." not in k}
+    assert own.keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in own.items())
+    qformer = model.connector
+    qformer.begin_stage(trains_matching=True)  # stage 1: retrieval reads the Q-Former it trains
+    assert qformer.matching() is qformer
+    with torch.no_grad():
+        qformer.query_tokens.add_(1.0)  # what stage 1 learned
+    stage1 = retrieval_outputs(qformer)
+    qformer.begin_stage(trains_matching=False)  # stage 2 begins: the Q-Former as it is now is kept
+    assert qformer.matching() is qformer.retrieval and bool(qformer.retrieval.kept)
+    with torch.no_grad():
+        for name, param in qformer.named_parameters():
+            if not name.startswith("retrieval."):
+                param.add_(0.1)  # stage 2 moves everything but the frozen copy
+    qformer.begin_stage(trains_matching=False)  # instruction tuning: still stage 1's, not stage 2's
+    for kept, before in zip(retrieval_outputs(qformer), stage1):
+        torch.testing.assert_close(kept, before, rtol=0, atol=0)
+    qformer.retrieval.kept.fill_(False)  # what retrieval would read without the copy: moved away
+    assert not torch.allclose(retrieval_outputs(qformer)[0], stage1[0])
+    qformer.begin_stage(trains_matching=True)  # another stage 1 trains the Q-Former's own heads again
+    assert qformer.matching() is qformer
+    assert {id(p) for p in qformer.retrieval.parameters()} <= {id(p) for p in qformer.llm_unused_parameters()}
+    assert {id(p) for p in qformer.retrieval.parameters()} <= {id(p) for p in qformer.stage1_unused_parameters()}
+
+
+def test_separate_retrieval_after_stage2_ranks_as_stage1_did(tmp_path, tokenizer_dir, shapes_data):
+    train = shapes_data["train"]
+    data = [{"format": "coco_captions", "args": {"path": train["captions"], "image_root": train["image_root"]}}]
+    stages = {
+        "s1": {"objective": "qformer_stage1", "train": {"vision": "frozen", "connector": "full", "llm": "frozen"},
+               "data": data, "learning_rate": 1e-3, "batch_size": 8, "max_steps": 3},
+        "s2": {"init_from": str(tmp_path / "run" / "s1" / "final"), "train": {"connector": "full"},
+               "data": data, "learning_rate": 1e-2, "batch_size": 8, "max_steps": 2},
+    }
+    qformer = {"name": "qformer", "options": {**QFORMER["options"], "separate_retrieval": True}}
+    cfg = run_config(tmp_path, tokenizer_dir, stages, model={"connector": qformer})
+    s1, s2 = run_stage(cfg, "s1"), run_stage(cfg, "s2")
+    after_stage1 = load_pretrained(s1, device="cpu")[0].connector.eval()
+    after_stage2 = load_pretrained(s2, device="cpu")[0].connector.eval()
+    assert after_stage1.matching() is after_stage1 and after_stage2.matching() is after_stage2.retrieval
+    for kept, before in zip(retrieval_outputs(after_stage2), retrieval_outputs(after_stage1)):
+        torch.testing.assert_close(kept, before, rtol=0, atol=0)
+    saved1, saved2 = load_file(str(s1 / "connector.safetensors")), load_file(str(s2 / "connector.safetensors"))
+    for key in ("query_tokens", "layers.0.cross_attn.query.weight", "vision_proj.weight", "itm_head.weight"):
+        assert torch.equal(saved2[f"retrieval.{key}"], saved1[key]), key
+    assert not torch.equal(saved2["query_tokens"], saved1["query_tokens"])  # stage 2 trained the Q-Former
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ and ``vlm eval --task retrieval``."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 
 import pytest
 import torch
@@ -21,8 +24,14 @@ from test_qformer_objectives import QFORMER
 from vlm.app.stages import run_stage
 from vlm.app.wiring import load_run_config
 from vlm.config import ConfigError
+from vlm.core.errors import ImageLoadError
 from vlm.data.formats import read_dataset
-from vlm.evaluation.retrieval import evaluate_retrieval, recall_at_k, retrieval_pairs
+from vlm.evaluation.retrieval import (
+    evaluate_retrieval,
+    recall_at_k,
+    rerank_with_itm,
+    retrieval_pairs,
+)
 from vlm.modeling.processing import build_processor
 
 
@@ -84,6 +93,31 @@ def test_evaluate_retrieval_on_a_qformer_model_and_itm_reranking_keeps_the_top_k
     assert len(results["t2i"]) == 80 and results["t2i"][0]["image_id"] == samples[0].meta["image_id"]
 
 
+def test_itm_reranking_scores_itm_match_logit_plus_the_itc_logit(qformer_model, monkeypatch):
+    model, _ = qformer_model
+    qformer = model.connector
+    with torch.no_grad():
+        qformer.temp.fill_(0.02)
+    sims = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.8, 0.7]])  # 2 images, 3 texts
+    features, ids, mask = torch.randn(2, 16, 32), torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4)
+    match = {(0, 0): 0.5, (0, 1): 3.0, (0, 2): -1.0, (1, 0): 2.0, (1, 1): -2.0, (1, 2): 1.0}
+
+    def fake_match_logits(image_features, input_ids, text_mask):
+        image = [int(torch.nonzero((features == f).flatten(1).all(1))[0]) for f in image_features]
+        text = [int(t) for t in input_ids[:, 0]]
+        return torch.tensor([[0.0, match[i, t]] for i, t in zip(image, text)])
+
+    monkeypatch.setattr(qformer, "match_logits", fake_match_logits)
+    ids[:, 0] = torch.arange(3)  # each text's index in its first id, for the fake head
+    i2t, t2i = rerank_with_itm(model, sims, features, ids, mask, k=2)
+    # image 0's two best texts are 0 and 1: 0.5 + 0.9/0.02 = 45.5 and 3.0 + 0.5/0.02 = 28.0
+    assert i2t[0].tolist() == pytest.approx([45.5, 28.0, -1e4])
+    # text 2's two best images are 1 and 0: 1.0 + 0.7/0.02 and -1.0 + 0.1/0.02
+    assert t2i[:, 2].tolist() == pytest.approx([4.0, 36.0])
+    # the ITM head's 3.0 for (0, 1) does not override ITC's confident 0.9 vs 0.5 (LAVIS's sum would)
+    assert i2t[0].argmax() == 0 and (3.0 + 0.5) > (0.5 + 0.9)
+
+
 def test_evaluate_retrieval_agrees_with_the_qformer_similarities(qformer_model, tokenizer, shapes_data):
     model, cfg = qformer_model
     processor = build_processor(model, tokenizer, cfg)
@@ -99,6 +133,34 @@ def test_evaluate_retrieval_agrees_with_the_qformer_similarities(qformer_model, 
         sims = torch.einsum("iqd,td->itq", image_embeds, text_embeds).amax(-1)
     best_text = sims.argmax(dim=1)
     assert [r["top_texts"][0] for r in results["i2t"]] == [texts[i] for i in best_text.tolist()]
+
+
+def test_retrieval_skips_and_counts_an_unreadable_image_with_its_captions(qformer_model, tokenizer, shapes_data,
+                                                                         tmp_path, caplog):
+    model, cfg = qformer_model
+    processor = build_processor(model, tokenizer, cfg)
+    train = shapes_data["train"]
+    root = tmp_path / "images"
+    shutil.copytree(train["image_root"], root)
+    samples = read_dataset("coco_captions", path=train["captions"], image_root=str(root), per="image")
+    broken = samples[2].images[0]
+    with open(broken, "wb") as f:
+        f.write(b"not a png")
+    with caplog.at_level(logging.WARNING):
+        metrics, results = evaluate_retrieval(model, processor.load_image, samples, rerank_k=3, batch_size=6)
+    assert metrics["skipped_unreadable"] == 1
+    assert any(os.path.basename(broken) in r.getMessage() for r in caplog.records)
+    # the other 15 images and their 75 captions are ranked, exactly as without the broken one
+    readable = [s for i, s in enumerate(samples) if i != 2]
+    expected, expected_results = evaluate_retrieval(model, processor.load_image, readable, rerank_k=3, batch_size=6)
+    assert {k: v for k, v in metrics.items() if k != "skipped_unreadable"} == expected
+    assert results == expected_results and len(results["i2t"]) == 15 and len(results["t2i"]) == 75
+    # nothing readable at all is an error naming the problem, not an empty table
+    for sample in samples:
+        with open(sample.images[0], "wb") as f:
+            f.write(b"")
+    with pytest.raises(ImageLoadError, match="none of the 16 images could be read"):
+        evaluate_retrieval(model, processor.load_image, samples)
 
 
 def test_retrieval_needs_a_connector_with_image_text_heads(tiny_model, model_config, tokenizer, shapes_data):

@@ -6,20 +6,29 @@ when any of its captions is among its k best texts. Text -> image: a caption sco
 when its image is among its k best images. Chance for text -> image recall@k is k / images.
 
 With ``rerank_k``, the k best candidates of every query (BLIP-2's ``k_test``) are scored again
-by the ITM head, as LAVIS does: ITM match logit (mean over the queries) + ITC cosine similarity;
-candidates outside the k best keep -100 and so stay behind them.
+by the ITM head: ITM match logit (mean over the queries) + ITC logit (the cosine similarity over
+the learned temperature), so each head votes in the units it was trained in; LAVIS adds the bare
+cosine, which lets the ITM head's errors override ITC's confident rankings (see docs/qformer.md).
+Candidates outside the k best keep -1e4 and so stay behind them.
+
+An image that cannot be read is skipped with a warning naming it, together with its captions;
+the rest are ranked and ``skipped_unreadable`` counts the skipped images.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
-from vlm.core.errors import ConfigError, DataFormatError
+from vlm.core.errors import ConfigError, DataFormatError, ImageLoadError
+from vlm.data.images import unless_unreadable
 from vlm.data.types import Sample
 from vlm.modeling.connectors.image_text import ImageTextMatcher, similarity
+
+logger = logging.getLogger(__name__)
 
 KS = (1, 5, 10)
 
@@ -69,29 +78,47 @@ def _matcher(model) -> ImageTextMatcher:
 
 
 @torch.no_grad()
-def encode_for_retrieval(model, load_image, image_paths: Sequence[str], texts: Sequence[str],
-                         batch_size: int = 64, desc: str = "retrieval"):
-    """``(image features, image embeddings, text ids, text mask, text embeddings)``, on the model's device."""
+def encode_images(model, load_image, samples: Sequence[Sample], batch_size: int = 64,
+                  desc: str = "retrieval") -> Tuple[torch.Tensor, torch.Tensor, List[Sample]]:
+    """``(image features, image embeddings, readable samples)``: each sample's one image encoded;
+    a sample whose image cannot be read is left out with a warning naming the file."""
     matcher = _matcher(model)
     device = next(model.parameters()).device
-    features, image_embeds = [], []
-    for start in tqdm(range(0, len(image_paths), batch_size), desc=f"{desc} images", leave=False):
-        pixels = torch.stack([load_image(p) for p in image_paths[start:start + batch_size]]).to(device)
-        feats = model.vision(pixels)
+    features, image_embeds, kept = [], [], []
+    for start in tqdm(range(0, len(samples), batch_size), desc=f"{desc} images", leave=False):
+        chunk = samples[start:start + batch_size]
+        loaded = [unless_unreadable(lambda s=s: load_image(s.images[0]), s, where=desc) for s in chunk]
+        readable = [(s, pixels) for s, pixels in zip(chunk, loaded) if pixels is not None]
+        if not readable:
+            continue
+        feats = model.vision(torch.stack([pixels for _, pixels in readable]).to(device))
         features.append(feats)
         image_embeds.append(matcher.image_embeddings(feats))
+        kept.extend(s for s, _ in readable)
+    if not kept:
+        raise ImageLoadError(f"{desc}: none of the {len(samples)} images could be read (see the warnings); "
+                             "check the eval's image_root")
+    return torch.cat(features), torch.cat(image_embeds), kept
+
+
+@torch.no_grad()
+def encode_texts(model, texts: Sequence[str], batch_size: int = 64, desc: str = "retrieval"):
+    """``(text ids, text mask, text embeddings)`` on the model's device."""
+    matcher = _matcher(model)
+    device = next(model.parameters()).device
     ids, mask = matcher.tokenize_texts(texts, device=device)
     text_embeds = [matcher.text_embeddings(ids[s:s + batch_size], mask[s:s + batch_size])
                    for s in tqdm(range(0, len(texts), batch_size), desc=f"{desc} texts", leave=False)]
-    return torch.cat(features), torch.cat(image_embeds), ids, mask, torch.cat(text_embeds)
+    return ids, mask, torch.cat(text_embeds)
 
 
 @torch.no_grad()
 def rerank_with_itm(model, sims: torch.Tensor, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                     k: int, batch_size: int = 64, desc: str = "retrieval") -> Tuple[torch.Tensor, torch.Tensor]:
     """``(i2t scores, t2i scores)``, both ``(n_images, n_texts)``: each query's k best ITC
-    candidates rescored as ITM match logit + ITC similarity, the rest -100."""
+    candidates rescored as ITM match logit + ITC similarity / ITC temperature, the rest -1e4."""
     matcher = _matcher(model)
+    temperature = matcher.retrieval_temperature()
 
     def score(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
         out = []
@@ -101,32 +128,41 @@ def rerank_with_itm(model, sims: torch.Tensor, features: torch.Tensor, ids: torc
         return torch.cat(out)
 
     n_images, n_texts = sims.shape
-    i2t = torch.full_like(sims, -100.0)
+    i2t = torch.full_like(sims, -1e4)
     top = sims.topk(min(k, n_texts), dim=1).indices  # (n_images, k)
     rows = torch.arange(n_images, device=sims.device).unsqueeze(1).expand_as(top).flatten()
     for start in tqdm(range(0, len(rows), 4096), desc=f"{desc} itm i2t", leave=False):
         r, c = rows[start:start + 4096], top.flatten()[start:start + 4096]
-        i2t[r, c] = score(r, c) + sims[r, c]
-    t2i = torch.full_like(sims, -100.0)
+        i2t[r, c] = score(r, c) + sims[r, c] / temperature
+    t2i = torch.full_like(sims, -1e4)
     top = sims.t().topk(min(k, n_images), dim=1).indices  # (n_texts, k)
     cols = torch.arange(n_texts, device=sims.device).unsqueeze(1).expand_as(top).flatten()
     for start in tqdm(range(0, len(cols), 4096), desc=f"{desc} itm t2i", leave=False):
         c, r = cols[start:start + 4096], top.flatten()[start:start + 4096]
-        t2i[r, c] = score(r, c) + sims[r, c]
+        t2i[r, c] = score(r, c) + sims[r, c] / temperature
     return i2t, t2i
 
 
 def evaluate_retrieval(model, load_image, samples: Sequence[Sample], rerank_k: Optional[int] = None,
                        batch_size: int = 64, desc: str = "retrieval") -> Tuple[Dict[str, float], dict]:
-    """Recall metrics (ITC, and ``itm_*`` after re-ranking when ``rerank_k``) and the top-10
-    lists ``{"i2t": [...], "t2i": [...]}`` for a results file."""
+    """Recall metrics (ITC, and ``itm_*`` after re-ranking when ``rerank_k``; ``skipped_unreadable``
+    when images could not be read) and the top-10 lists ``{"i2t": [...], "t2i": [...]}`` for a
+    results file, over the samples whose image could be read."""
     model.eval()
+    retrieval_pairs(samples)  # malformed samples fail before any image is read
+    features, image_embeds, readable = encode_images(model, load_image, samples, batch_size, desc)
+    skipped = len(samples) - len(readable)
+    if skipped:
+        logger.warning("%s: %d of %d images skipped as unreadable (with their captions); ranked the rest",
+                       desc, skipped, len(samples))
+    samples = readable
     image_paths, texts, text_image = retrieval_pairs(samples)
-    features, image_embeds, ids, mask, text_embeds = encode_for_retrieval(
-        model, load_image, image_paths, texts, batch_size, desc)
+    ids, mask, text_embeds = encode_texts(model, texts, batch_size, desc)
     sims = similarity(image_embeds, text_embeds)
     metrics = recall_at_k(sims.cpu(), text_image)
     metrics["t2i_r5_chance"] = 100.0 * min(5, len(image_paths)) / len(image_paths)
+    if skipped:
+        metrics["skipped_unreadable"] = skipped
     i2t_scores, t2i_scores = sims, sims
     if rerank_k:
         i2t_scores, t2i_scores = rerank_with_itm(model, sims, features, ids, mask, rerank_k, batch_size, desc)

@@ -14,12 +14,15 @@ from vlm.training.objectives import OBJECTIVES
 logger = logging.getLogger(__name__)
 
 def apply_stage(model: VisionLanguageModel, trains: WhatTrains, objective: Optional[type] = None) -> Dict[str, int]:
-    """Freeze / unfreeze / LoRA-wrap each component as ``trains`` says, then freeze what the
-    stage's objective declares it never reads (``Objective.frozen_parameters``; ``objective``:
-    the stage's objective class when the caller has it, else looked up by name).
+    """Tell the connector the stage begins (``Connector.begin_stage``), freeze / unfreeze /
+    LoRA-wrap each component as ``trains`` says, then freeze what the stage's objective declares
+    it never reads (``Objective.frozen_parameters``; ``objective``: the stage's objective class
+    when the caller has it, else looked up by name).
 
     Returns (and logs) the trainable parameter count per component: what will train.
     """
+    objective = objective if objective is not None else OBJECTIVES.get(trains.objective)
+    model.connector.begin_stage(objective.trains_matching)
     for component in COMPONENTS:
         mode = trains.modes[component]
         module = getattr(model, component)
@@ -28,7 +31,6 @@ def apply_stage(model: VisionLanguageModel, trains: WhatTrains, objective: Optio
             setattr(model, component, add_lora(module, trains.lora))  # adapters are trainable
         else:
             module.requires_grad_(mode is Train.full)
-    objective = objective if objective is not None else OBJECTIVES.get(trains.objective)
     for param in objective.frozen_parameters(model):
         param.requires_grad_(False)
     counts = trainable_counts(model)

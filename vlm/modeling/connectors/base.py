@@ -35,7 +35,8 @@ class Connector(nn.Module, ABC):
 
     Optional: ``check_options`` (value checks at config load, called by ``check``),
     ``requires_vision`` (the encoder class it needs), ``token_grid`` (tiling), ``encode_images`` (a connector that runs
-    inside the encoder) together with ``feature_cache_conflict``, and ``llm_unused_parameters``.
+    inside the encoder) together with ``feature_cache_conflict``, ``llm_unused_parameters`` and
+    ``begin_stage``.
     """
 
     Options: ClassVar[Optional[type]] = None
@@ -91,6 +92,11 @@ class Connector(nn.Module, ABC):
         """Parameters the LLM path (``forward``) never reads, e.g. the Q-Former's text path and
         stage-1 heads; the ``lm`` objective freezes them. The default: none."""
         return []
+
+    def begin_stage(self, trains_matching: bool) -> None:
+        """Called by ``vlm.training.stages.apply_stage`` before a stage trains, with whether its
+        objective trains the connector's image-text heads (``Objective.trains_matching``). The
+        default does nothing; the Q-Former keeps its stage-1 weights for retrieval here."""
 
     def encode_images(self, vision: nn.Module, pixel_values: torch.Tensor,
                       instructions: Optional[Sequence[str]] = None) -> torch.Tensor:

@@ -31,6 +31,10 @@ class ImageTextMatcher(ABC):
                      text_mask: torch.Tensor) -> torch.Tensor:
         """``(B, 2)`` logits (no match, match) for each image-text pair."""
 
+    @abstractmethod
+    def retrieval_temperature(self) -> float:
+        """The ITC temperature: a similarity divided by it is the ITC logit the heads trained."""
+
 
 def similarity(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
     """``(n_images, n_texts)`` ITC similarity: for each pair, the best of the image's Q vectors."""

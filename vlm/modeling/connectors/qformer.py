@@ -11,7 +11,10 @@ As a connector it turns ``(B, N, vision_dim)`` image features into ``num_queries
 the query outputs, projected to the LLM width by one linear layer (BLIP-2's
 ``language_projection``). The module also holds the stage-1 heads (ITC projections and
 temperature, ITM head, ITG language-model head) so that any later checkpoint can still be
-evaluated on retrieval; the LLM path never uses them.
+evaluated on retrieval; the LLM path never uses them. With ``options.separate_retrieval`` it also
+holds a frozen copy of itself as stage 1 left it (:class:`QFormerRetrievalCopy`), which answers
+retrieval once a later stage trains the Q-Former through the LLM, as BLIP-2 keeps its stage-1
+Q-Former for retrieval.
 
 The text path has its own tokenizer (``options.text_tokenizer``, else the LLM's) and its own
 word embeddings: the tokenizer's rows plus two appended rows for ``[CLS]`` (ITC / ITM) and
@@ -63,6 +66,7 @@ class QFormerOptions:
     init_from_bert: Optional[str] = None
     text_tokenizer: Optional[str] = None
     instruction_aware: bool = False
+    separate_retrieval: bool = False
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -163,6 +167,104 @@ class QFormerLMHead(nn.Module):
         return F.linear(hidden, self.word_embeddings[0].weight, self.bias)
 
 
+def _add_trunk(module: nn.Module, vision_dim: int, vocab: int, sizes: dict, opts: QFormerOptions) -> None:
+    """Register the transformer on ``module``: queries, image-feature norm and positions, text
+    embeddings (``vocab`` rows, ``[CLS]`` and ``[DEC]`` included) and the layers."""
+    hidden = sizes["hidden_size"]
+    module.num_queries = opts.num_queries
+    module.query_tokens = nn.Parameter(torch.empty(1, opts.num_queries, hidden))
+    module.vision_norm = nn.LayerNorm(vision_dim) if opts.vision_layernorm else nn.Identity()
+    # a learned embedding per image feature position, for encoders whose features do not carry
+    # where they are (BLIP-2's ViTs do, and have none)
+    module.image_position_embeddings = (nn.Parameter(torch.empty(1, opts.image_positions, vision_dim))
+                                        if opts.image_positions else None)
+    module.word_embeddings = nn.Embedding(vocab, hidden)
+    module.position_embeddings = nn.Embedding(sizes["max_text_positions"], hidden)
+    module.embedding_norm = nn.LayerNorm(hidden, eps=opts.layer_norm_eps)
+    module.embedding_dropout = nn.Dropout(opts.dropout)
+    module.layers = nn.ModuleList(
+        QFormerLayer(hidden, sizes["num_heads"], sizes["intermediate_size"], vision_dim,
+                     cross_attention=i % opts.cross_attention_freq == 0, dropout=opts.dropout,
+                     attention_dropout=opts.attention_dropout, eps=opts.layer_norm_eps)
+        for i in range(sizes["num_layers"])
+    )
+
+
+def _add_matching_heads(module: nn.Module, hidden: int, opts: QFormerOptions) -> None:
+    """Register the retrieval heads on ``module``: the ITC projections and the ITM head (the ITC
+    temperature ``temp`` is registered by the caller, after them)."""
+    module.vision_proj = nn.Linear(hidden, opts.embed_dim)
+    module.text_proj = nn.Linear(hidden, opts.embed_dim)
+    module.itm_head = nn.Linear(hidden, 2)
+
+
+def _embed(trunk: nn.Module, batch_size: int, input_ids: Optional[torch.Tensor], with_queries: bool) -> torch.Tensor:
+    """``[queries; word + position embeddings of the text]`` of ``trunk``, LayerNorm, dropout."""
+    parts = []
+    if with_queries:
+        parts.append(trunk.query_tokens.expand(batch_size, -1, -1))
+    if input_ids is not None:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        parts.append(trunk.word_embeddings(input_ids) + trunk.position_embeddings(positions))
+    hidden = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    return trunk.embedding_dropout(trunk.embedding_norm(hidden))
+
+
+def _encode(trunk: nn.Module, image_features: Optional[torch.Tensor], input_ids: Optional[torch.Tensor],
+            text_mask: Optional[torch.Tensor], attention: Optional[torch.Tensor]) -> torch.Tensor:
+    """:meth:`QFormer.encode` through the transformer registered on ``trunk`` by :func:`_add_trunk`."""
+    if image_features is None and input_ids is None:
+        raise ValueError("encode() needs image features, text, or both")
+    batch = (image_features if image_features is not None else input_ids).shape[0]
+    num_queries = trunk.num_queries if image_features is not None else 0
+    hidden = _embed(trunk, batch, input_ids, with_queries=num_queries > 0)
+    image = None
+    if image_features is not None:
+        image = trunk.vision_norm(image_features.to(trunk.query_tokens.dtype))
+        if trunk.image_position_embeddings is not None:
+            if image.shape[1] != trunk.image_position_embeddings.shape[1]:
+                raise ValueError(f"{OPTIONS_KEY}.image_positions is {trunk.image_position_embeddings.shape[1]} "
+                                 f"but the encoder gives {image.shape[1]} features per image")
+            image = image + trunk.image_position_embeddings
+    if attention is None:
+        keys = torch.ones(batch, hidden.shape[1], dtype=torch.bool, device=hidden.device)
+        if text_mask is not None:
+            keys[:, num_queries:] = text_mask.bool()
+        attention = keys.unsqueeze(1).expand(-1, hidden.shape[1], -1)
+    elif attention.shape[-1] != hidden.shape[1]:
+        raise ValueError(f"attention mask covers {attention.shape[-1]} positions, the input has {hidden.shape[1]}")
+    mask = additive_mask(attention, hidden.dtype)
+    for layer in trunk.layers:
+        hidden = layer(hidden, mask, image, num_queries)
+    return hidden
+
+
+class QFormerRetrievalCopy(nn.Module):
+    """A frozen copy of the Q-Former's transformer and retrieval heads (same parameter names) as
+    stage 1 left them (``options.separate_retrieval``). ``kept`` (saved with the weights) says
+    whether it holds that copy; until then retrieval reads the Q-Former itself."""
+
+    def __init__(self, vision_dim: int, vocab: int, sizes: dict, opts: QFormerOptions):
+        super().__init__()
+        _add_trunk(self, vision_dim, vocab, sizes, opts)
+        _add_matching_heads(self, sizes["hidden_size"], opts)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.register_buffer("kept", torch.tensor(False))
+
+    def encode(self, image_features: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None,
+               text_mask: Optional[torch.Tensor] = None, attention: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`QFormer.encode` with the copied weights."""
+        return _encode(self, image_features, input_ids, text_mask, attention)
+
+    @torch.no_grad()
+    def keep(self, qformer: nn.Module) -> None:
+        """Copy ``qformer``'s weights of the same names, and hold them (``kept``)."""
+        own = dict(qformer.named_parameters())
+        for name, param in self.named_parameters():
+            param.copy_(own[name])
+        self.kept.fill_(True)
+
+
 def _resolve_sizes(opts: QFormerOptions, bert_config) -> dict:
     """Layer sizes: the options', else the checkpoint's (with ``init_from_bert``), else BERT-base's.
     A size given in the options that contradicts the checkpoint is a ConfigError."""
@@ -197,7 +299,6 @@ class QFormer(Connector, ImageTextMatcher):
         sizes = _resolve_sizes(opts, bert.config if bert is not None else None)
         hidden = sizes["hidden_size"]
         self.opts = opts
-        self.num_queries = opts.num_queries
         self.max_text_tokens = opts.max_text_tokens
         self.instruction_aware = opts.instruction_aware
         self.text_tokenizer = text_tokenizer
@@ -209,30 +310,14 @@ class QFormer(Connector, ImageTextMatcher):
         pad = text_tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else 0
 
-        self.query_tokens = nn.Parameter(torch.empty(1, opts.num_queries, hidden))
-        self.vision_norm = nn.LayerNorm(vision_dim) if opts.vision_layernorm else nn.Identity()
-        # a learned embedding per image feature position, for encoders whose features do not carry
-        # where they are (BLIP-2's ViTs do, and have none)
-        self.image_position_embeddings = (nn.Parameter(torch.empty(1, opts.image_positions, vision_dim))
-                                          if opts.image_positions else None)
-        self.word_embeddings = nn.Embedding(vocab + 2, hidden)
-        self.position_embeddings = nn.Embedding(sizes["max_text_positions"], hidden)
-        self.embedding_norm = nn.LayerNorm(hidden, eps=opts.layer_norm_eps)
-        self.embedding_dropout = nn.Dropout(opts.dropout)
-        self.layers = nn.ModuleList(
-            QFormerLayer(hidden, sizes["num_heads"], sizes["intermediate_size"], vision_dim,
-                         cross_attention=i % opts.cross_attention_freq == 0, dropout=opts.dropout,
-                         attention_dropout=opts.attention_dropout, eps=opts.layer_norm_eps)
-            for i in range(sizes["num_layers"])
-        )
+        _add_trunk(self, vision_dim, vocab + 2, sizes, opts)
         # stage-1 heads
-        self.vision_proj = nn.Linear(hidden, opts.embed_dim)
-        self.text_proj = nn.Linear(hidden, opts.embed_dim)
-        self.itm_head = nn.Linear(hidden, 2)
+        _add_matching_heads(self, hidden, opts)
         self.lm_head = QFormerLMHead(self.word_embeddings, opts.layer_norm_eps)
         self.temp = nn.Parameter(torch.tensor(0.07))
         # the bridge to the LLM
         self.proj = nn.Linear(hidden, llm_dim)
+        self.retrieval = None
         self.apply(self._init_weights)
         nn.init.normal_(self.query_tokens, std=0.02)
         if self.image_position_embeddings is not None:
@@ -241,6 +326,13 @@ class QFormer(Connector, ImageTextMatcher):
             nn.init.normal_(self.image_position_embeddings, std=1.0)
         if bert is not None:
             self._load_bert(bert)
+        if opts.separate_retrieval:
+            # built without drawing from the global generator, so that everything else starts,
+            # and trains, exactly as without it; equal from the start, held once a stage says so
+            with torch.random.fork_rng(devices=[]):
+                self.retrieval = QFormerRetrievalCopy(vision_dim, vocab + 2, sizes, opts)
+            self.retrieval.keep(self)
+            self.retrieval.kept.fill_(False)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -295,14 +387,7 @@ class QFormer(Connector, ImageTextMatcher):
 
     def embed(self, batch_size: int, input_ids: Optional[torch.Tensor], with_queries: bool) -> torch.Tensor:
         """``[queries; word + position embeddings of the text]``, LayerNorm, dropout."""
-        parts = []
-        if with_queries:
-            parts.append(self.query_tokens.expand(batch_size, -1, -1))
-        if input_ids is not None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            parts.append(self.word_embeddings(input_ids) + self.position_embeddings(positions))
-        hidden = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        return self.embedding_dropout(self.embedding_norm(hidden))
+        return _embed(self, batch_size, input_ids, with_queries)
 
     def encode(self, image_features: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None,
                text_mask: Optional[torch.Tensor] = None, attention: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -313,30 +398,7 @@ class QFormer(Connector, ImageTextMatcher):
         the stage-1 masks; None lets every position see every non-padding position
         (``text_mask`` marks the text's real tokens).
         """
-        if image_features is None and input_ids is None:
-            raise ValueError("encode() needs image features, text, or both")
-        batch = (image_features if image_features is not None else input_ids).shape[0]
-        num_queries = self.num_queries if image_features is not None else 0
-        hidden = self.embed(batch, input_ids, with_queries=num_queries > 0)
-        image = None
-        if image_features is not None:
-            image = self.vision_norm(image_features.to(self.query_tokens.dtype))
-            if self.image_position_embeddings is not None:
-                if image.shape[1] != self.image_position_embeddings.shape[1]:
-                    raise ValueError(f"{OPTIONS_KEY}.image_positions is {self.image_position_embeddings.shape[1]} "
-                                     f"but the encoder gives {image.shape[1]} features per image")
-                image = image + self.image_position_embeddings
-        if attention is None:
-            keys = torch.ones(batch, hidden.shape[1], dtype=torch.bool, device=hidden.device)
-            if text_mask is not None:
-                keys[:, num_queries:] = text_mask.bool()
-            attention = keys.unsqueeze(1).expand(-1, hidden.shape[1], -1)
-        elif attention.shape[-1] != hidden.shape[1]:
-            raise ValueError(f"attention mask covers {attention.shape[-1]} positions, the input has {hidden.shape[1]}")
-        mask = additive_mask(attention, hidden.dtype)
-        for layer in self.layers:
-            hidden = layer(hidden, mask, image, num_queries)
-        return hidden
+        return _encode(self, image_features, input_ids, text_mask, attention)
 
     def query_outputs(self, image_features: torch.Tensor) -> torch.Tensor:
         """The queries' last hidden states ``(B, Q, H)``, queries alone with the image."""
@@ -364,8 +426,8 @@ class QFormer(Connector, ImageTextMatcher):
         return self(vision(pixel_values), instructions)
 
     def llm_unused_parameters(self) -> List[nn.Parameter]:
-        """The stage-1 heads and, unless instruction-aware, the text path: nothing the LLM path
-        reads."""
+        """The stage-1 heads, the retrieval copy and, unless instruction-aware, the text path:
+        nothing the LLM path reads."""
         modules = [self.vision_norm, self.embedding_norm, self.proj]
         for layer in self.layers:
             modules += [m for m in (layer.self_attn, layer.cross_attn, layer.query_ffn) if m is not None]
@@ -378,8 +440,20 @@ class QFormer(Connector, ImageTextMatcher):
         return [p for p in self.parameters() if id(p) not in used]
 
     def stage1_unused_parameters(self) -> List[nn.Parameter]:
-        """The LLM projection: the stage-1 objectives never read it."""
-        return list(self.proj.parameters())
+        """The LLM projection and the retrieval copy: the stage-1 objectives never read them."""
+        copy = list(self.retrieval.parameters()) if self.retrieval is not None else []
+        return list(self.proj.parameters()) + copy
+
+    def begin_stage(self, trains_matching: bool) -> None:
+        """With ``separate_retrieval``: a stage that trains the Q-Former through anything but the
+        image-text objectives keeps the Q-Former as it is now (stage 1's) for retrieval, once; a
+        stage-1 stage hands retrieval back to the Q-Former it trains."""
+        if self.retrieval is None:
+            return
+        if trains_matching:
+            self.retrieval.kept.fill_(False)
+        elif not bool(self.retrieval.kept):
+            self.retrieval.keep(self)
 
     # ----------------------------------------------------------------------------------------
     # the text path and the stage-1 heads (ImageTextMatcher)
@@ -400,21 +474,34 @@ class QFormer(Connector, ImageTextMatcher):
             mask[i, : len(row)] = 1
         return ids.to(device), mask.to(device)
 
+    def matching(self) -> nn.Module:
+        """What retrieval reads: the kept stage-1 copy (``separate_retrieval``, once a later stage
+        has begun), else the Q-Former itself."""
+        return self.retrieval if self.retrieval is not None and bool(self.retrieval.kept) else self
+
     def image_embeddings(self, image_features: torch.Tensor) -> torch.Tensor:
         """ITC image side: normalised projected query outputs ``(B, Q, embed_dim)``."""
-        return F.normalize(self.vision_proj(self.query_outputs(image_features)), dim=-1)
+        matching = self.matching()
+        return F.normalize(matching.vision_proj(matching.encode(image_features=image_features)), dim=-1)
 
     def text_embeddings(self, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """ITC text side: the normalised projected ``[CLS]`` output of the text alone ``(B, embed_dim)``."""
-        hidden = self.encode(input_ids=input_ids, text_mask=text_mask)
-        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+        matching = self.matching()
+        hidden = matching.encode(input_ids=input_ids, text_mask=text_mask)
+        return F.normalize(matching.text_proj(hidden[:, 0]), dim=-1)
 
     def match_logits(self, image_features: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor,
                      attention: Optional[torch.Tensor] = None) -> torch.Tensor:
         """ITM: ``(B, 2)`` logits (no match, match) of a joint query + text pass, averaged over the
         query outputs. ``attention`` defaults to full (bidirectional) attention over both."""
-        hidden = self.encode(image_features, input_ids, text_mask, attention)
-        return self.itm_head(hidden[:, : self.num_queries]).mean(dim=1)
+        matching = self.matching()
+        hidden = matching.encode(image_features, input_ids, text_mask, attention)
+        return matching.itm_head(hidden[:, : self.num_queries]).mean(dim=1)
+
+    def retrieval_temperature(self) -> float:
+        """The ITC temperature of the heads retrieval reads (:meth:`matching`), within the bounds
+        of :meth:`temperature`."""
+        return float(self.matching().temp.detach().clamp(0.01, 0.5))
 
     def temperature(self) -> torch.Tensor:
         """The ITC temperature, kept in [0.01, 0.5]: LAVIS's upper bound, and CLIP's lower one

@@ -52,6 +52,8 @@ class Objective(nn.Module):
     supports_packing: ClassVar[bool] = False
     # the objective reads preference pairs (vlm.data.pairs: PairDataset, PairCollator)
     reads_pairs: ClassVar[bool] = False
+    # trains the connector's image-text heads (ITC / ITM), as BLIP-2 stage 1 does
+    trains_matching: ClassVar[bool] = False
     # the component protocol (vlm.core.registry.Component): the objective's options
     # (stages.<name>.objective_options), or None when it takes none
     Options: ClassVar[Optional[type]] = None

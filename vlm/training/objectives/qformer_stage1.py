@@ -152,6 +152,8 @@ def _pad_columns(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
 class QFormerStage1(Objective):
     """BLIP-2 stage 1: ``loss = loss_itc + loss_itm + loss_itg`` on the Q-Former, no LLM."""
 
+    trains_matching = True
+
     def __init__(self, model, tokenizer):
         super().__init__()
         if not isinstance(model.connector, QFormer):

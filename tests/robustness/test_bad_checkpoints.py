@@ -197,6 +197,7 @@ def test_truncated_training_state_names_the_file_on_resume(trained, tmp_path, to
     shutil.copytree(project.out, out)
     state = out / "align" / "checkpoints" / "step_0000001" / "training_state.pt"
     state.write_bytes(state.read_bytes()[:200])
+    shutil.rmtree(out / "align" / "final")  # killed mid-stage: a finished stage is kept, not resumed
     code, _, err = run_vlm(["train", project.write(), f"out_dir={out}", "stages.align.save_every=1", "--resume"],
                            capsys)
     line = error_line(err)

@@ -6,6 +6,7 @@ data untouched."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -105,10 +106,17 @@ def test_data_path_that_is_a_folder_names_it(project, capsys):
 
 
 def test_wrong_image_root_is_caught_before_training(project, capsys):
-    project.stage()["data"][0]["args"]["image_root"] = str(project.data / "images" / "nope")
+    # a folder that exists but does not hold the images: the stage's image check, before step 1
+    project.stage()["data"][0]["args"]["image_root"] = str(project.data)
     line = train_fails(project, capsys, "stages.align.data", "do not exist", "image_root")
     assert "16 of 16" in line
     assert not (project.out / "align" / "metrics.jsonl").exists()  # failed before step 1
+    # a folder that does not exist: the check pass names the key before anything is built
+    missing = project.data / "images" / "nope"
+    shutil.rmtree(project.out)
+    project.stage()["data"][0]["args"]["image_root"] = str(missing)
+    train_fails(project, capsys, f"stages.align.data.0.args.image_root: {missing}: no such file or folder")
+    assert not project.out.exists()
 
 
 def test_coco_file_of_another_shape(project, capsys):

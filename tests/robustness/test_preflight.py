@@ -61,9 +61,9 @@ def case_init_from(project, capsys):
 
 
 def case_lora_saveable(project, capsys):
-    # align trains the connector only: the LLM stays random, so the second stage's LoRA could
-    # never be saved. Refused before align trains, not after both stages.
-    second_stage(project, train={"vision": "frozen", "connector": "full", "llm": "lora"})
+    # a second stage starting from nothing: LoRA on the random LLM could never be saved. Refused
+    # before align trains, not after both stages.
+    second_stage(project, init_from=None, train={"vision": "frozen", "connector": "full", "llm": "lora"})
     line = refused(project, capsys)
     assert "stages.next.train: llm: LoRA on randomly initialised weights cannot be saved" in line
 
@@ -98,8 +98,8 @@ def test_an_evaluation_file_missing_stops_vlm_run_before_training(project, capsy
 
 
 def test_plans_the_rules_let_through(project, capsys, no_training):
-    # init_from the output of an earlier stage of the launch, with LoRA on the LLM it trains in full
-    project.stage()["train"]["llm"] = "full"
+    # init_from the output of an earlier stage of the launch, with LoRA on the LLM it saved (as
+    # initialised: there is no pretrained LLM)
     second_stage(project, train={"vision": "frozen", "connector": "full", "llm": "lora"})
     code, _, err = run_vlm(["train", project.write(), "--out", project.out], capsys)
     assert code == 0, err

@@ -11,7 +11,11 @@ from typing import Callable, Dict, List, Sequence, Set, Tuple
 from omegaconf import DictConfig
 
 from vlm.app.wiring import registry
-from vlm.checkpoint.manifest import read_manifest, unsaveable_lora
+from vlm.checkpoint.manifest import (
+    has_pretrained_source,
+    read_manifest,
+    unsaveable_lora,
+)
 from vlm.checkpoint.pretrained import require_stage_output
 from vlm.config import COMPONENTS, Train, train_modes
 from vlm.core.errors import ConfigError
@@ -93,9 +97,10 @@ def init_from_exists(plan: Plan) -> None:
 
 
 def _planned_components(plan: Plan) -> Dict[str, Set[str]]:
-    """Per stage of the plan, the components its ``final`` will hold weights for: those it
-    trains, plus those of its ``init_from`` (an existing output's manifest, or an earlier
-    stage's plan)."""
+    """Per stage of the plan, the components its ``final`` will hold weights for, as
+    ``save_model_state`` writes them: those its ``init_from`` holds (an existing output's
+    manifest, or an earlier stage's plan), those it trains fully, and those with no pretrained
+    source (saved as initialised)."""
     by_output: Dict[Path, Set[str]] = {}
     planned: Dict[str, Set[str]] = {}
     for name in plan.stages:
@@ -105,7 +110,8 @@ def _planned_components(plan: Plan) -> Dict[str, Set[str]]:
             path = Path(stage.init_from).absolute()
             prior = by_output[path] if path in by_output else {c for c, e in read_manifest(path).items() if e}
         modes = train_modes(stage.train)
-        planned[name] = prior | {c for c in COMPONENTS if Train(modes[c]) is not Train.frozen}
+        planned[name] = prior | {c for c in COMPONENTS if Train(modes[c]) is Train.full
+                                 or not has_pretrained_source(plan.cfg.model, c)}
         by_output[_stage_output(plan.cfg, name)] = planned[name]
     return planned
 

@@ -48,6 +48,8 @@ class EncodedSample:
     images: List[torch.Tensor] = field(default_factory=list)
     instructions: List[str] = field(default_factory=list)
     image_kind: ImageKind = "pixels"
+    # per image: whether it is a video frame (pooled by the model); empty: no frame
+    frames: List[bool] = field(default_factory=list)
 
     def __post_init__(self):
         _check_kind(self.image_kind)
@@ -67,6 +69,7 @@ class Batch:
     - ``num_samples``: how many samples the batch holds (packed rows hold several; None given:
       one per row).
     - ``skipped``: how many samples the collate dropped (unreadable images).
+    - ``frames``: ``(n,)`` bool, which images are video frames; None when none is.
     """
 
     input_ids: torch.Tensor
@@ -78,6 +81,7 @@ class Batch:
     instructions: List[str] = field(default_factory=list)
     num_samples: Optional[int] = None
     skipped: int = 0
+    frames: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         _check_kind(self.image_kind)
@@ -105,7 +109,7 @@ class Batch:
         return dataclasses.replace(
             self, input_ids=apply(self.input_ids), labels=apply(self.labels),
             attention_mask=apply(self.attention_mask), position_ids=apply(self.position_ids),
-            images=apply(self.images), instructions=list(self.instructions))
+            images=apply(self.images), instructions=list(self.instructions), frames=apply(self.frames))
 
     def model_inputs(self, with_labels: bool = True) -> Dict[str, Any]:
         """The keyword arguments of ``VisionLanguageModel.forward`` for this batch: ``input_ids``,
@@ -119,6 +123,8 @@ class Batch:
             inputs["labels"] = self.labels
         if self.position_ids is not None:
             inputs["position_ids"] = self.position_ids
+        if self.frames is not None:
+            inputs["frame_mask"] = self.frames
         return inputs
 
 
@@ -174,6 +180,7 @@ def _lay_out(items: Sequence[EncodedSample], rows: Sequence[Sequence[int]], pad_
     mask = None if packed else torch.zeros(shape, dtype=torch.long)
     images: List[torch.Tensor] = []
     instructions: List[str] = []
+    frames: List[bool] = []
     for r, row in enumerate(rows):
         start = width - used[r] if left else 0
         for i in row:
@@ -187,6 +194,7 @@ def _lay_out(items: Sequence[EncodedSample], rows: Sequence[Sequence[int]], pad_
                 mask[r, span] = 1
             images.extend(item.images)
             instructions.extend(item.instructions)
+            frames.extend(item.frames or [False] * len(item.images))
             start = span.stop
         if packed:
             # padding is a sequence of its own (positions restart), so it never joins a sample's block
@@ -194,7 +202,8 @@ def _lay_out(items: Sequence[EncodedSample], rows: Sequence[Sequence[int]], pad_
     return Batch(input_ids=ids, labels=labels, attention_mask=mask, position_ids=positions,
                  images=torch.stack(images) if images else None,
                  image_kind=kinds.pop() if kinds else "pixels", instructions=instructions,
-                 num_samples=len(items), skipped=skipped)
+                 num_samples=len(items), skipped=skipped,
+                 frames=torch.tensor(frames, dtype=torch.bool) if any(frames) else None)
 
 
 def _fence(labels: Sequence[int]) -> List[int]:

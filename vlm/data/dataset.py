@@ -21,11 +21,13 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from vlm.core.errors import ImageLoadError
 from vlm.data.batch import EncodedSample
 from vlm.data.image_cache import DecodedImageCache
 from vlm.data.images import unless_unreadable
 from vlm.data.processor import IGNORE_INDEX, VLMProcessor, image_instructions
 from vlm.data.types import Sample
+from vlm.data.visuals import load_visuals
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +53,15 @@ class ConversationDataset(Dataset):
         self.stats: Counter = Counter()
         self.left_out: Dict[str, List[str]] = {}
         self.entries: List[tuple] = []
+        self.frame_counts: Dict[int, List[int]] = {}  # entry index -> its videos' frame counts
         truncated: List[str] = []
         for sample in tqdm(samples, desc=f"tokenizing {name}", disable=not progress, leave=False):
-            ids, labels = processor.tokenize(sample.turns)
+            counts = video_frame_counts(processor, sample, image_features is not None)
+            if isinstance(counts, str):
+                self.stats[counts] += 1
+                self.left_out.setdefault(counts, []).append(sample.meta.get("source", sample.id))
+                continue
+            ids, labels = processor.tokenize(sample.turns, frame_counts=counts)
             reason = None
             if len(ids) > processor.max_length:
                 if processor.image_token_id in ids[processor.max_length:]:
@@ -68,6 +76,8 @@ class ConversationDataset(Dataset):
                 self.stats[reason] += 1
                 self.left_out.setdefault(reason, []).append(sample.meta.get("source", sample.id))
                 continue
+            if counts:
+                self.frame_counts[len(self.entries)] = counts
             self.entries.append((sample, ids, labels))
         self.stats["kept"] = len(self.entries)
         for reason, sources in self.left_out.items():
@@ -85,6 +95,8 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> Optional[EncodedSample]:
         sample, ids, labels = self.entries[index]
+        if sample.videos:
+            return self._with_videos(sample, ids, labels, self.frame_counts[index])
         load, kind = ((self.load_image, "pixels") if self.image_features is None
                       else (self.image_features, "features"))
         images = unless_unreadable(lambda: [load(path) for path in sample.images], sample, where=self.name)
@@ -92,3 +104,32 @@ class ConversationDataset(Dataset):
             self.image_failures += 1
             return None
         return EncodedSample(ids, labels, images, image_instructions(sample.turns, self.processor.image_token), kind)
+
+    def _with_videos(self, sample: Sample, ids: List[int], labels: List[int], counts: List[int]) -> Optional[EncodedSample]:
+        """A sample with videos: its images and sampled frames in marker order (pixels)."""
+        visuals = unless_unreadable(
+            lambda: load_visuals(sample.turns, sample.images, sample.videos, self.processor.image_token,
+                                 self.load_image, self.processor.load_video), sample, where=self.name)
+        if visuals is not None and visuals.frame_counts != counts:
+            logger.warning("%s: skipping sample %s: its videos gave %s frames, %s when it was tokenised", self.name,
+                           sample.meta.get("source", sample.id), visuals.frame_counts, counts)
+            visuals = None
+        if visuals is None:
+            self.image_failures += 1
+            return None
+        return EncodedSample(ids, labels, visuals.tensors, visuals.instructions, frames=visuals.frames)
+
+
+def video_frame_counts(processor: VLMProcessor, sample: Sample, features: bool = False) -> "List[int] | str":
+    """The frame count of each of ``sample``'s videos, or the reason it is left out (logged
+    with the sample's source): ``unreadable_video`` (including 0 frames) or
+    ``video_without_pixels`` (the frozen-feature cache holds images only)."""
+    if not sample.videos:
+        return []
+    if features:
+        return "video_without_pixels"
+    try:
+        return processor.frame_counts(sample)
+    except ImageLoadError as exc:
+        logger.warning("skipping sample %s: %s", sample.meta.get("source", sample.id), exc)
+        return "unreadable_video"

@@ -17,7 +17,14 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from vlm.core.errors import ConfigError, DataFormatError
 from vlm.core.registry import FunctionComponent, Registry, closest
-from vlm.data.types import IMAGE_TOKEN, Sample, Turn, image_marker, marking_images_with
+from vlm.data.types import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    Sample,
+    Turn,
+    image_marker,
+    marking_images_with,
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -178,33 +185,44 @@ def _llava_sample(
         turns.append(Turn(_SPEAKERS[speaker], value))
     _check_roles(turns, where)
 
-    image = record.get("image")
-    if image is None:
-        names = []
-    elif isinstance(image, str):
-        names = [image]
-    elif isinstance(image, list) and all(isinstance(n, str) for n in image):
-        names = image
-    else:
-        raise DataFormatError(
-            f"{where}: field 'image' must be a string or a list of strings, got {_type_name(image)}"
-        )
-    images = [_resolve(n, image_root, f"{where}: field 'image'", allow_outside_root) for n in names]
-
+    images = [_resolve(n, image_root, f"{where}: field 'image'", allow_outside_root)
+              for n in _names(record, "image", where)]
+    videos = [_resolve(n, image_root, f"{where}: field 'video'", allow_outside_root)
+              for n in _names(record, "video", where)]
     marker = image_marker()
-    markers = sum(t.content.count(marker) for t in turns)
-    if images and markers == 0:
-        # LLaVA convention: an image record without markers shows its image(s) before the
-        # first user message.
-        first = next(i for i, t in enumerate(turns) if t.role == "user")
-        turns[first] = Turn("user", f"{marker}\n" * len(images) + turns[first].content)
-    elif markers != len(images):
-        raise DataFormatError(
-            f"{where}: field 'conversations' has {markers} '{marker}' marker(s) but field "
-            f"'image' names {len(images)} image(s)"
-        )
+    if videos and not images and not _count(turns, VIDEO_TOKEN):
+        # LLaVA-Video / OneVision records mark their video with the image marker
+        turns = [Turn(t.role, t.content.replace(marker, VIDEO_TOKEN)) for t in turns]
+    for token, visuals, key in ((marker, images, "image"), (VIDEO_TOKEN, videos, "video")):
+        markers = _count(turns, token)
+        if visuals and markers == 0:
+            # LLaVA convention: a record without markers shows its image(s) / video(s) before
+            # the first user message.
+            first = next(i for i, t in enumerate(turns) if t.role == "user")
+            turns[first] = Turn("user", f"{token}\n" * len(visuals) + turns[first].content)
+        elif markers != len(visuals):
+            raise DataFormatError(
+                f"{where}: field 'conversations' has {markers} '{token}' marker(s) but field "
+                f"'{key}' names {len(visuals)} {key}(s)"
+            )
     sample_id = record.get("id", default_id)
-    return Sample(id=str(sample_id), turns=turns, images=images, meta={"source": where})
+    return Sample(id=str(sample_id), turns=turns, images=images, meta={"source": where}, videos=videos)
+
+
+def _names(record: dict, key: str, where: str) -> List[str]:
+    """A record's ``image`` / ``video`` field as a list of names (absent: none)."""
+    value = record.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(n, str) for n in value):
+        return value
+    raise DataFormatError(f"{where}: field '{key}' must be a string or a list of strings, got {_type_name(value)}")
+
+
+def _count(turns: Sequence[Turn], token: str) -> int:
+    return sum(t.content.count(token) for t in turns)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,7 +234,9 @@ def read_llava_json(path: PathLike, image_root: Optional[PathLike] = None,
                     allow_outside_root: bool = False) -> List[Sample]:
     """Read a LLaVA conversation file: a JSON list of ``{id, image?, conversations}``.
 
-    ``image`` is a path, a list of paths, or absent (text-only). Speakers human/gpt/system (or
+    ``image`` is a path, a list of paths, or absent (text-only); ``video`` (LLaVA-Video /
+    OneVision) likewise names video files or folders of frames, marked ``<video>`` in the text
+    (a record with videos and no image may mark them ``<image>``, as LLaVA-Video's data does). Speakers human/gpt/system (or
     user/assistant) map to user/assistant/system. A record with image(s) but no ``<image>``
     marker gets ``"<image>\\n"`` (one per image) prepended to its first user turn. Conversations
     must alternate user/assistant after optional leading system turns and end with assistant.

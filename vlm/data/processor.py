@@ -1,13 +1,14 @@
 """Turn Samples into model inputs: template -> segments -> token ids, labels and pixels.
 
 Each ``<image>`` in the text becomes K copies of the image placeholder id, K being what the
-model's connector produces per image. Labels are -100 everywhere but on the template's trainable
+model's connector produces per image; each ``<video>`` becomes F x K_frame copies, for its F
+sampled frames and the K_frame pooled tokens of a frame (:mod:`vlm.data.video`). Labels are -100 everywhere but on the template's trainable
 segments, so they follow turn boundaries exactly.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -17,7 +18,9 @@ from vlm.data.batch import IGNORE_INDEX, EncodedSample
 from vlm.data.image_transforms import ImageTransform
 from vlm.data.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
 from vlm.data.templates import ChatTemplate
-from vlm.data.types import IMAGE_TOKEN, Sample, Turn
+from vlm.data.types import IMAGE_TOKEN, VIDEO_TOKEN, Sample, Turn
+from vlm.data.video import FrameSampling, probe, read_frames
+from vlm.data.visuals import load_visuals, marker_pattern
 
 
 class VLMProcessor:
@@ -32,6 +35,8 @@ class VLMProcessor:
         image_token: str = IMAGE_TOKEN,
         max_length: int = 2048,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        num_frame_tokens: Optional[int] = None,
+        frame_sampling: FrameSampling = FrameSampling(),
     ):
         self.tokenizer = tokenizer
         self.template = template
@@ -42,20 +47,33 @@ class VLMProcessor:
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.max_length = max_length
         self.max_image_pixels = max_image_pixels
+        self.num_frame_tokens = num_frame_tokens  # None: the model takes no video
+        self.frame_sampling = frame_sampling
+        self._markers = marker_pattern(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no '{image_token}' token; add it (vlm.modeling.llm.load_tokenizer)")
 
-    def _encode_text(self, text: str) -> List[int]:
+    def _encode_text(self, text: str, frame_counts: Optional[Iterator[int]] = None) -> List[int]:
         ids: List[int] = []
-        for i, piece in enumerate(text.split(self.image_token)):
-            if i:
+        for piece in self._markers.split(text):
+            if piece == self.image_token:
                 ids.extend([self.image_token_id] * self.num_image_tokens)
-            if piece:
+            elif piece == VIDEO_TOKEN:
+                ids.extend([self.image_token_id] * (self._frame_tokens() * next(frame_counts)))
+            elif piece:
                 ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
         return ids
 
-    def tokenize(self, turns: Sequence[Turn], add_generation_prompt: bool = False) -> Tuple[List[int], List[int]]:
-        """``(input_ids, labels)`` for a conversation, labels -100 outside trained segments."""
+    def _frame_tokens(self) -> int:
+        if self.num_frame_tokens is None:
+            raise ValueError(f"this model takes no video ('{VIDEO_TOKEN}'): its visual tokens cannot be pooled")
+        return self.num_frame_tokens
+
+    def tokenize(self, turns: Sequence[Turn], add_generation_prompt: bool = False,
+                 frame_counts: Sequence[int] = ()) -> Tuple[List[int], List[int]]:
+        """``(input_ids, labels)`` for a conversation, labels -100 outside trained segments;
+        ``frame_counts``: the sampled frames of each ``<video>``, in order."""
+        counts = iter(frame_counts)
         input_ids: List[int] = []
         labels: List[int] = []
         bos = self.tokenizer.bos_token_id
@@ -63,7 +81,7 @@ class VLMProcessor:
             input_ids.append(bos)
             labels.append(IGNORE_INDEX)
         for segment in self.template.segments(turns, add_generation_prompt=add_generation_prompt):
-            ids = self._encode_text(segment.text)
+            ids = self._encode_text(segment.text, counts)
             input_ids.extend(ids)
             if segment.trainable:
                 labels.extend(IGNORE_INDEX if t == self.image_token_id else t for t in ids)
@@ -91,13 +109,34 @@ class VLMProcessor:
         except Exception as exc:  # an odd mode or size the transform cannot take
             raise ImageLoadError(f"cannot load image {path}: {exc}") from exc
 
+    def load_video(self, source) -> List[torch.Tensor]:
+        """The sampled frames of a video (file, folder of frames or list of PIL frames), each
+        transformed as an image; ImageLoadError names the video on any failure."""
+        return [self.load_image(frame) for frame in read_frames(source, self.frame_sampling, self.max_image_pixels)]
+
+    def frame_counts(self, sample: Sample) -> List[int]:
+        """How many frames each of ``sample``'s videos gives (from the container's header, or by
+        counting); ImageLoadError names an unreadable or empty video."""
+        counts = []
+        for video in sample.videos:
+            total, rate = probe(video)
+            count = len(self.frame_sampling.indices(total, rate))
+            if not count:
+                raise ImageLoadError(f"video {video}: 0 frames")
+            counts.append(count)
+        return counts
+
     def encode(self, sample: Sample, for_generation: bool = False) -> EncodedSample:
-        """Token ids, labels, pixel tensors (images loaded here) and each image's instruction
-        for one sample; :class:`vlm.data.batch.Collator` batches them."""
+        """Token ids, labels, pixel tensors (images and video frames loaded here, in marker
+        order), which of them are video frames, and each one's instruction for one sample;
+        :class:`vlm.data.batch.Collator` batches them."""
         turns = self.prompt_turns(sample.turns) if for_generation else sample.turns
-        input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation)
-        pixels = [self.load_image(p) for p in sample.images]
-        return EncodedSample(input_ids, labels, pixels, image_instructions(turns, self.image_token))
+        visuals = load_visuals(turns, sample.images, sample.videos, self.image_token, self.load_image,
+                               self.load_video)
+        input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation,
+                                          frame_counts=visuals.frame_counts)
+        return EncodedSample(input_ids, labels, visuals.tensors, visuals.instructions,
+                             frames=visuals.frames if sample.videos else [])
 
 
 def image_instructions(turns: Sequence[Turn], image_token: str = IMAGE_TOKEN) -> List[str]:

@@ -7,6 +7,7 @@ from typing import Optional
 from vlm.data.images import DEFAULT_MAX_PIXELS
 from vlm.data.processor import VLMProcessor
 from vlm.data.templates import build_template
+from vlm.data.video import FrameSampling
 from vlm.modeling.vlm import VisionLanguageModel
 
 
@@ -21,4 +22,6 @@ def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: 
         image_token=model_cfg.image_token,
         max_length=max_length,
         max_image_pixels=max_image_pixels,
+        num_frame_tokens=model.num_frame_tokens,
+        frame_sampling=FrameSampling(model_cfg.video.num_frames, model_cfg.video.fps),
     )

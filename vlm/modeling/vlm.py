@@ -18,6 +18,7 @@ from torch import nn
 from vlm.config import ModelConfig
 from vlm.data.feature_cache import feature_cache_refusal
 from vlm.data.processor import IGNORE_INDEX
+from vlm.modeling.frame_pooling import flatten_with_frames, pooled_tokens
 
 # config fields of causal LMs whose logits are more than ``lm_head(hidden)`` (soft-capping,
 # scaling): for those the labelled-only loss falls back to the LLM's own full forward
@@ -41,12 +42,14 @@ class VLMOutput:
 class VisionLanguageModel(nn.Module):
     """A vision encoder, a connector and an HF causal LM joined by image placeholder tokens."""
 
-    def __init__(self, vision: nn.Module, connector: nn.Module, llm: nn.Module, image_token_id: int):
+    def __init__(self, vision: nn.Module, connector: nn.Module, llm: nn.Module, image_token_id: int,
+                 video_pool: int = 2):
         super().__init__()
         self.vision = vision
         self.connector = connector
         self.llm = llm
         self.image_token_id = image_token_id
+        self.video_pool = video_pool  # stride of the bilinear pooling of a video frame's token grid
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, tokenizer) -> "VisionLanguageModel":
@@ -60,7 +63,7 @@ class VisionLanguageModel(nn.Module):
         ctx = BuildContext(vision_dim=vision.embed_dim, llm_dim=llm.config.get_text_config().hidden_size,
                            tokenizer=tokenizer, vision=vision)
         connector = build_connector(cfg.connector, ctx)
-        return cls(vision, connector, llm, tokenizer.convert_tokens_to_ids(cfg.image_token))
+        return cls(vision, connector, llm, tokenizer.convert_tokens_to_ids(cfg.image_token), cfg.video.pool)
 
     @property
     def vision_dtype(self) -> torch.dtype:
@@ -72,18 +75,27 @@ class VisionLanguageModel(nn.Module):
         """Placeholders per image (K)."""
         return self.connector.num_tokens(self.vision.num_patches)
 
+    @property
+    def num_frame_tokens(self) -> Optional[int]:
+        """Placeholders per video frame after pooling; None when this model's visual tokens
+        form no square grid to pool (it takes no video)."""
+        return pooled_tokens(self.num_image_tokens, self.video_pool)
+
     def encode_images(self, pixel_values: torch.Tensor, instructions: Optional[Sequence[str]] = None) -> torch.Tensor:
         """Images ``(n, 3, S, S)`` -> visual tokens ``(n, K, H_llm)``; ``instructions`` (one per
         image, or None) go to the connector, which may ignore them."""
         return self.connector.encode_images(self.vision, pixel_values, instructions)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
-              image_features: Optional[torch.Tensor] = None, instructions: Optional[Sequence[str]] = None):
+              image_features: Optional[torch.Tensor] = None, instructions: Optional[Sequence[str]] = None,
+              frame_mask: Optional[torch.Tensor] = None):
         """Token embeddings with visual tokens scattered into the placeholder positions.
 
         Images come either as ``pixel_values`` or as ``image_features``, the frozen encoder's
         precomputed output ``(n, N, Dv)`` (the feature cache), which skips the encoder.
         ``instructions`` (one text per image, from the processor) reach connectors that read them.
+        ``frame_mask`` (``(n,)`` bool) marks video frames, whose tokens are pooled first
+        (:mod:`vlm.modeling.frame_pooling`).
         Returns ``(inputs_embeds, visual_tokens or None)``.
         """
         if pixel_values is not None and image_features is not None:
@@ -112,14 +124,16 @@ class VisionLanguageModel(nn.Module):
             visual = self.connector(image_features.to(self.vision_dtype), instructions)
         else:
             visual = self.encode_images(pixel_values, instructions)
-        if n_placeholders != visual.shape[0] * visual.shape[1]:
+        tokens = flatten_with_frames(visual, frame_mask, self.video_pool)
+        if n_placeholders != tokens.shape[0]:
+            frames = 0 if frame_mask is None else int(frame_mask.sum())
             raise ImageTokenMismatch(
                 f"input has {n_placeholders} image placeholder tokens but {visual.shape[0]} image(s) "
-                f"give {visual.shape[0]} x {visual.shape[1]} = {visual.shape[0] * visual.shape[1]} "
-                "visual tokens; expand each <image> with the processor of this model"
+                f"({frames} of them video frames) give {tokens.shape[0]} visual tokens; expand each "
+                "<image> and <video> with the processor of this model"
             )
         mask = placeholders.unsqueeze(-1).expand_as(inputs_embeds)
-        inputs_embeds = inputs_embeds.masked_scatter(mask, visual.to(inputs_embeds.dtype))
+        inputs_embeds = inputs_embeds.masked_scatter(mask, tokens.to(inputs_embeds.dtype))
         return inputs_embeds, visual
 
     def forward(
@@ -131,6 +145,7 @@ class VisionLanguageModel(nn.Module):
         image_features: Optional[torch.Tensor] = None,
         instructions: Optional[Sequence[str]] = None,
         return_logits: bool = True,
+        frame_mask: Optional[torch.Tensor] = None,
         **llm_kwargs,
     ) -> VLMOutput:
         """Logits for every position, and the shifted next-token loss when ``labels`` are given
@@ -140,7 +155,7 @@ class VisionLanguageModel(nn.Module):
         cross-entropy run on the labelled positions only and ``logits`` is None: the same loss,
         without a vocabulary-wide projection of every prompt, image and padding position.
         """
-        inputs_embeds, visual = self.embed(input_ids, pixel_values, image_features, instructions)
+        inputs_embeds, visual = self.embed(input_ids, pixel_values, image_features, instructions, frame_mask)
         if labels is not None:
             # a loss needs no KV cache, and with one transformers ignores packed position ids
             llm_kwargs.setdefault("use_cache", False)
@@ -176,11 +191,12 @@ class VisionLanguageModel(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         pixel_values: Optional[torch.Tensor] = None,
         instructions: Optional[Sequence[str]] = None,
+        frame_mask: Optional[torch.Tensor] = None,
         **generation_kwargs,
     ) -> torch.Tensor:
         """New token ids only, ``(B, T_new)``, by transformers' generation (greedy, beam search or
         sampling, KV cache on by default). Batches must be left-padded."""
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate() needs left padding: the last position is padding in some rows")
-        inputs_embeds, _ = self.embed(input_ids, pixel_values, instructions=instructions)
+        inputs_embeds, _ = self.embed(input_ids, pixel_values, instructions=instructions, frame_mask=frame_mask)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generation_kwargs)

@@ -20,6 +20,7 @@ from vlm.core.errors import DataFormatError, ImageLoadError
 from vlm.data.batch import Collator
 from vlm.data.dataset import ConversationDataset
 from vlm.data.formats import read_llava_json
+from vlm.data.synthetic import COLORS
 from vlm.data.types import Sample, Turn
 from vlm.data.video import FrameSampling, probe, read_frames, write_video
 from vlm.inference.generation import generate_answers
@@ -262,3 +263,126 @@ def test_a_model_without_a_token_grid_refuses_video(tokenizer_dir, tokenizer, me
     sample = Sample(id="s", turns=[Turn("user", "<video> q")], videos=[str(media / "clip.gif")])
     with pytest.raises(ValueError, match="takes no video"):
         processor.encode(sample, for_generation=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# image placement: a property of the model, recorded from its training data
+
+
+def _sample(content: str, images=("a.png",), videos=()):
+    return Sample(id="s", turns=[Turn("user", content), Turn("assistant", "x")], images=list(images),
+                  videos=list(videos))
+
+
+def test_placement_is_first_for_single_image_data_and_positional_for_interleaved_data():
+    from vlm.data.placement import placement_of
+
+    assert placement_of([_sample("<image>\nwhat?"), _sample("text only", images=())]) == "first"
+    assert placement_of([_sample("<image>\nwhat?"), _sample("<image>\n<image>\nsame?", images=("a", "b"))]) == \
+        "positional"
+    assert placement_of([_sample("what is in <image> here?")]) == "positional"
+    assert placement_of([_sample("<video>\nwhere?", images=(), videos=("v.mp4",))]) == "first"
+
+
+def test_a_first_placement_model_gets_text_first_prompts_as_it_was_trained(setup):
+    from vlm.core.errors import ConfigError
+    from vlm.data.placement import check_placement
+
+    model, processor, cfg = setup
+    text_first = [Turn("user", "what color?\n<image>\n<image>\n")]
+    image_first = [Turn("user", "<image>\n<image>\nwhat color?")]
+    assert processor.prompt_turns(text_first) == text_first  # null: positional, as before
+    cfg.image_placement = "first"
+    placed = build_processor(model, processor.tokenizer, cfg)
+    assert placed.prompt_turns(text_first) == image_first
+    assert placed.tokenize(placed.prompt_turns(text_first), add_generation_prompt=True) == \
+        processor.tokenize(image_first, add_generation_prompt=True)
+    cfg.image_placement = "positional"
+    assert build_processor(model, processor.tokenizer, cfg).prompt_turns(text_first) == text_first
+    with pytest.raises(ConfigError, match="model.image_placement = 'middle': must be one of"):
+        check_placement("middle")
+
+
+def test_a_stage_records_its_datas_placement_unless_the_config_sets_one(setup):
+    from omegaconf import OmegaConf
+
+    from vlm.data.placement import with_recorded_placement
+
+    _, _, cfg = setup
+    pairs = [_sample("<image>\n<image>\nsame?", images=("a", "b"))]
+    recorded = with_recorded_placement(cfg, pairs)
+    assert recorded.image_placement == "positional" and cfg.image_placement is None
+    assert with_recorded_placement(cfg, [_sample("<image>\nq")]).image_placement == "first"
+    assert OmegaConf.to_container(recorded)["llm"] == OmegaConf.to_container(cfg)["llm"]
+    cfg.image_placement = "first"
+    assert with_recorded_placement(cfg, pairs).image_placement == "first"
+
+
+def test_vlm_chat_takes_several_images_and_a_video_in_marker_order(setup, media):
+    from vlm.app.cli import build_parser
+    from vlm.inference.chat import answer, visual_markers
+
+    model, processor, _ = setup
+    args = build_parser().parse_args(["chat", "ckpt", "--image", "a.png", "--image", "b.png", "--video", "c.mp4"])
+    assert args.image == ["a.png", "b.png"] and args.video == ["c.mp4"]
+    assert visual_markers("<image>", args.image, args.video) == "<image>\n<image>\n<video>\n"
+    a, b, clip = str(media / "img0.png"), str(media / "img1.png"), str(media / "clip.gif")
+    turns = [Turn("user", visual_markers("<image>", [a, b], [clip]) + "q")]
+    expected = generate_answers(model, processor, [Sample(id="e", turns=turns, images=[a, b], videos=[clip])],
+                                max_new_tokens=4)
+    assert answer(model, processor, [a, b], turns, max_new_tokens=4, videos=[clip]) == expected[0]
+
+
+def test_a_trained_stage_saves_the_placement_of_its_data_and_loads_with_it(tmp_path, tokenizer_dir, media):
+    from conftest import run_config
+
+    from vlm.app.stages import run_stage
+    from vlm.checkpoint.pretrained import load_pretrained
+
+    records = [{"id": str(i), "image": ["img0.png", "img1.png"], "video": "clip.gif",
+                "conversations": [{"from": "human", "value": "<image>\n<image>\n<video>\nsame?"},
+                                  {"from": "gpt", "value": "yes"}]} for i in range(2)]
+    path = _write(tmp_path / "pairs.json", records)
+    stages = {"s": {"train": {"vision": "frozen", "connector": "full", "llm": "frozen"},
+                    "data": [{"format": "llava_json", "args": {"path": path, "image_root": str(media)}}],
+                    "batch_size": 2, "max_steps": 1, "log_every": 1}}
+    cfg = run_config(tmp_path, tokenizer_dir, stages, model={"video": {"num_frames": 2}})
+    final = run_stage(cfg, "s")
+    _, tokenizer, model_cfg = load_pretrained(final)
+    assert model_cfg.image_placement == "positional" and cfg.model.image_placement is None
+
+
+# ---------------------------------------------------------------------------------------------
+# data: image pairs and clips of shapes
+
+
+def test_shapes_pairs_and_clips_read_back_with_their_questions(tmp_path, capsys):
+    from conftest import run_vlm
+
+    from vlm.data.formats import read_vqav2
+    from vlm.data.synthetic_multi import DIRECTIONS, generate_multi_shapes
+
+    code, out, _ = run_vlm(["data", "shapes", "--kind", "clips", "--out", tmp_path / "c", "--num-train", "6",
+                            "--num-test", "2", "--image-size", "32", "--num-frames", "8"], capsys)
+    assert code == 0
+    clips = json.loads(out)
+    samples = read_llava_json(clips["train"]["conversations"], clips["train"]["root"])
+    assert len(samples) == 6 and all(len(s.videos) == 1 and not s.images for s in samples)
+    frames = read_frames(samples[0].videos[0], FrameSampling(num_frames=8))
+    assert len(frames) == 8
+    attrs = json.loads(Path(clips["train"]["attributes"]).read_text())[0]
+    dx, dy = DIRECTIONS[attrs["direction"]]
+    rgb = np.array(COLORS[attrs["mover"]["color"]])
+    centres = [np.argwhere(np.abs(np.asarray(f, dtype=int) - rgb).sum(-1) < 40).mean(0) for f in (frames[0], frames[-1])]
+    moved = centres[1] - centres[0]  # (row, column)
+    assert np.sign(np.round(moved[1] / 4)) == dx and np.sign(np.round(moved[0] / 4)) == dy, (attrs["direction"], moved)
+    questions = read_vqav2(clips["test"]["questions"], clips["test"]["annotations"], clips["test"]["root"])
+    assert len(questions) == 6 and questions[0].turns[0].content.startswith("<video>\n")
+    assert {q.meta["question"].split()[0] for q in questions} == {"which", "how", "what"}
+
+    pairs = generate_multi_shapes(str(tmp_path / "p"), "pairs", num_train=4, num_test=2, image_size=32)
+    samples = read_llava_json(pairs["train"]["conversations"], pairs["train"]["root"])
+    assert all(len(s.images) == 2 for s in samples) and len(samples[0].turns) == 8
+    questions = read_vqav2(pairs["test"]["questions"], pairs["test"]["annotations"], pairs["test"]["root"])
+    assert len(questions) == 8 and questions[0].turns[0].content.startswith("<image>\n<image>\nare the shapes")
+    assert all(Path(p).is_file() for q in questions for p in q.images)

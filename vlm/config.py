@@ -110,6 +110,9 @@ class ModelConfig:
     # prompt format of the training data, e.g. the vqav2 reader's answer-format suffix
     task_prompt_suffix: Optional[str] = None
     video: VideoConfig = field(default_factory=VideoConfig)
+    # where a prompt's images stand (vlm.data.placement): "first" in their user turn or
+    # "positional"; null: recorded in the stage output's model.yaml from the stage's training data
+    image_placement: Optional[str] = None
 
 
 @dataclass

@@ -28,6 +28,7 @@ from vlm.data.feature_cache import BuildReport, build_stage_feature_cache
 from vlm.data.formats import read_samples
 from vlm.data.image_cache import default_budget_bytes
 from vlm.data.images import check_image_files
+from vlm.data.placement import with_recorded_placement
 from vlm.data.samplers import LengthGroupedSampler
 from vlm.evaluation.runner import run_eval
 from vlm.modeling.processing import build_processor
@@ -179,15 +180,18 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
         image_features=features.load if features is not None else None,
         image_cache_bytes=default_budget_bytes(max(1, stage.num_workers)) if stage.image_cache else None)
 
+    recorded_model = with_recorded_placement(cfg.model, samples)
+
     def save_state(trained_model, folder, state=None):
-        save_model_state(trained_model, folder, train_modes(stage.train), cfg.model, tokenizer, prior, state=state)
+        save_model_state(trained_model, folder, train_modes(stage.train), recorded_model, tokenizer, prior,
+                         state=state)
         save_plugins(folder, list(cfg.plugins))
 
     collate = Collator(tokenizer.pad_token_id, packing=stage.packing, max_length=stage.max_length)
     sampler = None
     if stage.group_by_length:
         sampler = LengthGroupedSampler([len(ids) for _, ids, _ in dataset.entries],
-                                       [bool(sample.images) for sample, _, _ in dataset.entries],
+                                       [bool(sample.images or sample.videos) for sample, _, _ in dataset.entries],
                                        stage.batch_size, stage.seed, accelerator.num_processes)
     if stage.eval_every and stage.evals:
         evaluate = in_training_evaluator(cfg, name, tokenizer, out_dir / "eval_during_training")

@@ -451,6 +451,8 @@ def read_vqav2(
     ``answer_type`` and ``question_type``; without them the sample has only the user turn (an
     inference-only sample) and no answer fields. ``meta`` always has ``question_id``,
     ``image_id`` and ``question``. Every question must have exactly one annotation and vice versa.
+    A question record may name its own ``image`` and / or ``video`` (a path or a list, under
+    ``image_root``) instead: several images or a clip, marked in that order before the question.
     ``answer_types`` (needs annotations) keeps only the questions of those answer types
     (VQAv2's ``yes/no``, ``number``, ``other``), e.g. to up-weight one type in a training mix.
     """
@@ -477,6 +479,7 @@ def read_vqav2(
         )
 
     parsed, index = [], {}
+    own: Dict[Any, tuple] = {}  # question_id -> its own (images, videos)
     for i, q in enumerate(questions):
         where = f"{qpath}#{i}"
         qid = _require(q, "question_id", (int, str), where, f"questions[{i}].question_id")
@@ -488,6 +491,8 @@ def read_vqav2(
             )
         index[qid] = i
         parsed.append((qid, image_id, text, where))
+        if "image" in q or "video" in q:  # a question about several images or a video names them itself
+            own[qid] = (_names(q, "image", where), _names(q, "video", where))
 
     annotations: Optional[Dict[Any, dict]] = None
     if annotations_path is not None:
@@ -543,8 +548,9 @@ def read_vqav2(
             raise DataFormatError(f"{annotations_path}: no question has answer_type in {sorted(wanted)}")
     samples = []
     for qid, image_id, text, where in parsed:
-        image = image_pattern.format(subset=subset, image_id=image_id, question_id=qid)
-        turns = [Turn("user", f"{image_marker()}\n{text}{prompt_suffix}")]
+        images, videos = own.get(qid) or ([image_pattern.format(subset=subset, image_id=image_id, question_id=qid)], [])
+        markers = f"{image_marker()}\n" * len(images) + f"{VIDEO_TOKEN}\n" * len(videos)
+        turns = [Turn("user", f"{markers}{text}{prompt_suffix}")]
         meta: Dict[str, Any] = {
             "source": where,
             "question_id": qid,
@@ -560,8 +566,9 @@ def read_vqav2(
                 question_type=ann["question_type"],
             )
         samples.append(
-            Sample(id=str(qid), turns=turns, images=[_resolve(image, image_root, f"{where}: image", allow_outside_root)],
-                   meta=meta)
+            Sample(id=str(qid), turns=turns, images=[_resolve(n, image_root, f"{where}: image", allow_outside_root)
+                                                     for n in images],
+                   videos=[_resolve(n, image_root, f"{where}: video", allow_outside_root) for n in videos], meta=meta)
         )
     return samples
 

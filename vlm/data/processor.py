@@ -17,6 +17,7 @@ from vlm.core.errors import ImageLoadError
 from vlm.data.batch import IGNORE_INDEX, EncodedSample
 from vlm.data.image_transforms import ImageTransform
 from vlm.data.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
+from vlm.data.placement import check_placement, place_visuals
 from vlm.data.templates import ChatTemplate
 from vlm.data.types import IMAGE_TOKEN, VIDEO_TOKEN, Sample, Turn
 from vlm.data.video import FrameSampling, probe, read_frames
@@ -37,6 +38,7 @@ class VLMProcessor:
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         num_frame_tokens: Optional[int] = None,
         frame_sampling: FrameSampling = FrameSampling(),
+        image_placement: Optional[str] = None,
     ):
         self.tokenizer = tokenizer
         self.template = template
@@ -49,6 +51,8 @@ class VLMProcessor:
         self.max_image_pixels = max_image_pixels
         self.num_frame_tokens = num_frame_tokens  # None: the model takes no video
         self.frame_sampling = frame_sampling
+        check_placement(image_placement)
+        self.image_placement = image_placement  # None: positional
         self._markers = marker_pattern(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no '{image_token}' token; add it (vlm.modeling.llm.load_tokenizer)")
@@ -89,10 +93,10 @@ class VLMProcessor:
                 labels.extend([IGNORE_INDEX] * len(ids))
         return input_ids, labels
 
-    @staticmethod
-    def prompt_turns(turns: Sequence[Turn]) -> List[Turn]:
-        """The turns up to the last user turn: what a model is asked to answer."""
-        turns = list(turns)
+    def prompt_turns(self, turns: Sequence[Turn]) -> List[Turn]:
+        """The turns up to the last user turn, images placed as the model was trained
+        (``image_placement``, :mod:`vlm.data.placement`): what a model is asked to answer."""
+        turns = place_visuals(turns, self.image_placement, self.image_token)
         while turns and turns[-1].role == "assistant":
             turns.pop()
         if not turns or turns[-1].role != "user":

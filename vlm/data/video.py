@@ -47,15 +47,14 @@ def _folder_frames(folder: str) -> List[str]:
 
 
 def probe(source: Any) -> Tuple[int, Optional[float]]:
-    """``(frame count, frames per second or None)`` of a video file, a folder of frames or a list
-    of in-memory frames; ImageLoadError naming the video when it cannot be read."""
+    """``(frame count, frames per second or None)`` of a video file (a path or an in-memory file
+    object), a folder of frames or a list of in-memory frames; ImageLoadError naming the video when it cannot be read."""
     if isinstance(source, (list, tuple)):
         return len(source), None
     if is_frame_folder(source):
         return len(_folder_frames(os.fspath(source))), None
-    av = _av()
     try:
-        with av.open(os.fspath(source)) as container:
+        with _open(source) as container:
             stream = _video_stream(container, source)
             rate = float(stream.average_rate) if stream.average_rate else None
             total = int(stream.frames or 0)
@@ -65,7 +64,7 @@ def probe(source: Any) -> Tuple[int, Optional[float]]:
     except ImageLoadError:
         raise
     except Exception as exc:  # PyAV raises many kinds for a missing or corrupt file
-        raise ImageLoadError(f"cannot read video {source}: {exc}") from exc
+        raise ImageLoadError(f"cannot read video {_name(source)}: {exc}") from exc
 
 
 def read_frames(source: Any, sampling: FrameSampling, max_pixels: int = DEFAULT_MAX_PIXELS) -> List[Image.Image]:
@@ -84,12 +83,12 @@ def read_frames(source: Any, sampling: FrameSampling, max_pixels: int = DEFAULT_
     wanted = set(keep)
     frames = {}
     try:
-        with _av().open(os.fspath(source)) as container:
+        with _open(source) as container:
             stream = _video_stream(container, source)
             for index, frame in enumerate(container.decode(stream)):
                 if index in wanted:
                     if frame.width * frame.height > max_pixels:
-                        raise ImageLoadError(f"video {source}: {frame.width} x {frame.height} frames, more than "
+                        raise ImageLoadError(f"video {_name(source)}: {frame.width} x {frame.height} frames, more than "
                                              f"the limit of {max_pixels} pixels (max_image_pixels)")
                     frames[index] = frame.to_image().convert("RGB")
                 if index >= keep[-1]:
@@ -97,9 +96,9 @@ def read_frames(source: Any, sampling: FrameSampling, max_pixels: int = DEFAULT_
     except ImageLoadError:
         raise
     except Exception as exc:
-        raise ImageLoadError(f"cannot decode video {source}: {exc}") from exc
+        raise ImageLoadError(f"cannot decode video {_name(source)}: {exc}") from exc
     if len(frames) < len(wanted):  # the header promised more frames than the stream holds
-        raise ImageLoadError(f"video {source}: {len(frames)} of {len(wanted)} sampled frames could be decoded")
+        raise ImageLoadError(f"video {_name(source)}: {len(frames)} of {len(wanted)} sampled frames could be decoded")
     return [frames[i] for i in keep]
 
 
@@ -128,12 +127,22 @@ def write_video(path: str, frames: Sequence[Image.Image], fps: int = 4) -> None:
 
 def _video_stream(container, source):
     if not container.streams.video:
-        raise ImageLoadError(f"video {source}: no video stream")
+        raise ImageLoadError(f"video {_name(source)}: no video stream")
     return container.streams.video[0]
 
 
 def _name(source: Any) -> str:
-    return f"<{len(source)} frames in memory>" if isinstance(source, (list, tuple)) else os.fspath(source)
+    if isinstance(source, (list, tuple)):
+        return f"<{len(source)} frames in memory>"
+    return "<video data in memory>" if hasattr(source, "read") else os.fspath(source)
+
+
+def _open(source: Any):
+    """A PyAV container for a video path or an in-memory file (rewound: it is read twice)."""
+    if hasattr(source, "read"):
+        source.seek(0)
+        return _av().open(source)
+    return _av().open(os.fspath(source))
 
 
 def _av():

@@ -24,4 +24,5 @@ def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: 
         max_image_pixels=max_image_pixels,
         num_frame_tokens=model.num_frame_tokens,
         frame_sampling=FrameSampling(model_cfg.video.num_frames, model_cfg.video.fps),
+        image_placement=model_cfg.get("image_placement"),
     )

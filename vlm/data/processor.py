@@ -20,7 +20,7 @@ from vlm.data.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
 from vlm.data.placement import check_placement, place_visuals
 from vlm.data.templates import ChatTemplate
 from vlm.data.types import IMAGE_TOKEN, VIDEO_TOKEN, Sample, Turn
-from vlm.data.video import FrameSampling, probe, read_frames
+from vlm.data.video import FrameSampling, probe, read_frames, video_name
 from vlm.data.visuals import load_visuals, marker_pattern
 
 
@@ -126,7 +126,7 @@ class VLMProcessor:
             total, rate = probe(video)
             count = len(self.frame_sampling.indices(total, rate))
             if not count:
-                raise ImageLoadError(f"video {video}: 0 frames")
+                raise ImageLoadError(f"video {video_name(video)}: 0 frames")
             counts.append(count)
         return counts
 

@@ -64,7 +64,7 @@ def probe(source: Any) -> Tuple[int, Optional[float]]:
     except ImageLoadError:
         raise
     except Exception as exc:  # PyAV raises many kinds for a missing or corrupt file
-        raise ImageLoadError(f"cannot read video {_name(source)}: {exc}") from exc
+        raise ImageLoadError(f"cannot read video {video_name(source)}: {exc}") from exc
 
 
 def read_frames(source: Any, sampling: FrameSampling, max_pixels: int = DEFAULT_MAX_PIXELS) -> List[Image.Image]:
@@ -74,7 +74,7 @@ def read_frames(source: Any, sampling: FrameSampling, max_pixels: int = DEFAULT_
     total, rate = probe(source)
     keep = sampling.indices(total, rate)
     if not keep:
-        raise ImageLoadError(f"video {_name(source)}: 0 frames")
+        raise ImageLoadError(f"video {video_name(source)}: 0 frames")
     if isinstance(source, (list, tuple)):
         return [to_rgb(source[i]) for i in keep]
     if is_frame_folder(source):
@@ -88,7 +88,7 @@ def read_frames(source: Any, sampling: FrameSampling, max_pixels: int = DEFAULT_
             for index, frame in enumerate(container.decode(stream)):
                 if index in wanted:
                     if frame.width * frame.height > max_pixels:
-                        raise ImageLoadError(f"video {_name(source)}: {frame.width} x {frame.height} frames, more than "
+                        raise ImageLoadError(f"video {video_name(source)}: {frame.width} x {frame.height} frames, more than "
                                              f"the limit of {max_pixels} pixels (max_image_pixels)")
                     frames[index] = frame.to_image().convert("RGB")
                 if index >= keep[-1]:
@@ -96,9 +96,9 @@ def read_frames(source: Any, sampling: FrameSampling, max_pixels: int = DEFAULT_
     except ImageLoadError:
         raise
     except Exception as exc:
-        raise ImageLoadError(f"cannot decode video {_name(source)}: {exc}") from exc
+        raise ImageLoadError(f"cannot decode video {video_name(source)}: {exc}") from exc
     if len(frames) < len(wanted):  # the header promised more frames than the stream holds
-        raise ImageLoadError(f"video {_name(source)}: {len(frames)} of {len(wanted)} sampled frames could be decoded")
+        raise ImageLoadError(f"video {video_name(source)}: {len(frames)} of {len(wanted)} sampled frames could be decoded")
     return [frames[i] for i in keep]
 
 
@@ -127,11 +127,12 @@ def write_video(path: str, frames: Sequence[Image.Image], fps: int = 4) -> None:
 
 def _video_stream(container, source):
     if not container.streams.video:
-        raise ImageLoadError(f"video {_name(source)}: no video stream")
+        raise ImageLoadError(f"video {video_name(source)}: no video stream")
     return container.streams.video[0]
 
 
-def _name(source: Any) -> str:
+def video_name(source: Any) -> str:
+    """How an error names a video: its path, or what it is when it is held in memory."""
     if isinstance(source, (list, tuple)):
         return f"<{len(source)} frames in memory>"
     return "<video data in memory>" if hasattr(source, "read") else os.fspath(source)

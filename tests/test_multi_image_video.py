@@ -386,3 +386,22 @@ def test_shapes_pairs_and_clips_read_back_with_their_questions(tmp_path, capsys)
     questions = read_vqav2(pairs["test"]["questions"], pairs["test"]["annotations"], pairs["test"]["root"])
     assert len(questions) == 8 and questions[0].turns[0].content.startswith("<image>\n<image>\nare the shapes")
     assert all(Path(p).is_file() for q in questions for p in q.images)
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "chatml"])
+def test_the_exported_chat_template_places_images_as_the_processor_does(tokenizer, name):
+    from vlm.data.placement import place_visuals
+    from vlm.data.templates import build_template
+    from vlm.interop.chat_template import jinja_chat_template
+
+    ours = build_template(name, tokenizer)
+    text_first = [{"type": "text", "text": "same colour?"}, {"type": "image"}, {"type": "image"}]
+    for placement, turn in (("first", "<image>\n<image>\nsame colour?"), (None, "same colour?<image>\n<image>\n")):
+        jinja = jinja_chat_template(name, tokenizer, image_placement=placement)
+        got = tokenizer.apply_chat_template([{"role": "user", "content": text_first}], chat_template=jinja,
+                                            tokenize=False, add_generation_prompt=True)
+        placed = place_visuals([Turn("user", "same colour?<image>\n<image>\n")], placement)
+        assert placed == [Turn("user", turn)]
+        expected = ("<s>" if ours.add_bos else "") + "".join(
+            s.text for s in ours.segments(placed, add_generation_prompt=True))
+        assert got == expected

@@ -105,7 +105,8 @@ class ConversationDataset(Dataset):
             return None
         return EncodedSample(ids, labels, images, image_instructions(sample.turns, self.processor.image_token), kind)
 
-    def _with_videos(self, sample: Sample, ids: List[int], labels: List[int], counts: List[int]) -> Optional[EncodedSample]:
+    def _with_videos(self, sample: Sample, ids: List[int], labels: List[int],
+                     counts: List[int]) -> Optional[EncodedSample]:
         """A sample with videos: its images and sampled frames in marker order (pixels)."""
         visuals = unless_unreadable(
             lambda: load_visuals(sample.turns, sample.images, sample.videos, self.processor.image_token,

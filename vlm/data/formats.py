@@ -236,9 +236,10 @@ def read_llava_json(path: PathLike, image_root: Optional[PathLike] = None,
 
     ``image`` is a path, a list of paths, or absent (text-only); ``video`` (LLaVA-Video /
     OneVision) likewise names video files or folders of frames, marked ``<video>`` in the text
-    (a record with videos and no image may mark them ``<image>``, as LLaVA-Video's data does). Speakers human/gpt/system (or
-    user/assistant) map to user/assistant/system. A record with image(s) but no ``<image>``
-    marker gets ``"<image>\\n"`` (one per image) prepended to its first user turn. Conversations
+    (a record with videos and no image may mark them ``<image>``, as LLaVA-Video's data does).
+    Speakers human/gpt/system (or user/assistant) map to user/assistant/system. A record with
+    image(s) but no ``<image>`` marker gets ``"<image>\\n"`` (one per image) prepended to its
+    first user turn (and ``"<video>\\n"`` per unmarked video in front of those). Conversations
     must alternate user/assistant after optional leading system turns and end with assistant.
     """
     path = os.fspath(path)

@@ -2,8 +2,8 @@
 
 Each ``<image>`` in the text becomes K copies of the image placeholder id, K being what the
 model's connector produces per image; each ``<video>`` becomes F x K_frame copies, for its F
-sampled frames and the K_frame pooled tokens of a frame (:mod:`vlm.data.video`). Labels are -100 everywhere but on the template's trainable
-segments, so they follow turn boundaries exactly.
+sampled frames and the K_frame pooled tokens of a frame (:mod:`vlm.data.video`). Labels are -100
+everywhere but on the template's trainable segments, so they follow turn boundaries exactly.
 """
 
 from __future__ import annotations

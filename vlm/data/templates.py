@@ -3,8 +3,9 @@
 Labels are built from these segments turn by turn, never by re-tokenising the whole prompt and
 counting. Templates:
 
-- ``plain``: LLaVA's alignment format. A user turn contributes only its ``<image>`` (and ``<video>``) markers (its
-  text is dropped); an assistant turn is trained together with a trailing newline.
+- ``plain``: LLaVA's alignment format. A user turn contributes only its ``<image>`` and
+  ``<video>`` markers (its text is dropped); an assistant turn is trained together with a
+  trailing newline.
 - ``vicuna_v1``: ``SYSTEM USER: q ASSISTANT: a</s>USER: ...`` (LLaVA-1.5).
 - ``chatml``: ``<|im_start|>role\\n...<|im_end|>\\n`` (Qwen and others).
 - ``tokenizer``: the tokenizer's own ``chat_template`` (Jinja), split by rendering prefixes.

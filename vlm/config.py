@@ -109,6 +109,17 @@ class LLMConfig:
 
 
 @dataclass
+class VideoConfig:
+    """How a video reaches the model (docs/multi_image_video.md): ``num_frames`` frames spread
+    evenly over the clip, or with ``fps`` one every 1/fps seconds (at most ``num_frames``); each
+    frame's square grid of visual tokens pooled bilinearly by ``pool`` (1: not pooled)."""
+
+    num_frames: int = 8
+    fps: Optional[float] = None
+    pool: int = 2
+
+
+@dataclass
 class ModelConfig:
     """The whole vision-language model and its default chat template."""
 
@@ -121,6 +132,10 @@ class ModelConfig:
     # appended to each question `vlm chat` asks (saved in the stage output's model.yaml): the
     # prompt format of the training data, e.g. the vqav2 reader's answer-format suffix
     task_prompt_suffix: Optional[str] = None
+    video: VideoConfig = field(default_factory=VideoConfig)
+    # where a prompt's images stand (vlm.data.placement): "first" in their user turn or
+    # "positional"; null: recorded in the stage output's model.yaml from the stage's training data
+    image_placement: Optional[str] = None
 
 
 @dataclass
@@ -651,6 +666,9 @@ _PREPARE_RANGES = [
     ("prepare.shapes.shape_scale", lambda v: 0.1 <= v <= 1.6, "in [0.1, 1.6]"),
     ("prepare.tokenizer.vocab_size", _at_least_one, ">= 1"),
     ("prepare.tokenizer.min_frequency", _at_least_one, ">= 1"),
+    ("model.video.num_frames", _at_least_one, ">= 1"),
+    ("model.video.fps", _positive, "> 0 (or null: num_frames)"),
+    ("model.video.pool", _at_least_one, ">= 1"),
 ]
 
 

@@ -209,6 +209,13 @@ def cmd_data_shapes(args) -> None:
     """Write the synthetic shapes dataset."""
     from vlm.data.synthetic import ShapesStyle, generate_shapes
 
+    if args.kind != "single":
+        from vlm.data.synthetic_multi import generate_multi_shapes
+
+        paths = generate_multi_shapes(args.out, args.kind, num_train=args.num_train, num_test=args.num_test,
+                                      image_size=args.image_size, num_frames=args.num_frames, seed=args.seed)
+        print(json.dumps(paths, indent=2, default=str))
+        return
     colors = tuple(c.strip() for c in args.colors.split(",")) if args.colors else None
     halves = args.shapes_per_image if args.shapes_per_image <= 2 else 1  # 3 to 5: a scene of that many
     style = ShapesStyle(shape_scale=args.shape_scale, jitter=args.jitter, shapes_per_image=halves,
@@ -236,9 +243,11 @@ def cmd_chat(args) -> None:
     """Ask a trained model about an image: one prompt, or an interactive loop."""
     from vlm.inference.chat import chat
 
-    chat(args.checkpoint, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+    if not args.image and not args.video:
+        raise SystemExit("vlm chat: give --image and/or --video")
+    chat(args.checkpoint, args.image or [], args.prompt, max_new_tokens=args.max_new_tokens,
          temperature=args.temperature, template=args.template, trust_remote_code=args.trust_remote_code,
-         use_task_prompt=not args.no_task_prompt)
+         use_task_prompt=not args.no_task_prompt, videos=args.video or [])
 
 
 def cmd_bench_feature_cache(args) -> None:
@@ -489,11 +498,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scene-shapes", metavar="MIN-MAX",
                    help="scenes: MIN to MAX non-overlapping shapes per image (e.g. 2-4), COCO instances_SPLIT.json "
                         "and yes/no existence questions for POPE (docs/pope.md); default: one shape per image")
+    s.add_argument("--kind", default="single", choices=["single", "pairs", "clips"],
+                   help="pairs: two images, questions across them; clips: moving / appearing shapes (video)")
+    s.add_argument("--num-frames", type=int, default=8, help="frames per clip (--kind clips)")
     s.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("chat", help=cmd_chat.__doc__)
     p.add_argument("checkpoint", help="stage output folder (e.g. runs/demo/instruct/final)")
-    p.add_argument("--image", required=True)
+    p.add_argument("--image", action="append", help="an image; repeat for several, in marker order")
+    p.add_argument("--video", action="append", help="a video file or a folder of frames; repeatable")
     p.add_argument("--prompt", help="one question; without it, an interactive loop")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

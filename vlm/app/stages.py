@@ -30,6 +30,7 @@ from vlm.data.formats import read_samples
 from vlm.data.image_cache import default_budget_bytes
 from vlm.data.images import check_image_files
 from vlm.data.pairs import PairCollator, PairDataset
+from vlm.data.placement import with_recorded_placement
 from vlm.data.samplers import LengthGroupedSampler
 from vlm.evaluation.runner import run_eval
 from vlm.modeling.build import build_model
@@ -175,8 +176,11 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
             image_cache_bytes=default_budget_bytes(max(1, stage.num_workers)) if stage.image_cache else None,
             tokenize=token_cache(cfg, processor, name, accelerator))
 
+    recorded_model = with_recorded_placement(cfg.model, samples)
+
     def save_state(trained_model, folder, state=None):
-        save_model_state(trained_model, folder, train_modes(stage.train), cfg.model, tokenizer, prior, state=state)
+        save_model_state(trained_model, folder, train_modes(stage.train), recorded_model, tokenizer, prior,
+                         state=state)
         save_plugins(folder, list(cfg.plugins))
 
     collate = Collator(tokenizer.pad_token_id, packing=stage.packing, max_length=stage.max_length)
@@ -186,7 +190,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     sampler = None
     if stage.group_by_length:
         sampler = LengthGroupedSampler([len(ids) for _, ids, _ in dataset.entries],
-                                       [bool(sample.images) for sample, _, _ in dataset.entries],
+                                       [bool(sample.images or sample.videos) for sample, _, _ in dataset.entries],
                                        stage.batch_size, stage.seed, accelerator.num_processes)
     if stage.eval_every and stage.evals:
         evaluate = in_training_evaluator(cfg, name, tokenizer, out_dir / "eval_during_training")

@@ -52,6 +52,8 @@ class EncodedSample:
     image_tokens: List[int] = field(default_factory=list)
     # AnyRes tiling: each image's vlm.data.anyres.TileLayout (its ``images`` entry holds its tiles)
     image_layouts: Optional[List[Any]] = None
+    # per image: whether it is a video frame (pooled by the model); empty: no frame
+    frames: List[bool] = field(default_factory=list)
 
     def __post_init__(self):
         _check_kind(self.image_kind)
@@ -75,6 +77,7 @@ class Batch:
       mask's ones, or every position when there is none).
     - ``image_layouts``: AnyRes tiling, ``(n_images, 6)`` long (``vlm.data.anyres.TileLayout``
       rows); ``images`` then holds every image's tiles, ``(tiles, 3, S, S)``.
+    - ``frames``: ``(n,)`` bool, which images are video frames; None when none is.
     """
 
     input_ids: torch.Tensor
@@ -88,6 +91,7 @@ class Batch:
     skipped: int = 0
     num_tokens: Optional[int] = None
     image_layouts: Optional[torch.Tensor] = None
+    frames: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         _check_kind(self.image_kind)
@@ -119,7 +123,7 @@ class Batch:
             self, input_ids=apply(self.input_ids), labels=apply(self.labels),
             attention_mask=apply(self.attention_mask), position_ids=apply(self.position_ids),
             images=apply(self.images), instructions=list(self.instructions),
-            image_layouts=apply(self.image_layouts))
+            image_layouts=apply(self.image_layouts), frames=apply(self.frames))
 
     def model_inputs(self, with_labels: bool = True) -> Dict[str, Any]:
         """The keyword arguments of ``VisionLanguageModel.forward`` for this batch: ``input_ids``,
@@ -135,6 +139,8 @@ class Batch:
             inputs["position_ids"] = self.position_ids
         if self.image_layouts is not None:
             inputs["image_layouts"] = self.image_layouts
+        if self.frames is not None:
+            inputs["frame_mask"] = self.frames
         return inputs
 
 
@@ -191,6 +197,7 @@ def _lay_out(items: Sequence[EncodedSample], rows: Sequence[Sequence[int]], pad_
     images: List[torch.Tensor] = []
     instructions: List[str] = []
     layouts: List[List[int]] = []
+    frames: List[bool] = []
     for r, row in enumerate(rows):
         start = width - used[r] if left else 0
         for i in row:
@@ -205,6 +212,7 @@ def _lay_out(items: Sequence[EncodedSample], rows: Sequence[Sequence[int]], pad_
             images.extend(item.images)
             instructions.extend(item.instructions)
             layouts.extend(layout.as_row() for layout in item.image_layouts or [])
+            frames.extend(item.frames or [False] * len(item.images))
             start = span.stop
         if packed:
             # padding is a sequence of its own (positions restart), so it never joins a sample's block
@@ -216,7 +224,8 @@ def _lay_out(items: Sequence[EncodedSample], rows: Sequence[Sequence[int]], pad_
                  images=(torch.cat if tiled else torch.stack)(images) if images else None,
                  image_kind=kinds.pop() if kinds else "pixels", instructions=instructions,
                  num_samples=len(items), skipped=skipped, num_tokens=sum(used),
-                 image_layouts=torch.tensor(layouts, dtype=torch.long) if tiled else None)
+                 image_layouts=torch.tensor(layouts, dtype=torch.long) if tiled else None,
+                 frames=torch.tensor(frames, dtype=torch.bool) if any(frames) else None)
 
 
 def _fence(labels: Sequence[int]) -> List[int]:

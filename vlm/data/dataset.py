@@ -31,6 +31,7 @@ from vlm.data.image_cache import DecodedImageCache
 from vlm.data.images import unless_unreadable
 from vlm.data.processor import IGNORE_INDEX, VLMProcessor, image_instructions
 from vlm.data.types import Sample
+from vlm.data.visuals import load_visuals
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +62,19 @@ class ConversationDataset(Dataset):
         self.entries: List[tuple] = []
         self.layouts: List[Optional[list]] = []  # AnyRes: each entry's images' TileLayouts
         self.num_images: List[int] = []  # each entry's images kept whole (a cut drops the ones after it)
+        self.frame_counts: Dict[int, List[int]] = {}  # entry index -> its videos' frame counts
         truncated: List[str] = []
-        # each image's visual tokens first (AnyRes reads the files' sizes; the budget is checked)
+        # each image's and video's visual tokens first (AnyRes reads the images' sizes, videos are
+        # decoded for their frame counts; the budget is checked)
         planned = []
         for sample in tqdm(samples, desc=f"planning images of {name}", leave=False,
-                           disable=not progress or processor.tiling is None):
+                           disable=not progress or (processor.tiling is None and not any(s.videos for s in samples))):
             source = sample.meta.get("source", sample.id)
+            frames = video_frame_counts(processor, sample, image_features is not None)
+            if isinstance(frames, str):
+                self.stats[frames] += 1
+                self.left_out.setdefault(frames, []).append(source)
+                continue
             try:
                 layouts = processor.image_layouts(sample.images, source)
             except OverBudget as exc:
@@ -75,19 +83,24 @@ class ConversationDataset(Dataset):
             except ImageLoadError as exc:  # AnyRes reads each image's size here
                 self._leave_out("unreadable_image", source, exc)
                 continue
-            planned.append((sample, source, layouts, processor.image_token_counts(layouts, len(sample.images))))
-        if tokenize is not None and processor.tiling is None:  # the token cache (data/token_cache.py)
-            encoded = tokenize([sample for sample, _, _, _ in planned])
-        else:  # tiled token counts depend on each image's size: not what the cache keys
-            encoded = (processor.tokenize(sample.turns, image_tokens=counts)
-                       for sample, _, _, counts in tqdm(planned, desc=f"tokenizing {name}", disable=not progress,
-                                                        leave=False))
-        for (sample, source, layouts, counts), (ids, labels) in zip(planned, encoded):
+            planned.append((sample, source, layouts, processor.image_token_counts(layouts, len(sample.images)),
+                            frames))
+        if tokenize is not None and processor.tiling is None and not any(p[4] for p in planned):
+            encoded = tokenize([sample for sample, *_ in planned])  # the token cache (data/token_cache.py)
+        else:  # tiled images' and videos' token counts depend on the files: not what the cache keys
+            encoded = (processor.tokenize(sample.turns, image_tokens=counts, frame_counts=frames)
+                       for sample, _, _, counts, frames in tqdm(planned, desc=f"tokenizing {name}",
+                                                                disable=not progress, leave=False))
+        for (sample, source, layouts, counts, frames), (ids, labels) in zip(planned, encoded):
             reason = None
             kept = len(sample.images)
             if len(ids) > processor.max_length:
-                cut, kept = whole_image_cut(ids, processor.image_token_id, counts, processor.max_length)
-                if kept == 0 and sample.images:
+                if frames:  # a video's frames are not cut apart: the text after the last one may be
+                    cut = processor.max_length if processor.image_token_id not in ids[processor.max_length:] else 0
+                    kept = kept if cut else 0
+                else:
+                    cut, kept = whole_image_cut(ids, processor.image_token_id, counts, processor.max_length)
+                if cut == 0 or (kept == 0 and sample.images):
                     reason = "too_long"
                 else:
                     ids, labels = ids[:cut], labels[:cut]
@@ -98,8 +111,10 @@ class ConversationDataset(Dataset):
                 reason = "fully_masked"
             if reason:
                 self.stats[reason] += 1
-                self.left_out.setdefault(reason, []).append(sample.meta.get("source", sample.id))
+                self.left_out.setdefault(reason, []).append(source)
                 continue
+            if frames:
+                self.frame_counts[len(self.entries)] = frames
             self.entries.append((sample, ids, labels))
             self.layouts.append(layouts)
             self.num_images.append(kept)
@@ -126,6 +141,8 @@ class ConversationDataset(Dataset):
     def __getitem__(self, index: int) -> Optional[EncodedSample]:
         sample, ids, labels = self.entries[index]
         layouts = self.layouts[index]
+        if sample.videos:
+            return self._with_videos(sample, ids, labels, self.frame_counts[index])
         paths = sample.images[:self.num_images[index]]
         load, kind = ((self.load_image, "pixels") if self.image_features is None
                       else (self.image_features, "features"))
@@ -142,6 +159,36 @@ class ConversationDataset(Dataset):
         return EncodedSample(ids, labels, images, instructions, kind,
                              image_tokens=self.processor.image_token_counts(layouts, len(paths)),
                              image_layouts=layouts)
+
+    def _with_videos(self, sample: Sample, ids: List[int], labels: List[int],
+                     counts: List[int]) -> Optional[EncodedSample]:
+        """A sample with videos: its images and sampled frames in marker order (pixels)."""
+        visuals = unless_unreadable(
+            lambda: load_visuals(sample.turns, sample.images, sample.videos, self.processor.image_token,
+                                 self.load_image, self.processor.load_video), sample, where=self.name)
+        if visuals is not None and visuals.frame_counts != counts:
+            logger.warning("%s: skipping sample %s: its videos gave %s frames, %s when it was tokenised", self.name,
+                           sample.meta.get("source", sample.id), visuals.frame_counts, counts)
+            visuals = None
+        if visuals is None:
+            self.image_failures += 1
+            return None
+        return EncodedSample(ids, labels, visuals.tensors, visuals.instructions, frames=visuals.frames)
+
+
+def video_frame_counts(processor: VLMProcessor, sample: Sample, features: bool = False) -> "List[int] | str":
+    """The frame count of each of ``sample``'s videos, or the reason it is left out (logged
+    with the sample's source): ``unreadable_video`` (including 0 frames) or
+    ``video_without_pixels`` (the frozen-feature cache holds images only)."""
+    if not sample.videos:
+        return []
+    if features:
+        return "video_without_pixels"
+    try:
+        return processor.frame_counts(sample)
+    except ImageLoadError as exc:
+        logger.warning("skipping sample %s: %s", sample.meta.get("source", sample.id), exc)
+        return "unreadable_video"
 
 
 def whole_image_cut(ids: Sequence[int], image_token_id: int, counts: Sequence[int], max_length: int) -> tuple:

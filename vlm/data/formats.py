@@ -22,7 +22,14 @@ from vlm.data.records import PathLike, read_utf8
 from vlm.data.records import require as _require
 from vlm.data.records import resolve_image as _resolve
 from vlm.data.records import type_name as _type_name
-from vlm.data.types import IMAGE_TOKEN, Sample, Turn, image_marker, marking_images_with
+from vlm.data.types import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    Sample,
+    Turn,
+    image_marker,
+    marking_images_with,
+)
 
 CAPTION_PROMPT = "Describe the image briefly."
 VQA_PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -127,33 +134,44 @@ def _llava_sample(
         turns.append(Turn(_SPEAKERS[speaker], value))
     _check_roles(turns, where)
 
-    image = record.get("image")
-    if image is None:
-        names = []
-    elif isinstance(image, str):
-        names = [image]
-    elif isinstance(image, list) and all(isinstance(n, str) for n in image):
-        names = image
-    else:
-        raise DataFormatError(
-            f"{where}: field 'image' must be a string or a list of strings, got {_type_name(image)}"
-        )
-    images = [_resolve(n, image_root, f"{where}: field 'image'", allow_outside_root) for n in names]
-
+    images = [_resolve(n, image_root, f"{where}: field 'image'", allow_outside_root)
+              for n in _names(record, "image", where)]
+    videos = [_resolve(n, image_root, f"{where}: field 'video'", allow_outside_root)
+              for n in _names(record, "video", where)]
     marker = image_marker()
-    markers = sum(t.content.count(marker) for t in turns)
-    if images and markers == 0:
-        # LLaVA convention: an image record without markers shows its image(s) before the
-        # first user message.
-        first = next(i for i, t in enumerate(turns) if t.role == "user")
-        turns[first] = Turn("user", f"{marker}\n" * len(images) + turns[first].content)
-    elif markers != len(images):
-        raise DataFormatError(
-            f"{where}: field 'conversations' has {markers} '{marker}' marker(s) but field "
-            f"'image' names {len(images)} image(s)"
-        )
+    if videos and not images and not _count(turns, VIDEO_TOKEN):
+        # LLaVA-Video / OneVision records mark their video with the image marker
+        turns = [Turn(t.role, t.content.replace(marker, VIDEO_TOKEN)) for t in turns]
+    for token, visuals, key in ((marker, images, "image"), (VIDEO_TOKEN, videos, "video")):
+        markers = _count(turns, token)
+        if visuals and markers == 0:
+            # LLaVA convention: a record without markers shows its image(s) / video(s) before
+            # the first user message.
+            first = next(i for i, t in enumerate(turns) if t.role == "user")
+            turns[first] = Turn("user", f"{token}\n" * len(visuals) + turns[first].content)
+        elif markers != len(visuals):
+            raise DataFormatError(
+                f"{where}: field 'conversations' has {markers} '{token}' marker(s) but field "
+                f"'{key}' names {len(visuals)} {key}(s)"
+            )
     sample_id = record.get("id", default_id)
-    return Sample(id=str(sample_id), turns=turns, images=images, meta={"source": where})
+    return Sample(id=str(sample_id), turns=turns, images=images, meta={"source": where}, videos=videos)
+
+
+def _names(record: dict, key: str, where: str) -> List[str]:
+    """A record's ``image`` / ``video`` field as a list of names (absent: none)."""
+    value = record.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(n, str) for n in value):
+        return value
+    raise DataFormatError(f"{where}: field '{key}' must be a string or a list of strings, got {_type_name(value)}")
+
+
+def _count(turns: Sequence[Turn], token: str) -> int:
+    return sum(t.content.count(token) for t in turns)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,9 +183,12 @@ def read_llava_json(path: PathLike, image_root: Optional[PathLike] = None,
                     allow_outside_root: bool = False) -> List[Sample]:
     """Read a LLaVA conversation file: a JSON list of ``{id, image?, conversations}``.
 
-    ``image`` is a path, a list of paths, or absent (text-only). Speakers human/gpt/system (or
-    user/assistant) map to user/assistant/system. A record with image(s) but no ``<image>``
-    marker gets ``"<image>\\n"`` (one per image) prepended to its first user turn. Conversations
+    ``image`` is a path, a list of paths, or absent (text-only); ``video`` (LLaVA-Video /
+    OneVision) likewise names video files or folders of frames, marked ``<video>`` in the text
+    (a record with videos and no image may mark them ``<image>``, as LLaVA-Video's data does).
+    Speakers human/gpt/system (or user/assistant) map to user/assistant/system. A record with
+    image(s) but no ``<image>`` marker gets ``"<image>\\n"`` (one per image) prepended to its
+    first user turn (and ``"<video>\\n"`` per unmarked video in front of those). Conversations
     must alternate user/assistant after optional leading system turns and end with assistant.
     """
     path = os.fspath(path)
@@ -380,6 +401,8 @@ def read_vqav2(
     ``answer_type`` and ``question_type``; without them the sample has only the user turn (an
     inference-only sample) and no answer fields. ``meta`` always has ``question_id``,
     ``image_id`` and ``question``. Every question must have exactly one annotation and vice versa.
+    A question record may name its own ``image`` and / or ``video`` (a path or a list, under
+    ``image_root``) instead: several images or a clip, marked in that order before the question.
     ``answer_types`` (needs annotations) keeps only the questions of those answer types
     (VQAv2's ``yes/no``, ``number``, ``other``), e.g. to up-weight one type in a training mix.
     """
@@ -406,6 +429,7 @@ def read_vqav2(
         )
 
     parsed, index = [], {}
+    own: Dict[Any, tuple] = {}  # question_id -> its own (images, videos)
     for i, q in enumerate(questions):
         where = f"{qpath}#{i}"
         qid = _require(q, "question_id", (int, str), where, f"questions[{i}].question_id")
@@ -417,6 +441,8 @@ def read_vqav2(
             )
         index[qid] = i
         parsed.append((qid, image_id, text, where))
+        if "image" in q or "video" in q:  # a question about several images or a video names them itself
+            own[qid] = (_names(q, "image", where), _names(q, "video", where))
 
     annotations: Optional[Dict[Any, dict]] = None
     if annotations_path is not None:
@@ -472,8 +498,9 @@ def read_vqav2(
             raise DataFormatError(f"{annotations_path}: no question has answer_type in {sorted(wanted)}")
     samples = []
     for qid, image_id, text, where in parsed:
-        image = image_pattern.format(subset=subset, image_id=image_id, question_id=qid)
-        turns = [Turn("user", f"{image_marker()}\n{text}{prompt_suffix}")]
+        images, videos = own.get(qid) or ([image_pattern.format(subset=subset, image_id=image_id, question_id=qid)], [])
+        markers = f"{image_marker()}\n" * len(images) + f"{VIDEO_TOKEN}\n" * len(videos)
+        turns = [Turn("user", f"{markers}{text}{prompt_suffix}")]
         meta: Dict[str, Any] = {
             "source": where,
             "question_id": qid,
@@ -489,8 +516,9 @@ def read_vqav2(
                 question_type=ann["question_type"],
             )
         samples.append(
-            Sample(id=str(qid), turns=turns, images=[_resolve(image, image_root, f"{where}: image", allow_outside_root)],
-                   meta=meta)
+            Sample(id=str(qid), turns=turns, images=[_resolve(n, image_root, f"{where}: image", allow_outside_root)
+                                                     for n in images],
+                   videos=[_resolve(n, image_root, f"{where}: video", allow_outside_root) for n in videos], meta=meta)
         )
     return samples
 

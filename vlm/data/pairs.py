@@ -99,7 +99,7 @@ class PairDataset(Dataset):
             if "chosen" not in sample.meta or "rejected" not in sample.meta:
                 raise DataFormatError(f"{where}: not a preference pair (no 'chosen' / 'rejected'); a preference "
                                       "objective reads format: preference_json")
-            prompt = VLMProcessor.prompt_turns(sample.turns)
+            prompt = processor.prompt_turns(sample.turns)
             chosen = answer_labels(processor, prompt, sample.meta["chosen"], where)
             rejected = answer_labels(processor, prompt, sample.meta["rejected"], where)
             if max(len(chosen[0]), len(rejected[0])) > processor.max_length:

@@ -2,9 +2,10 @@
 
 Each ``<image>`` in the text becomes K copies of the image placeholder id, K being what the
 model's connector produces per image; with AnyRes tiling each image's own count, from its size
-(``vlm.data.anyres``, within the sample's visual-token budget: ``vlm.data.budget``). Labels
-are -100 everywhere but on the template's trainable segments, so they follow turn boundaries
-exactly.
+(``vlm.data.anyres``, within the sample's visual-token budget: ``vlm.data.budget``); each
+``<video>`` becomes F x K_frame copies, for its F sampled frames and the K_frame pooled tokens of
+a frame (:mod:`vlm.data.video`). Labels are -100 everywhere but on the template's trainable
+segments, so they follow turn boundaries exactly.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from vlm.data.anyres import TileLayout, TilingSpec, image_size_of, tile_pixels
 from vlm.data.batch import IGNORE_INDEX, EncodedSample
 from vlm.data.image_transforms import ImageTransform
 from vlm.data.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
+from vlm.data.placement import check_placement, place_visuals
 from vlm.data.templates import ChatTemplate
-from vlm.data.types import IMAGE_TOKEN, Sample, Turn
+from vlm.data.types import IMAGE_TOKEN, VIDEO_TOKEN, Sample, Turn
+from vlm.data.video import FrameSampling, probe, read_frames, video_name
+from vlm.data.visuals import load_visuals, marker_pattern
 
 
 class VLMProcessor:
@@ -37,6 +41,9 @@ class VLMProcessor:
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         tiling: Optional[TilingSpec] = None,
         max_visual_tokens: Optional[int] = None,
+        num_frame_tokens: Optional[int] = None,
+        frame_sampling: FrameSampling = FrameSampling(),
+        image_placement: Optional[str] = None,
     ):
         self.tokenizer = tokenizer
         self.template = template
@@ -49,23 +56,40 @@ class VLMProcessor:
         self.max_image_pixels = max_image_pixels
         self.tiling = tiling
         self.max_visual_tokens = max_visual_tokens
+        self.num_frame_tokens = num_frame_tokens  # None: the model takes no video
+        self.frame_sampling = frame_sampling
+        check_placement(image_placement)
+        self.image_placement = image_placement  # None: positional
+        self._markers = marker_pattern(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no '{image_token}' token; add it (vlm.modeling.llm.load_tokenizer)")
 
-    def _encode_text(self, text: str, counts: Optional[Iterator[int]] = None) -> List[int]:
+    def _encode_text(self, text: str, image_counts: Optional[Iterator[int]] = None,
+                     frame_counts: Optional[Iterator[int]] = None) -> List[int]:
         ids: List[int] = []
-        for i, piece in enumerate(text.split(self.image_token)):
-            if i:
-                ids.extend([self.image_token_id] * (self.num_image_tokens if counts is None else _next_count(counts)))
-            if piece:
+        for piece in self._markers.split(text):
+            if piece == self.image_token:
+                count = self.num_image_tokens if image_counts is None else _next_count(image_counts)
+                ids.extend([self.image_token_id] * count)
+            elif piece == VIDEO_TOKEN:
+                ids.extend([self.image_token_id] * (self._frame_tokens() * next(frame_counts)))
+            elif piece:
                 ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
         return ids
 
+    def _frame_tokens(self) -> int:
+        if self.num_frame_tokens is None:
+            raise ValueError(f"this model takes no video ('{VIDEO_TOKEN}'): its visual tokens cannot be pooled")
+        return self.num_frame_tokens
+
     def tokenize(self, turns: Sequence[Turn], add_generation_prompt: bool = False,
-                 image_tokens: Optional[Sequence[int]] = None) -> Tuple[List[int], List[int]]:
+                 image_tokens: Optional[Sequence[int]] = None,
+                 frame_counts: Sequence[int] = ()) -> Tuple[List[int], List[int]]:
         """``(input_ids, labels)`` for a conversation, labels -100 outside trained segments;
-        ``image_tokens``: each ``<image>``'s count in marker order (default: K each)."""
-        counts = None if image_tokens is None else iter(image_tokens)
+        ``image_tokens``: each ``<image>``'s count in marker order (default: K each);
+        ``frame_counts``: the sampled frames of each ``<video>``, in order."""
+        images = None if image_tokens is None else iter(image_tokens)
+        frames = iter(frame_counts)
         input_ids: List[int] = []
         labels: List[int] = []
         bos = self.tokenizer.bos_token_id
@@ -73,7 +97,7 @@ class VLMProcessor:
             input_ids.append(bos)
             labels.append(IGNORE_INDEX)
         for segment in self.template.segments(turns, add_generation_prompt=add_generation_prompt):
-            ids = self._encode_text(segment.text, counts)
+            ids = self._encode_text(segment.text, images, frames)
             input_ids.extend(ids)
             if segment.trainable:
                 labels.extend(IGNORE_INDEX if t == self.image_token_id else t for t in ids)
@@ -81,10 +105,10 @@ class VLMProcessor:
                 labels.extend([IGNORE_INDEX] * len(ids))
         return input_ids, labels
 
-    @staticmethod
-    def prompt_turns(turns: Sequence[Turn]) -> List[Turn]:
-        """The turns up to the last user turn: what a model is asked to answer."""
-        turns = list(turns)
+    def prompt_turns(self, turns: Sequence[Turn]) -> List[Turn]:
+        """The turns up to the last user turn, images placed as the model was trained
+        (``image_placement``, :mod:`vlm.data.placement`): what a model is asked to answer."""
+        turns = place_visuals(turns, self.image_placement, self.image_token)
         while turns and turns[-1].role == "assistant":
             turns.pop()
         if not turns or turns[-1].role != "user":
@@ -127,10 +151,36 @@ class VLMProcessor:
         except Exception as exc:  # an odd mode or size the transform cannot take
             raise ImageLoadError(f"cannot load image {path}: {exc}") from exc
 
+    def load_video(self, source) -> List[torch.Tensor]:
+        """The sampled frames of a video (file, folder of frames or list of PIL frames), each
+        transformed as an image; ImageLoadError names the video on any failure."""
+        return [self.load_image(frame) for frame in read_frames(source, self.frame_sampling, self.max_image_pixels)]
+
+    def frame_counts(self, sample: Sample) -> List[int]:
+        """How many frames each of ``sample``'s videos gives (from the container's header, or by
+        counting); ImageLoadError names an unreadable or empty video."""
+        counts = []
+        for video in sample.videos:
+            total, rate = probe(video)
+            count = len(self.frame_sampling.indices(total, rate))
+            if not count:
+                raise ImageLoadError(f"video {video_name(video)}: 0 frames")
+            counts.append(count)
+        return counts
+
     def encode(self, sample: Sample, for_generation: bool = False) -> EncodedSample:
-        """Token ids, labels, pixel tensors (images loaded here) and each image's instruction
-        for one sample; :class:`vlm.data.batch.Collator` batches them."""
+        """Token ids, labels, pixel tensors (images and video frames loaded here, in marker
+        order), which of them are video frames, and each one's instruction for one sample;
+        :class:`vlm.data.batch.Collator` batches them."""
         turns = self.prompt_turns(sample.turns) if for_generation else sample.turns
+        if sample.videos:
+            if self.tiling is not None:
+                raise ValueError(f"{sample.meta.get('source', sample.id)}: AnyRes tiling takes images, not videos")
+            visuals = load_visuals(turns, sample.images, sample.videos, self.image_token, self.load_image,
+                                   self.load_video)
+            input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation,
+                                              frame_counts=visuals.frame_counts)
+            return EncodedSample(input_ids, labels, visuals.tensors, visuals.instructions, frames=visuals.frames)
         layouts = self.image_layouts(sample.images, sample.meta.get("source", sample.id))
         counts = self.image_token_counts(layouts, len(sample.images))
         input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation, image_tokens=counts)

@@ -3,8 +3,9 @@
 Labels are built from these segments turn by turn, never by re-tokenising the whole prompt and
 counting. Templates:
 
-- ``plain``: LLaVA's alignment format. A user turn contributes only its ``<image>`` markers (its
-  text is dropped); an assistant turn is trained together with a trailing newline.
+- ``plain``: LLaVA's alignment format. A user turn contributes only its ``<image>`` and
+  ``<video>`` markers (its text is dropped); an assistant turn is trained together with a
+  trailing newline.
 - ``vicuna_v1``: ``SYSTEM USER: q ASSISTANT: a</s>USER: ...`` (LLaVA-1.5).
 - ``chatml``: ``<|im_start|>role\\n...<|im_end|>\\n`` (Qwen and others).
 - ``tokenizer``: the tokenizer's own ``chat_template`` (Jinja), split by rendering prefixes.
@@ -13,13 +14,14 @@ counting. Templates:
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, List, Mapping, Optional, Sequence, Tuple
 
 from vlm.core.errors import TemplateError
 from vlm.core.registry import Registry
-from vlm.data.types import IMAGE_TOKEN, Turn
+from vlm.data.types import IMAGE_TOKEN, VIDEO_TOKEN, Turn
 
 TEMPLATES: Registry = Registry("chat template")
 
@@ -123,7 +125,9 @@ class PlainTemplate(ChatTemplate):
         out: List[Segment] = []
         for turn in turns:
             if turn.role == "user":
-                out.append(Segment(self.image_token * turn.content.count(self.image_token), False))
+                # its image and video markers, in order (a video's frames are visual tokens too)
+                markers = re.findall(f"{re.escape(self.image_token)}|{re.escape(VIDEO_TOKEN)}", turn.content)
+                out.append(Segment("".join(markers), False))
             else:
                 out.append(Segment(turn.content + "\n", True))
         return [s for s in out if s.text]

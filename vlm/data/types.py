@@ -11,6 +11,8 @@ from vlm.core.errors import DataFormatError
 
 # the default image marker in conversation texts; a model's ``image_token`` replaces it
 IMAGE_TOKEN = "<image>"
+# the video marker in conversation texts: the processor expands it into its frames' visual tokens
+VIDEO_TOKEN = "<video>"
 _marker: contextvars.ContextVar[str] = contextvars.ContextVar("vlm_image_marker", default=IMAGE_TOKEN)
 
 
@@ -45,7 +47,8 @@ class Turn:
 
 @dataclass
 class Sample:
-    """A conversation and its images, in the order their `<image>` markers appear.
+    """A conversation and its images, in the order their `<image>` markers appear, and its
+    videos (a file, a folder of frames or a list of PIL frames), in the order of `<video>`.
 
     `meta` carries what evaluation needs (``image_id``, ``question_id``, reference captions,
     VQA answers) and where the record came from (``source``: 'file:line' or 'file#index').
@@ -55,10 +58,11 @@ class Sample:
     turns: List[Turn]
     images: List[str] = field(default_factory=list)
     meta: Dict[str, Any] = field(default_factory=dict)
+    videos: List[Any] = field(default_factory=list)
 
     def __post_init__(self):
-        marker = image_marker()
-        markers = sum(t.content.count(marker) for t in self.turns)
-        if markers != len(self.images):
-            where = self.meta.get("source", self.id)
-            raise DataFormatError(f"{where}: {markers} '{marker}' marker(s) but {len(self.images)} image(s)")
+        where = self.meta.get("source", self.id)
+        for marker, visuals, noun in ((image_marker(), self.images, "image"), (VIDEO_TOKEN, self.videos, "video")):
+            markers = sum(t.content.count(marker) for t in self.turns)
+            if markers != len(visuals):
+                raise DataFormatError(f"{where}: {markers} '{marker}' marker(s) but {len(visuals)} {noun}(s)")

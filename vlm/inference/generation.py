@@ -61,8 +61,10 @@ def generate_answers(model, processor: VLMProcessor, samples: Sequence[Sample], 
     settings = stop_settings(processor)
     settings.update(generation_kwargs)
     settings.setdefault("do_sample", False)
-    # AnyRes: each image's token count and tiles come from processor.encode (the padded path)
-    lean = lean and uses_lean_decode(settings, num_beams) and processor.tiling is None
+    # AnyRes (each image's token count and tiles from processor.encode) and videos (the batches say
+    # which images are frames, to be pooled) take the padded path
+    lean = (lean and uses_lean_decode(settings, num_beams) and processor.tiling is None
+            and not any(s.videos for s in samples))
     stops = processor.template.stop_strings()
     if lean:
         return _lean_answers(model, processor, samples, batch_size, max_new_tokens, settings, stops, desc,
@@ -78,6 +80,7 @@ def generate_answers(model, processor: VLMProcessor, samples: Sequence[Sample], 
         batch = collate(encoded).to(device)
         new_tokens = model.generate(batch.input_ids, batch.attention_mask, batch.images,
                                     instructions=batch.instructions, image_layouts=batch.image_layouts,
+                                    frame_mask=batch.frames,
                                     max_new_tokens=max_new_tokens, num_beams=num_beams, **settings)
         texts = iter(processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         answers.extend(None if e is None else clean_answer(next(texts), stops) for e in encoded)

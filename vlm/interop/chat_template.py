@@ -23,13 +23,19 @@ def _lit(text: str) -> str:
     return json.dumps(text)
 
 
-def _content_macro(image_text: str) -> str:
+def _content_macro(image_text: str, images_first: bool = False) -> str:
+    image = "{{ " + _lit(image_text + "\n") + " }}"
+    if images_first:  # model.image_placement "first": a message's images, then its text
+        parts = ("{%- for part in content if part['type'] in ['image', 'image_url'] -%}" + image + "{%- endfor -%}"
+                 "{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}")
+    else:
+        parts = ("{%- for part in content -%}"
+                 "{%- if part['type'] in ['image', 'image_url'] -%}" + image +
+                 "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+                 "{%- endif -%}{%- endfor -%}")
     return ("{%- macro vlm_content(content) -%}"
             "{%- if content is string -%}{{ content }}"
-            "{%- else -%}{%- for part in content -%}"
-            "{%- if part['type'] in ['image', 'image_url'] -%}{{ " + _lit(image_text + "\n") + " }}"
-            "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
-            "{%- endif -%}{%- endfor -%}{%- endif -%}"
+            "{%- else -%}" + parts + "{%- endif -%}"
             "{%- endmacro -%}")
 
 
@@ -112,10 +118,13 @@ def _tokenizer_own(tokenizer, system_prompt: Optional[str]) -> str:
 
 
 def jinja_chat_template(name: str, tokenizer, system_prompt: Optional[str] = None,
-                        image_token: str = "<image>", image_text: Optional[str] = None) -> str:
+                        image_token: str = "<image>", image_text: Optional[str] = None,
+                        image_placement: Optional[str] = None) -> str:
     """The Jinja chat template rendering what vlm's template ``name`` renders (see the module
     docstring); an image part is written ``image_text`` (default ``image_token``; e.g. the
     token repeated once per visual token, for a processor that does not expand it).
+    ``image_placement`` ``"first"`` (the model's, :mod:`vlm.data.placement`) writes a list
+    content's image parts before its text parts, as vlm's processor places them.
     TemplateError for an unknown name or a tokenizer without a template."""
     if name != "tokenizer":
         try:
@@ -135,4 +144,5 @@ def jinja_chat_template(name: str, tokenizer, system_prompt: Optional[str] = Non
     }
     if name not in body:
         raise TemplateError(f"template '{name}' has no Jinja export (exportable: {sorted(body)})")
-    return _content_macro(image_token if image_text is None else image_text) + body[name]()
+    return _content_macro(image_token if image_text is None else image_text,
+                          image_placement == "first") + body[name]()

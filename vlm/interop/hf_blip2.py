@@ -170,7 +170,8 @@ def export_hf_blip2(checkpoint: str | Path, out: str | Path, dtype: Optional[str
     # an image part becomes the queries' placeholders, where vlm's template puts <image>
     tokenizer.chat_template = jinja_chat_template(model_cfg.template, tokenizer, model_cfg.system_prompt,
                                                   model_cfg.image_token,
-                                                  image_text=model_cfg.image_token * model.num_image_tokens)
+                                                  image_text=model_cfg.image_token * model.num_image_tokens,
+                                                  image_placement=model_cfg.get("image_placement"))
     images = image_processor(strategy, model.vision.image_size, model.vision.mean, model.vision.std)
     if model.connector.instruction_aware:
         import tempfile

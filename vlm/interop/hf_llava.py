@@ -180,7 +180,8 @@ def _adds_bos(tokenizer) -> bool:
 def build_llava_processor(model: VisionLanguageModel, tokenizer, model_cfg) -> LlavaProcessor:
     """The ``LlavaProcessor`` of an exported model: vlm's image preprocessing, its chat template
     as Jinja, and the placeholder count ``(S / patch)^2 (+1 with keep_cls)`` as vlm expands."""
-    template = jinja_chat_template(model_cfg.template, tokenizer, model_cfg.system_prompt, model_cfg.image_token)
+    template = jinja_chat_template(model_cfg.template, tokenizer, model_cfg.system_prompt, model_cfg.image_token,
+                                   image_placement=model_cfg.get("image_placement"))
     if "bos_token" in template and _adds_bos(tokenizer):
         # the template writes the bos itself (as vLLM and apply_chat_template(tokenize=True) expect)
         tokenizer.add_bos_token = False

@@ -7,6 +7,7 @@ from typing import Optional
 from vlm.data.images import DEFAULT_MAX_PIXELS
 from vlm.data.processor import VLMProcessor
 from vlm.data.templates import build_template
+from vlm.data.video import FrameSampling
 from vlm.modeling.vlm import VisionLanguageModel
 
 
@@ -25,4 +26,7 @@ def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: 
         max_image_pixels=max_image_pixels,
         tiling=model.tiling,
         max_visual_tokens=max_visual_tokens,
+        num_frame_tokens=model.num_frame_tokens,
+        frame_sampling=FrameSampling(model_cfg.video.num_frames, model_cfg.video.fps),
+        image_placement=model_cfg.get("image_placement"),
     )

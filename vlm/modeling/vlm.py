@@ -18,6 +18,7 @@ from torch import nn
 from vlm.config import ModelConfig
 from vlm.data.feature_cache import feature_cache_refusal
 from vlm.data.processor import IGNORE_INDEX
+from vlm.modeling.frame_pooling import flatten_with_frames, pooled_tokens
 
 # config fields of causal LMs whose logits are more than ``lm_head(hidden)`` (soft-capping,
 # scaling): for those the labelled-only loss falls back to the LLM's own full forward
@@ -44,13 +45,15 @@ class VisionLanguageModel(nn.Module):
     # an encoder-decoder LLM (vlm.modeling.seq2seq_vlm.Seq2SeqVisionLanguageModel) says True
     is_encoder_decoder = False
 
-    def __init__(self, vision: nn.Module, connector: nn.Module, llm: nn.Module, image_token_id: int):
+    def __init__(self, vision: nn.Module, connector: nn.Module, llm: nn.Module, image_token_id: int,
+                 video_pool: int = 2):
         super().__init__()
         self.vision = vision
         self.connector = connector
         self.llm = llm
         self.image_token_id = image_token_id
         self.tiling = None  # AnyRes: the vlm.data.anyres.TilingSpec the processor tiles images by
+        self.video_pool = video_pool  # stride of the bilinear pooling of a video frame's token grid
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, tokenizer) -> "VisionLanguageModel":
@@ -73,7 +76,7 @@ class VisionLanguageModel(nn.Module):
             from vlm.modeling.tiling import prepare_tiling
 
             tiling = prepare_tiling(vision, connector, ctx.llm_dim, cfg.vision.tiling)
-        model = cls(vision, connector, llm, tokenizer.convert_tokens_to_ids(cfg.image_token))
+        model = cls(vision, connector, llm, tokenizer.convert_tokens_to_ids(cfg.image_token), cfg.video.pool)
         model.tiling = tiling
         return model
 
@@ -86,6 +89,12 @@ class VisionLanguageModel(nn.Module):
     def num_image_tokens(self) -> int:
         """Placeholders per image (K)."""
         return self.connector.num_tokens(self.vision.num_patches)
+
+    @property
+    def num_frame_tokens(self) -> Optional[int]:
+        """Placeholders per video frame after pooling; None when this model's visual tokens
+        form no square grid to pool (it takes no video)."""
+        return pooled_tokens(self.num_image_tokens, self.video_pool)
 
     def encode_images(self, pixel_values: torch.Tensor, instructions: Optional[Sequence[str]] = None) -> torch.Tensor:
         """Images ``(n, 3, S, S)`` -> visual tokens ``(n, K, H_llm)``; ``instructions`` (one per
@@ -105,7 +114,8 @@ class VisionLanguageModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
               image_features: Optional[torch.Tensor] = None, instructions: Optional[Sequence[str]] = None,
-              image_layouts: Optional[torch.Tensor] = None, image_repeats: int = 1):
+              image_layouts: Optional[torch.Tensor] = None, image_repeats: int = 1,
+              frame_mask: Optional[torch.Tensor] = None):
         """Token embeddings with visual tokens scattered into the placeholder positions.
 
         Images come either as ``pixel_values`` or as ``image_features``, the frozen encoder's
@@ -116,6 +126,8 @@ class VisionLanguageModel(nn.Module):
         ``image_repeats``: the rows hold the images' placeholders that many times over, in blocks
         (preference pairs: chosen rows, then rejected rows); each image is encoded once and its
         visual tokens are scattered into every block.
+        ``frame_mask`` (``(n,)`` bool) marks video frames, whose tokens are pooled first
+        (:mod:`vlm.modeling.frame_pooling`).
         Returns ``(inputs_embeds, visual_tokens or None)``.
         """
         if pixel_values is not None and image_features is not None:
@@ -152,16 +164,20 @@ class VisionLanguageModel(nn.Module):
             visual = self.connector(image_features.to(self.vision_dtype), instructions)
         else:
             visual = self.encode_images(pixel_values, instructions)
+        if image_layouts is not None and frame_mask is not None and bool(frame_mask.any()):
+            raise ValueError("AnyRes tiling takes images, not video frames")
+        tokens = flatten_with_frames(visual, frame_mask, self.video_pool)  # tiled: (1, total, H) already
         if image_repeats != 1:
-            visual = visual.repeat(image_repeats, 1, 1)
-        if n_placeholders != visual.shape[0] * visual.shape[1]:
+            tokens = tokens.repeat(image_repeats, 1)
+        if n_placeholders != tokens.shape[0]:
+            frames = 0 if frame_mask is None else int(frame_mask.sum())
             raise ImageTokenMismatch(
                 f"input has {n_placeholders} image placeholder tokens but {visual.shape[0]} image(s) "
-                f"give {visual.shape[0]} x {visual.shape[1]} = {visual.shape[0] * visual.shape[1]} "
-                "visual tokens; expand each <image> with the processor of this model"
+                f"({frames} of them video frames) give {tokens.shape[0]} visual tokens; expand each "
+                "<image> and <video> with the processor of this model"
             )
         mask = placeholders.unsqueeze(-1).expand_as(inputs_embeds)
-        inputs_embeds = inputs_embeds.masked_scatter(mask, visual.to(inputs_embeds.dtype))
+        inputs_embeds = inputs_embeds.masked_scatter(mask, tokens.to(inputs_embeds.dtype))
         return inputs_embeds, visual
 
     def forward(
@@ -175,6 +191,7 @@ class VisionLanguageModel(nn.Module):
         return_logits: bool = True,
         image_layouts: Optional[torch.Tensor] = None,
         image_repeats: int = 1,
+        frame_mask: Optional[torch.Tensor] = None,
         **llm_kwargs,
     ) -> VLMOutput:
         """Logits for every position, and the shifted next-token loss when ``labels`` are given
@@ -186,7 +203,7 @@ class VisionLanguageModel(nn.Module):
         ``image_repeats``: see :meth:`embed`.
         """
         inputs_embeds, visual = self.embed(input_ids, pixel_values, image_features, instructions, image_layouts,
-                                           image_repeats)
+                                           image_repeats, frame_mask)
         if labels is not None:
             # a loss needs no KV cache, and with one transformers ignores packed position ids
             llm_kwargs.setdefault("use_cache", False)
@@ -223,11 +240,13 @@ class VisionLanguageModel(nn.Module):
         pixel_values: Optional[torch.Tensor] = None,
         instructions: Optional[Sequence[str]] = None,
         image_layouts: Optional[torch.Tensor] = None,
+        frame_mask: Optional[torch.Tensor] = None,
         **generation_kwargs,
     ) -> torch.Tensor:
         """New token ids only, ``(B, T_new)``, by transformers' generation (greedy, beam search or
         sampling, KV cache on by default). Batches must be left-padded."""
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate() needs left padding: the last position is padding in some rows")
-        inputs_embeds, _ = self.embed(input_ids, pixel_values, instructions=instructions, image_layouts=image_layouts)
+        inputs_embeds, _ = self.embed(input_ids, pixel_values, instructions=instructions, image_layouts=image_layouts,
+                                      frame_mask=frame_mask)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generation_kwargs)

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vlm.inference.serving.engine import Completion, GenerationEngine, GenerationRequest, QueueFull
 from vlm.inference.serving.limits import AdmissionMiddleware, ServerState, completion_budget, read_body
 from vlm.inference.serving.metrics import ServeMetrics
-from vlm.inference.serving.requests import APIError, ChatRequest, parse_chat_request
+from vlm.inference.serving.requests import APIError, ChatRequest, frame_counts_of, parse_chat_request
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _parse(engine: GenerationEngine, body, root: Optional[Path]) -> Tuple[ChatRe
     images = chat.sample.images  # with AnyRes tiling each image's own count, from its size
     counts = processor.image_token_counts(processor.image_layouts(images), len(images))
     prompt = len(processor.tokenize(processor.prompt_turns(chat.sample.turns), add_generation_prompt=True,
-                                    image_tokens=counts)[0])
+                                    image_tokens=counts, frame_counts=frame_counts_of(processor, chat.sample))[0])
     chat.max_tokens = completion_budget(prompt, chat.max_tokens, chat.max_tokens_given, engine.context_length)
     return chat, prompt
 

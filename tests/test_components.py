@@ -87,7 +87,7 @@ OBJECTIVES = {
     "qformer_stage1": ({"connector.name": "qformer", "connector.options": QFORMER_SMALL}, {}, {"llm": "full"}),
 }
 STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
-READERS = ["llava_json", "jsonl", "coco_captions", "vqav2"]
+READERS = ["llava_json", "jsonl", "coco_captions", "vqav2", "webdataset", "hf_dataset"]
 # name -> a data.args that is valid for the task's check
 TASKS = {"caption": {}, "retrieval": {}, "vqa": {"annotations_path": "annotations.json"}}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
@@ -28,6 +28,21 @@ from vlm.data.processor import IGNORE_INDEX, VLMProcessor, image_instructions
 from vlm.data.types import Sample
 
 logger = logging.getLogger(__name__)
+
+
+def tokenize_for_training(processor: VLMProcessor, sample: Sample) -> Tuple[List[int], List[int], Optional[str], bool]:
+    """``(ids, labels, reason, truncated)`` of one sample: ``reason`` is why it cannot be trained
+    on (``too_long``: an image placeholder past ``max_length``; ``fully_masked``: no label), else
+    None; ``truncated`` when its text was cut to ``max_length``."""
+    ids, labels = processor.tokenize(sample.turns)
+    truncated = False
+    if len(ids) > processor.max_length:
+        if processor.image_token_id in ids[processor.max_length:]:
+            return ids, labels, "too_long", False
+        ids, labels, truncated = ids[: processor.max_length], labels[: processor.max_length], True
+    if all(label == IGNORE_INDEX for label in labels):
+        return ids, labels, "fully_masked", truncated
+    return ids, labels, None, truncated
 
 
 class ConversationDataset(Dataset):
@@ -53,17 +68,10 @@ class ConversationDataset(Dataset):
         self.entries: List[tuple] = []
         truncated: List[str] = []
         for sample in tqdm(samples, desc=f"tokenizing {name}", disable=not progress, leave=False):
-            ids, labels = processor.tokenize(sample.turns)
-            reason = None
-            if len(ids) > processor.max_length:
-                if processor.image_token_id in ids[processor.max_length:]:
-                    reason = "too_long"
-                else:
-                    ids, labels = ids[: processor.max_length], labels[: processor.max_length]
-                    self.stats["truncated"] += 1
-                    truncated.append(sample.meta.get("source", sample.id))
-            if reason is None and all(label == IGNORE_INDEX for label in labels):
-                reason = "fully_masked"
+            ids, labels, reason, was_truncated = tokenize_for_training(processor, sample)
+            if was_truncated:
+                self.stats["truncated"] += 1
+                truncated.append(sample.meta.get("source", sample.id))
             if reason:
                 self.stats[reason] += 1
                 self.left_out.setdefault(reason, []).append(sample.meta.get("source", sample.id))

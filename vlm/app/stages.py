@@ -29,6 +29,7 @@ from vlm.data.formats import read_samples
 from vlm.data.image_cache import default_budget_bytes
 from vlm.data.images import check_image_files
 from vlm.data.samplers import LengthGroupedSampler
+from vlm.data.streaming import StreamingConversations, stage_shards
 from vlm.evaluation.runner import run_eval
 from vlm.modeling.processing import build_processor
 from vlm.modeling.vlm import VisionLanguageModel
@@ -162,7 +163,11 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     apply_stage(model, WhatTrains.of(stage), objective_cls)
     processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length, stage.max_image_pixels)
     objective = objective_cls.build(None, ObjectiveContext(model, tokenizer))
-    samples = read_samples(stage.data, cfg.model.image_token)
+    shards = stage_shards(stage.data, lambda data: read_samples([data], cfg.model.image_token), cfg.model.image_token)
+    if shards is not None and stage.feature_cache:
+        raise ConfigError(f"stages.{name}.feature_cache: not available for a streaming stage (a webdataset or "
+                          "hf_dataset source with streaming on); turn one of them off")
+    samples = read_samples(stage.data, cfg.model.image_token) if shards is None else []
     check_image_files([p for s in samples for p in s.images], f"stages.{name}.data", stage.max_image_failure_ratio)
     stage, levers = resolved_levers(stage, name, samples, accelerator.num_processes)
     if accelerator.is_main_process:
@@ -174,7 +179,10 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
         features, report = build_stage_feature_cache(
             model, objective, processor, samples, WhatTrains.of(stage), stage.precision, root, name, accelerator,
             batch_size=stage.batch_size, num_workers=stage.num_workers, progress=accelerator.is_main_process)
-    dataset = ConversationDataset(
+    dataset = StreamingConversations(
+        shards, processor, batch_size=stage.batch_size, seed=stage.seed, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, num_workers=stage.num_workers, shuffle_buffer=stage.shuffle_buffer,
+        group_by_length=stage.group_by_length, name=name) if shards is not None else ConversationDataset(
         samples, processor, name=name, progress=accelerator.is_main_process,
         image_features=features.load if features is not None else None,
         image_cache_bytes=default_budget_bytes(max(1, stage.num_workers)) if stage.image_cache else None)
@@ -185,7 +193,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
 
     collate = Collator(tokenizer.pad_token_id, packing=stage.packing, max_length=stage.max_length)
     sampler = None
-    if stage.group_by_length:
+    if stage.group_by_length and shards is None:
         sampler = LengthGroupedSampler([len(ids) for _, ids, _ in dataset.entries],
                                        [bool(sample.images) for sample, _, _ in dataset.entries],
                                        stage.batch_size, stage.seed, accelerator.num_processes)

@@ -142,6 +142,9 @@ def test_parquet_with_a_wrong_column_is_named(tmp_path):
         hf_shards(str(tmp_path / "bad.parquet"))
     with pytest.raises(ConfigError, match="no such file or folder"):
         hf_shards(str(tmp_path / "none.parquet"))
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "bad.parquet").read_bytes()[:40])
+    with pytest.raises(DataFormatError, match=r"cut.parquet: cannot read the file's metadata"):
+        hf_shards(str(tmp_path / "cut.parquet"))
 
 
 def test_hf_dataset_save_to_disk_folder_with_images(tmp_path):
@@ -155,3 +158,8 @@ def test_hf_dataset_save_to_disk_folder_with_images(tmp_path):
     assert sum(s.count for s in shards) == 3
     samples = read_dataset("hf_dataset", image_token="<image>", path=str(tmp_path / "saved"))
     assert [s.turns[1].content for s in samples] == ["a", "b", "c"] and samples[0].images[0].data == red
+    assert [r.turns[1].content for r in shards[0].records(2)] == ["c"]  # reading from an offset
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text("\n".join(json.dumps({"question": f"q{i}?", "answer": f"a{i}"}) for i in range(3)))
+    (only,) = hf_shards(str(lines), image_token="<image>")
+    assert only.count == 3 and [r.turns[1].content for r in only.records(1)] == ["a1", "a2"]

@@ -597,8 +597,7 @@ def read_webdataset(shards: Union[str, Sequence[str]], prompt: str = CAPTION_PRO
 def read_hf_dataset(path: PathLike, prompt: str = CAPTION_PROMPT, vqa_prompt_suffix: str = VQA_PROMPT_SUFFIX,
                     streaming: bool = False) -> List[Sample]:
     """Read an HF dataset stored locally: a ``save_to_disk`` folder, a folder of parquet / arrow /
-    JSON-lines files, one file, or a glob, each file read with ``datasets.load_dataset(...,
-    streaming=True)``. Rows become samples by their columns (``conversations``; ``question`` +
+    JSON-lines files, one file, or a glob, each file read a row group at a time. Rows become samples by their columns (``conversations``; ``question`` +
     ``answer``; ``caption`` / ``text``), with images from ``image`` / ``images``. With
     ``streaming: true`` a training stage streams the files (vlm.data.streaming) instead of holding
     every sample in memory; this list is what conversion and inspection read."""

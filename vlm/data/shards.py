@@ -250,9 +250,6 @@ def tar_shards(shards: Union[str, Sequence[str]], options: Dict[str, Any]) -> Li
 # HF datasets
 
 
-_BUILDERS = {"parquet": "parquet", "arrow": "arrow", "jsonl": "json", "json": "json"}
-
-
 def _hf_files(path: str) -> List[str]:
     """The data files of an HF dataset location: a ``save_to_disk`` folder (its arrow files), a
     folder of parquet / arrow / JSON-lines files, one such file, or a glob."""
@@ -328,14 +325,54 @@ def _cell_image(value: Any, where: str, index: int) -> Optional[EmbeddedImage]:
     raise DataFormatError(f"{where}: image {index} has type {type(value).__name__}, expected bytes or an image")
 
 
-def _read_hf(shard: Shard, start: int) -> Iterator[Record]:
-    import datasets
+def _batches_from(batches: Iterator[Any], start: int) -> Iterator[Dict[str, Any]]:
+    """The rows of a file's record batches (pyarrow), from the ``start``-th on; batches before
+    it are passed over without converting them."""
+    seen = 0
+    for batch in batches:
+        if seen + batch.num_rows > start:
+            yield from batch.slice(max(0, start - seen)).to_pylist()
+        seen += batch.num_rows
 
-    builder = _BUILDERS[shard.path.rsplit(".", 1)[-1]]
-    stream = datasets.load_dataset(builder, data_files=[shard.path], split="train", streaming=True)
-    stream = stream.decode(False)  # images stay bytes until trained on
-    if start:
-        stream = stream.skip(start)
+
+def _hf_rows(path: str, start: int) -> Iterator[Dict[str, Any]]:
+    """The rows of one data file from the ``start``-th on, a record batch / row group at a time.
+    pyarrow reads the files ``datasets`` writes; ``datasets``' own streaming splits itself over
+    DataLoader workers by file, which the streaming dataset's slots already do."""
+    ext = path.rsplit(".", 1)[-1]
+    if ext == "parquet":
+        import pyarrow.parquet as pq
+
+        yield from _batches_from(pq.ParquetFile(path).iter_batches(batch_size=256), start)
+    elif ext == "arrow":
+        import pyarrow as pa
+
+        with pa.memory_map(path) as source:
+            try:
+                reader = pa.ipc.open_stream(source)
+                yield from _batches_from(iter(reader), start)
+            except pa.ArrowInvalid:
+                reader = pa.ipc.open_file(source)
+                yield from _batches_from((reader.get_batch(i) for i in range(reader.num_record_batches)), start)
+    else:
+        with open(path, encoding="utf-8") as f:
+            for index, line in enumerate(line for line in f if line.strip()):
+                if index >= start:
+                    yield json.loads(line)
+
+
+def _read_hf(shard: Shard, start: int) -> Iterator[Record]:
+    try:
+        stream = _hf_rows(shard.path, start)
+        yield from _hf_records(shard, stream, start)
+    except DataFormatError:
+        raise
+    except Exception as exc:  # pyarrow / json raise many types for a damaged file
+        raise DataFormatError(f"{shard.path}: cannot read the file ({type(exc).__name__}: {exc}); re-create or "
+                              "remove it") from None
+
+
+def _hf_records(shard: Shard, stream: Iterator[Dict[str, Any]], start: int) -> Iterator[Record]:
     opts = shard.options
     for index, row in enumerate(stream, start=start):
         where = f"{shard.path}#{index}"
@@ -356,12 +393,14 @@ def parquet_shards(path: str, options: Dict[str, Any]) -> List[Shard]:
     """The data files of an HF dataset location as shards with their row counts (``options``:
     :func:`source_options`); DataFormatError naming a file with none of the text columns a sample
     needs."""
-    files = _hf_files(path)
-    for f in files:
+    shards = []
+    for f in _hf_files(path):
+        count = _hf_count(f)
         columns = _hf_columns(f)
         if columns and not any(c in columns for c in TEXT_COLUMNS):
             raise DataFormatError(f"{f}: no text column ({', '.join(TEXT_COLUMNS)}); found columns {columns}")
-    return [Shard(f, _hf_count(f), _read_hf, options) for f in files]
+        shards.append(Shard(f, count, _read_hf, options))
+    return shards
 
 
 # --------------------------------------------------------------------------------------------

@@ -130,7 +130,10 @@ class _Writer:
             rows["conversations"].append(record["conversations"])
             rows["images"].append([{"bytes": data, "path": None} for _, data in images])
             rows["meta"].append(json.dumps(record["meta"]))
-        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+        import pyarrow.parquet as pq
+
+        # the table carries the HF features in its schema metadata, so datasets reads the images back
+        pq.write_table(datasets.Dataset.from_dict(rows, features=features).data.table, str(path))
 
 
 def convert_stage(data_cfgs, image_token: str, out: str | Path, target: str, shard_size: int = 10000,

@@ -13,10 +13,15 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vlm.data.batch import Collator
-from vlm.data.formats import webdataset_shards
+from vlm.data.formats import read_samples, webdataset_shards
 from vlm.data.image_transforms import CLIP_MEAN, CLIP_STD, build_transform
 from vlm.data.processor import IGNORE_INDEX, VLMProcessor
-from vlm.data.streaming import StreamingConversations, limited, list_shards
+from vlm.data.streaming import (
+    StreamingConversations,
+    limited,
+    list_shards,
+    stage_shards,
+)
 from vlm.data.templates import build_template
 from vlm.data.types import Sample, Turn
 
@@ -129,3 +134,22 @@ def test_group_by_length_keeps_each_sample_once(tmp_path, processor, tokenizer):
     datasets = ranks(shards, processor, group_by_length=True)
     seen = [c for d in datasets for batch in run(d, tokenizer) for c in batch]
     assert sorted(seen) == sorted(f"item {n}" for n in range(24))
+
+
+def test_stage_shards_apply_max_samples_and_repeat_once_per_source(tmp_path):
+    from omegaconf import OmegaConf
+
+    from vlm.config import DataConfig
+
+    write_shards(tmp_path / "wds", [4, 4])
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"text": f"t{i}"}) for i in range(5)))
+    entries = []
+    for format, args, max_samples, repeat in (("webdataset", {"shards": f"{tmp_path}/wds/{{000000..000001}}.tar"}, 6, 2),
+                                              ("jsonl", {"path": str(rows)}, 3, 3)):
+        entry = OmegaConf.structured(DataConfig)
+        entry.format, entry.args, entry.max_samples, entry.repeat = format, args, max_samples, repeat
+        entries.append(entry)
+    shards = stage_shards(entries, lambda d: read_samples([d], "<image>"), "<image>")
+    assert sum(s.count for s in shards) == 6 * 2 + 3 * 3
+    assert stage_shards(entries[1:], lambda d: read_samples([d], "<image>"), "<image>") is None  # map-style

@@ -72,7 +72,8 @@ def limited(shards: Sequence[Shard], max_samples: Optional[int], repeat: int) ->
 def stage_shards(data_cfgs, read: Callable[[Any], List[Sample]], image_token: Optional[str] = None
                  ) -> Optional[List[Shard]]:
     """The shards of a stage's datasets when at least one of them streams (the others' samples,
-    read with ``read(entry)``, become in-memory shards), else None (a map-style stage);
+    read with ``read(entry)``, which applies the entry's ``max_samples`` and ``repeat``, become
+    in-memory shards), else None (a map-style stage);
     ``image_token`` marks images in their texts."""
     streamed = [source_shards(d.format, dict(d.args), image_token) for d in data_cfgs]
     if all(s is None for s in streamed):
@@ -80,8 +81,7 @@ def stage_shards(data_cfgs, read: Callable[[Any], List[Sample]], image_token: Op
     shards: List[Shard] = []
     for index, (data, own) in enumerate(zip(data_cfgs, streamed)):
         if own is None:
-            own = list_shards(read(data), f"data[{index}]:{data.format}")
-            shards.extend(limited(own, None, data.repeat))  # read() applied max_samples
+            shards.extend(list_shards(read(data), f"data[{index}]:{data.format}"))  # max_samples, repeat applied
         else:
             shards.extend(limited(own, data.max_samples, data.repeat))
     return shards

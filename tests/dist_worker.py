@@ -7,6 +7,8 @@ against). ``--kill-after-step N``: every rank SIGKILLs itself after step N (a cr
 ``--sleep-after-step N R S``: rank R sleeps S seconds after step N (a stalled process).
 ``--record-gradients``: rank 0 writes the gradients the first optimizer step reads (whole, after
 the reduction across ranks and the clipping) to ``OUT/STAGE/gradients_step_1.safetensors``.
+``--resume``: continue from the latest checkpoint. Each rank writes the labelled token ids of every
+row it trained on, per step, to ``OUT/STAGE/rank_rows_<rank>.jsonl`` (which samples it saw).
 """
 
 from __future__ import annotations
@@ -42,6 +44,23 @@ class RankLosses(Callback):
             f.write(json.dumps({"step": record["step"], "loss": self.window[0] / self.window[1],
                                 "samples": self.window[1]}) + "\n")
         self.window = [0.0, 0]
+
+
+class RankRows(Callback):
+    """Writes the labelled token ids of each row this rank trained on, per optimizer step."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows = []
+
+    def forward_hook(self, module, args, out):
+        for row in args[0].labels.tolist():
+            self.rows.append([t for t in row if t != -100])
+
+    def on_step_end(self, ctx, position):
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": position["step"], "rows": self.rows}) + "\n")
+        self.rows = []
 
 
 class KillAfter(Callback):
@@ -104,7 +123,9 @@ def train(argv) -> None:
 
 
 def run_one(config: str, stage: str, out: str, rest) -> None:
-    kill, sleep = None, None
+    kill, sleep, resume = None, None, False
+    if rest[:1] == ["--resume"]:
+        resume, rest = True, rest[1:]
     if rest[:1] == ["--kill-after-step"]:
         kill, rest = int(rest[1]), rest[2:]
     if rest[:1] == ["--sleep-after-step"]:  # STEP RANK SECONDS
@@ -116,12 +137,14 @@ def run_one(config: str, stage: str, out: str, rest) -> None:
     folder = Path(out) / stage
     folder.mkdir(parents=True, exist_ok=True)
     losses = RankLosses(folder / f"rank_losses_{rank}.jsonl")
-    callbacks = [losses] + ([KillAfter(kill)] if kill else []) + ([sleep] if sleep else [])
+    rows = RankRows(folder / f"rank_rows_{rank}.jsonl")
+    callbacks = [losses, rows] + ([KillAfter(kill)] if kill else []) + ([sleep] if sleep else [])
     run = build_stage(cfg, stage, callbacks=callbacks)
     run.trainer.model.register_forward_hook(losses.forward_hook)
+    run.trainer.model.register_forward_hook(rows.forward_hook)
     if record:
         record_first_step_gradients(run.trainer, folder / "gradients_step_1.safetensors")
-    run.trainer.train()
+    run.trainer.train(resume=resume)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ OBJECTIVES = {
     "simpo": ({}, {}, None),
 }
 STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
-READERS = ["llava_json", "jsonl", "coco_captions", "vqav2", "pope", "preference_json"]
+READERS = ["llava_json", "jsonl", "coco_captions", "vqav2", "pope", "preference_json", "webdataset", "hf_dataset"]
 # name -> a data.args that is valid for the task's check
 TASKS = {"caption": {}, "retrieval": {}, "vqa": {"annotations_path": "annotations.json"},
          "pope": {"annotations": "instances.json"}}

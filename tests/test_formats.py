@@ -423,7 +423,8 @@ def test_vqav2_errors(tmp_path):
 
 
 def test_registry_and_read_dataset(tmp_path):
-    assert READERS.names() == ["coco_captions", "jsonl", "llava_json", "pope", "preference_json", "vqav2"]
+    assert READERS.names() == ["coco_captions", "hf_dataset", "jsonl", "llava_json", "pope", "preference_json", "vqav2",
+                              "webdataset"]
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"text": "hello"}) + "\n")
     (sample,) = read_dataset("jsonl", path=str(path))

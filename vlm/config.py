@@ -251,6 +251,9 @@ class StageConfig:
     packing: bool = False
     # batches of similar length, image and text-only samples apart (vlm/training/samplers.py)
     group_by_length: bool = False
+    # a streaming stage (a webdataset / hf_dataset source with streaming on; vlm/data/streaming.py):
+    # each DataLoader worker shuffles its records through a buffer of this many
+    shuffle_buffer: int = 1000
     # compile the model's repeated blocks (decoder / encoder layers) with torch.compile for the
     # training steps (vlm/training/compile.py); a speed lever like those above
     compile: Any = "auto"

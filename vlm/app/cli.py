@@ -239,6 +239,24 @@ def cmd_data_shapes(args) -> None:
     print(json.dumps(paths, indent=2, default=str))
 
 
+def cmd_data_convert(args) -> None:
+    """Write a stage's data (every source, any format) as webdataset or parquet shards, images embedded."""
+    from vlm.app.data_tools import convert
+    from vlm.app.wiring import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)
+    print(json.dumps(convert(cfg, args.stage, args.config, args.to, args.out, args.shard_size), indent=2))
+
+
+def cmd_data_inspect(args) -> None:
+    """Report a stage's data: samples per source, skipped records and why, token lengths, rendered samples."""
+    from vlm.app.data_tools import format_report, inspect
+    from vlm.app.wiring import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)
+    print(format_report(inspect(cfg, args.stage, args.config, show=args.show, image_tokens=args.image_tokens)))
+
+
 def cmd_chat(args) -> None:
     """Ask a trained model about an image: one prompt, or an interactive loop."""
     from vlm.inference.chat import chat
@@ -477,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--details-out", help="write the full scores, per-question detail included, to this JSON file")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("data", help="generate datasets")
+    p = sub.add_parser("data", help="generate, convert and inspect datasets")
     data_sub = p.add_subparsers(dest="dataset", required=True)
     s = data_sub.add_parser("shapes", help=cmd_data_shapes.__doc__)
     s.add_argument("--out", required=True)
@@ -502,6 +520,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pairs: two images, questions across them; clips: moving / appearing shapes (video)")
     s.add_argument("--num-frames", type=int, default=8, help="frames per clip (--kind clips)")
     s.set_defaults(func=cmd_data_shapes)
+    for name, func in (("convert", cmd_data_convert), ("inspect", cmd_data_inspect)):
+        s = data_sub.add_parser(name, help=func.__doc__)
+        s.add_argument("config", help="YAML config")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.align.data.0.max_samples=100")
+        s.add_argument("--stage", required=True, help="the stage whose data to read")
+        s.set_defaults(func=func)
+        if name == "convert":
+            s.add_argument("--to", required=True, choices=["webdataset", "hf_dataset"])
+            s.add_argument("--out", required=True, help="a new (or empty) folder for the shards and manifest.json")
+            s.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+        else:
+            s.add_argument("--show", type=int, default=3, help="samples to render")
+            s.add_argument("--image-tokens", type=int, default=1,
+                           help="placeholder tokens per image when checking max_length (the model's count)")
 
     p = sub.add_parser("chat", help=cmd_chat.__doc__)
     p.add_argument("checkpoint", help="stage output folder (e.g. runs/demo/instruct/final)")

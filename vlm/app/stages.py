@@ -32,6 +32,7 @@ from vlm.data.images import check_image_files
 from vlm.data.pairs import PairCollator, PairDataset
 from vlm.data.placement import with_recorded_placement
 from vlm.data.samplers import LengthGroupedSampler
+from vlm.data.streaming import StreamingConversations, stage_shards
 from vlm.evaluation.runner import run_eval
 from vlm.modeling.build import build_model
 from vlm.modeling.processing import build_processor
@@ -110,6 +111,21 @@ def resolved_levers(stage: DictConfig, name: str, samples: Sequence,
     return stage, choices
 
 
+def streaming_refusal(stage, model_cfg, objective_cls) -> Optional[str]:
+    """Why a stage with a streaming source (webdataset / hf_dataset, ``streaming: true``) cannot
+    run, or None: streamed samples are tokenised one by one in the DataLoader workers, as plain
+    images (no AnyRes tiling, no video frames) and single conversations (no preference pairs);
+    the frozen-feature cache indexes an in-memory list."""
+    if stage.feature_cache:
+        return "feature_cache: not available for a streaming stage (a webdataset or hf_dataset source with " \
+               "streaming on); turn one of them off"
+    if model_cfg.vision.tiling.enabled:
+        return "a streaming source with model.vision.tiling: AnyRes samples are not streamed yet; set streaming: false"
+    if objective_cls.reads_pairs:
+        return f"objective {stage.objective} reads preference pairs, which are not streamed; set streaming: false"
+    return None
+
+
 @dataclass
 class StageRun:
     """A stage ready to train: its trainer, its dataset, the precision it resolved to and, with
@@ -155,7 +171,12 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
     processor = build_processor(model, tokenizer, cfg.model, stage.template, stage.max_length, stage.max_image_pixels,
                                 stage.max_visual_tokens)
     objective = objective_cls.build(dict(stage.objective_options), ObjectiveContext(model, tokenizer))
-    samples = read_samples(stage.data, cfg.model.image_token)
+    shards = stage_shards(stage.data, lambda data: read_samples([data], cfg.model.image_token), cfg.model.image_token)
+    if shards is not None:
+        refusal = streaming_refusal(stage, cfg.model, objective_cls)
+        if refusal:
+            raise ConfigError(f"stages.{name}: {refusal}")
+    samples = read_samples(stage.data, cfg.model.image_token) if shards is None else []
     check_image_files([p for s in samples for p in s.images], f"stages.{name}.data", stage.max_image_failure_ratio)
     stage, levers = resolved_levers(stage, name, samples, accelerator.num_processes)
     if accelerator.is_main_process:
@@ -167,7 +188,12 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
         features, report = build_stage_feature_cache(
             model, objective, processor, samples, WhatTrains.of(stage), stage.precision, root, name, accelerator,
             batch_size=stage.batch_size, num_workers=stage.num_workers, progress=accelerator.is_main_process)
-    if objective_cls.reads_pairs:
+    if shards is not None:
+        dataset = StreamingConversations(
+            shards, processor, batch_size=stage.batch_size, seed=stage.seed, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, num_workers=stage.num_workers, shuffle_buffer=stage.shuffle_buffer,
+            group_by_length=stage.group_by_length, name=name)
+    elif objective_cls.reads_pairs:
         dataset = PairDataset(samples, processor, name=name, progress=accelerator.is_main_process)
     else:
         dataset = ConversationDataset(
@@ -188,7 +214,7 @@ def build_stage(cfg: DictConfig, name: str, out_dir: Optional[Path] = None, load
         collate = PairCollator(tokenizer.pad_token_id)
     objective.prepare_data(model, dataset, collate, stage.batch_size, out_dir, accelerator.is_main_process)
     sampler = None
-    if stage.group_by_length:
+    if stage.group_by_length and shards is None:
         sampler = LengthGroupedSampler([len(ids) for _, ids, _ in dataset.entries],
                                        [bool(sample.images or sample.videos) for sample, _, _ in dataset.entries],
                                        stage.batch_size, stage.seed, accelerator.num_processes)

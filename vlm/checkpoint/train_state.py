@@ -119,6 +119,32 @@ class RNGStates:
         set_rng_state(state[self.rank] if self.rank < len(state) else state[0])
 
 
+def gather_objects(value: Any) -> List[Any]:
+    """Every process's ``value`` (plain Python data), in rank order (collective when distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+class PerRank:
+    """A stateful gathered from every process: ``state_dict()`` is the list of each rank's
+    ``get()`` in rank order (a collective: call it on every process); ``load_state_dict`` hands
+    ``put`` the whole list (each rank takes its own entry)."""
+
+    def __init__(self, get: Callable[[], Any], put: Callable[[List[Any]], None]):
+        self.get, self.put = get, put
+
+    def state_dict(self) -> List[Any]:
+        return gather_objects(self.get())
+
+    def load_state_dict(self, state: List[Any]) -> None:
+        self.put(state)
+
+
 class DataPosition:
     """Where the data stands (``step``, ``epoch``, ``batch``, ``samples``): a dict the training
     loop advances in place, saved and restored as a stateful."""

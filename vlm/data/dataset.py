@@ -36,6 +36,24 @@ from vlm.data.visuals import load_visuals
 logger = logging.getLogger(__name__)
 
 
+def tokenize_for_training(processor: VLMProcessor, sample: Sample) -> Tuple[List[int], List[int], Optional[str], bool]:
+    """``(ids, labels, reason, truncated)`` of one streamed sample (K tokens per image: streaming
+    stages take no AnyRes tiling): ``reason`` is why it cannot be trained on (``too_long``: an
+    image placeholder past ``max_length``; ``fully_masked``: no label; ``video``: streamed
+    sources take images only), else None; ``truncated`` when its text was cut to ``max_length``."""
+    if sample.videos:
+        return [], [], "video", False
+    ids, labels = processor.tokenize(sample.turns)
+    truncated = False
+    if len(ids) > processor.max_length:
+        if processor.image_token_id in ids[processor.max_length:]:
+            return ids, labels, "too_long", False
+        ids, labels, truncated = ids[: processor.max_length], labels[: processor.max_length], True
+    if all(label == IGNORE_INDEX for label in labels):
+        return ids, labels, "fully_masked", truncated
+    return ids, labels, None, truncated
+
+
 class ConversationDataset(Dataset):
     """Samples tokenised by a processor; ``stats`` counts what was left out and why.
 

@@ -22,6 +22,13 @@ from vlm.data.records import PathLike, read_utf8
 from vlm.data.records import require as _require
 from vlm.data.records import resolve_image as _resolve
 from vlm.data.records import type_name as _type_name
+from vlm.data.shards import (
+    Shard,
+    all_samples,
+    parquet_shards,
+    source_options,
+    tar_shards,
+)
 from vlm.data.types import (
     IMAGE_TOKEN,
     VIDEO_TOKEN,
@@ -585,3 +592,58 @@ def read_pope(
                      "image_id": q.image_id, "object": q.object, "label": q.label, "question": q.text})
         for q in questions
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# sharded sources (vlm.data.shards): webdataset tars, HF datasets
+
+
+def webdataset_shards(shards: Union[str, Sequence[str]], prompt: str = CAPTION_PROMPT,
+                      vqa_prompt_suffix: str = VQA_PROMPT_SUFFIX, image_token: Optional[str] = None) -> List[Shard]:
+    """The tar shards of a ``format: webdataset`` entry with their sample counts (no record read);
+    ``image_token`` marks images in the texts (default: the current marker)."""
+    return tar_shards(shards, source_options(prompt, vqa_prompt_suffix, _llava_sample, image_token))
+
+
+def hf_shards(path: PathLike, prompt: str = CAPTION_PROMPT, vqa_prompt_suffix: str = VQA_PROMPT_SUFFIX,
+              image_token: Optional[str] = None) -> List[Shard]:
+    """The data files of a ``format: hf_dataset`` entry as shards with their row counts."""
+    return parquet_shards(os.fspath(path), source_options(prompt, vqa_prompt_suffix, _llava_sample, image_token))
+
+
+@READERS.register("webdataset")
+def read_webdataset(shards: Union[str, Sequence[str]], prompt: str = CAPTION_PROMPT,
+                    vqa_prompt_suffix: str = VQA_PROMPT_SUFFIX, streaming: bool = True) -> List[Sample]:
+    """Read webdataset tar shards (``shards``: a path, a brace pattern such as
+    ``DIR/{000000..000009}.tar``, a glob, or a list of them). Each key is a sample: images from
+    its jpg / jpeg / png / webp members, metadata from ``key.json`` (LLaVA ``conversations``,
+    ``question`` + ``answer``, or ``caption``) or ``key.txt`` (a caption, asked with ``prompt``).
+    Records that cannot be trained on are skipped with a warning naming the shard and key. With
+    ``streaming`` (the default) a training stage streams the shards (vlm.data.streaming) instead
+    of holding every sample in memory; this list is what conversion and inspection read."""
+    return all_samples(webdataset_shards(shards, prompt, vqa_prompt_suffix))
+
+
+@READERS.register("hf_dataset")
+def read_hf_dataset(path: str, prompt: str = CAPTION_PROMPT, vqa_prompt_suffix: str = VQA_PROMPT_SUFFIX,
+                    streaming: bool = False) -> List[Sample]:
+    """Read an HF dataset stored locally: a ``save_to_disk`` folder, a folder of parquet / arrow /
+    JSON-lines files, one file, or a glob, each file read a row group at a time. Rows become samples by their columns (``conversations``; ``question`` +
+    ``answer``; ``caption`` / ``text``), with images from ``image`` / ``images``. With
+    ``streaming: true`` a training stage streams the files (vlm.data.streaming) instead of holding
+    every sample in memory; this list is what conversion and inspection read."""
+    return all_samples(hf_shards(path, prompt, vqa_prompt_suffix))
+
+
+SHARDED = {"webdataset": webdataset_shards, "hf_dataset": hf_shards}  # format -> its shards
+
+
+def source_shards(format: str, args: Mapping[str, Any], image_token: Optional[str] = None) -> Optional[List[Shard]]:
+    """The shards of a dataset entry that streams (a sharded format whose ``streaming`` argument,
+    explicit or default, is true), else None; ``image_token`` marks images in its texts."""
+    if format not in SHARDED:
+        return None
+    default = inspect.signature(READERS.get(format).fn).parameters["streaming"].default
+    if not args.get("streaming", default):
+        return None
+    return SHARDED[format](**{k: v for k, v in args.items() if k != "streaming"}, image_token=image_token)

@@ -18,6 +18,7 @@ every PIL mode turned into 8-bit RGB correctly, and a check that a dataset's ima
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vlm.core.errors import ConfigError, ImageLoadError
-from vlm.data.types import Sample
+from vlm.data.types import EmbeddedImage, Sample
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,9 +40,10 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 def open_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """The decoded image at ``path``, EXIF-transposed; ImageLoadError naming the file when it
-    cannot be read or has more than ``max_pixels`` pixels (checked before decoding)."""
+    cannot be read or has more than ``max_pixels`` pixels (checked before decoding). An
+    :class:`~vlm.data.types.EmbeddedImage` is decoded from its bytes."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(path.data) if isinstance(path, EmbeddedImage) else path) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageLoadError(f"image {path}: {width} x {height} = {width * height} pixels, more than the "
@@ -86,8 +88,8 @@ def check_image_files(image_paths: Sequence[str], where: str, max_missing_ratio:
                       sample_size: int = 64, seed: int = 0) -> List[str]:
     """Check that (a sample of up to ``sample_size``) ``image_paths`` exist; ConfigError naming
     ``where`` when more than ``max_missing_ratio`` of them (or all of them) are missing. Returns
-    the missing ones among those checked."""
-    paths = sorted(set(image_paths))
+    the missing ones among those checked (images embedded in the data are not files: not checked)."""
+    paths = sorted({p for p in image_paths if not isinstance(p, EmbeddedImage)})
     if not paths:
         return []
     checked = paths if len(paths) <= sample_size else random.Random(seed).sample(paths, sample_size)

@@ -33,6 +33,22 @@ def marking_images_with(token: str) -> Iterator[None]:
 ROLES = ("system", "user", "assistant")
 
 
+class EmbeddedImage(str):
+    """An image whose encoded bytes travel with the sample (a shard's member, a dataset cell); the
+    string is its name for messages (``shard.tar#key.jpg``), ``data`` the file's bytes."""
+
+    data: bytes
+
+    def __new__(cls, name: str, data: bytes) -> "EmbeddedImage":
+        image = super().__new__(cls, name)
+        image.data = data
+        return image
+
+    def __reduce__(self):
+        return EmbeddedImage, (str(self), self.data)
+
+
+
 @dataclass
 class Turn:
     """One message of a conversation. `role` is 'system', 'user' or 'assistant'."""

@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.data_loader import skip_first_batches
 from accelerate.utils import broadcast_object_list
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -34,6 +34,7 @@ from vlm.checkpoint.components import load_trained_state, trained_state
 from vlm.checkpoint.fsio import atomic_dir
 from vlm.checkpoint.train_state import (
     DataPosition,
+    PerRank,
     RNGStates,
     Stateful,
     StateFunctions,
@@ -44,7 +45,12 @@ from vlm.checkpoint.train_state import (
     save_training_state,
 )
 from vlm.config import TrainerSettings
-from vlm.core.errors import DataFormatError, TrainingError, TrainingPreempted
+from vlm.core.errors import (
+    CheckpointError,
+    DataFormatError,
+    TrainingError,
+    TrainingPreempted,
+)
 from vlm.data.samplers import EpochShuffleSampler  # noqa: F401  (re-exported)
 from vlm.modeling.attention import use_training_attention
 from vlm.modeling.weights import check_finite_weights
@@ -104,13 +110,17 @@ class Trainer:
         self.dataset = dataset
         if len(dataset) == 0:
             raise DataFormatError(f"stage '{stage_name}': no trainable samples")
+        # a streaming dataset (vlm.data.streaming) yields this rank's batches itself, in an order
+        # that depends only on the seed and the epoch, and resumes by itself (start_at)
+        self.streaming = isinstance(dataset, IterableDataset)
         # any sampler with set_epoch whose order depends only on the seed and the epoch
-        self.sampler = sampler if sampler is not None else EpochShuffleSampler(len(dataset), schedule.seed)
+        self.sampler = None if self.streaming else (
+            sampler if sampler is not None else EpochShuffleSampler(len(dataset), schedule.seed))
         # the loader's own generator: creating an iterator must not draw from the global torch
         # RNG, or a resumed run (which creates one mid-epoch) shifts every dropout mask after it
-        loader = DataLoader(dataset, batch_size=schedule.batch_size, sampler=self.sampler,
-                            collate_fn=collate, num_workers=settings.num_workers, drop_last=False,
-                            generator=torch.Generator().manual_seed(schedule.seed),
+        loader = DataLoader(dataset, batch_size=None if self.streaming else schedule.batch_size,
+                            sampler=self.sampler, collate_fn=collate, num_workers=settings.num_workers,
+                            drop_last=False, generator=torch.Generator().manual_seed(schedule.seed),
                             worker_init_fn=ignore_preemption_signals if settings.num_workers else None)
         objective = objective if objective is not None else LanguageModeling(model, None)
         if settings.training_attention:  # sdpa with an fp32 kernel under CPU autocast (faster backward)
@@ -125,8 +135,9 @@ class Trainer:
                                "weight_decay": optimization.weight_decay, "name": "objective"})
             return torch.optim.AdamW(groups, betas=(0.9, 0.999))
 
-        self.model, self.optimizer, self.loader = self.strategy.prepare(self.accelerator, module, make_optimizer,
-                                                                        loader)
+        self.model, self.optimizer, prepared = self.strategy.prepare(self.accelerator, module, make_optimizer,
+                                                                     None if self.streaming else loader)
+        self.loader = OnDevice(loader, self.accelerator.device) if self.streaming else prepared
         self.micro_per_epoch = len(self.loader)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / schedule.grad_accum)
         self.total_steps = schedule.max_steps or max(1, math.ceil(self.steps_per_epoch * schedule.epochs))
@@ -148,6 +159,10 @@ class Trainer:
             "position": self.data,
             "objective": StateFunctions(self._objective_state, self._load_objective_state),
         }
+        if self.streaming:  # each rank's workers' positions in the stream (checked on resume)
+            self.training_state["stream_workers"] = PerRank(
+                lambda: dataset.worker_positions(self.data.position["epoch"], self.data.position["batch"]),
+                self._check_stream_workers)
         # what runs between training steps (callbacks, checkpoints): eager, fp32 frozen weights
         self._outside_steps = contextlib.nullcontext
         # what the callbacks see of the stage (they never get the trainer itself)
@@ -228,9 +243,28 @@ class Trainer:
         restore_training_state(folder, self.training_state)
         logger.info("resumed from %s at step %d", folder, self.data.position["step"])
 
+    def _check_stream_workers(self, saved: List[List[dict]]) -> None:
+        """The stream positions a checkpoint recorded must be this run's layout (ranks, workers)
+        at the restored data position."""
+        position = self.data.position
+        own = self.dataset.worker_positions(position["epoch"], position["batch"])
+        rank = self.accelerator.process_index
+        if len(saved) != self.accelerator.num_processes or saved[rank] != own:
+            raise CheckpointError(
+                f"stage '{self.stage_name}': the checkpoint's stream positions ({len(saved)} process(es), "
+                f"{len(saved[min(rank, len(saved) - 1)])} worker(s) each) are not this run's "
+                f"({self.accelerator.num_processes} process(es), {len(own)} worker(s)); resume with the "
+                "same number of processes and num_workers")
+
     def _batches(self, start_epoch: int, start_batch: int):
         """(epoch, batch index, batch) from a data position onwards, forever."""
         epoch, skip = start_epoch, start_batch
+        while self.streaming:
+            self.dataset.set_epoch(epoch)
+            self.dataset.start_at(skip)
+            for index, batch in enumerate(self.loader, start=skip):
+                yield epoch, index, batch
+            epoch, skip = epoch + 1, 0
         while True:
             # accelerate's loader sets the sampler's epoch from its own pass counter when iterated,
             # which starts at 0 after a resume: set both to the data position's epoch
@@ -437,6 +471,21 @@ def learning_rates(optimizer, scheduler) -> Dict[str, float]:
     ``lr/...``, which a file-based tracker store cannot keep beside ``lr``)."""
     return {f"lr_{group.get('name', i)}": lr
             for i, (group, lr) in enumerate(zip(optimizer.param_groups, scheduler.get_last_lr()))}
+
+
+class OnDevice:
+    """A streaming loader whose batches are moved to ``device`` (what accelerate's prepared
+    loader does for a map-style one; a streaming dataset shards itself, so it is not prepared)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield batch if self.device.type == "cpu" else batch.to(self.device)
 
 
 def rank_sums(accelerator: Accelerator, window: Dict[str, float], samples: int):

@@ -129,3 +129,21 @@ def test_two_ranks_two_workers_killed_mid_epoch_resume_bit_identical(tmp_path, t
     state = vlm.checkpoint.train_state.load_training_state(cut / "checkpoints" / "step_0000003")
     assert state["stream_workers"] == [[{"slot": 2 * r, "epoch": 0, "batches": 2},
                                         {"slot": 2 * r + 1, "epoch": 0, "batches": 1}] for r in (0, 1)]
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"stage": {"feature_cache": True}}, "feature_cache: not available for a streaming stage"),
+    ({"model": {"vision": {"tiling": {"enabled": True}}}}, "AnyRes samples are not streamed yet"),
+    ({"stage": {"objective": "dpo"}}, "objective dpo reads preference pairs"),
+])
+def test_what_a_streaming_stage_cannot_take_is_refused_in_one_line(change, needle):
+    from omegaconf import OmegaConf
+
+    from vlm.config import ModelConfig, StageConfig
+    from vlm.training.objectives import OBJECTIVES
+
+    stage = OmegaConf.merge(OmegaConf.structured(StageConfig), change.get("stage", {}))
+    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), change.get("model", {}))
+    assert vlm.app.stages.streaming_refusal(OmegaConf.structured(StageConfig), OmegaConf.structured(ModelConfig),
+                                            OBJECTIVES.get("lm")) is None
+    assert needle in vlm.app.stages.streaming_refusal(stage, model, OBJECTIVES.get(stage.objective))

@@ -5,6 +5,7 @@ same weights and losses; 2 processes x 2 workers on gloo killed and resumed (slo
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def test_streaming_stage_resumes_mid_epoch_to_the_same_weights(tmp_path, tokeniz
                                        "args": {"path": train["captions"], "image_root": train["image_root"]}}]
     cfg = run_config(tmp_path, tokenizer_dir, stage(data), out_dir=tmp_path / "A")
     a = Path(vlm.app.stages.run_stage(cfg, "s")).parent
+    # the stage ended mid-epoch: its DataLoader workers (which ignore SIGTERM) are shut down, not
+    # left for the interpreter's exit to wait on
+    assert multiprocessing.active_children() == []
     # 24 samples, 2 workers, batches of 3: 8 batches an epoch; step 3 is mid-epoch
     state = vlm.checkpoint.train_state.load_training_state(a / "checkpoints" / "step_0000003")
     assert state["position"]["epoch"] == 0 and state["position"]["batch"] == 3

@@ -435,6 +435,11 @@ class Trainer:
             if failure is None:
                 raise
             raise failure from None
+        finally:
+            # a stage that ends mid-epoch leaves its loader iterator suspended in the generator:
+            # closing it shuts the DataLoader workers down now (they ignore SIGTERM, so an
+            # interpreter exit that still held them would wait for them forever)
+            batches.close()
         bar.close()
         if self.skips.skipped_samples:
             logger.warning(self.skips.summary())

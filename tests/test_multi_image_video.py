@@ -388,6 +388,21 @@ def test_shapes_pairs_and_clips_read_back_with_their_questions(tmp_path, capsys)
     assert all(Path(p).is_file() for q in questions for p in q.images)
 
 
+@pytest.mark.parametrize("recipe, kind", [("pair_shapes", "pairs"), ("video_shapes", "clips")])
+def test_a_recipes_prepare_step_writes_the_pairs_or_clips_its_stages_read(tmp_path, recipe, kind):
+    from vlm.app.recipes import run_prepare
+    from vlm.config import load_config
+
+    cfg = load_config(f"configs/demo/{recipe}.yaml", [f"out_dir={tmp_path}", "prepare.multi.num_train=3",
+                                                      "prepare.multi.num_test=1", "prepare.multi.image_size=32"])
+    run_prepare(cfg)
+    data = cfg.stages.instruct.data[0].args
+    samples = read_llava_json(data.path, data.image_root)
+    assert len(samples) == 3 and Path(cfg.prepare.tokenizer.out).is_dir()
+    assert all(len(s.images) == 2 for s in samples) if kind == "pairs" else all(len(s.videos) == 1 for s in samples)
+    assert len(json.loads(Path(cfg.evals.vqa.data.args.questions_path).read_text())["questions"]) >= 3
+
+
 @pytest.mark.parametrize("name", ["vicuna_v1", "chatml"])
 def test_the_exported_chat_template_places_images_as_the_processor_does(tokenizer, name):
     from vlm.data.placement import place_visuals

@@ -68,7 +68,8 @@ def _dataset(cases, *, answer_ids=True):
         questions.append({"image_id": i, "question": f"question {i}?", "question_id": qid})
         annotations.append({"question_id": qid, "image_id": i, "answers": answers,
                             "multiple_choice_answer": answers[0]["answer"],
-                            "answer_type": answer_type, "question_type": "what is"})
+                            "answer_type": answer_type,
+                            "question_type": ("what is", "is the", "how many")[i % 3]})
         results.append({"question_id": qid, "answer": pred})
     meta = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco",
             "data_subtype": "val2014", "license": {}}
@@ -103,6 +104,9 @@ def _assert_matches_official(ours, eval_qa, accuracy):
     assert ours["per_answer_type"].keys() == accuracy["perAnswerType"].keys()
     for answer_type, acc in accuracy["perAnswerType"].items():
         assert ours["per_answer_type"][answer_type] == pytest.approx(acc, abs=1e-6)
+    assert ours["per_question_type"].keys() == accuracy["perQuestionType"].keys()
+    for question_type, acc in accuracy["perQuestionType"].items():
+        assert ours["per_question_type"][question_type] == pytest.approx(acc, abs=1e-6)
 
 
 def test_score_vqa_matches_official_with_evalai_normalisation(tmp_path):

@@ -42,6 +42,13 @@ class OnNonFinite(str, enum.Enum):
     skip = "skip"
 
 
+class MultiShapesKind(str, enum.Enum):
+    """What ``prepare.multi`` writes: image pairs or clips of moving shapes."""
+
+    pairs = "pairs"
+    clips = "clips"
+
+
 class Precision(str, enum.Enum):
     """Numeric precision of a training stage (autocast for bf16 / fp16). ``auto``: bf16 where the
     hardware runs it natively and faster, fp32 elsewhere (``vlm.core.hardware.resolve_precision``)."""
@@ -457,12 +464,27 @@ class ScenesDataConfig:
 
 
 @dataclass
+class MultiShapesDataConfig:
+    """Synthetic image pairs or clips (several images / video per sample) written by ``prepare``;
+    the files land under ``out`` as ``vlm data shapes --kind KIND`` writes them."""
+
+    out: str = "data/multi"
+    kind: MultiShapesKind = MultiShapesKind.clips  # pairs: questions across two images; clips: video
+    num_train: int = 1500
+    num_test: int = 100
+    image_size: int = 64
+    num_frames: int = 8  # frames per clip (kind "clips")
+    seed: int = 0
+
+
+@dataclass
 class PrepareConfig:
     """Steps a recipe runs before its stages; each is skipped when left unset."""
 
     shapes: Optional[ShapesDataConfig] = None
     tokenizer: Optional[TokenizerTrainConfig] = None
     scenes: Optional[ScenesDataConfig] = None  # written before the tokenizer is trained
+    multi: Optional[MultiShapesDataConfig] = None  # written before the tokenizer is trained
 
 
 @dataclass
@@ -667,6 +689,9 @@ _PREPARE_RANGES = [
     ("prepare.scenes.num_train", _non_negative, ">= 0"), ("prepare.scenes.num_test", _non_negative, ">= 0"),
     ("prepare.scenes.image_size", lambda v: v >= 48, ">= 48"),
     ("prepare.shapes.shape_scale", lambda v: 0.1 <= v <= 1.6, "in [0.1, 1.6]"),
+    ("prepare.multi.num_train", _non_negative, ">= 0"), ("prepare.multi.num_test", _non_negative, ">= 0"),
+    ("prepare.multi.image_size", lambda v: v >= 32, ">= 32"),
+    ("prepare.multi.num_frames", lambda v: v >= 2, ">= 2"),
     ("prepare.tokenizer.vocab_size", _at_least_one, ">= 1"),
     ("prepare.tokenizer.min_frequency", _at_least_one, ">= 1"),
     ("model.video.num_frames", _at_least_one, ">= 1"),

@@ -34,6 +34,13 @@ def run_prepare(cfg: DictConfig) -> None:
         per_image = parse_range(scenes.shapes_per_image, "prepare.scenes.shapes_per_image")
         generate_scenes(scenes.out, shapes_per_image=per_image, num_train=scenes.num_train,
                         num_test=scenes.num_test, image_size=scenes.image_size, seed=scenes.seed)
+    multi = cfg.prepare.multi
+    if multi is not None:
+        from vlm.data.synthetic_multi import generate_multi_shapes
+
+        logger.info("prepare: shapes %s -> %s", multi.kind.value, multi.out)
+        generate_multi_shapes(multi.out, multi.kind.value, num_train=multi.num_train, num_test=multi.num_test,
+                              image_size=multi.image_size, num_frames=multi.num_frames, seed=multi.seed)
     tok = cfg.prepare.tokenizer
     if tok is not None:
         logger.info("prepare: tokenizer -> %s", tok.out)

@@ -145,6 +145,7 @@ class VQATask(EvalTask):
         full = score_vqa(args["questions_path"], args["annotations_path"], results,
                          allow_missing=bool(cfg.data.max_samples) or skipped > 0)
         (out_dir / f"{name}_per_question.json").write_text(json.dumps(full["per_question"]))
+        (out_dir / f"{name}_per_question_type.json").write_text(json.dumps(full["per_question_type"], indent=1))
         scores = {"accuracy": full["overall"], **{f"accuracy_{k}": v for k, v in full["per_answer_type"].items()}}
         return _with_skips(scores, skipped)
 

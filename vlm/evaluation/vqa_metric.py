@@ -190,7 +190,8 @@ def score_vqa(questions, annotations, results, *, normalize_predictions: bool = 
     ``allow_missing=True``, in which case only the answered questions are scored.
 
     Returns ``{"overall", "per_question": {question_id: acc}, "per_answer_type": {type: acc},
-    "num_questions"}`` with accuracies in percent, not rounded.
+    "per_question_type": {type: acc}, "num_questions"}`` with accuracies in percent, not rounded
+    (``per_question_type`` from the annotations' ``question_type``, as the official code reports).
     """
     q_obj, q_label = load_json(questions, "questions")
     a_obj, a_label = load_json(annotations, "annotations")
@@ -220,7 +221,7 @@ def score_vqa(questions, annotations, results, *, normalize_predictions: bool = 
         raise DataFormatError(f"{r_label} contains no results to score")
 
     normalize = EvalAIAnswerProcessor() if normalize_predictions else (lambda answer: answer)
-    accs, per_question, per_type = [], {}, defaultdict(list)
+    accs, per_question, per_type, per_question_type = [], {}, defaultdict(list), defaultdict(list)
     for qid in question_ids:
         if qid not in predictions:
             continue
@@ -233,10 +234,13 @@ def score_vqa(questions, annotations, results, *, normalize_predictions: bool = 
         accs.append(acc)
         per_question[qid] = 100 * acc
         per_type[ann["answer_type"]].append(acc)
+        if "question_type" in ann:  # VQAv2 always has it; the official code reports it per type too
+            per_question_type[ann["question_type"]].append(acc)
 
     return {
         "overall": 100 * sum(accs) / len(accs),
         "per_question": per_question,
         "per_answer_type": {t: 100 * sum(v) / len(v) for t, v in per_type.items()},
+        "per_question_type": {t: 100 * sum(v) / len(v) for t, v in per_question_type.items()},
         "num_questions": len(per_question),
     }

@@ -40,7 +40,8 @@ class Plan:
             stage = cfg.stages[name]
             if stage.eval_every:
                 evals += [e for e in stage.evals if e not in evals]
-        steps = (cfg.prepare.shapes, cfg.prepare.tokenizer) if whole_recipe else ()
+        # every prepare step (shapes, scenes, multi, tokenizer) writes its files under its ``out``
+        steps = tuple(cfg.prepare[name] for name in cfg.prepare) if whole_recipe else ()
         prepared = tuple(Path(step.out).absolute() for step in steps if step is not None)
         return cls(cfg, tuple(stages), tuple(evals), prepared)
 

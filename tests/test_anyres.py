@@ -9,11 +9,12 @@ from conftest import build_tiny_model, tiny_model_config
 from omegaconf import OmegaConf
 from PIL import Image
 
-from vlm.core.errors import ConfigError, LayoutError
+from vlm.core.errors import ConfigError, DataFormatError, LayoutError
 from vlm.data.anyres import TileLayout, select_best_resolution, unpadded_shape
 from vlm.data.types import Sample, Turn
 from vlm.interop.hf_llava_next import build_llava_next_processor, to_hf_llava_next
 from vlm.modeling.processing import build_processor
+from vlm.modeling.vision.base import pool_patch_grid
 
 PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
 # wide, tall, square, very wide, very tall, tiny: every grid and both unpad directions
@@ -133,8 +134,8 @@ def test_a_tile_grid_the_encoder_cannot_take_is_one_line(tokenizer_dir, tokenize
 
 
 @pytest.mark.parametrize("stage,message", [
-    ({"objective": "caption_bow", "train": {"vision": "full", "connector": "frozen", "llm": "frozen"}},
-     "stages.s.objective: 'caption_bow' reads one pixel tensor per image; with model.vision.tiling"),
+    ({"objective": "answer_words", "train": {"vision": "full", "connector": "frozen", "llm": "frozen"}},
+     "stages.s.objective: 'answer_words' reads one pixel tensor per image; with model.vision.tiling"),
     ({"feature_cache": True, "train": {"vision": "frozen", "connector": "full", "llm": "frozen"}},
      "stages.s.feature_cache: cached features are one encoder pass per image"),
 ])
@@ -149,6 +150,34 @@ def test_a_stage_that_needs_one_tensor_per_image_is_refused_with_tiling(tmp_path
     with pytest.raises(ConfigError, match=message):
         run_config(tmp_path, tokenizer_dir, {"s": {**stage, "data": [data]}}, model={"vision": vision})
     run_config(tmp_path, tokenizer_dir, {"s": {**stage, "data": [data]}})  # untiled: accepted
+
+
+def test_caption_bow_reads_the_max_over_each_images_overview_and_tiles(tiled, tokenizer):
+    """The vision warm-up of a tiled recipe: each image's tiles are pooled on their own, then
+    the head reads their element-wise max (a shape seen in one tile counts)."""
+    from vlm.data.batch import Collator
+    from vlm.training.objectives.warmup import CaptionBagOfWords
+
+    model, processor, _ = tiled
+    samples = [Sample(id=str(i), turns=[Turn("user", "<image>\n"), Turn("assistant", "a red circle " * (1 + i))],
+                      images=[image(w, h)]) for i, (w, h) in enumerate(SIZES)]
+    batch = Collator(pad_id=tokenizer.pad_token_id)([processor.encode(s) for s in samples])
+    objective = CaptionBagOfWords(model, tokenizer)
+    got = objective(model, batch).loss
+    pooled, start = [], 0
+    for layout in batch.image_layouts.tolist():
+        tiles = 1 + layout[2] * layout[3]
+        cells = pool_patch_grid(model.vision(batch.images[start:start + tiles]), 2)
+        pooled.append(cells.permute(0, 2, 1).reshape(tiles, -1).max(dim=0).values)
+        start += tiles
+    assert start == batch.images.shape[0] and len(pooled) == len(SIZES)
+    logits = objective.head(torch.stack(pooled))
+    want = torch.nn.functional.binary_cross_entropy_with_logits(logits, objective.targets(batch.labels))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    two = Sample(id="two", turns=[Turn("user", "<image>\n<image>\n"), Turn("assistant", "two")],
+                 images=[image(40, 40), image(50, 30)])
+    with pytest.raises(DataFormatError, match="exactly one image per sample"):
+        objective(model, Collator(pad_id=tokenizer.pad_token_id)([processor.encode(two)]))
 
 
 def test_packed_tiled_batch_gives_the_padded_loss(tiled, tokenizer):

@@ -153,7 +153,8 @@ def check_stage(stage, connector_cls, where: str) -> None:
 def check_tiled_stage(stage, where: str) -> None:
     """With ``model.vision.tiling`` an image is several tiles: ConfigError for a stage that
     needs one pixel tensor or one cached feature map per image."""
-    if registry("objectives").get(stage.objective).needs_pixels:
+    objective = registry("objectives").get(stage.objective)
+    if objective.needs_pixels and not objective.reads_tiles:
         raise ConfigError(f"{where}.objective: '{stage.objective}' reads one pixel tensor per image; with "
                           "model.vision.tiling each image is several tiles (train it in an untiled recipe)")
     if stage.feature_cache:

@@ -49,6 +49,8 @@ class Objective(nn.Module):
     """
 
     needs_pixels: ClassVar[bool] = False
+    # with needs_pixels: the objective also takes AnyRes batches (each image several tiles)
+    reads_tiles: ClassVar[bool] = False
     supports_packing: ClassVar[bool] = False
     # the objective reads preference pairs (vlm.data.pairs: PairDataset, PairCollator)
     reads_pairs: ClassVar[bool] = False

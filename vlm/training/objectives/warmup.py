@@ -6,6 +6,8 @@
   occur in the sample's trained text (multi-label, binary cross-entropy). A from-scratch encoder learns to see colours, shapes
   and positions from captions in a few hundred steps this way, far faster than through a frozen
   LLM's attention. The head is discarded after the stage; only the encoder's weights are kept.
+  An AnyRes-tiled image (``model.vision.tiling``) is its overview and tiles: the head reads the
+  element-wise max over them of each one's pooled features, so a shape seen in one tile counts.
 
 An objective owns any extra parameters it needs (``parameters()``), and its ``loss`` returns a
 ``StepOutput`` whose ``losses`` are logged separately beside ``loss``.
@@ -14,7 +16,7 @@ An objective owns any extra parameters it needs (``parameters()``), and its ``lo
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ from torch import nn
 
 from vlm.config import ConfigError, Train
 from vlm.core.errors import DataFormatError
+from vlm.data.anyres import TileLayout
 from vlm.data.batch import Batch
 from vlm.data.processor import IGNORE_INDEX
 from vlm.modeling.vision.base import pool_patch_grid
@@ -39,10 +42,21 @@ def _one_image_per_sample(model, batch: Batch, objective: str) -> torch.Tensor:
     return batch.images
 
 
+def _tiles_per_image(model, batch: Batch, objective: str) -> List[int]:
+    """How many encoder inputs (overview and tiles) each sample's one AnyRes-tiled image has;
+    DataFormatError unless every sample shows exactly one image."""
+    layouts = [TileLayout.from_row(row) for row in batch.image_layouts.tolist()]
+    tokens_per_row = (batch.input_ids == model.image_token_id).sum(1).tolist()
+    if len(layouts) != len(tokens_per_row) or any(n != layout.num_tokens() for n, layout in zip(tokens_per_row, layouts)):
+        raise DataFormatError(f"objective '{objective}' needs exactly one image per sample")
+    return [layout.num_tiles for layout in layouts]
+
+
 class CaptionBagOfWords(Objective):
     """Vision warm-up: predict the set of trained tokens from mean-pooled patch features."""
 
     needs_pixels = True
+    reads_tiles = True
 
     def __init__(self, model, tokenizer):
         super().__init__()
@@ -70,12 +84,19 @@ class CaptionBagOfWords(Objective):
         return hot
 
     def forward(self, model, batch: Batch):
-        features = model.vision(_one_image_per_sample(model, batch, "caption_bow"))
+        if batch.image_layouts is None:
+            tiles = None
+            features = model.vision(_one_image_per_sample(model, batch, "caption_bow"))
+        else:
+            tiles = _tiles_per_image(model, batch, "caption_bow")
+            features = model.vision(batch.images)
         if self.cells == 4:
             # channel-major (D x 4 cells), the head's input layout
             pooled = rearrange(pool_patch_grid(features, 2), "b cells d -> b (d cells)")
         else:
             pooled = features.mean(dim=1)
+        if tiles is not None:
+            pooled = torch.stack([image.amax(dim=0) for image in pooled.split(tiles)])
         loss = F.binary_cross_entropy_with_logits(self.head(pooled), self.targets(batch.labels))
         return StepOutput(loss, {"loss_bow": loss.detach()})
 

@@ -61,7 +61,7 @@ def _clip_plan(rng: np.random.Generator, num_frames: int) -> Tuple[Dict[str, Any
     corners = rng.permutation(len(_CORNERS))
     for k, frame in enumerate(sorted(int(f) for f in frames)):
         extras.append({"color": colors[order[k + 1]], "shape": SHAPES[int(rng.integers(len(SHAPES)))],
-                       "radius": 0.08, "center": list(_CORNERS[corners[k]]), "from": frame})
+                       "radius": 0.1, "center": list(_CORNERS[corners[k]]), "from": frame})
     plan = {"mover": mover, "direction": direction, "start": list(start), "extras": extras,
             "background": int(rng.integers(len(BACKGROUNDS))), "num_frames": num_frames}
     last = extras[-1]["color"] if extras else mover["color"]
@@ -114,6 +114,9 @@ def _split(out_dir: str, kind: str, split: str, first_id: int, n: int, image_siz
                 frame.save(os.path.join(root, name, f"{t:03d}.png"), compress_level=1)
             visuals, markers = {"video": name}, "<video>\n"
             attributes.append({"id": sample_id, "video": name, **plan})
+        # a fresh order per sample: trained always in one order, a model answers the first question
+        # after the images by its position, not its words (the eval asks each one first)
+        asked = [asked[i] for i in rng.permutation(len(asked))]
         turns = []
         for k, (question, answer, answer_type) in enumerate(asked):
             turns.append({"from": "human", "value": (markers if k == 0 else "") + question + VQA_PROMPT_SUFFIX})

@@ -122,3 +122,7 @@ def test_adapter_turns_a_request_into_one_user_turn():
     sample = VLMLmms.sample("<image>\nIs there a cat?", [[image], image])
     assert sample.turns[0].content == "<image>\n<image>\nIs there a cat?" and len(sample.images) == 2
     assert VLMLmms.sample("text only", None).turns[0].content == "text only"
+    # lmms-eval's video tasks give the video as a path (test_multi_image_video generates through it)
+    video = VLMLmms.sample("What happens?", ["clip.mp4", image])
+    assert video.turns[0].content == "<video>\n<image>\nWhat happens?"
+    assert video.videos == ["clip.mp4"] and video.images == [image]

@@ -3,6 +3,7 @@ training and generation end to end, and the robustness cases (one line each, not
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import logging
@@ -222,6 +223,26 @@ def test_training_and_generation_with_two_images_and_with_a_video(setup, media):
     prompts = [Sample(id=s.id, turns=s.turns[:1], images=s.images, videos=s.videos) for s in samples]
     answers = generate_answers(model, processor, prompts, batch_size=4, max_new_tokens=6)
     assert answers == ["red circle", "blue square", "the circle", "the square"]
+    if importlib.util.find_spec("lmms_eval") is not None:  # lmms-eval's requests: PIL images, videos as paths
+        assert _through_lmms_eval(model, processor, [[Image.open(a), Image.open(b)], [Image.open(b), Image.open(a)],
+                                                     [str(media / "ab.mp4")]]) == answers[:3]
+
+
+def _through_lmms_eval(model, processor, visuals):
+    """Answers of vlm's lmms-eval model to one "which first?" / "what comes first?" request per
+    entry of ``visuals`` (what the task's doc_to_visual returns)."""
+    from lmms_eval.api.model import lmms
+
+    from vlm.evaluation.lmms_adapter import VLMLmms
+
+    adapter = VLMLmms.__new__(VLMLmms)  # its model without loading a checkpoint
+    lmms.__init__(adapter)
+    adapter.model, adapter.processor, adapter.batch_size_per_gpu, adapter.default_max_new_tokens = model, processor, 2, 6
+    adapter.task_dict = {"t": {"test": list(range(len(visuals)))}}
+    kwargs = {"max_new_tokens": 6, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
+    requests = [SimpleNamespace(args=("what comes first?" if isinstance(v[0], str) else "which first?", kwargs,
+                                      lambda doc: visuals[doc], i, "t", "test")) for i, v in enumerate(visuals)]
+    return adapter.generate_until(requests)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,11 @@ after ``pip install -e ".[eval]"``::
 
     lmms-eval --model vlm --model_args checkpoint=DIR[,batch_size=8,template=T] --tasks pope
 
-A request's context and images become one user turn (an ``<image>`` marker per image, then the
-context with any ``<image>`` tags of its own removed) rendered with the model's chat template.
+A request's context and visuals become one user turn (a ``<video>`` marker per video, an
+``<image>`` marker per image, then the context with any ``<image>`` tags of its own removed)
+rendered with the model's chat template. As lmms-eval's own models read them, a visual given as a
+path (``str``) is a video (a file PyAV decodes, or a folder of frames), sampled as the model's
+``model.video`` says; a PIL image is an image.
 ``generate_until`` runs vlm's generation path (:func:`vlm.inference.generation.generate_answers`)
 and cuts the answer at the task's ``until`` strings; ``loglikelihood`` runs
 :func:`vlm.inference.likelihood.loglikelihoods`.
@@ -20,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 from lmms_eval.api.model import lmms
 from tqdm.auto import tqdm
 
-from vlm.data.types import IMAGE_TOKEN, Sample, Turn
+from vlm.data.types import IMAGE_TOKEN, VIDEO_TOKEN, Sample, Turn
 from vlm.inference.generation import clean_answer, generate_answers
 from vlm.inference.likelihood import loglikelihoods
 
@@ -64,10 +67,14 @@ class VLMLmms(lmms):
 
     @staticmethod
     def sample(context: str, visuals, sample_id: str = "lmms") -> Sample:
-        """One user turn: an ``<image>`` marker per image, then the context."""
-        images = _images(visuals)
+        """One user turn: a ``<video>`` marker per video (a visual given as a path), an
+        ``<image>`` marker per image, then the context."""
+        flat = _images(visuals)
+        videos = [visual for visual in flat if isinstance(visual, str)]
+        images = [visual for visual in flat if not isinstance(visual, str)]
         text = context.replace(IMAGE_TOKEN, "").strip()
-        return Sample(id=sample_id, turns=[Turn("user", f"{IMAGE_TOKEN}\n" * len(images) + text)], images=images)
+        markers = f"{VIDEO_TOKEN}\n" * len(videos) + f"{IMAGE_TOKEN}\n" * len(images)
+        return Sample(id=sample_id, turns=[Turn("user", markers + text)], images=images, videos=videos)
 
     def _doc(self, task, split, doc_id):
         return self.task_dict[task][split][doc_id]

@@ -249,6 +249,39 @@ def _through_lmms_eval(model, processor, visuals):
 # robustness
 
 
+def test_the_budget_takes_frames_away_before_it_leaves_a_video_sample_out(setup, media, tokenizer, caplog):
+    """Step 3 of the budget (vlm/data/budget.py): the video with the most frames gives one up at a
+    time (spread evenly again), down to one frame per video; then the sample is left out."""
+    model, _, cfg = setup  # 4 frames per video, FRAME_TOKENS each; an image is NUM_PATCHES tokens
+    image = str(media / "img0.png")
+    samples = [
+        Sample(id="two", turns=[Turn("user", "<video>\n<video>\nsame?"), Turn("assistant", "no")],
+               videos=[str(media / "clip.mp4"), str(media / "frames")], meta={"source": "b.json:1"}),
+        Sample(id="mixed", turns=[Turn("user", "<image>\n<video>\nsame?"), Turn("assistant", "yes")],
+               images=[image], videos=[str(media / "clip.gif")], meta={"source": "b.json:2"}),
+    ]
+    budget = NUM_PATCHES + FRAME_TOKENS  # the image and one frame
+    processor = build_processor(model, tokenizer, cfg, max_visual_tokens=budget)
+    with caplog.at_level(logging.WARNING):
+        dataset = ConversationDataset(samples, processor, progress=False)
+    # 4 + 4 frames -> 3 + 4 -> 3 + 3 -> 2 + 3 (5 frames: the image's worth of tokens and one frame)
+    assert dataset.frame_counts == {0: [2, 3], 1: [1]} and dataset.stats["over_visual_budget"] == 0
+    item = dataset[0]
+    assert len(item.images) == 5 and item.frames == [True] * 5
+    spread = read_frames(str(media / "clip.mp4"), FrameSampling(num_frames=2))  # first and last frame
+    for got, frame in zip(item.images[:2], spread):
+        torch.testing.assert_close(got, processor.load_image(frame))
+
+    processor = build_processor(model, tokenizer, cfg, max_visual_tokens=3 * FRAME_TOKENS)
+    assert processor.frame_counts(samples[0]) == [1, 2]  # the first of equals gives up first
+    processor = build_processor(model, tokenizer, cfg, max_visual_tokens=budget - 1)
+    with caplog.at_level(logging.WARNING):
+        dataset = ConversationDataset(samples, processor, progress=False)
+    assert dataset.frame_counts == {0: [2, 2]} and dataset.left_out["over_visual_budget"] == ["b.json:2"]
+    assert any("b.json:2" in r.getMessage() and f"max_visual_tokens {budget - 1}" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_undecodable_and_empty_videos_are_left_out_counted_and_named(setup, media, caplog):
     _, processor, _ = setup
     samples = [

@@ -1,4 +1,4 @@
-"""The visual-token budget of a sample: fewer tiles, then more pooling, else the sample is refused.
+"""The visual-token budget of a sample: fewer tiles, more pooling, fewer frames, else refused.
 
 ``stages.<name>.max_visual_tokens`` caps the visual tokens of one sample (all its images). A
 sample over it is reduced in this order, each step taken only while the sample is still over
@@ -8,10 +8,13 @@ sample over it is reduced in this order, each step taken only while the sample i
    fewer tiles, down to the smallest grid the pinpoints allow;
 2. more pooling: every image's tiles are pooled with the next stride (2, 3, ...), until each
    tile is a single token;
-3. refused: :class:`OverBudget`, one line with the sample's tokens at its smallest and the budget;
+3. fewer frames (a sample with videos, whose images are not tiled): the video with the most
+   sampled frames (the first of equals) gives up one frame at a time, its frames spread evenly
+   over the clip again, down to one frame per video;
+4. refused: :class:`OverBudget`, one line with the sample's tokens at its smallest and the budget;
    a dataset leaves the sample out and counts it (``over_visual_budget``).
 
-Without tiling an image's count is fixed, so only step 3 applies.
+Without tiling an image's count is fixed, so only steps 3 (videos) and 4 apply.
 """
 
 from __future__ import annotations
@@ -54,6 +57,23 @@ def fit_layouts(sizes: Sequence[Tuple[int, int]], spec: TilingSpec, budget: Opti
         raise OverBudget(f"{where}: {len(sizes)} image(s) need at least {_total(layouts)} visual tokens "
                          f"(fewest tiles, each tile one token), more than max_visual_tokens {budget}")
     return layouts
+
+
+def fit_frames(image_tokens: int, frame_counts: Sequence[int], tokens_per_frame: int, budget: Optional[int],
+               where: str = "sample") -> List[int]:
+    """Each video's frame count within ``budget`` visual tokens, beside ``image_tokens`` of the
+    sample's images (step 3); OverBudget naming ``where`` when one frame per video is still over."""
+    counts = list(frame_counts)
+    if budget is None:
+        return counts
+    while image_tokens + tokens_per_frame * sum(counts) > budget:
+        index = max(range(len(counts)), key=lambda i: (counts[i], -i))
+        if not counts or counts[index] <= 1:
+            raise OverBudget(f"{where}: {len(counts)} video(s) at one frame each ({tokens_per_frame} visual tokens "
+                             f"a frame) and images of {image_tokens} tokens need {image_tokens + tokens_per_frame * len(counts)}, "
+                             f"more than max_visual_tokens {budget}")
+        counts[index] -= 1
+    return counts
 
 
 def check_fixed_budget(counts: Sequence[int], budget: Optional[int], where: str = "sample") -> None:

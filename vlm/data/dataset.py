@@ -181,9 +181,14 @@ class ConversationDataset(Dataset):
     def _with_videos(self, sample: Sample, ids: List[int], labels: List[int],
                      counts: List[int]) -> Optional[EncodedSample]:
         """A sample with videos: its images and sampled frames in marker order (pixels)."""
+        planned = iter(counts)  # the budget may have lowered a video's frames
+
+        def load_video(source):
+            return self.processor.load_video(source, next(planned))
+
         visuals = unless_unreadable(
             lambda: load_visuals(sample.turns, sample.images, sample.videos, self.processor.image_token,
-                                 self.load_image, self.processor.load_video), sample, where=self.name)
+                                 self.load_image, load_video), sample, where=self.name)
         if visuals is not None and visuals.frame_counts != counts:
             logger.warning("%s: skipping sample %s: its videos gave %s frames, %s when it was tokenised", self.name,
                            sample.meta.get("source", sample.id), visuals.frame_counts, counts)
@@ -196,8 +201,9 @@ class ConversationDataset(Dataset):
 
 def video_frame_counts(processor: VLMProcessor, sample: Sample, features: bool = False) -> "List[int] | str":
     """The frame count of each of ``sample``'s videos, or the reason it is left out (logged
-    with the sample's source): ``unreadable_video`` (including 0 frames) or
-    ``video_without_pixels`` (the frozen-feature cache holds images only)."""
+    with the sample's source): ``unreadable_video`` (including 0 frames), ``over_visual_budget``
+    (one frame per video is still over ``max_visual_tokens``) or ``video_without_pixels`` (the
+    frozen-feature cache holds images only)."""
     if not sample.videos:
         return []
     if features:
@@ -207,6 +213,9 @@ def video_frame_counts(processor: VLMProcessor, sample: Sample, features: bool =
     except ImageLoadError as exc:
         logger.warning("skipping sample %s: %s", sample.meta.get("source", sample.id), exc)
         return "unreadable_video"
+    except OverBudget as exc:
+        logger.warning("skipping sample %s: %s", sample.meta.get("source", sample.id), exc)
+        return "over_visual_budget"
 
 
 def whole_image_cut(ids: Sequence[int], image_token_id: int, counts: Sequence[int], max_length: int) -> tuple:

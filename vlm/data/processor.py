@@ -151,14 +151,19 @@ class VLMProcessor:
         except Exception as exc:  # an odd mode or size the transform cannot take
             raise ImageLoadError(f"cannot load image {path}: {exc}") from exc
 
-    def load_video(self, source) -> List[torch.Tensor]:
+    def load_video(self, source, num_frames: Optional[int] = None) -> List[torch.Tensor]:
         """The sampled frames of a video (file, folder of frames or list of PIL frames), each
-        transformed as an image; ImageLoadError names the video on any failure."""
-        return [self.load_image(frame) for frame in read_frames(source, self.frame_sampling, self.max_image_pixels)]
+        transformed as an image; ImageLoadError names the video on any failure. ``num_frames``:
+        the count :meth:`frame_counts` planned when the budget lowered it (then spread evenly)."""
+        sampling = self.frame_sampling
+        if num_frames is not None and num_frames != len(sampling.indices(*probe(source))):
+            sampling = FrameSampling(num_frames=num_frames)
+        return [self.load_image(frame) for frame in read_frames(source, sampling, self.max_image_pixels)]
 
     def frame_counts(self, sample: Sample) -> List[int]:
         """How many frames each of ``sample``'s videos gives (from the container's header, or by
-        counting); ImageLoadError names an unreadable or empty video."""
+        counting), fewer where ``max_visual_tokens`` needs it (``vlm.data.budget.fit_frames``:
+        OverBudget); ImageLoadError names an unreadable or empty video."""
         counts = []
         for video in sample.videos:
             total, rate = probe(video)
@@ -166,7 +171,12 @@ class VLMProcessor:
             if not count:
                 raise ImageLoadError(f"video {video_name(video)}: 0 frames")
             counts.append(count)
-        return counts
+        if not counts:
+            return counts
+        from vlm.data.budget import fit_frames
+
+        return fit_frames(self.num_image_tokens * len(sample.images), counts, self._frame_tokens(),
+                          self.max_visual_tokens, sample.meta.get("source", sample.id))
 
     def encode(self, sample: Sample, for_generation: bool = False) -> EncodedSample:
         """Token ids, labels, pixel tensors (images and video frames loaded here, in marker

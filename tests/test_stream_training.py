@@ -139,6 +139,8 @@ def test_two_ranks_two_workers_killed_mid_epoch_resume_bit_identical(tmp_path, t
     ({"stage": {"feature_cache": True}}, "feature_cache: not available for a streaming stage"),
     ({"model": {"vision": {"tiling": {"enabled": True}}}}, "AnyRes samples are not streamed yet"),
     ({"stage": {"objective": "dpo"}}, "objective dpo reads preference pairs"),
+    ({"stage": {"data": [{"format": "webdataset"}, {"format": "jsonl", "max_visual_tokens": 64}]}},
+     "data.1.max_visual_tokens: a dataset's own budget"),
 ])
 def test_what_a_streaming_stage_cannot_take_is_refused_in_one_line(change, needle):
     from omegaconf import OmegaConf

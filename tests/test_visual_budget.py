@@ -76,6 +76,31 @@ def test_over_budget_samples_are_left_out_counted_and_named(tiled, tokenizer, ca
     assert dataset.left_out == {"over_visual_budget": ["a.json:3"]} and len(dataset) == 1
 
 
+def test_a_datasets_own_budget_replaces_the_stages_for_its_samples(tiled, tokenizer, tmp_path):
+    """``data.max_visual_tokens``: one source's samples get their own budget (here tighter: fewer
+    tiles), the other source keeps the stage's."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from vlm.config import DataConfig
+    from vlm.data.formats import read_samples
+
+    model, cfg, paths = tiled
+    records = [{"id": "r", "image": paths[0], "conversations": [{"from": "human", "value": "<image>\nwhat?"},
+                                                                 {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    entries = [OmegaConf.structured(DataConfig(format="llava_json", args={"path": str(tmp_path / "a.json")},
+                                               max_visual_tokens=budget)) for budget in (None, 30)]
+    samples = read_samples(entries)
+    assert [s.max_visual_tokens for s in samples] == [None, 30]
+    processor = build_processor(model, tokenizer, cfg, max_visual_tokens=100)
+    dataset = ConversationDataset(samples, processor, name="toy", progress=False)
+    stage_own, data_own = (sum(layout.num_tokens() for layout in layouts) for layouts in dataset.layouts)
+    assert stage_own == 88 and data_own <= 30  # the 2 x 2 grid; fewer tiles for the tighter budget
+    assert dataset[1].image_tokens == [data_own] == [dataset[1].input_ids.count(model.image_token_id)]
+
+
 def runs(ids, token):
     """Lengths of the runs of ``token`` in ``ids``."""
     lengths, previous = [], None

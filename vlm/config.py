@@ -164,6 +164,9 @@ class DataConfig:
     max_samples: Optional[int] = None
     # each sample appears this many times per epoch (after max_samples): up-weights a dataset in a mix
     repeat: int = 1
+    # the visual tokens one sample of this dataset may hold, instead of the stage's
+    # max_visual_tokens (vlm/data/budget.py); None: the stage's
+    max_visual_tokens: Optional[int] = None
 
 
 @dataclass
@@ -682,7 +685,8 @@ _EVAL_RANGES = [
     ("num_beams", _at_least_one, ">= 1"),
     ("max_image_pixels", _at_least_one, ">= 1"),
 ]
-_DATA_RANGES = [("max_samples", _at_least_one, ">= 1 (or null: all)"), ("repeat", _at_least_one, ">= 1")]
+_DATA_RANGES = [("max_samples", _at_least_one, ">= 1 (or null: all)"), ("repeat", _at_least_one, ">= 1"),
+                ("max_visual_tokens", _at_least_one, ">= 1 (or null: the stage's)")]
 _PREPARE_RANGES = [
     ("prepare.shapes.num_train", _non_negative, ">= 0"), ("prepare.shapes.num_test", _non_negative, ">= 0"),
     ("prepare.shapes.image_size", _at_least_one, ">= 1"),

@@ -123,6 +123,10 @@ def streaming_refusal(stage, model_cfg, objective_cls) -> Optional[str]:
         return "a streaming source with model.vision.tiling: AnyRes samples are not streamed yet; set streaming: false"
     if objective_cls.reads_pairs:
         return f"objective {stage.objective} reads preference pairs, which are not streamed; set streaming: false"
+    for index, data in enumerate(stage.data):
+        if data.max_visual_tokens is not None:
+            return (f"data.{index}.max_visual_tokens: a dataset's own budget is not applied to streamed samples; "
+                    "set the stage's max_visual_tokens")
     return None
 
 

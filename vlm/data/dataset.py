@@ -94,7 +94,7 @@ class ConversationDataset(Dataset):
                 self.left_out.setdefault(frames, []).append(source)
                 continue
             try:
-                layouts = processor.image_layouts(sample.images, source)
+                layouts = processor.image_layouts(sample.images, source, processor.budget_of(sample))
             except OverBudget as exc:
                 self._leave_out("over_visual_budget", source, exc)
                 continue

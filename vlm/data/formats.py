@@ -12,7 +12,7 @@ import inspect
 import json
 import os
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from vlm.core.errors import ConfigError, DataFormatError
@@ -532,11 +532,15 @@ def read_vqav2(
 
 def read_samples(data_cfgs, image_token: str = IMAGE_TOKEN) -> List[Sample]:
     """Read and concatenate every dataset of a stage (``max_samples``, then ``repeat``, applied
-    per dataset); ``image_token`` marks the images in their texts (the model's)."""
+    per dataset; a dataset's ``max_visual_tokens`` goes on each of its samples); ``image_token``
+    marks the images in their texts (the model's)."""
     samples: List[Sample] = []
     for data in data_cfgs:
         part = read_dataset(data.format, image_token=image_token, **dict(data.args))
-        samples.extend((part[: data.max_samples] if data.max_samples else part) * data.repeat)
+        part = part[: data.max_samples] if data.max_samples else part
+        if data.max_visual_tokens is not None:
+            part = [replace(sample, max_visual_tokens=data.max_visual_tokens) for sample in part]
+        samples.extend(part * data.repeat)
     return samples
 
 

@@ -115,16 +115,23 @@ class VLMProcessor:
             raise ValueError("a generation prompt needs a user turn")
         return turns
 
-    def image_layouts(self, images: Sequence["str | Image.Image"], where: str = "sample") -> Optional[List[TileLayout]]:
+    def budget_of(self, sample: Sample) -> Optional[int]:
+        """The visual-token budget of ``sample``: its dataset's (``data.max_visual_tokens``), else
+        the stage's (``max_visual_tokens``); None: no budget."""
+        return self.max_visual_tokens if sample.max_visual_tokens is None else sample.max_visual_tokens
+
+    def image_layouts(self, images: Sequence["str | Image.Image"], where: str = "sample",
+                      budget: Optional[int] = None) -> Optional[List[TileLayout]]:
         """With tiling, each image's :class:`~vlm.data.anyres.TileLayout` from its size (read from
-        the file's header), within ``max_visual_tokens`` (``vlm.data.budget``: OverBudget naming
-        ``where``); None without tiling (the budget still checked)."""
+        the file's header), within ``budget`` (None: ``max_visual_tokens``; ``vlm.data.budget``:
+        OverBudget naming ``where``); None without tiling (the budget still checked)."""
         from vlm.data.budget import check_fixed_budget, fit_layouts
 
+        budget = self.max_visual_tokens if budget is None else budget
         if self.tiling is None:
-            check_fixed_budget([self.num_image_tokens] * len(images), self.max_visual_tokens, where)
+            check_fixed_budget([self.num_image_tokens] * len(images), budget, where)
             return None
-        return fit_layouts([image_size_of(image) for image in images], self.tiling, self.max_visual_tokens, where)
+        return fit_layouts([image_size_of(image) for image in images], self.tiling, budget, where)
 
     def image_token_counts(self, layouts: Optional[Sequence[TileLayout]], num_images: int) -> List[int]:
         """Each image's number of visual tokens: its layout's, or K without tiling."""
@@ -162,7 +169,7 @@ class VLMProcessor:
 
     def frame_counts(self, sample: Sample) -> List[int]:
         """How many frames each of ``sample``'s videos gives (from the container's header, or by
-        counting), fewer where ``max_visual_tokens`` needs it (``vlm.data.budget.fit_frames``:
+        counting), fewer where the sample's budget (:meth:`budget_of`) needs it (``vlm.data.budget.fit_frames``:
         OverBudget); ImageLoadError names an unreadable or empty video."""
         counts = []
         for video in sample.videos:
@@ -176,7 +183,7 @@ class VLMProcessor:
         from vlm.data.budget import fit_frames
 
         return fit_frames(self.num_image_tokens * len(sample.images), counts, self._frame_tokens(),
-                          self.max_visual_tokens, sample.meta.get("source", sample.id))
+                          self.budget_of(sample), sample.meta.get("source", sample.id))
 
     def encode(self, sample: Sample, for_generation: bool = False) -> EncodedSample:
         """Token ids, labels, pixel tensors (images and video frames loaded here, in marker
@@ -191,7 +198,7 @@ class VLMProcessor:
             input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation,
                                               frame_counts=visuals.frame_counts)
             return EncodedSample(input_ids, labels, visuals.tensors, visuals.instructions, frames=visuals.frames)
-        layouts = self.image_layouts(sample.images, sample.meta.get("source", sample.id))
+        layouts = self.image_layouts(sample.images, sample.meta.get("source", sample.id), self.budget_of(sample))
         counts = self.image_token_counts(layouts, len(sample.images))
         input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation, image_tokens=counts)
         if layouts is None:

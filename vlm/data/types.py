@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 from vlm.core.errors import DataFormatError
 
@@ -75,6 +75,9 @@ class Sample:
     images: List[str] = field(default_factory=list)
     meta: Dict[str, Any] = field(default_factory=dict)
     videos: List[Any] = field(default_factory=list)
+    # this sample's visual-token budget, from its dataset's ``data.max_visual_tokens``; None: the
+    # stage's (``stages.<name>.max_visual_tokens``, held by the processor)
+    max_visual_tokens: Optional[int] = None
 
     def __post_init__(self):
         where = self.meta.get("source", self.id)

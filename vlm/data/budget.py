@@ -36,7 +36,9 @@ def fit_layouts(sizes: Sequence[Tuple[int, int]], spec: TilingSpec, budget: Opti
     """The layouts of images of ``sizes`` (``(height, width)``) within ``budget`` visual tokens
     (None: no budget), reduced in the module's order; OverBudget naming ``where`` when even the
     smallest layouts exceed it."""
-    layouts = [spec.layout(h, w) for h, w in sizes]
+    # a multi-image sample of a ``base`` model shows each image as its overview alone
+    base_only = spec.multi_image == "base" and len(sizes) > 1
+    layouts = [spec.layout(h, w, max_tiles=0 if base_only else None) for h, w in sizes]
     if budget is None or _total(layouts) <= budget:
         return layouts
     smallest = min((p[0] // spec.image_size) * (p[1] // spec.image_size) for p in spec.pinpoints)

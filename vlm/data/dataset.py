@@ -160,7 +160,7 @@ class ConversationDataset(Dataset):
         sample, ids, labels = self.entries[index]
         layouts = self.layouts[index]
         if sample.videos:
-            return self._with_videos(sample, ids, labels, self.frame_counts[index])
+            return self._with_videos(sample, ids, labels, self.frame_counts[index], layouts)
         paths = sample.images[:self.num_images[index]]
         load, kind = ((self.load_image, "pixels") if self.image_features is None
                       else (self.image_features, "features"))
@@ -179,11 +179,18 @@ class ConversationDataset(Dataset):
                              image_layouts=layouts)
 
     def _with_videos(self, sample: Sample, ids: List[int], labels: List[int],
-                     counts: List[int]) -> Optional[EncodedSample]:
-        """A sample with videos: its images and sampled frames in marker order (pixels)."""
-        visuals = unless_unreadable(
-            lambda: load_visuals(sample.turns, sample.images, sample.videos, self.processor.image_token,
-                                 self.load_image, self.processor.load_video), sample, where=self.name)
+                     counts: List[int], layouts: Optional[list] = None) -> Optional[EncodedSample]:
+        """A sample with videos: its images and sampled frames in marker order (pixels; with
+        AnyRes tiling, their tiles and every entry's layout)."""
+        order = None
+        if layouts is not None:
+            loaded = unless_unreadable(lambda: self.processor.load_tiled_visuals(
+                sample.turns, sample.images, sample.videos, layouts), sample, where=self.name)
+            visuals, order = (None, None) if loaded is None else loaded
+        else:
+            visuals = unless_unreadable(
+                lambda: load_visuals(sample.turns, sample.images, sample.videos, self.processor.image_token,
+                                     self.load_image, self.processor.load_video), sample, where=self.name)
         if visuals is not None and visuals.frame_counts != counts:
             logger.warning("%s: skipping sample %s: its videos gave %s frames, %s when it was tokenised", self.name,
                            sample.meta.get("source", sample.id), visuals.frame_counts, counts)
@@ -191,7 +198,8 @@ class ConversationDataset(Dataset):
         if visuals is None:
             self.image_failures += 1
             return None
-        return EncodedSample(ids, labels, visuals.tensors, visuals.instructions, frames=visuals.frames)
+        return EncodedSample(ids, labels, visuals.tensors, visuals.instructions, frames=visuals.frames,
+                             image_layouts=order)
 
 
 def video_frame_counts(processor: VLMProcessor, sample: Sample, features: bool = False) -> "List[int] | str":

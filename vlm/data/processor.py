@@ -10,6 +10,7 @@ segments, so they follow turn boundaries exactly.
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -24,7 +25,7 @@ from vlm.data.placement import check_placement, place_visuals
 from vlm.data.templates import ChatTemplate
 from vlm.data.types import IMAGE_TOKEN, VIDEO_TOKEN, Sample, Turn
 from vlm.data.video import FrameSampling, probe, read_frames, video_name
-from vlm.data.visuals import load_visuals, marker_pattern
+from vlm.data.visuals import Visuals, load_visuals, marker_pattern
 
 
 class VLMProcessor:
@@ -44,6 +45,7 @@ class VLMProcessor:
         num_frame_tokens: Optional[int] = None,
         frame_sampling: FrameSampling = FrameSampling(),
         image_placement: Optional[str] = None,
+        video_newline: bool = False,
     ):
         self.tokenizer = tokenizer
         self.template = template
@@ -58,6 +60,7 @@ class VLMProcessor:
         self.max_visual_tokens = max_visual_tokens
         self.num_frame_tokens = num_frame_tokens  # None: the model takes no video
         self.frame_sampling = frame_sampling
+        self.video_newline = video_newline  # one image_newline after a video's frames (OneVision)
         check_placement(image_placement)
         self.image_placement = image_placement  # None: positional
         self._markers = marker_pattern(image_token)
@@ -72,10 +75,15 @@ class VLMProcessor:
                 count = self.num_image_tokens if image_counts is None else _next_count(image_counts)
                 ids.extend([self.image_token_id] * count)
             elif piece == VIDEO_TOKEN:
-                ids.extend([self.image_token_id] * (self._frame_tokens() * next(frame_counts)))
+                ids.extend([self.image_token_id] * self.video_tokens(next(frame_counts)))
             elif piece:
                 ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
         return ids
+
+    def video_tokens(self, frames: int) -> int:
+        """Placeholders of a video of ``frames`` sampled frames: each frame's pooled tokens, and one
+        newline after the last frame with ``video_newline``."""
+        return self._frame_tokens() * frames + int(self.video_newline)
 
     def _frame_tokens(self) -> int:
         if self.num_frame_tokens is None:
@@ -139,7 +147,30 @@ class VLMProcessor:
         if (image.height, image.width) != (layout.height, layout.width):
             raise ImageLoadError(f"image {path}: {image.width} x {image.height} pixels, its layout was planned for "
                                  f"{layout.width} x {layout.height}")
-        return tile_pixels(image, layout, self.tiling)
+        return tile_pixels(image, layout, self.tiling, square=self.tiling.square_overview and not layout.rows)
+
+    def load_tiled_visuals(self, turns: Sequence[Turn], images: Sequence, videos: Sequence,
+                           layouts: Sequence[TileLayout]) -> Tuple[Visuals, List[TileLayout]]:
+        """AnyRes with videos: images (their ``layouts``, in order) and videos' sampled frames in
+        marker order, and every entry's layout: a frame is its overview alone (resized to the
+        encoder's size), pooled to the video's tokens per frame, the last one of a video ending
+        with the newline when ``video_newline``."""
+        planned, order = iter(layouts), []
+        side = math.isqrt(self._frame_tokens())
+
+        def load_image(path) -> torch.Tensor:
+            order.append(next(planned))
+            return self.load_tiles(path, order[-1])
+
+        def load_video(source) -> List[torch.Tensor]:
+            frames = read_frames(source, self.frame_sampling, self.max_image_pixels)
+            tiles = []
+            for i, frame in enumerate(frames):
+                order.append(TileLayout(frame.height, frame.width, 0, 0, side, self.video_newline and i == len(frames) - 1))
+                tiles.append(tile_pixels(frame, order[-1], self.tiling))
+            return tiles
+
+        return load_visuals(turns, images, videos, self.image_token, load_image, load_video), order
 
     def load_image(self, path: "str | Image.Image") -> torch.Tensor:
         """Open (pixel limit, EXIF orientation: :func:`vlm.data.images.open_image`) and transform
@@ -173,9 +204,15 @@ class VLMProcessor:
         order), which of them are video frames, and each one's instruction for one sample;
         :class:`vlm.data.batch.Collator` batches them."""
         turns = self.prompt_turns(sample.turns) if for_generation else sample.turns
+        if sample.videos and self.tiling is not None:
+            layouts = self.image_layouts(sample.images, sample.meta.get("source", sample.id))
+            visuals, order = self.load_tiled_visuals(turns, sample.images, sample.videos, layouts)
+            input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation,
+                                              image_tokens=self.image_token_counts(layouts, len(sample.images)),
+                                              frame_counts=visuals.frame_counts)
+            return EncodedSample(input_ids, labels, visuals.tensors, visuals.instructions, frames=visuals.frames,
+                                 image_layouts=order)
         if sample.videos:
-            if self.tiling is not None:
-                raise ValueError(f"{sample.meta.get('source', sample.id)}: AnyRes tiling takes images, not videos")
             visuals = load_visuals(turns, sample.images, sample.videos, self.image_token, self.load_image,
                                    self.load_video)
             input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation,

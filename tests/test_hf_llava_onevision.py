@@ -1,0 +1,191 @@
+"""`vlm export hf-llava-onevision`: the folder used as transformers users use it (AutoProcessor,
+its chat template, generate) gives vlm's prompt ids, logits and `vlm chat`'s answer for one
+image, two images and a video; what LLaVA-OneVision cannot hold is one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_model, run_vlm, tiny_model_config, write_images
+from PIL import Image
+from test_anyres import PINPOINTS
+from test_hf_llava_interop import write_stage_output
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    LlavaOnevisionForConditionalGeneration,
+)
+
+from vlm.checkpoint.pretrained import load_pretrained
+from vlm.core.errors import ConfigError
+from vlm.data.batch import Collator
+from vlm.data.types import Sample, Turn
+from vlm.data.video import read_frames
+from vlm.inference.chat import answer
+from vlm.modeling.processing import build_processor
+
+QUESTION = "what color is the shape?"
+ONEVISION = {"vision.tiling.enabled": True, "vision.tiling.grid_pinpoints": PINPOINTS, "template": "chatml",
+             "vision.tiling.multi_image": "base", "video.newline": True}
+
+
+def onevision_config(tokenizer_dir, **overrides):
+    return tiny_model_config(tokenizer_dir, **{**ONEVISION, **overrides})
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer_dir):
+    """A tiny OneVision-layout model as a stage output, reloaded as `vlm chat` loads it, and its export."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("onevision")
+    cfg = onevision_config(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    stage_out = write_stage_output(root / "instruct" / "final", build_tiny_model(cfg, tokenizer, seed=11), cfg,
+                                   tokenizer)
+    model, tok, model_cfg = load_pretrained(stage_out, device="cpu")
+    code, out, _ = _run_export(stage_out, root / "hf")
+    assert code == 0 and "exported:" in out
+    hf = LlavaOnevisionForConditionalGeneration.from_pretrained(str(root / "hf")).eval()
+    # PIL's bicubic for the images, as vlm (the default torchvision backend differs by ~1 grey level);
+    # the video processor has no PIL backend
+    images = AutoImageProcessor.from_pretrained(str(root / "hf"), backend="pil")
+    hf_processor = AutoProcessor.from_pretrained(str(root / "hf"), image_processor=images)
+    return model, build_processor(model, tok, model_cfg), hf, hf_processor, root
+
+
+def _run_export(stage_out, out):
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from vlm.app.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with redirect_stdout(stdout), redirect_stderr(stderr):
+        try:
+            main(["export", "hf-llava-onevision", str(stage_out), "--out", str(out)])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def _vlm_logits(model, processor, sample):
+    batch = Collator(processor.tokenizer.pad_token_id or 0)([processor.encode(sample, for_generation=True)])
+    with torch.no_grad():
+        out = model(**batch.model_inputs(with_labels=False))
+    return batch.input_ids[0].tolist(), out.logits[0]
+
+
+def _check_round_trip(exported, sample, messages, hf_inputs_of):
+    model, processor, hf, hf_processor, _ = exported
+    ours_ids, ours_logits = _vlm_logits(model, processor, sample)
+    text = hf_processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = hf_inputs_of(hf_processor, text)
+    ids = inputs["input_ids"][0]
+    # transformers writes a video's placeholders as its own <video> id; vlm as the image id
+    assert ids.masked_fill(ids == hf.config.video_token_id, model.image_token_id).tolist() == ours_ids
+    with torch.no_grad():
+        logits = hf(**inputs).logits[0]
+    torch.testing.assert_close(logits[:, :ours_logits.shape[-1]], ours_logits, atol=1e-5, rtol=1e-5)
+    expected = answer(model, processor, sample.images, sample.turns, max_new_tokens=24, videos=sample.videos)
+    with torch.no_grad():
+        new = hf.generate(**inputs, max_new_tokens=24)[0, ids.shape[0]:]
+    got = hf_processor.decode(new, skip_special_tokens=True).strip()
+    assert got == expected and got
+    return ids
+
+
+@pytest.mark.parametrize("size", [(100, 37), (30, 75)])  # wide (1 x 3 grid), tall (2 x 1): both unpad directions
+def test_one_image_is_tiled_as_vlm_tiles_it(exported, size):
+    path = write_images(exported[4] / f"one_{size[0]}", sizes=[size])[0]
+    sample = Sample(id="s", turns=[Turn("user", f"<image>\n{QUESTION}")], images=[path])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+
+    def inputs(hf_processor, text):
+        with Image.open(path) as img:
+            return hf_processor(images=img, text=text, return_tensors="pt")
+
+    ids = _check_round_trip(exported, sample, messages, inputs)
+    layout = exported[1].image_layouts([path])[0]
+    assert layout.rows * layout.cols > 1 and int((ids == exported[0].image_token_id).sum()) == layout.num_tokens()
+
+
+def test_two_images_are_each_their_overview_and_a_newline(exported):
+    paths = write_images(exported[4] / "two", sizes=[(100, 37), (30, 75)])
+    sample = Sample(id="s", turns=[Turn("user", f"<image>\n<image>\n{QUESTION}")], images=paths)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                              {"type": "text", "text": QUESTION}]}]
+
+    def inputs(hf_processor, text):
+        images = [Image.open(p).convert("RGB") for p in paths]
+        return hf_processor(images=[images], text=[text], return_tensors="pt")
+
+    ids = _check_round_trip(exported, sample, messages, inputs)
+    assert int((ids == exported[0].image_token_id).sum()) == 2 * (16 + 1)  # the overview's 4 x 4, one newline
+
+
+def test_a_video_is_its_pooled_frames_and_one_newline(exported):
+    folder = exported[4] / "clip"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(5):  # frames at the encoder's size: transformers' video resize is then exact
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    sample = Sample(id="s", turns=[Turn("user", f"<video>\n{QUESTION}")], videos=[str(folder)])
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
+    frames = read_frames(str(folder), exported[1].frame_sampling)  # the frames vlm reads, as PIL images
+
+    def inputs(hf_processor, text):
+        return hf_processor(videos=[frames], text=text, return_tensors="pt")
+
+    ids = _check_round_trip(exported, sample, messages, inputs)
+    assert int((ids == exported[2].config.video_token_id).sum()) == 5 * 4 + 1  # 2 x 2 pooled frames, a newline
+
+
+def test_the_export_records_its_layout(exported):
+    info = json.loads((exported[4] / "hf" / "vlm_export.json").read_text())
+    assert info["tiling"]["multi_image"] == "base" and info["tiling"]["vision_aspect_ratio"] == "anyres_max_4"
+    assert info["video"] == {"pool": 2, "newline": True, "video_token": "<video>",
+                             "video_token_id": exported[2].config.video_token_id}
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"vision.tiling.multi_image": "tiled"}, "multi_image = tiled: LLaVA-OneVision shows each image"),
+    ({"video.newline": False}, "model.video.newline = false: LLaVA-OneVision ends every video"),
+    ({"video.pool": 3}, "model.video.pool = 3: LLaVA-OneVision pools every video frame by 2"),
+    ({"vision.tiling.pool_stride": 2}, "pool_stride = 2: LLaVA-OneVision pools no tile"),
+])
+def test_a_layout_onevision_cannot_hold_is_refused_with_one_line(tmp_path, tokenizer_dir, tokenizer, capsys,
+                                                                 overrides, words):
+    cfg = onevision_config(tokenizer_dir, **overrides)
+    stage_out = write_stage_output(tmp_path / "s" / "final", build_tiny_model(cfg, tokenizer), cfg, tokenizer)
+    code, _, err = run_vlm(["export", "hf-llava-onevision", str(stage_out), "--out", str(tmp_path / "hf")], capsys)
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if words in ln]
+    assert len(lines) == 1, err
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+
+
+def test_a_onevision_model_is_refused_as_llava_next(tmp_path, tokenizer_dir, tokenizer, capsys):
+    cfg = onevision_config(tokenizer_dir)
+    stage_out = write_stage_output(tmp_path / "s" / "final", build_tiny_model(cfg, tokenizer), cfg, tokenizer)
+    code, _, err = run_vlm(["export", "hf-llava-next", str(stage_out), "--out", str(tmp_path / "hf")], capsys)
+    assert code != 0 and "multi_image = base: LLaVA-NeXT tiles every image" in err
+
+
+def test_video_newline_needs_the_tiles_newline(tokenizer_dir, tokenizer):
+    cfg = tiny_model_config(tokenizer_dir, **{"video.newline": True})
+    with pytest.raises(ConfigError, match="model.video.newline: true needs model.vision.tiling"):
+        build_tiny_model(cfg, tokenizer)
+    cfg = onevision_config(tokenizer_dir, **{"vision.tiling.newline": False})
+    with pytest.raises(ConfigError, match="model.video.newline"):
+        build_tiny_model(cfg, tokenizer)
+
+
+def test_multi_image_must_be_tiled_or_base(tokenizer_dir, tokenizer):
+    cfg = onevision_config(tokenizer_dir, **{"vision.tiling.multi_image": "overview"})
+    with pytest.raises(ConfigError, match="model.vision.tiling.multi_image = 'overview': must be one of tiled, base"):
+        build_tiny_model(cfg, tokenizer)

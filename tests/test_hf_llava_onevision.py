@@ -189,3 +189,49 @@ def test_multi_image_must_be_tiled_or_base(tokenizer_dir, tokenizer):
     cfg = onevision_config(tokenizer_dir, **{"vision.tiling.multi_image": "overview"})
     with pytest.raises(ConfigError, match="model.vision.tiling.multi_image = 'overview': must be one of tiled, base"):
         build_tiny_model(cfg, tokenizer)
+
+
+def test_the_onevision_layout_trains_and_generates_through_the_dataset(tmp_path, tokenizer_dir, tokenizer):
+    """The dataset path (planned counts, tiles, frames' layouts) gives what the processor gives;
+    a loss over one image, two images, a video and an image with a video goes down, the row-end
+    token learns, and batched generation answers as one sample at a time."""
+    from vlm.data.dataset import ConversationDataset
+    from vlm.inference.generation import generate_answers
+
+    cfg = onevision_config(tokenizer_dir, **{"video.num_frames": 3})
+    model = build_tiny_model(cfg, tokenizer, seed=2)
+    processor = build_processor(model, tokenizer, cfg)
+    a, b = write_images(tmp_path / "img", sizes=[(100, 37), (30, 75)])
+    clip = [Image.open(a).convert("RGB").resize((32, 32))] * 2 + [Image.open(b).convert("RGB").resize((32, 32))]
+    user = [("<image>\nwhich?", [a], []), ("<image>\n<image>\nwhich?", [b, a], []), ("<video>\nwhich?", [], [clip]),
+            ("<image>\n<video>\nwhich?", [a], [clip])]
+    samples = [Sample(id=str(i), turns=[Turn("user", text), Turn("assistant", reply)], images=images, videos=videos,
+                      meta={"source": f"t#{i}"})
+               for i, ((text, images, videos), reply) in enumerate(zip(user, ["red", "blue square", "circle", "green"]))]
+    dataset = ConversationDataset(samples, processor, progress=False)
+    assert dataset.stats["kept"] == 4
+    for i, sample in enumerate(samples):
+        direct = processor.encode(sample)
+        assert dataset[i].input_ids == direct.input_ids and dataset[i].image_layouts == direct.image_layouts
+        assert all(torch.equal(x, y) for x, y in zip(dataset[i].images, direct.images))
+    tokens = [dataset[i].input_ids.count(model.image_token_id) for i in range(4)]
+    one = processor.image_layouts([a])[0].num_tokens()
+    assert tokens == [one, 2 * 17, 3 * 4 + 1, one + 3 * 4 + 1]
+
+    batch = Collator(tokenizer.pad_token_id, packing=True, max_length=512)([dataset[i] for i in range(4)])
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    newline = model.connector.image_newline.detach().clone()
+    losses = []
+    for _ in range(10):
+        loss = model(**batch.model_inputs(), return_logits=False).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert not torch.equal(newline, model.connector.image_newline)
+    prompts = [Sample(id=s.id, turns=s.turns[:1], images=s.images, videos=s.videos) for s in samples]
+    batched = generate_answers(model, processor, prompts, batch_size=4, max_new_tokens=6)
+    assert batched == [generate_answers(model, processor, [p], batch_size=1, max_new_tokens=6)[0] for p in prompts]

@@ -145,6 +145,23 @@ def test_a_video_is_its_pooled_frames_and_one_newline(exported):
     assert int((ids == exported[2].config.video_token_id).sum()) == 5 * 4 + 1  # 2 x 2 pooled frames, a newline
 
 
+def test_an_image_and_a_video_in_one_prompt(exported):
+    """One image beside a video is tiled (transformers counts images only in batch_num_images)."""
+    path = write_images(exported[4] / "mixed", sizes=[(30, 75)])[0]
+    frames = [Image.open(path).convert("RGB").resize((32, 32)).rotate(90 * i) for i in range(3)]
+    sample = Sample(id="s", turns=[Turn("user", f"<image>\n<video>\n{QUESTION}")], images=[path], videos=[frames])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"},
+                                              {"type": "text", "text": QUESTION}]}]
+
+    def inputs(hf_processor, text):
+        with Image.open(path) as img:
+            return hf_processor(images=img, videos=[frames], text=text, return_tensors="pt")
+
+    ids = _check_round_trip(exported, sample, messages, inputs)
+    assert int((ids == exported[2].config.video_token_id).sum()) == 3 * 4 + 1
+    assert int((ids == exported[0].image_token_id).sum()) == exported[1].image_layouts([path])[0].num_tokens()
+
+
 def test_the_export_records_its_layout(exported):
     info = json.loads((exported[4] / "hf" / "vlm_export.json").read_text())
     assert info["tiling"]["multi_image"] == "base" and info["tiling"]["vision_aspect_ratio"] == "anyres_max_4"

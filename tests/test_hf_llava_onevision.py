@@ -25,6 +25,7 @@ from vlm.data.batch import Collator
 from vlm.data.types import Sample, Turn
 from vlm.data.video import read_frames
 from vlm.inference.chat import answer
+from vlm.inference.generation import stop_settings
 from vlm.modeling.processing import build_processor
 
 QUESTION = "what color is the shape?"
@@ -74,15 +75,18 @@ def _run_export(stage_out, out):
 
 
 def _vlm_logits(model, processor, sample):
+    """vlm's prompt ids, logits and greedy new tokens (as ``generate_answers`` decodes them)."""
     batch = Collator(processor.tokenizer.pad_token_id or 0)([processor.encode(sample, for_generation=True)])
     with torch.no_grad():
         out = model(**batch.model_inputs(with_labels=False))
-    return batch.input_ids[0].tolist(), out.logits[0]
+    new = model.generate(batch.input_ids, batch.attention_mask, batch.images, image_layouts=batch.image_layouts,
+                         frame_mask=batch.frames, max_new_tokens=24, do_sample=False, **stop_settings(processor))
+    return batch.input_ids[0].tolist(), out.logits[0], new[0].tolist()
 
 
 def _check_round_trip(exported, sample, messages, hf_inputs_of):
     model, processor, hf, hf_processor, _ = exported
-    ours_ids, ours_logits = _vlm_logits(model, processor, sample)
+    ours_ids, ours_logits, ours_new = _vlm_logits(model, processor, sample)
     text = hf_processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = hf_inputs_of(hf_processor, text)
     ids = inputs["input_ids"][0]
@@ -94,6 +98,7 @@ def _check_round_trip(exported, sample, messages, hf_inputs_of):
     expected = answer(model, processor, sample.images, sample.turns, max_new_tokens=24, videos=sample.videos)
     with torch.no_grad():
         new = hf.generate(**inputs, max_new_tokens=24)[0, ids.shape[0]:]
+    assert new.tolist() == ours_new  # the same greedy tokens
     got = hf_processor.decode(new, skip_special_tokens=True).strip()
     assert got == expected and got
     return ids

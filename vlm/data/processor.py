@@ -4,8 +4,9 @@ Each ``<image>`` in the text becomes K copies of the image placeholder id, K bei
 model's connector produces per image; with AnyRes tiling each image's own count, from its size
 (``vlm.data.anyres``, within the sample's visual-token budget: ``vlm.data.budget``); each
 ``<video>`` becomes F x K_frame copies, for its F sampled frames and the K_frame pooled tokens of
-a frame (:mod:`vlm.data.video`). Labels are -100 everywhere but on the template's trainable
-segments, so they follow turn boundaries exactly.
+a frame (:mod:`vlm.data.video`), plus one for the closing newline with ``video_newline``. Labels
+are -100 everywhere but on the template's trainable segments, so they follow turn boundaries
+exactly.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class VLMProcessor:
         self.max_visual_tokens = max_visual_tokens
         self.num_frame_tokens = num_frame_tokens  # None: the model takes no video
         self.frame_sampling = frame_sampling
+        if video_newline and tiling is None:
+            raise ValueError("video_newline: the video's closing newline is the tiles' image_newline (needs tiling)")
         self.video_newline = video_newline  # one image_newline after a video's frames (OneVision)
         check_placement(image_placement)
         self.image_placement = image_placement  # None: positional
@@ -166,7 +169,8 @@ class VLMProcessor:
             frames = read_frames(source, self.frame_sampling, self.max_image_pixels)
             tiles = []
             for i, frame in enumerate(frames):
-                order.append(TileLayout(frame.height, frame.width, 0, 0, side, self.video_newline and i == len(frames) - 1))
+                last = i == len(frames) - 1
+                order.append(TileLayout(frame.height, frame.width, 0, 0, side, self.video_newline and last))
                 tiles.append(tile_pixels(frame, order[-1], self.tiling))
             return tiles
 

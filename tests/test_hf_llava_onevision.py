@@ -257,3 +257,13 @@ def test_the_onevision_layout_trains_and_generates_through_the_dataset(tmp_path,
     prompts = [Sample(id=s.id, turns=s.turns[:1], images=s.images, videos=s.videos) for s in samples]
     batched = generate_answers(model, processor, prompts, batch_size=4, max_new_tokens=6)
     assert batched == [generate_answers(model, processor, [p], batch_size=1, max_new_tokens=6)[0] for p in prompts]
+
+
+def test_the_new_keys_are_checked_when_a_config_loads(tokenizer_dir):
+    from vlm.app.wiring import check_model
+
+    check_model(onevision_config(tokenizer_dir))
+    with pytest.raises(ConfigError, match="model.video.newline: true needs model.vision.tiling with newline: true"):
+        check_model(tiny_model_config(tokenizer_dir, **{"video.newline": True}))
+    with pytest.raises(ConfigError, match="model.vision.tiling.multi_image = 'each': must be one of tiled, base"):
+        check_model(onevision_config(tokenizer_dir, **{"vision.tiling.multi_image": "each"}))

@@ -171,8 +171,7 @@ def check_tiling(tiling, image_size: int, where: str = "model.vision.tiling") ->
         raise ConfigError(f"{where}: set exactly one of grid_pinpoints or max_tiles")
     if max_tiles is not None and int(max_tiles) < 1:
         raise ConfigError(f"{where}.max_tiles = {max_tiles}: must be >= 1")
-    if tiling.multi_image not in MULTI_IMAGE:
-        raise ConfigError(f"{where}.multi_image = {tiling.multi_image!r}: must be one of {', '.join(MULTI_IMAGE)}")
+    check_multi_image(tiling.multi_image, f"{where}.multi_image")
     if int(tiling.pool_stride) < 1:
         raise ConfigError(f"{where}.pool_stride = {tiling.pool_stride}: must be >= 1")
     if pinpoints is not None:
@@ -182,6 +181,12 @@ def check_tiling(tiling, image_size: int, where: str = "model.vision.tiling") ->
             if len(point) != 2 or any(int(v) < image_size or int(v) % image_size for v in point):
                 raise ConfigError(f"{where}.grid_pinpoints.{i} = {list(point)}: each side must be a positive "
                                   f"multiple of the encoder's image size {image_size}")
+
+
+def check_multi_image(value: str, where: str = "model.vision.tiling.multi_image") -> None:
+    """ConfigError naming ``where`` for a ``multi_image`` that is not one of :data:`MULTI_IMAGE`."""
+    if value not in MULTI_IMAGE:
+        raise ConfigError(f"{where} = {value!r}: must be one of {', '.join(MULTI_IMAGE)}")
 
 
 def image_size_of(path: "str | Image.Image") -> Tuple[int, int]:

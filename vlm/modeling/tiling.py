@@ -48,10 +48,10 @@ def prepare_tiling(vision: nn.Module, connector: nn.Module, llm_dim: int, tiling
     return spec
 
 
-def check_video_newline(spec: Optional[TilingSpec], where: str = "model.video.newline") -> None:
-    """ConfigError naming ``where`` unless the model tiles with ``newline``: the video's closing
-    newline is the tiles' learned ``image_newline``."""
-    if spec is None or not spec.newline:
+def check_video_newline(tiles_newline: bool, where: str = "model.video.newline") -> None:
+    """ConfigError naming ``where`` unless the model tiles with ``newline`` (``tiles_newline``):
+    the video's closing newline is the tiles' learned ``image_newline``."""
+    if not tiles_newline:
         raise ConfigError(f"{where}: true needs model.vision.tiling with newline: true (the video's closing "
                           "token is the tiles' learned image_newline)")
 

@@ -82,7 +82,7 @@ class VisionLanguageModel(nn.Module):
         if cfg.video.newline:
             from vlm.modeling.tiling import check_video_newline
 
-            check_video_newline(tiling)
+            check_video_newline(tiling is not None and tiling.newline)
             model.video_newline = True
         return model
 

@@ -267,3 +267,20 @@ def test_the_new_keys_are_checked_when_a_config_loads(tokenizer_dir):
         check_model(tiny_model_config(tokenizer_dir, **{"video.newline": True}))
     with pytest.raises(ConfigError, match="model.vision.tiling.multi_image = 'each': must be one of tiled, base"):
         check_model(onevision_config(tokenizer_dir, **{"vision.tiling.multi_image": "each"}))
+
+
+def test_base_layout_shows_each_image_of_several_as_its_overview_within_the_budget(tokenizer_dir, tokenizer):
+    from vlm.data.budget import OverBudget, fit_layouts
+
+    model = build_tiny_model(onevision_config(tokenizer_dir), tokenizer)
+    spec, sizes = model.tiling, [(37, 100), (75, 30)]
+    one = fit_layouts(sizes[:1], spec, None)[0]
+    assert (one.rows, one.cols) == (1, 3)  # a sample with one image: tiled
+    layouts = fit_layouts(sizes, spec, None)
+    assert [(x.rows, x.cols, x.num_tokens()) for x in layouts] == [(0, 0, 17), (0, 0, 17)]
+    pooled = fit_layouts(sizes, spec, 10)  # over budget: the overviews pooled 4 x 4 -> 2 x 2
+    assert [(x.side, x.num_tokens()) for x in pooled] == [(2, 5), (2, 5)]
+    with pytest.raises(OverBudget, match="more than max_visual_tokens 3"):
+        fit_layouts(sizes, spec, 3)
+    tiled = build_tiny_model(onevision_config(tokenizer_dir, **{"vision.tiling.multi_image": "tiled"}), tokenizer)
+    assert all(x.rows for x in fit_layouts(sizes, tiled.tiling, None))  # the default keeps tiling each image

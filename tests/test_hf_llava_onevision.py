@@ -171,6 +171,8 @@ def test_an_image_and_a_video_in_one_prompt(exported):
 def test_the_export_records_its_layout(exported):
     info = json.loads((exported[4] / "hf" / "vlm_export.json").read_text())
     assert info["tiling"]["multi_image"] == "base" and info["tiling"]["vision_aspect_ratio"] == "anyres_max_4"
+    # the most tiles of a pinpoint (2 x 2): OneVision's interpolation of large maps never applies
+    assert exported[2].config.vision_aspect_ratio == exported[3].vision_aspect_ratio == "anyres_max_4"
     assert info["video"] == {"pool": 2, "newline": True, "video_token": "<video>",
                              "video_token_id": exported[2].config.video_token_id}
 
@@ -275,3 +277,21 @@ def test_base_layout_shows_each_image_of_several_as_its_overview_within_the_budg
         fit_layouts(sizes, spec, 3)
     tiled = build_tiny_model(onevision_config(tokenizer_dir, **{"vision.tiling.multi_image": "tiled"}), tokenizer)
     assert all(x.rows for x in fit_layouts(sizes, tiled.tiling, None))  # the default keeps tiling each image
+
+
+def test_grids_past_anyres_max_9_keep_vlm_counts(tokenizer_dir, tokenizer):
+    """With grids of up to 12 tiles OneVision's default anyres_max_9 would shrink a 3 x 4 map;
+    the exported processor's anyres_max_12 keeps vlm's count."""
+    from vlm.interop.hf_llava_onevision import build_llava_onevision_processor
+
+    cfg = onevision_config(tokenizer_dir, **{"vision.tiling.grid_pinpoints": None, "vision.tiling.max_tiles": 12})
+    model = build_tiny_model(cfg, tokenizer)
+    ours = build_processor(model, tokenizer, cfg)
+    hf_processor = build_llava_onevision_processor(model, tokenizer, cfg)
+    assert hf_processor.vision_aspect_ratio == "anyres_max_12"
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    layout = ours.image_layouts([image])[0]
+    assert (layout.rows, layout.cols) == (3, 4)
+    text = hf_processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}])
+    ids = hf_processor(images=image, text=text, return_tensors="pt")["input_ids"][0]
+    assert int((ids == model.image_token_id).sum()) == layout.num_tokens() == 16 + 12 * 16 + 12

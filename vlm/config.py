@@ -66,13 +66,16 @@ class TilingConfig:
     ``[height, width]`` pixel sizes (multiples of the encoder's image size), or ``max_tiles``: every
     grid of at most that many tiles (exactly one of the two); ``newline``: a learned row-end token
     after each row of the unpadded tile features (LLaVA-NeXT's ``image_newline``);
-    ``pool_stride``: bilinear pooling of each tile's feature grid to ``ceil(side / stride)``."""
+    ``pool_stride``: bilinear pooling of each tile's feature grid to ``ceil(side / stride)``;
+    ``multi_image``: the images of a sample with several images are ``tiled`` as one image is, or
+    ``base``: each its overview alone, padded to a square (LLaVA-OneVision)."""
 
     enabled: bool = False
     grid_pinpoints: Optional[List[List[int]]] = None
     max_tiles: Optional[int] = None
     newline: bool = True
     pool_stride: int = 1
+    multi_image: str = "tiled"
 
 
 @dataclass
@@ -119,11 +122,14 @@ class LLMConfig:
 class VideoConfig:
     """How a video reaches the model (docs/multi_image_video.md): ``num_frames`` frames spread
     evenly over the clip, or with ``fps`` one every 1/fps seconds (at most ``num_frames``); each
-    frame's square grid of visual tokens pooled bilinearly by ``pool`` (1: not pooled)."""
+    frame's square grid of visual tokens pooled bilinearly by ``pool`` (1: not pooled);
+    ``newline``: one learned ``image_newline`` after a video's last frame (LLaVA-OneVision; needs
+    ``model.vision.tiling`` with ``newline``)."""
 
     num_frames: int = 8
     fps: Optional[float] = None
     pool: int = 2
+    newline: bool = False
 
 
 @dataclass

@@ -345,6 +345,19 @@ def cmd_export_hf_llava_next(args) -> None:
     print(f"exported: {out}")
 
 
+def cmd_export_hf_llava_onevision(args) -> None:
+    """Write a tiled stage output with OneVision's multi-image and video layout as a transformers
+    LLaVA-OneVision folder (LlavaOnevisionForConditionalGeneration)."""
+    from vlm.core.errors import LayoutError
+    from vlm.interop.hf_llava_onevision import export_hf_llava_onevision
+
+    try:
+        out = export_hf_llava_onevision(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    except LayoutError as exc:
+        raise ConfigError(f"{args.checkpoint}: {exc}") from None
+    print(f"exported: {out}")
+
+
 def cmd_import_hf_llava(args) -> None:
     """Write a local transformers LLaVA folder as a vlm stage output."""
     from vlm.data.image_transforms import PREPROCESSING
@@ -598,7 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
             ("hf-blip2", cmd_export_hf_blip2, "hf_blip2_vision + qformer + a causal LM",
              "Blip2ForConditionalGeneration"),
             ("hf-llava-next", cmd_export_hf_llava_next, "hf_clip + mlp2x_gelu + a causal LM, model.vision.tiling",
-             "LlavaNextForConditionalGeneration")):
+             "LlavaNextForConditionalGeneration"),
+            ("hf-llava-onevision", cmd_export_hf_llava_onevision,
+             "hf_clip + mlp2x_gelu + a causal LM, model.vision.tiling (multi_image: base), model.video.newline",
+             "LlavaOnevisionForConditionalGeneration")):
         s = export_sub.add_parser(name, help=func.__doc__)
         s.add_argument("checkpoint", help=f"stage output folder ({layout})")
         s.add_argument("--out", required=True, help=f"folder to write ({reader}.from_pretrained reads it)")

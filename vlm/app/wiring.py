@@ -114,6 +114,7 @@ def check_model(model):
                           f"{' / '.join(repr(n) for n in needed)} vision encoder; model.vision.name is "
                           f"'{vision.name}'")
     check_component("templates", model.template, model, "model", "model.template")
+    check_visual_layout(model)
     if model.llm.name_or_path is None and "model_type" not in model.llm.arch:
         raise ConfigError("model.llm: give name_or_path, or arch with a model_type")
     from vlm.modeling.dtypes import DTYPES
@@ -148,6 +149,18 @@ def check_stage(stage, connector_cls, where: str) -> None:
         if refusal:
             raise ConfigError(f"{where}.feature_cache: {refusal}")
     check_component("strategies", stage.strategy, stage, where, f"{where}.strategy")
+
+
+def check_visual_layout(model) -> None:
+    """``model.vision.tiling.multi_image`` and ``model.video.newline`` (it needs the tiles'
+    newline), at load rather than when the model is built."""
+    from vlm.data.anyres import check_multi_image
+    from vlm.modeling.tiling import check_video_newline
+
+    tiling = model.vision.tiling
+    check_multi_image(tiling.multi_image)
+    if model.video.newline:
+        check_video_newline(bool(tiling.enabled and tiling.newline))
 
 
 def check_tiled_stage(stage, where: str) -> None:

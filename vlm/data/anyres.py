@@ -25,10 +25,13 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from vlm.core.errors import ConfigError, ImageLoadError
+from vlm.data.image_transforms import pad_to_square
 from vlm.data.images import to_rgb
 
 # the fields of a layout, in the order of its row in a batch's ``image_layouts`` tensor
 LAYOUT_FIELDS = ("height", "width", "rows", "cols", "side", "newline")
+# how a sample with several images lays them out: each tiled, or each its overview alone (OneVision)
+MULTI_IMAGE = ("tiled", "base")
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,8 @@ def pooled_side(grid: int, stride: int) -> int:
 class TilingSpec:
     """What tiling needs of the model: the encoder's input side ``image_size``, the token grid
     side of one tile before pooling ``grid``, the allowed grids ``pinpoints`` (pixel sizes),
-    ``newline``, the default ``pool_stride`` and the pixel normalisation."""
+    ``newline``, the default ``pool_stride``, the pixel normalisation and how the images of a
+    multi-image sample are laid out (``multi_image``: ``tiled`` or ``base``, the overview alone)."""
 
     image_size: int
     grid: int
@@ -124,6 +128,13 @@ class TilingSpec:
     pool_stride: int = 1
     mean: Tuple[float, ...] = (0.0, 0.0, 0.0)
     std: Tuple[float, ...] = (1.0, 1.0, 1.0)
+    multi_image: str = "tiled"
+
+    @property
+    def square_overview(self) -> bool:
+        """Whether an image shown as its overview alone is padded to a square first (``base``:
+        LLaVA-OneVision's multi-image pixels; the tiled overview is always a plain resize)."""
+        return self.multi_image == "base"
 
     @classmethod
     def from_config(cls, tiling, image_size: int, grid: int, mean: Sequence[float], std: Sequence[float],
@@ -135,7 +146,7 @@ class TilingSpec:
         pinpoints = tiling.grid_pinpoints if tiling.grid_pinpoints is not None else grids_up_to(
             int(tiling.max_tiles), image_size)
         return cls(image_size, grid, tuple((int(h), int(w)) for h, w in pinpoints), bool(tiling.newline),
-                   int(tiling.pool_stride), tuple(mean), tuple(std))
+                   int(tiling.pool_stride), tuple(mean), tuple(std), str(tiling.multi_image))
 
     def layout(self, height: int, width: int, max_tiles: Optional[int] = None,
                pool_stride: Optional[int] = None) -> TileLayout:
@@ -160,6 +171,7 @@ def check_tiling(tiling, image_size: int, where: str = "model.vision.tiling") ->
         raise ConfigError(f"{where}: set exactly one of grid_pinpoints or max_tiles")
     if max_tiles is not None and int(max_tiles) < 1:
         raise ConfigError(f"{where}.max_tiles = {max_tiles}: must be >= 1")
+    check_multi_image(tiling.multi_image, f"{where}.multi_image")
     if int(tiling.pool_stride) < 1:
         raise ConfigError(f"{where}.pool_stride = {tiling.pool_stride}: must be >= 1")
     if pinpoints is not None:
@@ -169,6 +181,12 @@ def check_tiling(tiling, image_size: int, where: str = "model.vision.tiling") ->
             if len(point) != 2 or any(int(v) < image_size or int(v) % image_size for v in point):
                 raise ConfigError(f"{where}.grid_pinpoints.{i} = {list(point)}: each side must be a positive "
                                   f"multiple of the encoder's image size {image_size}")
+
+
+def check_multi_image(value: str, where: str = "model.vision.tiling.multi_image") -> None:
+    """ConfigError naming ``where`` for a ``multi_image`` that is not one of :data:`MULTI_IMAGE`."""
+    if value not in MULTI_IMAGE:
+        raise ConfigError(f"{where} = {value!r}: must be one of {', '.join(MULTI_IMAGE)}")
 
 
 def image_size_of(path: "str | Image.Image") -> Tuple[int, int]:
@@ -196,13 +214,17 @@ def _file_size(path: str, mtime_ns: int, size: int) -> Tuple[int, int]:
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
-def tile_pixels(image: Image.Image, layout: TileLayout, spec: TilingSpec) -> torch.Tensor:
-    """``(num_tiles, 3, S, S)`` normalised pixels: the overview (the image resized to ``S x S``),
-    then the grid's tiles row by row (the image resized into the grid with its aspect ratio
-    kept, centred on black, as LLaVA-NeXT's processor does). Bicubic throughout."""
+def tile_pixels(image: Image.Image, layout: TileLayout, spec: TilingSpec, square: bool = False) -> torch.Tensor:
+    """``(num_tiles, 3, S, S)`` normalised pixels: the overview (the image resized to ``S x S``;
+    ``square``: first padded to a square in the mean colour, LLaVA's ``expand2square``), then
+    the grid's tiles row by row (the image resized into the grid with its aspect ratio kept,
+    centred on black, as LLaVA-NeXT's processor does). Bicubic throughout."""
     image = to_rgb(image)
     size = spec.image_size
-    tiles = [image.resize((size, size), Image.BICUBIC)]
+    if square:
+        tiles = [pad_to_square(size, spec.mean, spec.std)(image)]
+    else:
+        tiles = [image.resize((size, size), Image.BICUBIC)]
     if layout.rows:
         grid_h, grid_w = layout.rows * size, layout.cols * size
         new_h, new_w = _fit_size(layout.height, layout.width, grid_h, grid_w)
@@ -210,7 +232,8 @@ def tile_pixels(image: Image.Image, layout: TileLayout, spec: TilingSpec) -> tor
         canvas.paste(image.resize((new_w, new_h), Image.BICUBIC), ((grid_w - new_w) // 2, (grid_h - new_h) // 2))
         tiles += [canvas.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
                   for r in range(layout.rows) for c in range(layout.cols)]
-    return torch.stack([TF.normalize(TF.to_tensor(tile), list(spec.mean), list(spec.std)) for tile in tiles])
+    return torch.stack([tile if isinstance(tile, torch.Tensor) else TF.normalize(TF.to_tensor(tile), list(spec.mean),
+                                                                                  list(spec.std)) for tile in tiles])
 
 
 def _fit_size(height: int, width: int, grid_h: int, grid_w: int) -> Tuple[int, int]:

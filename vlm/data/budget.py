@@ -8,9 +8,10 @@ sample over it is reduced in this order, each step taken only while the sample i
    fewer tiles, down to the smallest grid the pinpoints allow;
 2. more pooling: every image's tiles are pooled with the next stride (2, 3, ...), until each
    tile is a single token;
-3. fewer frames (a sample with videos, whose images are not tiled): the video with the most
-   sampled frames (the first of equals) gives up one frame at a time, its frames spread evenly
-   over the clip again, down to one frame per video;
+3. fewer frames (a sample with videos; its images are fitted first, by steps 1 and 2 on their
+   own, and the frames take what remains): the video with the most sampled frames (the first of
+   equals) gives up one frame at a time, its frames spread evenly over the clip again, down to
+   one frame per video;
 4. refused: :class:`OverBudget`, one line with the sample's tokens at its smallest and the budget;
    a dataset leaves the sample out and counts it (``over_visual_budget``).
 
@@ -39,7 +40,9 @@ def fit_layouts(sizes: Sequence[Tuple[int, int]], spec: TilingSpec, budget: Opti
     """The layouts of images of ``sizes`` (``(height, width)``) within ``budget`` visual tokens
     (None: no budget), reduced in the module's order; OverBudget naming ``where`` when even the
     smallest layouts exceed it."""
-    layouts = [spec.layout(h, w) for h, w in sizes]
+    # a multi-image sample of a ``base`` model shows each image as its overview alone
+    base_only = spec.multi_image == "base" and len(sizes) > 1
+    layouts = [spec.layout(h, w, max_tiles=0 if base_only else None) for h, w in sizes]
     if budget is None or _total(layouts) <= budget:
         return layouts
     smallest = min((p[0] // spec.image_size) * (p[1] // spec.image_size) for p in spec.pinpoints)
@@ -60,10 +63,12 @@ def fit_layouts(sizes: Sequence[Tuple[int, int]], spec: TilingSpec, budget: Opti
 
 
 def fit_frames(image_tokens: int, frame_counts: Sequence[int], tokens_per_frame: int, budget: Optional[int],
-               where: str = "sample") -> List[int]:
+               where: str = "sample", per_video: int = 0) -> List[int]:
     """Each video's frame count within ``budget`` visual tokens, beside ``image_tokens`` of the
-    sample's images (step 3); OverBudget naming ``where`` when one frame per video is still over."""
+    sample's images and ``per_video`` tokens each video adds (a trailing newline) (step 3);
+    OverBudget naming ``where`` when one frame per video is still over."""
     counts = list(frame_counts)
+    image_tokens += per_video * len(counts)
     if budget is None:
         return counts
     while image_tokens + tokens_per_frame * sum(counts) > budget:

@@ -88,12 +88,7 @@ class ConversationDataset(Dataset):
         for sample in tqdm(samples, desc=f"planning images of {name}", leave=False,
                            disable=not progress or (processor.tiling is None and not any(s.videos for s in samples))):
             source = sample.meta.get("source", sample.id)
-            frames = video_frame_counts(processor, sample, image_features is not None)
-            if isinstance(frames, str):
-                self.stats[frames] += 1
-                self.left_out.setdefault(frames, []).append(source)
-                continue
-            try:
+            try:  # the images first: with videos, their frames take what the images leave of the budget
                 layouts = processor.image_layouts(sample.images, source, processor.budget_of(sample))
             except OverBudget as exc:
                 self._leave_out("over_visual_budget", source, exc)
@@ -101,8 +96,13 @@ class ConversationDataset(Dataset):
             except ImageLoadError as exc:  # AnyRes reads each image's size here
                 self._leave_out("unreadable_image", source, exc)
                 continue
-            planned.append((sample, source, layouts, processor.image_token_counts(layouts, len(sample.images)),
-                            frames))
+            counts = processor.image_token_counts(layouts, len(sample.images))
+            frames = video_frame_counts(processor, sample, image_features is not None, sum(counts))
+            if isinstance(frames, str):
+                self.stats[frames] += 1
+                self.left_out.setdefault(frames, []).append(source)
+                continue
+            planned.append((sample, source, layouts, counts, frames))
         if tokenize is not None and processor.tiling is None and not any(p[4] for p in planned):
             encoded = tokenize([sample for sample, *_ in planned])  # the token cache (data/token_cache.py)
         else:  # tiled images' and videos' token counts depend on the files: not what the cache keys
@@ -160,7 +160,7 @@ class ConversationDataset(Dataset):
         sample, ids, labels = self.entries[index]
         layouts = self.layouts[index]
         if sample.videos:
-            return self._with_videos(sample, ids, labels, self.frame_counts[index])
+            return self._with_videos(sample, ids, labels, self.frame_counts[index], layouts)
         paths = sample.images[:self.num_images[index]]
         load, kind = ((self.load_image, "pixels") if self.image_features is None
                       else (self.image_features, "features"))
@@ -179,16 +179,23 @@ class ConversationDataset(Dataset):
                              image_layouts=layouts)
 
     def _with_videos(self, sample: Sample, ids: List[int], labels: List[int],
-                     counts: List[int]) -> Optional[EncodedSample]:
-        """A sample with videos: its images and sampled frames in marker order (pixels)."""
-        planned = iter(counts)  # the budget may have lowered a video's frames
+                     counts: List[int], layouts: Optional[list] = None) -> Optional[EncodedSample]:
+        """A sample with videos: its images and sampled frames in marker order (pixels; with
+        AnyRes tiling, their tiles and every entry's layout)."""
+        order = None
+        if layouts is not None:
+            loaded = unless_unreadable(lambda: self.processor.load_tiled_visuals(
+                sample.turns, sample.images, sample.videos, layouts, counts), sample, where=self.name)
+            visuals, order = (None, None) if loaded is None else loaded
+        else:
+            planned = iter(counts)  # the budget may have lowered a video's frames
 
-        def load_video(source):
-            return self.processor.load_video(source, next(planned))
+            def load_video(source):
+                return self.processor.load_video(source, next(planned))
 
-        visuals = unless_unreadable(
-            lambda: load_visuals(sample.turns, sample.images, sample.videos, self.processor.image_token,
-                                 self.load_image, load_video), sample, where=self.name)
+            visuals = unless_unreadable(
+                lambda: load_visuals(sample.turns, sample.images, sample.videos, self.processor.image_token,
+                                     self.load_image, load_video), sample, where=self.name)
         if visuals is not None and visuals.frame_counts != counts:
             logger.warning("%s: skipping sample %s: its videos gave %s frames, %s when it was tokenised", self.name,
                            sample.meta.get("source", sample.id), visuals.frame_counts, counts)
@@ -196,10 +203,12 @@ class ConversationDataset(Dataset):
         if visuals is None:
             self.image_failures += 1
             return None
-        return EncodedSample(ids, labels, visuals.tensors, visuals.instructions, frames=visuals.frames)
+        return EncodedSample(ids, labels, visuals.tensors, visuals.instructions, frames=visuals.frames,
+                             image_layouts=order)
 
 
-def video_frame_counts(processor: VLMProcessor, sample: Sample, features: bool = False) -> "List[int] | str":
+def video_frame_counts(processor: VLMProcessor, sample: Sample, features: bool = False,
+                       image_tokens: Optional[int] = None) -> "List[int] | str":
     """The frame count of each of ``sample``'s videos, or the reason it is left out (logged
     with the sample's source): ``unreadable_video`` (including 0 frames), ``over_visual_budget``
     (one frame per video is still over ``max_visual_tokens``) or ``video_without_pixels`` (the
@@ -209,7 +218,7 @@ def video_frame_counts(processor: VLMProcessor, sample: Sample, features: bool =
     if features:
         return "video_without_pixels"
     try:
-        return processor.frame_counts(sample)
+        return processor.frame_counts(sample, image_tokens)
     except ImageLoadError as exc:
         logger.warning("skipping sample %s: %s", sample.meta.get("source", sample.id), exc)
         return "unreadable_video"

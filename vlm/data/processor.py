@@ -4,12 +4,14 @@ Each ``<image>`` in the text becomes K copies of the image placeholder id, K bei
 model's connector produces per image; with AnyRes tiling each image's own count, from its size
 (``vlm.data.anyres``, within the sample's visual-token budget: ``vlm.data.budget``); each
 ``<video>`` becomes F x K_frame copies, for its F sampled frames and the K_frame pooled tokens of
-a frame (:mod:`vlm.data.video`). Labels are -100 everywhere but on the template's trainable
-segments, so they follow turn boundaries exactly.
+a frame (:mod:`vlm.data.video`), plus one for the closing newline with ``video_newline``. Labels
+are -100 everywhere but on the template's trainable segments, so they follow turn boundaries
+exactly.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -24,7 +26,7 @@ from vlm.data.placement import check_placement, place_visuals
 from vlm.data.templates import ChatTemplate
 from vlm.data.types import IMAGE_TOKEN, VIDEO_TOKEN, Sample, Turn
 from vlm.data.video import FrameSampling, probe, read_frames, video_name
-from vlm.data.visuals import load_visuals, marker_pattern
+from vlm.data.visuals import Visuals, load_visuals, marker_pattern
 
 
 class VLMProcessor:
@@ -44,6 +46,7 @@ class VLMProcessor:
         num_frame_tokens: Optional[int] = None,
         frame_sampling: FrameSampling = FrameSampling(),
         image_placement: Optional[str] = None,
+        video_newline: bool = False,
     ):
         self.tokenizer = tokenizer
         self.template = template
@@ -58,6 +61,9 @@ class VLMProcessor:
         self.max_visual_tokens = max_visual_tokens
         self.num_frame_tokens = num_frame_tokens  # None: the model takes no video
         self.frame_sampling = frame_sampling
+        if video_newline and tiling is None:
+            raise ValueError("video_newline: the video's closing newline is the tiles' image_newline (needs tiling)")
+        self.video_newline = video_newline  # one image_newline after a video's frames (OneVision)
         check_placement(image_placement)
         self.image_placement = image_placement  # None: positional
         self._markers = marker_pattern(image_token)
@@ -72,10 +78,15 @@ class VLMProcessor:
                 count = self.num_image_tokens if image_counts is None else _next_count(image_counts)
                 ids.extend([self.image_token_id] * count)
             elif piece == VIDEO_TOKEN:
-                ids.extend([self.image_token_id] * (self._frame_tokens() * next(frame_counts)))
+                ids.extend([self.image_token_id] * self.video_tokens(next(frame_counts)))
             elif piece:
                 ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
         return ids
+
+    def video_tokens(self, frames: int) -> int:
+        """Placeholders of a video of ``frames`` sampled frames: each frame's pooled tokens, and one
+        newline after the last frame with ``video_newline``."""
+        return self._frame_tokens() * frames + int(self.video_newline)
 
     def _frame_tokens(self) -> int:
         if self.num_frame_tokens is None:
@@ -146,7 +157,33 @@ class VLMProcessor:
         if (image.height, image.width) != (layout.height, layout.width):
             raise ImageLoadError(f"image {path}: {image.width} x {image.height} pixels, its layout was planned for "
                                  f"{layout.width} x {layout.height}")
-        return tile_pixels(image, layout, self.tiling)
+        return tile_pixels(image, layout, self.tiling, square=self.tiling.square_overview and not layout.rows)
+
+    def load_tiled_visuals(self, turns: Sequence[Turn], images: Sequence, videos: Sequence,
+                           layouts: Sequence[TileLayout], frame_counts: Optional[Sequence[int]] = None
+                           ) -> Tuple[Visuals, List[TileLayout]]:
+        """AnyRes with videos: images (their ``layouts``, in order) and videos' sampled frames in
+        marker order, and every entry's layout: a frame is its overview alone (resized to the
+        encoder's size), pooled to the video's tokens per frame, the last one of a video ending
+        with the newline when ``video_newline``. ``frame_counts``: each video's planned count."""
+        planned, order = iter(layouts), []
+        counts = iter(frame_counts) if frame_counts is not None else None
+        side = math.isqrt(self._frame_tokens())
+
+        def load_image(path) -> torch.Tensor:
+            order.append(next(planned))
+            return self.load_tiles(path, order[-1])
+
+        def load_video(source) -> List[torch.Tensor]:
+            frames = self.sampled_frames(source, None if counts is None else next(counts))
+            tiles = []
+            for i, frame in enumerate(frames):
+                last = i == len(frames) - 1
+                order.append(TileLayout(frame.height, frame.width, 0, 0, side, self.video_newline and last))
+                tiles.append(tile_pixels(frame, order[-1], self.tiling))
+            return tiles
+
+        return load_visuals(turns, images, videos, self.image_token, load_image, load_video), order
 
     def load_image(self, path: "str | Image.Image") -> torch.Tensor:
         """Open (pixel limit, EXIF orientation: :func:`vlm.data.images.open_image`) and transform
@@ -158,19 +195,24 @@ class VLMProcessor:
         except Exception as exc:  # an odd mode or size the transform cannot take
             raise ImageLoadError(f"cannot load image {path}: {exc}") from exc
 
-    def load_video(self, source, num_frames: Optional[int] = None) -> List[torch.Tensor]:
-        """The sampled frames of a video (file, folder of frames or list of PIL frames), each
-        transformed as an image; ImageLoadError names the video on any failure. ``num_frames``:
-        the count :meth:`frame_counts` planned when the budget lowered it (then spread evenly)."""
+    def sampled_frames(self, source, num_frames: Optional[int] = None) -> List[Image.Image]:
+        """The frames of a video (file, folder of frames or list of PIL frames) the model sees:
+        as ``model.video`` samples them, or ``num_frames`` spread evenly when the budget lowered
+        the count (:meth:`frame_counts`); ImageLoadError names the video on any failure."""
         sampling = self.frame_sampling
         if num_frames is not None and num_frames != len(sampling.indices(*probe(source))):
             sampling = FrameSampling(num_frames=num_frames)
-        return [self.load_image(frame) for frame in read_frames(source, sampling, self.max_image_pixels)]
+        return read_frames(source, sampling, self.max_image_pixels)
 
-    def frame_counts(self, sample: Sample) -> List[int]:
+    def load_video(self, source, num_frames: Optional[int] = None) -> List[torch.Tensor]:
+        """The :meth:`sampled_frames` of a video, each transformed as an image."""
+        return [self.load_image(frame) for frame in self.sampled_frames(source, num_frames)]
+
+    def frame_counts(self, sample: Sample, image_tokens: Optional[int] = None) -> List[int]:
         """How many frames each of ``sample``'s videos gives (from the container's header, or by
-        counting), fewer where the sample's budget (:meth:`budget_of`) needs it (``vlm.data.budget.fit_frames``:
-        OverBudget); ImageLoadError names an unreadable or empty video."""
+        counting), fewer where the sample's budget (:meth:`budget_of`) needs it beside its images'
+        ``image_tokens`` (default: K each; ``vlm.data.budget.fit_frames``: OverBudget);
+        ImageLoadError names an unreadable or empty video."""
         counts = []
         for video in sample.videos:
             total, rate = probe(video)
@@ -182,17 +224,25 @@ class VLMProcessor:
             return counts
         from vlm.data.budget import fit_frames
 
-        return fit_frames(self.num_image_tokens * len(sample.images), counts, self._frame_tokens(),
-                          self.budget_of(sample), sample.meta.get("source", sample.id))
+        if image_tokens is None:
+            image_tokens = self.num_image_tokens * len(sample.images)
+        return fit_frames(image_tokens, counts, self._frame_tokens(), self.budget_of(sample),
+                          sample.meta.get("source", sample.id), per_video=int(self.video_newline))
 
     def encode(self, sample: Sample, for_generation: bool = False) -> EncodedSample:
         """Token ids, labels, pixel tensors (images and video frames loaded here, in marker
         order), which of them are video frames, and each one's instruction for one sample;
         :class:`vlm.data.batch.Collator` batches them."""
         turns = self.prompt_turns(sample.turns) if for_generation else sample.turns
+        if sample.videos and self.tiling is not None:
+            layouts = self.image_layouts(sample.images, sample.meta.get("source", sample.id))
+            visuals, order = self.load_tiled_visuals(turns, sample.images, sample.videos, layouts)
+            input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation,
+                                              image_tokens=self.image_token_counts(layouts, len(sample.images)),
+                                              frame_counts=visuals.frame_counts)
+            return EncodedSample(input_ids, labels, visuals.tensors, visuals.instructions, frames=visuals.frames,
+                                 image_layouts=order)
         if sample.videos:
-            if self.tiling is not None:
-                raise ValueError(f"{sample.meta.get('source', sample.id)}: AnyRes tiling takes images, not videos")
             visuals = load_visuals(turns, sample.images, sample.videos, self.image_token, self.load_image,
                                    self.load_video)
             input_ids, labels = self.tokenize(turns, add_generation_prompt=for_generation,

@@ -6,7 +6,8 @@ builds (``plain``, ``vicuna_v1``, ``chatml``, ``blip2_qa``, ``instructblip``, or
 the tokenizer's own template), bos token included where vlm adds one. Message contents may be
 strings (``"<image>\\nQ"``) or OpenAI-style lists of parts: ``{"type": "image"}`` (or
 ``image_url``) becomes ``<image>\\n``, ``{"type": "text", "text": T}`` becomes ``T``, in order, as
-``vlm chat`` writes an image question.
+``vlm chat`` writes an image question; with ``video_token``, ``{"type": "video"}`` becomes
+``<video>\n`` likewise (LLaVA-OneVision's processor expands it).
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ def _lit(text: str) -> str:
     return json.dumps(text)
 
 
-def _content_macro(image_text: str, images_first: bool = False) -> str:
+def _content_macro(image_text: str, images_first: bool = False, video_text: Optional[str] = None) -> str:
     image = "{{ " + _lit(image_text + "\n") + " }}"
-    if images_first:  # model.image_placement "first": a message's images, then its text
-        parts = ("{%- for part in content if part['type'] in ['image', 'image_url'] -%}" + image + "{%- endfor -%}"
+    kinds = "['image', 'image_url'" + (", 'video'" if video_text is not None else "") + "]"
+    if video_text is not None:  # a video part writes its own marker
+        image = ("{%- if part['type'] == 'video' -%}{{ " + _lit(video_text + "\n") + " }}{%- else -%}" + image +
+                 "{%- endif -%}")
+    if images_first:  # model.image_placement "first": a message's images (and videos), then its text
+        parts = ("{%- for part in content if part['type'] in " + kinds + " -%}" + image + "{%- endfor -%}"
                  "{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}")
     else:
         parts = ("{%- for part in content -%}"
-                 "{%- if part['type'] in ['image', 'image_url'] -%}" + image +
+                 "{%- if part['type'] in " + kinds + " -%}" + image +
                  "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
                  "{%- endif -%}{%- endfor -%}")
     return ("{%- macro vlm_content(content) -%}"
@@ -119,12 +124,13 @@ def _tokenizer_own(tokenizer, system_prompt: Optional[str]) -> str:
 
 def jinja_chat_template(name: str, tokenizer, system_prompt: Optional[str] = None,
                         image_token: str = "<image>", image_text: Optional[str] = None,
-                        image_placement: Optional[str] = None) -> str:
+                        image_placement: Optional[str] = None, video_token: Optional[str] = None) -> str:
     """The Jinja chat template rendering what vlm's template ``name`` renders (see the module
     docstring); an image part is written ``image_text`` (default ``image_token``; e.g. the
     token repeated once per visual token, for a processor that does not expand it).
     ``image_placement`` ``"first"`` (the model's, :mod:`vlm.data.placement`) writes a list
-    content's image parts before its text parts, as vlm's processor places them.
+    content's image parts before its text parts, as vlm's processor places them. ``video_token``:
+    a video part is written as that marker (None: video parts are not rendered).
     TemplateError for an unknown name or a tokenizer without a template."""
     if name != "tokenizer":
         try:
@@ -145,4 +151,4 @@ def jinja_chat_template(name: str, tokenizer, system_prompt: Optional[str] = Non
     if name not in body:
         raise TemplateError(f"template '{name}' has no Jinja export (exportable: {sorted(body)})")
     return _content_macro(image_token if image_text is None else image_text,
-                          image_placement == "first") + body[name]()
+                          image_placement == "first", video_token) + body[name]()

@@ -35,10 +35,10 @@ def generation_config(processor: VLMProcessor, max_new_tokens: int = 64) -> Gene
 
 
 def load_for_export(checkpoint: str | Path, out: str | Path, dtype: Optional[str], overwrite: bool,
-                    to_hf: Callable[[Any], Any], sub_configs: Sequence[str]) -> tuple:
+                    to_hf: Callable[..., Any], sub_configs: Sequence[str], with_tokenizer: bool = False) -> tuple:
     """``(model, tokenizer, model_cfg, hf, target)``: the stage output ``checkpoint`` loaded on
     the CPU, and ``to_hf(model)`` in the dtype ``target`` (``dtype``, else the checkpoint's
-    ``model.llm.dtype``), named so in its config and its ``sub_configs``, with the LLM's class
+    ``model.llm.dtype``; ``with_tokenizer``: ``to_hf(model, tokenizer)``), named so in its config and its ``sub_configs``, with the LLM's class
     as its text architecture and vlm's stops in its ``generation_config``. ``out`` is checked
     first (a non-empty folder only with ``overwrite``)."""
     from vlm.checkpoint.pretrained import load_pretrained
@@ -47,7 +47,7 @@ def load_for_export(checkpoint: str | Path, out: str | Path, dtype: Optional[str
     check_output_dir(out, overwrite)
     model, tokenizer, model_cfg = load_pretrained(checkpoint, device="cpu")
     target = torch_dtype(dtype or model_cfg.llm.dtype)
-    hf = to_hf(model).to(target)
+    hf = (to_hf(model, tokenizer) if with_tokenizer else to_hf(model)).to(target)
     hf.config.text_config.architectures = [type(model.llm).__name__]
     for config in (hf.config, *(getattr(hf.config, name) for name in sub_configs)):
         config.dtype = target

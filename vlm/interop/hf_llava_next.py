@@ -6,13 +6,16 @@ choice, unpadding and ``image_newline``. ``to_hf_llava_next`` builds the transfo
 our weights; ``export_hf_llava_next`` writes a stage output as a folder that
 ``LlavaNextForConditionalGeneration`` and ``AutoProcessor`` load as they are. What LLaVA-NeXT
 cannot express is refused with one line (:func:`llava_next_refusal`): tiling off, pooling per
-tile (``pool_stride`` > 1), no newline token.
+tile (``pool_stride`` > 1), no newline token, multi-image samples shown as overviews only.
+The helpers that build the tiled transformers weights and template (:func:`tiling_refusal`,
+:func:`tiled_vision_config`, :func:`tiled_state`, :func:`load_tiled_state`,
+:func:`export_chat_template`) serve ``vlm.interop.hf_llava_onevision`` too.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from transformers import (
@@ -32,17 +35,60 @@ from vlm.interop.hf_llava import _adds_bos, _check_layout, _renamed
 from vlm.modeling.vlm import VisionLanguageModel
 
 
-def llava_next_refusal(model: VisionLanguageModel) -> Optional[str]:
-    """Why transformers' LLaVA-NeXT cannot hold ``model``'s tiling, or None."""
+def tiling_refusal(model: VisionLanguageModel, target: str) -> Optional[str]:
+    """Why transformers' tiled LLaVA ``target`` (its name in the line) cannot hold ``model``'s
+    image tiling, or None: it needs tiling, no pooling per tile and the row-end newline."""
     spec = model.tiling
     if spec is None:
-        return "model.vision.tiling: not enabled; LLaVA-NeXT tiles every image (export an untiled model as hf-llava)"
+        return f"model.vision.tiling: not enabled; {target} tiles every image (export an untiled model as hf-llava)"
     if spec.pool_stride != 1:
-        return (f"model.vision.tiling.pool_stride = {spec.pool_stride}: LLaVA-NeXT pools no tile "
+        return (f"model.vision.tiling.pool_stride = {spec.pool_stride}: {target} pools no tile "
                 "(OneVision-style pooling has no LlavaNext equivalent)")
     if not spec.newline:
-        return "model.vision.tiling.newline = false: LLaVA-NeXT always ends each row with image_newline"
+        return f"model.vision.tiling.newline = false: {target} always ends each row with image_newline"
     return None
+
+
+def llava_next_refusal(model: VisionLanguageModel) -> Optional[str]:
+    """Why transformers' LLaVA-NeXT cannot hold ``model``'s tiling, or None."""
+    refusal = tiling_refusal(model, "LLaVA-NeXT")
+    if refusal is None and model.tiling.multi_image != "tiled":
+        return (f"model.vision.tiling.multi_image = {model.tiling.multi_image}: LLaVA-NeXT tiles every image of "
+                "a multi-image prompt (export it as hf-llava-onevision)")
+    return refusal
+
+
+def tiled_vision_config(model: VisionLanguageModel) -> CLIPVisionConfig:
+    """The CLIP vision config of ``model``'s encoder, with only the blocks it keeps."""
+    vision = model.vision.model
+    return CLIPVisionConfig(**{**vision.config.to_dict(), "num_hidden_layers": len(vision.encoder.layers)})
+
+
+def tiled_state(model: VisionLanguageModel) -> Dict[str, torch.Tensor]:
+    """``model``'s weights under transformers' tiled LLaVA names (LlavaNext, LlavaOnevision),
+    fp32 copies on the CPU: tower (an identity ``post_layernorm``), projector, LM, newline, head."""
+    vision = model.vision.model
+    tower = {k: v for k, v in vision.state_dict().items() if not k.startswith("post_layernorm")}
+    hidden = vision.config.hidden_size
+    tower["post_layernorm.weight"] = torch.ones(hidden)  # never applied by us: identity
+    tower["post_layernorm.bias"] = torch.zeros(hidden)
+    state = {f"model.vision_tower.{k}": v for k, v in tower.items()}
+    connector = {k: v for k, v in model.connector.state_dict().items() if k != "image_newline"}
+    state.update({f"model.multi_modal_projector.{k}": v for k, v in _renamed(connector, to_hf=True).items()})
+    state.update({f"model.language_model.{k}": v for k, v in model.llm.base_model.state_dict().items()})
+    state["model.image_newline"] = model.connector.image_newline
+    state["lm_head.weight"] = model.llm.get_output_embeddings().weight
+    return {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
+
+
+def load_tiled_state(hf, state: Dict[str, torch.Tensor], name: str):
+    """``hf`` (in eval mode) holding ``state``; LayoutError naming ``name`` when the weights do not fit."""
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not hf.config.tie_word_embeddings]
+    if missing or unexpected:
+        raise LayoutError(f"weights do not fit transformers' {name}: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    return hf.eval()
 
 
 def to_hf_llava_next(model: VisionLanguageModel) -> LlavaNextForConditionalGeneration:
@@ -52,32 +98,14 @@ def to_hf_llava_next(model: VisionLanguageModel) -> LlavaNextForConditionalGener
     refusal = llava_next_refusal(model)
     if refusal:
         raise LayoutError(refusal)
-    vision = model.vision.model
-    vision_config = CLIPVisionConfig(**{**vision.config.to_dict(), "num_hidden_layers": len(vision.encoder.layers)})
     text_config = model.llm.config.get_text_config()
-    config = LlavaNextConfig(vision_config=vision_config, text_config=text_config,
+    config = LlavaNextConfig(vision_config=tiled_vision_config(model), text_config=text_config,
                              image_token_id=model.image_token_id, projector_hidden_act="gelu",
                              vision_feature_layer=-1, vision_feature_select_strategy="default",
                              image_grid_pinpoints=[list(p) for p in model.tiling.pinpoints],
                              multimodal_projector_bias=model.connector.proj[0].bias is not None,
                              tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)))
-    hf = LlavaNextForConditionalGeneration(config)
-    tower = {k: v for k, v in vision.state_dict().items() if not k.startswith("post_layernorm")}
-    tower["post_layernorm.weight"] = torch.ones(vision_config.hidden_size)  # never applied by us: identity
-    tower["post_layernorm.bias"] = torch.zeros(vision_config.hidden_size)
-    state = {f"model.vision_tower.{k}": v for k, v in tower.items()}
-    connector = {k: v for k, v in model.connector.state_dict().items() if k != "image_newline"}
-    state.update({f"model.multi_modal_projector.{k}": v for k, v in _renamed(connector, to_hf=True).items()})
-    state.update({f"model.language_model.{k}": v for k, v in model.llm.base_model.state_dict().items()})
-    state["model.image_newline"] = model.connector.image_newline
-    state["lm_head.weight"] = model.llm.get_output_embeddings().weight
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
-    if missing or unexpected:
-        raise LayoutError(f"weights do not fit transformers' LlavaNext: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
-    return hf.eval()
+    return load_tiled_state(LlavaNextForConditionalGeneration(config), tiled_state(model), "LlavaNext")
 
 
 def image_processor(model: VisionLanguageModel) -> LlavaNextImageProcessorPil:
@@ -91,13 +119,21 @@ def image_processor(model: VisionLanguageModel) -> LlavaNextImageProcessorPil:
         do_convert_rgb=True, do_pad=True)
 
 
-def build_llava_next_processor(model: VisionLanguageModel, tokenizer, model_cfg) -> LlavaNextProcessor:
-    """The ``LlavaNextProcessor`` of an exported model: vlm's tiling, its chat template as Jinja
-    and the placeholder count per image that vlm's processor computes."""
-    template = jinja_chat_template(model_cfg.template, tokenizer, model_cfg.system_prompt, model_cfg.image_token)
+def export_chat_template(tokenizer, model_cfg, **options) -> str:
+    """vlm's chat template of ``model_cfg`` as Jinja (``options``: :func:`jinja_chat_template`'s),
+    set on ``tokenizer``, which then leaves the bos to the template."""
+    template = jinja_chat_template(model_cfg.template, tokenizer, model_cfg.system_prompt, model_cfg.image_token,
+                                   **options)
     if "bos_token" in template and _adds_bos(tokenizer):
         tokenizer.add_bos_token = False  # the template writes the bos itself
     tokenizer.chat_template = template
+    return template
+
+
+def build_llava_next_processor(model: VisionLanguageModel, tokenizer, model_cfg) -> LlavaNextProcessor:
+    """The ``LlavaNextProcessor`` of an exported model: vlm's tiling, its chat template as Jinja
+    and the placeholder count per image that vlm's processor computes."""
+    template = export_chat_template(tokenizer, model_cfg)
     return LlavaNextProcessor(image_processor=image_processor(model), tokenizer=tokenizer,
                               patch_size=model.vision.model.config.patch_size,
                               vision_feature_select_strategy="default", chat_template=template,

@@ -29,4 +29,5 @@ def build_processor(model: VisionLanguageModel, tokenizer, model_cfg, template: 
         num_frame_tokens=model.num_frame_tokens,
         frame_sampling=FrameSampling(model_cfg.video.num_frames, model_cfg.video.fps),
         image_placement=model_cfg.get("image_placement"),
+        video_newline=model.video_newline,
     )

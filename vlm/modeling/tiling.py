@@ -6,7 +6,8 @@ here each image's tokens are put back together as LLaVA-NeXT's ``pack_image_feat
 the overview's tokens, then the tiles' token grids joined into one map, cropped to the image's
 aspect ratio, each row followed by the learned ``image_newline`` (kept on the connector, so it
 trains and saves with it). ``pool_stride`` > 1 first pools every tile's grid bilinearly
-(LLaVA-OneVision's pooling).
+(LLaVA-OneVision's pooling). A video frame is an overview alone, pooled to the video's tokens
+per frame; the last frame of a video may end with the newline (``model.video.newline``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ def prepare_tiling(vision: nn.Module, connector: nn.Module, llm_dim: int, tiling
         # LLaVA-NeXT's initialisation: a random vector at the scale of the token embeddings
         connector.register_parameter(NEWLINE, nn.Parameter(torch.randn(llm_dim) / math.sqrt(llm_dim)))
     return spec
+
+
+def check_video_newline(tiles_newline: bool, where: str = "model.video.newline") -> None:
+    """ConfigError naming ``where`` unless the model tiles with ``newline`` (``tiles_newline``):
+    the video's closing newline is the tiles' learned ``image_newline``."""
+    if not tiles_newline:
+        raise ConfigError(f"{where}: true needs model.vision.tiling with newline: true (the video's closing "
+                          "token is the tiles' learned image_newline)")
 
 
 def row_end_token(connector: nn.Module, spec: Optional[TilingSpec]) -> Optional[torch.Tensor]:

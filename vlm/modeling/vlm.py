@@ -54,6 +54,7 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = image_token_id
         self.tiling = None  # AnyRes: the vlm.data.anyres.TilingSpec the processor tiles images by
         self.video_pool = video_pool  # stride of the bilinear pooling of a video frame's token grid
+        self.video_newline = False  # one image_newline after a video's frames (needs tiling's newline)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, tokenizer) -> "VisionLanguageModel":
@@ -78,6 +79,11 @@ class VisionLanguageModel(nn.Module):
             tiling = prepare_tiling(vision, connector, ctx.llm_dim, cfg.vision.tiling)
         model = cls(vision, connector, llm, tokenizer.convert_tokens_to_ids(cfg.image_token), cfg.video.pool)
         model.tiling = tiling
+        if cfg.video.newline:
+            from vlm.modeling.tiling import check_video_newline
+
+            check_video_newline(tiling is not None and tiling.newline)
+            model.video_newline = True
         return model
 
     @property
@@ -164,9 +170,10 @@ class VisionLanguageModel(nn.Module):
             visual = self.connector(image_features.to(self.vision_dtype), instructions)
         else:
             visual = self.encode_images(pixel_values, instructions)
-        if image_layouts is not None and frame_mask is not None and bool(frame_mask.any()):
-            raise ValueError("AnyRes tiling takes images, not video frames")
-        tokens = flatten_with_frames(visual, frame_mask, self.video_pool)  # tiled: (1, total, H) already
+        if image_layouts is not None:  # (1, total, H): frames pooled by their layouts already
+            tokens = visual.reshape(-1, visual.shape[-1])
+        else:
+            tokens = flatten_with_frames(visual, frame_mask, self.video_pool)
         if image_repeats != 1:
             tokens = tokens.repeat(image_repeats, 1)
         if n_placeholders != tokens.shape[0]:

@@ -252,6 +252,33 @@ def test_the_onevision_layout_trains_and_generates_through_the_dataset(tmp_path,
     assert batched == [generate_answers(model, processor, [p], batch_size=1, max_new_tokens=6)[0] for p in prompts]
 
 
+def test_a_tiled_video_sample_fits_its_image_first_then_loses_frames(tmp_path, tokenizer_dir, tokenizer):
+    """The budget with videos (vlm/data/budget.py, step 3): the image keeps its tiles, the video
+    gives up frames (each 4 tokens, one newline per video), and the dataset loads the planned
+    frames as the processor does with that count."""
+    from vlm.data.dataset import ConversationDataset
+
+    cfg = onevision_config(tokenizer_dir, **{"video.num_frames": 6})
+    model = build_tiny_model(cfg, tokenizer, seed=2)
+    (a,) = write_images(tmp_path / "img", sizes=[(100, 37)])
+    clip = [Image.new("RGB", (32, 32), (40 * i, 0, 0)) for i in range(6)]
+    sample = Sample(id="s", turns=[Turn("user", "<image>\n<video>\nwhich?"), Turn("assistant", "red")],
+                    images=[a], videos=[clip], meta={"source": "v.json:1"})
+    free = build_processor(model, tokenizer, cfg)
+    one = free.image_layouts([a])[0].num_tokens()
+    processor = build_processor(model, tokenizer, cfg, max_visual_tokens=one + 2 * 4 + 1)
+    dataset = ConversationDataset([sample], processor, progress=False)
+    assert dataset.frame_counts == {0: [2]} and dataset.layouts[0] == free.image_layouts([a])
+    item = dataset[0]
+    assert item.input_ids.count(model.image_token_id) == one + 2 * 4 + 1
+    frames = processor.sampled_frames(clip, 2)  # the first and the last frame
+    assert [f.getpixel((0, 0)) for f in frames] == [(0, 0, 0), (200, 0, 0)]
+    assert item.frames == [False, True, True]
+    visuals, _ = processor.load_tiled_visuals(sample.turns, [a], [clip], dataset.layouts[0], [2])
+    assert all(torch.equal(x, y) for x, y in zip(item.images, visuals.tensors))
+    assert not torch.equal(item.images[1], item.images[2])  # two distinct frames, not one repeated
+
+
 def test_the_new_keys_are_checked_when_a_config_loads(tokenizer_dir):
     from vlm.app.wiring import check_model
 

@@ -42,6 +42,8 @@ class EvalTask:
     data_format: ClassVar[str] = ""
     # reader arguments set unless the config gives them (e.g. one sample per image)
     reader_defaults: ClassVar[Dict[str, object]] = {}
+    # reader arguments the task cannot run without, each with why (checked by ``check``)
+    required_args: ClassVar[Dict[str, str]] = {}
     # the component protocol (vlm.core.registry.Component): a task takes no options
     Options: ClassVar[Optional[type]] = None
 
@@ -53,10 +55,14 @@ class EvalTask:
     @classmethod
     def check(cls, ev, where: str) -> None:
         """Raise ConfigError for settings of ``ev`` (an ``EvalConfig``, at dotted key ``where``)
-        this task cannot use. The default refuses ``rerank_k``, which is retrieval's."""
+        this task cannot use. The default refuses ``rerank_k``, which is retrieval's, and a missing
+        ``required_args`` entry."""
         if ev.rerank_k is not None:
             raise ConfigError(f"{where}.rerank_k: ITM re-ranking of the top k (k >= 1) applies to task "
                               f"'retrieval' only; got {ev.rerank_k} for task '{ev.task}'")
+        for key, why in cls.required_args.items():
+            if not ev.data.args.get(key):
+                raise ConfigError(f"{where}.data.args.{key}: {why}")
 
     @classmethod
     def run(cls, model, processor, cfg, samples: List, out_dir: Path, name: str) -> Dict[str, float]:
@@ -90,6 +96,18 @@ def _generate(model, processor, cfg, samples, name):
     return [s for s, _ in kept], [a for _, a in kept], skipped
 
 
+def _answer_and_write(model, processor, cfg, samples, out_dir: Path, name: str, row) -> Optional[tuple]:
+    """Generate the answers (:func:`_generate`), then on the main process write
+    ``{name}_results.json`` (``row(sample, answer)`` per answered sample) and return ``(results,
+    skipped)``; None on the other ranks."""
+    samples, answers, skipped = _generate(model, processor, cfg, samples, name)
+    if not _is_main():
+        return None  # rank 0 writes and scores (the runner broadcasts its scores)
+    results = [row(s, a) for s, a in zip(samples, answers)]
+    (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
+    return results, skipped
+
+
 def _is_main() -> bool:
     from vlm.evaluation import distributed
 
@@ -111,11 +129,11 @@ class CaptionTask(EvalTask):
     def run(cls, model, processor, cfg, samples, out_dir, name):
         from vlm.evaluation.caption_metric import score_captions
 
-        samples, answers, skipped = _generate(model, processor, cfg, samples, name)
-        if not _is_main():
-            return None  # rank 0 writes and scores (the runner broadcasts its scores)
-        results = [{"image_id": s.meta["image_id"], "caption": a} for s, a in zip(samples, answers)]
-        (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
+        done = _answer_and_write(model, processor, cfg, samples, out_dir, name,
+                                 lambda s, a: {"image_id": s.meta["image_id"], "caption": a})
+        if done is None:
+            return None
+        results, skipped = done
         return _with_skips(score_captions(cfg.data.args["path"], results), skipped)
 
 
@@ -124,23 +142,17 @@ class VQATask(EvalTask):
     answer normalisation; per-question accuracies go to ``{name}_per_question.json``."""
 
     data_format = "vqav2"
-
-    @classmethod
-    def check(cls, ev, where):
-        super().check(ev, where)
-        if not ev.data.args.get("annotations_path"):
-            raise ConfigError(f"{where}.data.args.annotations_path: a vqa eval needs the VQAv2 "
-                              "annotations file to score against")
+    required_args = {"annotations_path": "a vqa eval needs the VQAv2 annotations file to score against"}
 
     @classmethod
     def run(cls, model, processor, cfg, samples, out_dir, name):
         from vlm.evaluation.vqa_metric import score_vqa
 
-        samples, answers, skipped = _generate(model, processor, cfg, samples, name)
-        if not _is_main():
+        done = _answer_and_write(model, processor, cfg, samples, out_dir, name,
+                                 lambda s, a: {"question_id": s.meta["question_id"], "answer": a})
+        if done is None:
             return None
-        results = [{"question_id": s.meta["question_id"], "answer": a} for s, a in zip(samples, answers)]
-        (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
+        results, skipped = done
         args = cfg.data.args
         full = score_vqa(args["questions_path"], args["annotations_path"], results,
                          allow_missing=bool(cfg.data.max_samples) or skipped > 0)
@@ -181,23 +193,17 @@ class PopeTask(EvalTask):
     ``[{question_id, split, image_id, object, label, answer}]``."""
 
     data_format = "pope"
-
-    @classmethod
-    def check(cls, ev, where):
-        super().check(ev, where)
-        if not ev.data.args.get("annotations"):
-            raise ConfigError(f"{where}.data.args.annotations: a pope eval needs a COCO instances (or, with "
-                              "source: captions, a COCO captions) file to build its questions from")
+    required_args = {"annotations": "a pope eval needs a COCO instances (or, with source: captions, a COCO "
+                                    "captions) file to build its questions from"}
 
     @classmethod
     def run(cls, model, processor, cfg, samples, out_dir, name):
         from vlm.evaluation.pope_metric import score_pope_splits
 
-        samples, answers, skipped = _generate(model, processor, cfg, samples, name)
-        if not _is_main():
+        done = _answer_and_write(model, processor, cfg, samples, out_dir, name, lambda s, a: {
+            "question_id": s.meta["question_id"], "split": s.meta["split"], "image_id": s.meta["image_id"],
+            "object": s.meta["object"], "label": s.meta["label"], "answer": a})
+        if done is None:
             return None
-        results = [{"question_id": s.meta["question_id"], "split": s.meta["split"], "image_id": s.meta["image_id"],
-                    "object": s.meta["object"], "label": s.meta["label"], "answer": a}
-                   for s, a in zip(samples, answers)]
-        (out_dir / f"{name}_results.json").write_text(json.dumps(results, indent=1))
+        results, skipped = done
         return _with_skips(score_pope_splits(results), skipped)

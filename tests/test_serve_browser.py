@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -259,6 +260,28 @@ def test_a_refused_request_shows_one_error_line_and_keeps_the_turn(chat):
     assert by_id(chrome, "error").text == ""
     assert len(bodies[-1]["messages"]) == 1 and len(bodies[-1]["messages"][0]["content"]) == 3
 
+
+
+def test_stop_keeps_the_partial_answer_and_ends_the_generation(chat):
+    chrome, bodies = chat["chrome"], chat["app"].bodies
+    by_id(chrome, "new-chat").click()
+    set_field(chrome, "max_tokens", 200)  # about 8 s at TOKEN_DELAY_S a token: stopped long before
+    chrome.execute_script(WATCH_ANSWER)
+    set_field(chrome, "question", QUESTIONS[0])
+    by_id(chrome, "send").click()
+    wait(chrome, lambda d: len([s for s in d.execute_script("return window.seen") if s]) >= 2)
+    assert by_id(chrome, "send").text == "Stop"
+    by_id(chrome, "send").click()
+    wait(chrome, lambda d: answers(d)[-1].get_attribute("data-done"))
+    kept = answers(chrome)[-1].find_element("css selector", ".text").get_attribute("textContent")
+    assert kept and by_id(chrome, "status").text == "stopped" and by_id(chrome, "error").text == ""
+    # the client left mid-stream: the server stopped generating
+    metrics = httpx.get(chat["url"] + "/metrics", timeout=10).text
+    assert float(re.search(r'vlm_requests_cancelled_total\{when="generating"\} (\S+)', metrics)[1]) >= 1
+    set_field(chrome, "max_tokens", MAX_TOKENS)
+    ask(chrome, QUESTIONS[1])
+    assert [m["role"] for m in bodies[-1]["messages"]] == ["user", "assistant", "user"]
+    assert bodies[-1]["messages"][1]["content"] == kept
 
 # --- the docs screenshot ------------------------------------------------------------------------
 

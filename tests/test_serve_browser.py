@@ -297,7 +297,7 @@ def test_docs_screenshot(tmp_path, tokenizer_dir, tokenizer):
         cfg = tiny_model_config(tokenizer_dir, template="chatml", image_placement="first")
         model = build_tiny_model(cfg, tokenizer, seed=11)
     images = os.environ.get("VLM_SCREENSHOT_IMAGES")
-    images = images.split(os.pathsep) if images else draw_shapes(tmp_path / "images")
+    images = [os.path.abspath(p) for p in images.split(os.pathsep)] if images else draw_shapes(tmp_path / "images")
     questions = os.environ.get("VLM_SCREENSHOT_QUESTIONS")
     questions = [q.strip() for q in questions.split("|")] if questions else list(QUESTIONS)
     engine = GenerationEngine(model, build_processor(model, tokenizer, cfg))

@@ -196,7 +196,15 @@ def test_bad_json_and_unknown_routes_are_json_errors(served):
 def test_health_and_page(served):
     assert httpx.get(served["url"] + "/health", timeout=10).json()["status"] == "ok"
     page = httpx.get(served["url"] + "/", timeout=10)
-    assert page.status_code == 200 and 'id="image"' in page.text and "/v1/chat/completions" in page.text
+    assert page.status_code == 200 and 'id="images"' in page.text and "/v1/chat/completions" in page.text
+
+
+def test_page_loads_nothing_from_outside(served):
+    """The server binds to loopback: the chat page works offline (no CDN, no external fetch)."""
+    import re
+
+    page = httpx.get(served["url"] + "/", timeout=10).text
+    assert not re.search(r"<[a-z][^>]*\s(src|href)\s*=|@import|url\(|<link\b|https?://", page)
 
 
 def test_processor_takes_pil_images_as_paths(served, tmp_path):

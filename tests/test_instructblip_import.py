@@ -163,3 +163,28 @@ def test_seq2seq_loglikelihood_equals_transformers_t5(tmp_path, tokenizer_dir, t
         assert abs(total - expected) < 1e-5
         assert is_greedy is bool((logprobs.argmax(-1) == torch.tensor(target)).all())
     assert results[1][1] is True and results[0][1] is False
+
+
+def test_text_specials_frame_instructions_as_the_qformer_tokenizer_does(tmp_path):
+    """InstructBLIP's qformer_tokenizer (BERT WordPiece, [DEC] added, truncation on the left):
+    with ``text_specials`` the Q-Former's ids are that tokenizer's, truncation included."""
+    from test_qformer import MINILM
+    from transformers import AutoTokenizer
+
+    from vlm.modeling.connectors.base import BuildContext
+    from vlm.modeling.connectors.qformer import QFormer
+
+    bert = AutoTokenizer.from_pretrained(MINILM, truncation_side="left")
+    bert.add_special_tokens({"bos_token": "[DEC]"})
+    bert.save_pretrained(str(tmp_path / "qformer_tokenizer"))
+    sizes = {"num_queries": 2, "num_layers": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32,
+             "max_text_positions": 16, "max_text_tokens": 6, "text_tokenizer": str(tmp_path / "qformer_tokenizer")}
+    texts = ["what color is the big shape on the left?", "red"]
+    framed = QFormer.from_config({**sizes, "text_specials": True}, BuildContext(vision_dim=8, llm_dim=12))
+    ids, mask = framed.tokenize_texts(texts)
+    expected = bert(texts, truncation=True, max_length=6, padding=True, return_tensors="pt")
+    assert ids[mask.bool()].tolist() == expected["input_ids"][expected["attention_mask"].bool()].tolist()
+    assert mask.tolist() == expected["attention_mask"].tolist() and ids[0, 0].item() == bert.cls_token_id
+    assert framed.own_tokenizer() is framed.text_tokenizer
+    plain = QFormer.from_config(sizes, BuildContext(vision_dim=8, llm_dim=12))
+    assert plain.tokenize_texts(texts)[0][0, 0].item() == plain.cls_token_id == len(bert)  # vlm's own [CLS] row

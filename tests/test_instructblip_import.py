@@ -195,3 +195,61 @@ def test_text_specials_frame_instructions_as_the_qformer_tokenizer_does(tmp_path
     assert framed.own_tokenizer() is framed.text_tokenizer
     plain = QFormer.from_config(sizes, BuildContext(vision_dim=8, llm_dim=12))
     assert plain.tokenize_texts(texts)[0][0, 0].item() == plain.cls_token_id == len(bert)  # vlm's own [CLS] row
+
+
+def test_import_of_a_transformers_made_instructblip_folder(tmp_path, tokenizer_dir, tokenizer, capsys):
+    """A folder as transformers' InstructBLIP checkpoints are laid out (not written by vlm): a BERT
+    qformer_tokenizer with [DEC] added and left truncation, Q-Former word embeddings of its size;
+    vlm's greedy tokens equal transformers' ``generate`` fed the same Q-Former text."""
+    from conftest import LLM_ARCH
+    from test_hf_blip2_export import BLIP2_VISION
+    from test_qformer import MINILM
+    from transformers import (
+        AutoConfig,
+        AutoTokenizer,
+        BlipImageProcessor,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+        InstructBlipQFormerConfig,
+    )
+
+    bert = AutoTokenizer.from_pretrained(MINILM, truncation_side="left")
+    bert.add_special_tokens({"bos_token": "[DEC]"})
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    assert image_token is not None and image_token != tokenizer.unk_token_id
+    text_config = AutoConfig.for_model(**LLM_ARCH, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    qformer = InstructBlipQFormerConfig(vocab_size=len(bert), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, encoder_hidden_size=32, max_position_embeddings=64,
+                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = InstructBlipConfig(vision_config=dict(BLIP2_VISION), qformer_config=qformer.to_dict(),
+                                text_config=text_config.to_dict(), num_query_tokens=4, image_token_index=image_token)
+    torch.manual_seed(7)
+    hf = InstructBlipForConditionalGeneration(config).eval()
+    with torch.no_grad():  # wide enough that greedy decoding writes varied tokens and the instruction matters
+        for name, param in hf.named_parameters():
+            if param.dim() == 2 and ("language_model" in name or "word_embeddings" in name):
+                param.normal_(std=0.3)
+    hf_dir = tmp_path / "hf"
+    hf.save_pretrained(str(hf_dir))
+    InstructBlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer, bert,
+                          num_query_tokens=4).save_pretrained(str(hf_dir))
+
+    imported = tmp_path / "imported"
+    code, out, err = run_vlm(["import", "hf-blip2", hf_dir, "--out", imported, "--template", "blip2_qa"], capsys)
+    assert code == 0, err[-2000:]
+    image = write_images(tmp_path / "img", sizes=[(40, 40)])[0]
+    question = "what color is the shape on the left of the picture, and how big is it?"
+    ids, expected = greedy(imported, image, question)
+    assert len(set(expected)) > 2 and greedy(imported, image, "is it blue?")[1] != expected
+    model, _, model_cfg = load_pretrained(imported, device="cpu")
+    assert model_cfg.connector.options.max_text_tokens == 64  # the Q-Former's positions bound BERT's 512
+    q = bert([question], return_tensors="pt", truncation=True, max_length=64)
+    pixels = build_processor(model, tokenizer, model_cfg).load_image(image)[None]
+    with torch.no_grad():
+        got = hf.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          pixel_values=pixels, qformer_input_ids=q["input_ids"],
+                          qformer_attention_mask=q["attention_mask"], max_new_tokens=8, do_sample=False,
+                          eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    assert got[0, len(ids):].tolist() == expected

@@ -46,7 +46,8 @@ def greedy(folder, image, question=QUESTION, max_new_tokens=8):
     model, tok, model_cfg = load_pretrained(folder, device="cpu")
     processor = build_processor(model, tok, model_cfg)
     ids, _ = processor.tokenize([Turn("user", f"<image>\n{question}")], add_generation_prompt=True)
-    out = model.generate(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), processor.load_image(image)[None],
+    pixels = processor.load_image(image)[None]
+    out = model.generate(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), pixels,
                          instructions=[question], max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
     return ids, out[0].tolist()

@@ -377,13 +377,14 @@ def cmd_import_hf_llava(args) -> None:
 
 
 def cmd_import_hf_blip2(args) -> None:
-    """Write a local transformers BLIP-2 folder (causal or T5 language model) as a vlm stage output."""
+    """Write a local transformers BLIP-2 or InstructBLIP folder (causal or T5 language model) as a vlm stage output."""
     from vlm.core.errors import LayoutError
     from vlm.data.image_transforms import PREPROCESSING
     from vlm.data.templates import TEMPLATES
     from vlm.interop.hf_blip2_import import import_hf_blip2
 
-    _require_registered(TEMPLATES, args.template, "--template")
+    if args.template is not None:
+        _require_registered(TEMPLATES, args.template, "--template")
     _require_registered(PREPROCESSING, args.preprocess, "--preprocess")
     try:
         out = import_hf_blip2(args.folder, args.out, template=args.template, preprocess=args.preprocess,
@@ -634,9 +635,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     s.set_defaults(func=cmd_import_hf_llava)
     s = import_sub.add_parser("hf-blip2", help=cmd_import_hf_blip2.__doc__)
-    s.add_argument("folder", help="local transformers BLIP-2 folder (config.json, safetensors, tokenizer)")
+    s.add_argument("folder", help="local transformers BLIP-2 / InstructBLIP folder (config.json, safetensors, "
+                   "tokenizer; InstructBLIP: qformer_tokenizer/)")
     s.add_argument("--out", required=True, help="stage output folder to write")
-    s.add_argument("--template", default="blip2_qa", help="prompt template (BLIP-2's: blip2_qa)")
+    s.add_argument("--template", default=None,
+                   help="prompt template (default: the paper's, blip2_qa for BLIP-2, instructblip for InstructBLIP)")
     s.add_argument("--preprocess", default="resize", help="image preprocessing (BLIP-2's: resize)")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     s.set_defaults(func=cmd_import_hf_blip2)

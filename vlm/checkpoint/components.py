@@ -7,7 +7,8 @@ A stage output (``final/`` or ``checkpoints/step_N/``) holds:
 - ``<component>.safetensors`` for what trained fully in this stage (and, once, for a randomly
   initialised component that has no pretrained source, so the chain can be rebuilt);
 - ``llm_adapter/``: LoRA adapters in PEFT's own format;
-- ``model.yaml`` and ``tokenizer/``: everything needed to rebuild the model with
+- ``model.yaml`` and ``tokenizer/`` (and ``connector_tokenizer/``, a connector's own text
+  tokenizer such as the Q-Former's): everything needed to rebuild the model with
   :func:`load_pretrained`;
 - ``training_state.pt`` (checkpoints only): optimizer, scheduler, every rank's RNG and the data
   position.
@@ -46,6 +47,9 @@ from vlm.checkpoint.peft_sidecar import record_adapter_base
 from vlm.config import COMPONENTS, ModelConfig, Train
 from vlm.core.errors import CheckpointError
 from vlm.modeling.weights import check_finite_weights
+
+# the connector's own tokenizer (e.g. the Q-Former's), when it has one
+CONNECTOR_TOKENIZER = "connector_tokenizer"
 
 
 def _component_state(state: Dict[str, torch.Tensor], comp: str) -> Dict[str, torch.Tensor]:
@@ -96,6 +100,9 @@ def save_model_state(model, folder: Path, modes: Mapping[str, Train], model_cfg:
     # `${oc.env:...}`), and model.yaml is read back on its own by load_pretrained
     (folder / "model.yaml").write_text(OmegaConf.to_yaml(model_cfg, resolve=True))
     tokenizer.save_pretrained(str(folder / "tokenizer"))
+    own = model.connector.own_tokenizer()
+    if own is not None:  # so that the stage output needs no folder outside it
+        own.save_pretrained(str(folder / CONNECTOR_TOKENIZER))
 
 
 def load_model_state(model, folder: str | Path) -> None:

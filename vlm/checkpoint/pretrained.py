@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
-from vlm.checkpoint.components import load_model_state
+from vlm.checkpoint.components import CONNECTOR_TOKENIZER, load_model_state
 from vlm.config import ModelConfig
 from vlm.core.errors import CheckpointError
 from vlm.core.plugins import load_saved_plugins
@@ -58,6 +58,8 @@ def load_pretrained(folder: str | Path, device: Optional[str] = None,
         logger.warning("%s/model.yaml sets llm.trust_remote_code; ignored (pass --trust-remote-code to allow it)",
                        folder)
     model_cfg.llm.trust_remote_code = bool(trust_remote_code)
+    if (folder / CONNECTOR_TOKENIZER).is_dir():  # carried: the folder it was read from need not exist now
+        model_cfg.connector.options.text_tokenizer = str(folder / CONNECTOR_TOKENIZER)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     model = build_model(model_cfg, tokenizer)
     load_model_state(model, folder)

@@ -21,7 +21,9 @@ def loglikelihoods(model, processor: VLMProcessor, samples: Sequence[Sample], co
                    batch_size: int = 8) -> List[Tuple[float, bool]]:
     """For each sample (its prompt: the turns up to the last user turn, with the template's
     generation prompt) and continuation text: ``(sum of the continuation tokens' log-probs,
-    whether greedy decoding would produce exactly those tokens)``."""
+    whether greedy decoding would produce exactly those tokens)``. An encoder-decoder model
+    (``is_encoder_decoder``) scores the continuation as its decoder's output given the prompt
+    and the visual tokens in its encoder."""
     if len(samples) != len(continuations):
         raise ValueError(f"{len(samples)} samples but {len(continuations)} continuations")
     model.eval()
@@ -38,11 +40,15 @@ def loglikelihoods(model, processor: VLMProcessor, samples: Sequence[Sample], co
             spans.append((len(item.input_ids), len(target)))
             items.append(dataclasses.replace(item, input_ids=item.input_ids + target, labels=item.labels + target))
         batch = collate(items).to(device)
-        logits = model(**batch.model_inputs(with_labels=False)).logits.float()
+        seq2seq = model.is_encoder_decoder
+        # an encoder-decoder model reads the continuation (the labelled run) as its decoder target
+        logits = model(**batch.model_inputs(with_labels=seq2seq)).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         for row, (context, length) in enumerate(spans):
             target = batch.input_ids[row, context:context + length]
-            predicted = logprobs[row, context - 1:context - 1 + length]  # position t predicts token t+1
+            # causal: position t predicts token t+1; seq2seq: decoder position t predicts target t
+            first = 0 if seq2seq else context - 1
+            predicted = logprobs[row, first:first + length]
             total = predicted.gather(-1, target[:, None]).sum().item()
             results.append((total, bool((predicted.argmax(-1) == target).all())))
     return results

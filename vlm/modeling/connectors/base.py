@@ -34,9 +34,9 @@ class Connector(nn.Module, ABC):
       text per image) may be ignored.
 
     Optional: ``check_options`` (value checks at config load, called by ``check``),
-    ``requires_vision`` (the encoder class it needs), ``token_grid`` (tiling), ``encode_images`` (a connector that runs
-    inside the encoder) together with ``feature_cache_conflict``, ``llm_unused_parameters`` and
-    ``begin_stage``.
+    ``requires_vision`` (the encoder class it needs), ``token_grid`` (tiling), ``own_tokenizer`` (a
+    text tokenizer to carry), ``encode_images`` (a connector that runs inside the encoder) together
+    with ``feature_cache_conflict``, ``llm_unused_parameters`` and ``begin_stage``.
     """
 
     Options: ClassVar[Optional[type]] = None
@@ -97,6 +97,12 @@ class Connector(nn.Module, ABC):
         """Called by ``vlm.training.stages.apply_stage`` before a stage trains, with whether its
         objective trains the connector's image-text heads (``Objective.trains_matching``). The
         default does nothing; the Q-Former keeps its stage-1 weights for retrieval here."""
+
+    def own_tokenizer(self) -> Any:
+        """A tokenizer of the connector's own that a stage output must carry beside the LLM's
+        (saved as ``connector_tokenizer/``, read back as ``options.text_tokenizer``), or None
+        (the default: it reads no text, or the LLM's tokenizer)."""
+        return None
 
     def encode_images(self, vision: nn.Module, pixel_values: torch.Tensor,
                       instructions: Optional[Sequence[str]] = None) -> torch.Tensor:

@@ -47,6 +47,9 @@ class QFormerOptions:
     """Options of the ``qformer`` connector (``model.connector.options``).
 
     Sizes left null are BERT-base's, or the checkpoint's with ``init_from_bert``.
+    ``text_specials``: each text is framed by the text tokenizer's own special tokens (its
+    post-processor, truncated to ``max_text_tokens`` its own way), as an imported InstructBLIP's
+    ``qformer_tokenizer`` writes them, instead of vlm's ``[CLS]`` row and end token.
     """
 
     num_queries: int = 32
@@ -67,6 +70,7 @@ class QFormerOptions:
     text_tokenizer: Optional[str] = None
     instruction_aware: bool = False
     separate_retrieval: bool = False
+    text_specials: bool = False
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -425,6 +429,10 @@ class QFormer(Connector, ImageTextMatcher):
         """Images -> visual tokens, through the encoder's features (and the instructions)."""
         return self(vision(pixel_values), instructions)
 
+    def own_tokenizer(self):
+        """The text tokenizer when ``options.text_tokenizer`` names one (not the LLM's)."""
+        return self.text_tokenizer if self.opts.text_tokenizer else None
+
     def llm_unused_parameters(self) -> List[nn.Parameter]:
         """The stage-1 heads, the retrieval copy and, unless instruction-aware, the text path:
         nothing the LLM path reads."""
@@ -459,11 +467,15 @@ class QFormer(Connector, ImageTextMatcher):
     # the text path and the stage-1 heads (ImageTextMatcher)
 
     def tokenize_texts(self, texts: Sequence[str], device=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``[CLS] text [end]`` ids (at most ``max_text_tokens``), right-padded: ``(ids, mask)``.
-        Replace column 0 by ``dec_token_id`` for ITG."""
+        """``[CLS] text [end]`` ids (at most ``max_text_tokens``; with ``text_specials`` the
+        tokenizer's own framing), right-padded: ``(ids, mask)``. Replace column 0 by
+        ``dec_token_id`` for ITG."""
         rows = []
         end = [self.end_token_id] if self.end_token_id is not None else []
         for text in texts:
+            if self.opts.text_specials:
+                rows.append(self.text_tokenizer(text, truncation=True, max_length=self.max_text_tokens)["input_ids"])
+                continue
             ids = self.text_tokenizer(text, add_special_tokens=False)["input_ids"]
             rows.append(([self.cls_token_id] + ids)[: self.max_text_tokens - len(end)] + end)
         longest = max(len(r) for r in rows)

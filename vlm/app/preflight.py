@@ -24,7 +24,8 @@ from vlm.core.errors import ConfigError
 @dataclass(frozen=True)
 class Plan:
     """What a launch will do: the run config, the stages it trains in order, the evaluations it
-    runs (after training, or during it) and the folders its ``prepare`` steps write."""
+    runs (after training, or during it) and the folders its ``prepare`` steps (and its stages'
+    ``generate_pairs``) write."""
 
     cfg: DictConfig
     stages: Tuple[str, ...]
@@ -40,7 +41,9 @@ class Plan:
             stage = cfg.stages[name]
             if stage.eval_every:
                 evals += [e for e in stage.evals if e not in evals]
-        steps = (cfg.prepare.shapes, cfg.prepare.tokenizer) if whole_recipe else ()
+        steps = (cfg.prepare.shapes, cfg.prepare.tokenizer, cfg.prepare.scenes, cfg.prepare.multi) \
+            if whole_recipe else ()
+        steps += tuple(cfg.stages[name].generate_pairs for name in stages)  # pairs a stage writes first
         prepared = tuple(Path(step.out).absolute() for step in steps if step is not None)
         return cls(cfg, tuple(stages), tuple(evals), prepared)
 

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 from omegaconf import DictConfig
 from transformers import set_seed
 
+from vlm.app.prefs import stage_pairs
 from vlm.checkpoint.components import load_model_state, save_model_state
 from vlm.checkpoint.fsio import remove_stale_tmp
 from vlm.checkpoint.manifest import read_manifest, unsaveable_lora
@@ -262,5 +263,6 @@ def run_stage(cfg: DictConfig, name: str, resume: bool = False, callbacks: Seque
     if resume and final.is_dir():
         logger.info("stage %s: complete (%s); --resume keeps it", name, final)
         return final
+    stage_pairs(cfg, name)  # the stage's generate_pairs block, if any: its data reads the pairs
     run = build_stage(cfg, name, callbacks=callbacks)
     return run.trainer.train(resume=resume)

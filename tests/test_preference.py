@@ -561,3 +561,24 @@ def test_dpo_under_ddp_and_fsdp_survives_sigkill_and_resumes_bit_identically(tmp
     losses = [r["loss"] for r in _records(tmp_path / "fsdp" / "p")]
     assert [r["loss"] for r in _records(out)] == losses and len(losses) == 6
     assert [r["rewards/margin"] for r in _records(out)] == [r["rewards/margin"] for r in _records(tmp_path / "fsdp" / "p")]
+
+
+def test_the_dpo_demo_recipe_validates_and_passes_preflight(tmp_path):
+    """configs/demo/dpo_shapes.yaml: instruct, then dpo writing pairs from instruct's answers to
+    training-split questions; its preflight counts the prepared scenes and the pairs as planned."""
+    from pathlib import Path
+
+    from vlm.app.preflight import preflight
+    from vlm.app.prefs import pairs_checkpoint
+    from vlm.app.wiring import load_run_config
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "demo" / "dpo_shapes.yaml"
+    cfg = load_run_config(path, [f"out_dir={tmp_path}"])
+    names = list(cfg.stages)
+    assert names.index("instruct") == names.index("dpo") - 1 and cfg.stages.dpo.objective == "dpo"
+    block = cfg.stages.dpo.generate_pairs
+    assert pairs_checkpoint(cfg.stages.dpo) == f"{tmp_path}/instruct/final" and block.judge == "vqa_accuracy"
+    assert "_train.json" in cfg.evals[block.eval].data.args.questions_path
+    assert cfg.stages.dpo.data[0].args.path == block.out and cfg.stages.dpo.train.llm.value == "lora"
+    assert {"pope", "vqa"} <= set(cfg.evals) and cfg.evals.pope.task == "pope"
+    preflight(cfg, names, whole_recipe=True)  # nothing exists yet: prepare and generate_pairs write it

@@ -255,7 +255,8 @@ def tracking_settings(cfg: DictConfig) -> TrackingSettings:
 
 
 def run_stage(cfg: DictConfig, name: str, resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:
-    """Train stage ``name`` of a run config (calling ``callbacks``); returns its ``final`` folder.
+    """Train stage ``name`` of a run config (calling ``callbacks``), after writing the pairs of its
+    ``generate_pairs`` block if it has one; returns its ``final`` folder.
     With ``resume``, a stage whose ``final`` is already written (atomically: only a complete
     stage has one) is kept as it is, so a resumed multi-stage run retrains none of its finished
     stages."""

@@ -389,6 +389,22 @@ def test_vqav2_answer_types_keeps_only_those_types(tmp_path):
         read_vqav2(q, a, answer_types="yes/no")
 
 
+def test_vqav2_only_answers_keeps_only_those_answers(tmp_path):
+    q = write_json(tmp_path / "q.json", QUESTIONS)
+    a = write_json(tmp_path / "a.json", ANNOTATIONS)
+    everything = read_vqav2(q, a)
+    first = everything[0].turns[-1].content
+    kept = read_vqav2(q, a, only_answers=[first])
+    assert kept and all(s.turns[-1].content == first for s in kept)
+    assert len(kept) == sum(s.turns[-1].content == first for s in everything) < len(everything)
+    with pytest.raises(DataFormatError, match=r"a\.json: no question has multiple_choice_answer in \['nothing'\]"):
+        read_vqav2(q, a, only_answers=["nothing"])
+    with pytest.raises(ValueError, match="only_answers: filtering by answer needs annotations_path"):
+        read_vqav2(q, only_answers=["yes"])
+    with pytest.raises(ValueError, match="only_answers: a list, got the string 'yes'"):
+        read_vqav2(q, a, only_answers="yes")
+
+
 def test_vqav2_errors(tmp_path):
     q = write_json(tmp_path / "q.json", QUESTIONS)
     extra = {

@@ -434,6 +434,82 @@ def test_prefs_generate_with_a_plugin_judge_writes_pairs_and_resumes(tmp_path, t
     assert code == 2 and "--temperature must be > 0" in err
 
 
+# ----------------------------------------------------------------------- a stage's generate_pairs
+
+def _generating_recipe(tmp_path, tokenizer_dir, shapes_data, init_from, **block):
+    """The prefs test recipe plus a dpo stage that first writes its pairs (``block`` over the defaults)."""
+    import yaml
+
+    recipe = yaml.safe_load(_prefs_config(tmp_path, tokenizer_dir, shapes_data).read_text())
+    pairs = str(tmp_path / "run" / "pairs" / "train_pairs.json")
+    recipe["stages"]["dpo"] = {
+        "init_from": str(init_from), "objective": "dpo", "objective_options": {"beta": 0.5},
+        "generate_pairs": {"out": pairs, "eval": "vqa", "judge": "answer_length", "n": 4, "temperature": 1.5,
+                           "top_p": 1.0, "batch_size": 2, **block},
+        "train": {"vision": "frozen", "connector": "frozen", "llm": "lora"},
+        "data": [{"format": "preference_json", "args": {"path": "${stages.dpo.generate_pairs.out}"}}],
+        "learning_rate": 1e-2, "batch_size": 2, "max_steps": 2, "warmup_ratio": 0.0, "seed": 0}
+    path = tmp_path / "generating.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_a_stage_writes_pairs_from_its_start_and_trains_on_them(tmp_path, tokenizer_dir, shapes_data, base_final,
+                                                                monkeypatch):
+    """generate_pairs samples the stage's init_from (the same function as ``vlm prefs generate``),
+    the stage then reads those pairs; a complete pairs file is kept on the next run."""
+    from pathlib import Path
+
+    import vlm.app.prefs
+    from vlm.app.wiring import load_run_config
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "plugins"))
+    cfg = load_run_config(_generating_recipe(tmp_path, tokenizer_dir, shapes_data, base_final))
+    calls = []
+    original = vlm.app.prefs.write_pairs
+
+    def recorded(cfg, checkpoint, *args):
+        calls.append(checkpoint)
+        return original(cfg, checkpoint, *args)
+
+    monkeypatch.setattr(vlm.app.prefs, "write_pairs", recorded)
+    final = vlm.app.stages.run_stage(cfg, "dpo")
+    assert calls == [str(base_final)] and (final / "manifest.json").exists()
+    out = tmp_path / "run" / "pairs" / "train_pairs.json"
+    pairs = json.loads(out.read_text())
+    assert len(pairs) >= 2 and all(p["scores"]["chosen"] > p["scores"]["rejected"] for p in pairs)
+    assert not out.with_name(out.name + ".partial").exists()
+    records = _records(tmp_path / "run" / "dpo")
+    assert records and {"rewards/margin", "rewards/accuracy"} <= set(records[0])
+
+    counts = vlm.app.prefs.stage_pairs(cfg, "dpo")  # complete: kept, nothing sampled again
+    assert calls == [str(base_final)] and counts == {"out": str(out), "pairs": len(pairs), "kept": True}
+    run = vlm.app.stages.build_stage(cfg, "dpo", out_dir=tmp_path / "again")
+    assert [s.meta["chosen"] for s, _, _ in run.dataset.entries] == [p["chosen"] for p in pairs]
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"judge": "answer_lenght"}, "stages.dpo.generate_pairs.judge: unknown judge 'answer_lenght' (did you mean "
+                                 "'answer_length'?)"),
+    ({"eval": "vqa2"}, "stages.dpo.generate_pairs.eval: the config has no evals entry 'vqa2' (did you mean 'vqa'?)"),
+    ({"out": None}, "stages.dpo.generate_pairs.out: required"),
+    ({"temperature": 0}, "stages.dpo.generate_pairs.temperature = 0.0: must be > 0"),
+    ({"top_p": 1.5}, "stages.dpo.generate_pairs.top_p = 1.5: must be in (0, 1]"),
+    ({"temprature": 1.0}, "invalid config key 'stages.dpo.generate_pairs.temprature'"),
+])
+def test_a_bad_generate_pairs_block_is_refused_at_load_naming_the_key(tmp_path, tokenizer_dir, shapes_data, block,
+                                                                      message, monkeypatch):
+    from pathlib import Path
+
+    from vlm.app.wiring import load_run_config
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "plugins"))
+    path = _generating_recipe(tmp_path, tokenizer_dir, shapes_data, tmp_path / "start", **block)
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
 # ------------------------------------------------------------- two processes: DDP, FSDP, resume
 
 @pytest.mark.slow  # four 2-process launches
@@ -485,3 +561,24 @@ def test_dpo_under_ddp_and_fsdp_survives_sigkill_and_resumes_bit_identically(tmp
     losses = [r["loss"] for r in _records(tmp_path / "fsdp" / "p")]
     assert [r["loss"] for r in _records(out)] == losses and len(losses) == 6
     assert [r["rewards/margin"] for r in _records(out)] == [r["rewards/margin"] for r in _records(tmp_path / "fsdp" / "p")]
+
+
+def test_the_dpo_demo_recipe_validates_and_passes_preflight(tmp_path):
+    """configs/demo/dpo_shapes.yaml: instruct, then dpo writing pairs from instruct's answers to
+    training-split questions; its preflight counts the prepared scenes and the pairs as planned."""
+    from pathlib import Path
+
+    from vlm.app.preflight import preflight
+    from vlm.app.prefs import pairs_checkpoint
+    from vlm.app.wiring import load_run_config
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "demo" / "dpo_shapes.yaml"
+    cfg = load_run_config(path, [f"out_dir={tmp_path}"])
+    names = list(cfg.stages)
+    assert names.index("instruct") == names.index("dpo") - 1 and cfg.stages.dpo.objective == "dpo"
+    block = cfg.stages.dpo.generate_pairs
+    assert pairs_checkpoint(cfg.stages.dpo) == f"{tmp_path}/instruct/final" and block.judge == "vqa_accuracy"
+    assert "_train.json" in cfg.evals[block.eval].data.args.questions_path
+    assert cfg.stages.dpo.data[0].args.path == block.out and cfg.stages.dpo.train.llm.value == "lora"
+    assert {"pope", "vqa"} <= set(cfg.evals) and cfg.evals.pope.task == "pope"
+    preflight(cfg, names, whole_recipe=True)  # nothing exists yet: prepare and generate_pairs write it

@@ -202,6 +202,23 @@ class LearningRates:
 
 
 @dataclass
+class GeneratePairsConfig:
+    """Preference pairs a stage writes before it trains, from a checkpoint's own sampled answers
+    (``vlm prefs generate``'s settings): the questions of ``evals.<eval>``, scored by ``judge``."""
+
+    out: Optional[str] = None  # the pairs JSON (required); kept as it is when already complete
+    checkpoint: Optional[str] = None  # whose answers are sampled; None: the stage's init_from
+    eval: str = "vqa"
+    judge: str = "vqa_accuracy"
+    n: int = 4
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_new_tokens: Optional[int] = None  # None: the eval entry's
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass
 class StageConfig:
     """One training stage: what trains, on which data, with which schedule."""
 
@@ -278,6 +295,8 @@ class StageConfig:
     eval_every: Optional[int] = None
     evals: List[str] = field(default_factory=list)
     keep_best: Optional[str] = None
+    # preference pairs generated before training (vlm.app.prefs.stage_pairs); None: none
+    generate_pairs: Optional[GeneratePairsConfig] = None
 
 
 # The parts of a stage each consumer reads (the YAML keeps its flat keys; these are views of it).
@@ -684,6 +703,11 @@ _STAGE_RANGES = [
     ("lora.r", _at_least_one, ">= 1"),
     ("lora.alpha", _positive, "> 0"),
     ("lora.dropout", _fraction, "in [0, 1)"),
+    ("generate_pairs.n", _at_least_one, ">= 1"),
+    ("generate_pairs.temperature", _positive, "> 0"),
+    ("generate_pairs.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("generate_pairs.max_new_tokens", _at_least_one, ">= 1 (or null: the eval entry's)"),
+    ("generate_pairs.batch_size", _at_least_one, ">= 1"),
 ]
 _EVAL_RANGES = [
     ("batch_size", _at_least_one, ">= 1"),

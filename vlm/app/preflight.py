@@ -24,7 +24,8 @@ from vlm.core.errors import ConfigError
 @dataclass(frozen=True)
 class Plan:
     """What a launch will do: the run config, the stages it trains in order, the evaluations it
-    runs (after training, or during it) and the folders its ``prepare`` steps write."""
+    runs (after training, or during it) and the folders its ``prepare`` steps (and its stages'
+    ``generate_pairs``) write."""
 
     cfg: DictConfig
     stages: Tuple[str, ...]
@@ -42,6 +43,7 @@ class Plan:
                 evals += [e for e in stage.evals if e not in evals]
         # every prepare step (shapes, scenes, multi, tokenizer) writes its files under its ``out``
         steps = tuple(cfg.prepare[name] for name in cfg.prepare) if whole_recipe else ()
+        steps += tuple(cfg.stages[name].generate_pairs for name in stages)  # pairs a stage writes first
         prepared = tuple(Path(step.out).absolute() for step in steps if step is not None)
         return cls(cfg, tuple(stages), tuple(evals), prepared)
 

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 from omegaconf import DictConfig
 from transformers import set_seed
 
+from vlm.app.prefs import stage_pairs
 from vlm.checkpoint.components import load_model_state, save_model_state
 from vlm.checkpoint.fsio import remove_stale_tmp
 from vlm.checkpoint.manifest import read_manifest, unsaveable_lora
@@ -258,7 +259,8 @@ def tracking_settings(cfg: DictConfig) -> TrackingSettings:
 
 
 def run_stage(cfg: DictConfig, name: str, resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:
-    """Train stage ``name`` of a run config (calling ``callbacks``); returns its ``final`` folder.
+    """Train stage ``name`` of a run config (calling ``callbacks``), after writing the pairs of its
+    ``generate_pairs`` block if it has one; returns its ``final`` folder.
     With ``resume``, a stage whose ``final`` is already written (atomically: only a complete
     stage has one) is kept as it is, so a resumed multi-stage run retrains none of its finished
     stages."""
@@ -266,5 +268,6 @@ def run_stage(cfg: DictConfig, name: str, resume: bool = False, callbacks: Seque
     if resume and final.is_dir():
         logger.info("stage %s: complete (%s); --resume keeps it", name, final)
         return final
+    stage_pairs(cfg, name)  # the stage's generate_pairs block, if any: its data reads the pairs
     run = build_stage(cfg, name, callbacks=callbacks)
     return run.trainer.train(resume=resume)

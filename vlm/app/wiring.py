@@ -201,7 +201,23 @@ def validate(cfg: DictConfig) -> None:
             check_tiled_stage(stage, f"stages.{name}")
     for name, ev in cfg.evals.items():
         check_eval(ev, f"evals.{name}")
+    for name, stage in cfg.stages.items():
+        if stage.generate_pairs is not None:
+            check_generate_pairs(cfg, stage, f"stages.{name}.generate_pairs")
     check_report_to(cfg)
+
+
+def check_generate_pairs(cfg: DictConfig, stage, where: str) -> None:
+    """A stage's ``generate_pairs`` block: ``out`` given, a checkpoint (its own or the stage's
+    ``init_from``), ``eval`` an entry of ``evals`` and ``judge`` a registered judge."""
+    from vlm.app.prefs import check_pair_sources, pairs_checkpoint
+
+    if not stage.generate_pairs.out:
+        raise ConfigError(f"{where}.out: required (the pairs JSON to write)")
+    if not pairs_checkpoint(stage):
+        raise ConfigError(f"{where}.checkpoint: required when the stage has no init_from")
+    check_pair_sources(cfg, stage.generate_pairs.eval, stage.generate_pairs.judge, f"{where}.eval",
+                       f"{where}.judge")
 
 
 def check_report_to(cfg: DictConfig) -> None:

@@ -398,6 +398,7 @@ def read_vqav2(
     prompt_suffix: str = VQA_PROMPT_SUFFIX,
     answer_types: Optional[Sequence[str]] = None,
     allow_outside_root: bool = False,
+    only_answers: Optional[Sequence[str]] = None,
 ) -> List[Sample]:
     """Read VQAv2 questions (and optionally their annotations): one sample per question.
 
@@ -411,8 +412,15 @@ def read_vqav2(
     A question record may name its own ``image`` and / or ``video`` (a path or a list, under
     ``image_root``) instead: several images or a clip, marked in that order before the question.
     ``answer_types`` (needs annotations) keeps only the questions of those answer types
-    (VQAv2's ``yes/no``, ``number``, ``other``), e.g. to up-weight one type in a training mix.
+    (VQAv2's ``yes/no``, ``number``, ``other``), e.g. to up-weight one type in a training mix;
+    ``only_answers`` (needs annotations) keeps only those whose ``multiple_choice_answer`` is one of
+    them, e.g. a skewed training mix (only the "yes" questions).
     """
+    for name, value, by in (("answer_types", answer_types, "answer type"), ("only_answers", only_answers, "answer")):
+        if value is not None and annotations_path is None:
+            raise ConfigError(f"{name}: filtering by {by} needs annotations_path")
+        if isinstance(value, str):
+            raise ConfigError(f"{name}: a list, got the string {value!r}")
     if answer_types is not None:
         if annotations_path is None:
             raise ConfigError("answer_types: filtering by answer type needs annotations_path")
@@ -503,6 +511,11 @@ def read_vqav2(
         parsed = [p for p in parsed if annotations[p[0]]["answer_type"] in wanted]
         if not parsed:
             raise DataFormatError(f"{annotations_path}: no question has answer_type in {sorted(wanted)}")
+    if only_answers is not None:
+        wanted = set(only_answers)
+        parsed = [p for p in parsed if annotations[p[0]]["answer"] in wanted]
+        if not parsed:
+            raise DataFormatError(f"{annotations_path}: no question has multiple_choice_answer in {sorted(wanted)}")
     samples = []
     for qid, image_id, text, where in parsed:
         images, videos = own.get(qid) or ([image_pattern.format(subset=subset, image_id=image_id, question_id=qid)], [])

@@ -37,11 +37,14 @@ def _pair(rng: np.random.Generator) -> Tuple[Dict[str, Any], Dict[str, Any], Lis
     if rng.random() < 0.5:
         b["shape"] = a["shape"]
     yes = {True: "yes", False: "no"}
+    # each attribute question names one image at random, so both images' colours and shapes are asked for
+    images = (("first", a), ("second", b))
+    color_of, shape_of = images[int(rng.integers(2))], images[int(rng.integers(2))]
     questions = [
         ("are the shapes in the two images the same color?", yes[a["color"] == b["color"]], "yes/no"),
         ("are the two images showing the same shape?", yes[a["shape"] == b["shape"]], "yes/no"),
-        ("what color is the shape in the second image?", b["color"], "other"),
-        ("what shape is in the first image?", a["shape"], "other"),
+        (f"what color is the shape in the {color_of[0]} image?", color_of[1]["color"], "other"),
+        (f"what shape is in the {shape_of[0]} image?", shape_of[1]["shape"], "other"),
     ]
     return a, b, questions
 

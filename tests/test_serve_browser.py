@@ -129,9 +129,16 @@ def wait(chrome, condition, timeout=60):
 
 
 def set_field(chrome, name, value):
+    """Type ``value`` into a field as a person does: a line break is Shift+Enter (Enter sends)."""
+    from selenium.webdriver.common.keys import Keys
+
     field = by_id(chrome, name)
     field.clear()
-    field.send_keys(str(value))
+    lines = str(value).split("\n")
+    for i, line in enumerate(lines):
+        field.send_keys(line)
+        if i < len(lines) - 1:
+            field.send_keys(Keys.SHIFT, Keys.ENTER)
 
 
 def attach(chrome, name, paths, count):

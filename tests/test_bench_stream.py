@@ -60,7 +60,7 @@ def test_a_memory_run_streams_the_first_k_samples_and_reports_its_peaks(tmp_path
             "out": str(tmp_path / "m")}
     run = memory_run(spec)
     assert (run["samples"], run["steps"], run["samples_trained"]) == (8, 3, 12)  # 8 samples, batches of 4: 2 epochs begun
-    assert run["peak_rss_main_mib"] > 50 and run["peak_rss_workers_mib"] >= 0
+    assert run["peak_rss_main_mib"] > 50 and run["peak_rss_children_mib"] >= 0
     assert (tmp_path / "m" / "final").is_dir()
 
 

@@ -295,7 +295,7 @@ def cmd_bench_stream(args) -> None:
     except ValueError:
         raise ConfigError(f"--memory-sizes {args.memory_sizes!r}: expected sample counts, e.g. 20000,200000") from None
     result = bench_stream(_load(args), args.stage, shards=args.shards, steps=args.steps, warmup=args.warmup,
-                          repeats=args.repeats, memory_sizes=sizes, shard_size=args.shard_size)
+                          repeats=args.repeats, memory_sizes=sizes, shard_size=args.shard_size, prepare=args.prepare)
     print(json.dumps({"config": args.config, **result}, indent=None if args.json else 2))
 
 
@@ -594,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--memory-sizes", default="20000,200000",
                    help="comma-separated sample counts: a streamed run over each in a fresh process, peak memory "
                         "compared ('' skips)")
+    s.add_argument("--prepare", action="store_true", help="run the recipe's prepare step first (its data)")
     s.add_argument("--json", action="store_true", help="one line of JSON")
     s.set_defaults(func=cmd_bench_stream)
     s = bench_sub.add_parser("generate", help=cmd_bench_generate.__doc__)

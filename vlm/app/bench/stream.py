@@ -8,10 +8,10 @@ streamed / map-style.
 
 Memory: for each size K of ``memory_sizes``, a fresh process (so the peaks do not mix; they run at
 once) trains the stage the same number of steps streamed over the shards' first K samples and
-reports its peak resident memory (``ru_maxrss``: the main process, and the largest of its
-DataLoader workers; its log in ``memory_K.log``); the ratio is the largest size's peak over the
-smallest's. The model is built from ``cfg.model``
-without ``init_from``: neither figure depends on the weights.
+reports its peak resident memory (``ru_maxrss``: the training process, and the largest process it
+started, its DataLoader workers when it has some; its log in ``memory_K.log``); the ratio is the
+largest size's peak over the smallest's. The model is built from ``cfg.model`` without
+``init_from``: neither figure depends on the weights.
 """
 
 from __future__ import annotations
@@ -87,10 +87,12 @@ def _memory_sizes(sizes: Sequence[int], available: int, pattern: str) -> List[in
 
 def bench_stream(cfg: DictConfig, stage_name: str, shards: Optional[str] = None, steps: int = 30, warmup: int = 3,
                  repeats: int = 3, memory_sizes: Sequence[int] = (20000, 200000), shard_size: int = 1000,
-                 work_dir: Optional[str | Path] = None) -> dict:
+                 work_dir: Optional[str | Path] = None, prepare: bool = False) -> dict:
     """Train ``stage_name`` from its own data and streamed from webdataset shards in turn and
     measure each process's peak memory streaming ``memory_sizes`` samples (module docstring);
-    everything is written under ``work_dir`` (default ``<out_dir>/bench_stream``)."""
+    ``prepare`` runs the recipe's prepare step first (its data); everything is written under
+    ``work_dir`` (default ``<out_dir>/bench_stream``)."""
+    from vlm.app.recipes import run_prepare
     from vlm.app.stages import build_stage
 
     if stage_name not in cfg.stages:
@@ -98,6 +100,8 @@ def bench_stream(cfg: DictConfig, stage_name: str, shards: Optional[str] = None,
     if warmup < 1 or steps < 1 or repeats < 1:
         raise ConfigError("--warmup, --steps and --repeats must be at least 1")
     work = Path(work_dir) if work_dir else Path(cfg.out_dir) / "bench_stream"
+    if prepare:
+        run_prepare(cfg)
     converted = shards is None
     if converted:
         shards = _convert(cfg, stage_name, work / "shards", shard_size)
@@ -152,14 +156,14 @@ def _memory(cfg: DictConfig, stage_name: str, shards: str, sizes: Sequence[int],
         runs.append(json.loads(out.strip().splitlines()[-1]))
     small, large = runs[0], runs[-1]
     memory = {"runs": runs, "ratio": round(large["peak_rss_main_mib"] / small["peak_rss_main_mib"], 3)}
-    if small["peak_rss_workers_mib"] and large["peak_rss_workers_mib"]:
-        memory["ratio_workers"] = round(large["peak_rss_workers_mib"] / small["peak_rss_workers_mib"], 3)
+    if small["peak_rss_children_mib"] and large["peak_rss_children_mib"]:
+        memory["ratio_children"] = round(large["peak_rss_children_mib"] / small["peak_rss_children_mib"], 3)
     return memory
 
 
 def memory_run(spec: dict) -> dict:
     """Train the stage ``spec["max_steps"]`` steps streamed over the shards' first
-    ``spec["samples"]`` samples in this process; its peak resident memory and its workers'."""
+    ``spec["samples"]`` samples in this process; its peak resident memory and its children's (the largest)."""
     from vlm.app.stages import build_stage
 
     cfg = load_run_config(spec["config"])
@@ -170,7 +174,7 @@ def memory_run(spec: dict) -> dict:
     history = run.trainer.history
     return {"samples": spec["samples"], "steps": len(history), "samples_trained": sum(r["samples"] for r in history),
             "peak_rss_main_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_rss_workers_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+            "peak_rss_children_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 
 
 if __name__ == "__main__":  # a memory run, in its own process

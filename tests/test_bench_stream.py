@@ -30,13 +30,17 @@ def converted(tmp_path, tokenizer_dir, shapes, capsys) -> tuple:
     return recipe, shards
 
 
+def bench(capsys, recipe, out, *flags) -> dict:
+    """``vlm bench stream RECIPE --stage s --out OUT FLAGS``, which must succeed: its JSON report."""
+    code, printed, err = run_vlm(["bench", "stream", recipe, "--stage", "s", "--out", out, *flags], capsys)
+    assert code == 0, err
+    return json.loads(printed)
+
+
 def test_vlm_bench_stream_reports_both_throughputs_and_their_ratio(tmp_path, tokenizer_dir, shapes_data, capsys):
     recipe, shards = converted(tmp_path, tokenizer_dir, shapes_data, capsys)
-    code, out, err = run_vlm(["bench", "stream", recipe, "--stage", "s", "--shards", shards, "--steps", 2,
-                              "--warmup", 1, "--repeats", 2, "--memory-sizes", "", "--out", tmp_path / "b",
-                              "--json"], capsys)
-    assert code == 0, err
-    result = json.loads(out)
+    result = bench(capsys, recipe, tmp_path / "b", "--shards", shards, "--steps", 2, "--warmup", 1, "--repeats", 2,
+                   "--memory-sizes", "", "--json")
     assert (result["stage"], result["steps"], result["shards"], result["shard_samples"]) == ("s", 2, shards, 16)
     assert not result["converted"] and result["memory"] == {"runs": []}
     for mode in ("map", "stream"):
@@ -67,11 +71,8 @@ def test_a_memory_run_streams_the_first_k_samples_and_reports_its_peaks(tmp_path
 @pytest.mark.slow
 def test_vlm_bench_stream_measures_memory_per_size_in_fresh_processes(tmp_path, tokenizer_dir, shapes_data, capsys):
     recipe, shards = converted(tmp_path, tokenizer_dir, shapes_data, capsys)
-    code, out, err = run_vlm(["bench", "stream", recipe, "--stage", "s", "--shards", shards, "--steps", 1,
-                              "--warmup", 1, "--repeats", 1, "--memory-sizes", "16,8", "--out", tmp_path / "b",
-                              "--json"], capsys)
-    assert code == 0, err
-    memory = json.loads(out)["memory"]
+    memory = bench(capsys, recipe, tmp_path / "b", "--shards", shards, "--steps", 1, "--warmup", 1, "--repeats", 1,
+                   "--memory-sizes", "16,8", "--json")["memory"]
     small, large = memory["runs"]
     assert (small["samples"], large["samples"]) == (8, 16)
     assert small["steps"] == large["steps"] == 2 and small["samples_trained"] == large["samples_trained"] == 8
@@ -88,11 +89,8 @@ def test_vlm_bench_stream_measures_memory_per_size_in_fresh_processes(tmp_path, 
 def test_vlm_bench_stream_converts_the_stage_data_when_no_shards_are_given(tmp_path, tokenizer_dir, shapes_data,
                                                                           capsys):
     run_config(tmp_path, tokenizer_dir, stage(shapes_data))
-    code, out, err = run_vlm(["bench", "stream", tmp_path / "recipe_0.yaml", "--stage", "s", "--steps", 1,
-                              "--warmup", 1, "--repeats", 1, "--memory-sizes", "", "--shard-size", 6,
-                              "--out", tmp_path / "b"], capsys)
-    assert code == 0, err
-    result = json.loads(out)
+    result = bench(capsys, tmp_path / "recipe_0.yaml", tmp_path / "b", "--steps", 1, "--warmup", 1, "--repeats", 1,
+                   "--memory-sizes", "", "--shard-size", 6)
     work = tmp_path / "b" / "bench_stream" / "shards"
     assert result["converted"] and result["shards"] == f"{work}/{{000000..000002}}.tar"
     assert result["shard_samples"] == 16 and result["memory"] == {"runs": []}

@@ -286,6 +286,19 @@ def cmd_bench_train(args) -> None:
     print(json.dumps({"config": args.config, **result}, indent=None if args.json else 2))
 
 
+def cmd_bench_stream(args) -> None:
+    """Train a stage from its own data and streamed from webdataset shards; samples/s and peak memory."""
+    from vlm.app.bench.stream import bench_stream
+
+    try:
+        sizes = [int(k) for k in args.memory_sizes.split(",") if k.strip()]
+    except ValueError:
+        raise ConfigError(f"--memory-sizes {args.memory_sizes!r}: expected sample counts, e.g. 20000,200000") from None
+    result = bench_stream(_load(args), args.stage, shards=args.shards, steps=args.steps, warmup=args.warmup,
+                          repeats=args.repeats, memory_sizes=sizes, shard_size=args.shard_size, prepare=args.prepare)
+    print(json.dumps({"config": args.config, **result}, indent=None if args.json else 2))
+
+
 def cmd_bench_generate(args) -> None:
     """Generate the eval's answers with vlm's decode and with transformers' generate; print tok/s."""
     from vlm.app.bench.generate import bench_generate
@@ -583,6 +596,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prepare", action="store_true", help="run the recipe's prepare step first (demo data)")
     s.add_argument("--json", action="store_true", help="one line of JSON")
     s.set_defaults(func=cmd_bench_train)
+    s = bench_sub.add_parser("stream", help=cmd_bench_stream.__doc__)
+    with_config(s, out_help="sets out_dir; the benchmark writes under OUT/bench_stream")
+    s.add_argument("--stage", required=True, help="the stage to train (map-style data)")
+    s.add_argument("--shards", help="webdataset shards holding the stage's samples, e.g. 'DIR/{000000..000019}.tar' "
+                                    "(default: the stage's data converted into OUT/bench_stream/shards)")
+    s.add_argument("--shard-size", type=int, default=1000, help="samples per shard when converting")
+    s.add_argument("--steps", type=int, default=30, help="timed optimizer steps per mode")
+    s.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    s.add_argument("--repeats", type=int, default=3, help="map-style / streamed runs in turn; medians are reported")
+    s.add_argument("--memory-sizes", default="20000,200000",
+                   help="comma-separated sample counts: a streamed run over each in a fresh process, peak memory "
+                        "compared ('' skips)")
+    s.add_argument("--prepare", action="store_true", help="run the recipe's prepare step first (its data)")
+    s.add_argument("--json", action="store_true", help="one line of JSON")
+    s.set_defaults(func=cmd_bench_stream)
     s = bench_sub.add_parser("generate", help=cmd_bench_generate.__doc__)
     s.add_argument("target", help="a stage output folder (.../final) or a recipe YAML (its last stage's final)")
     s.add_argument("overrides", nargs="*", help="dotted overrides of the recipe")

@@ -8,40 +8,15 @@ from __future__ import annotations
 
 import copy
 import shutil
-import statistics
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig
 
+from vlm.app.bench.timing import StepTimer, medians, timed_train
 from vlm.app.wiring import validate
 from vlm.config import ConfigError
-from vlm.training.callbacks import Callback
-
-
-class StepTimer(Callback):
-    """Marks wall-clock and this process's CPU time after every optimizer step."""
-
-    def __init__(self):
-        self.marks: List[tuple] = []
-
-    def on_step_end(self, ctx, position):
-        self.marks.append((time.perf_counter(), time.process_time()))
-
-
-def _timed_train(trainer, timer: StepTimer, warmup: int) -> Dict[str, float]:
-    """Run ``trainer`` (which calls ``timer``) and measure the optimizer steps after the first
-    ``warmup``: wall-clock and this process's CPU time (the latter barely moves when other jobs
-    share the machine)."""
-    trainer.train()
-    marks = timer.marks
-    samples = sum(r["samples"] for r in trainer.history if r["step"] > warmup)
-    wall = marks[-1][0] - marks[warmup - 1][0]
-    cpu = marks[-1][1] - marks[warmup - 1][1]
-    return {"samples": samples, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-            "samples_per_s": round(samples / wall, 2), "samples_per_cpu_s": round(samples / cpu, 2)}
 
 
 def bench_feature_cache(cfg: DictConfig, stage_name: str = "align", steps: int = 30, warmup: int = 3,
@@ -86,15 +61,14 @@ def bench_feature_cache(cfg: DictConfig, stage_name: str = "align", steps: int =
             timer = StepTimer()
             run = build_stage(run_cfg, stage_name, out_dir=work / mode, load_init=False, callbacks=[timer])
             result["device"] = str(run.trainer.accelerator.device)
-            runs[mode].append(_timed_train(run.trainer, timer, warmup))
+            runs[mode].append(timed_train(run.trainer, timer, warmup))
             if run.feature_cache is not None:
                 report = run.feature_cache
                 builds.append({"seconds": round(report.seconds, 3), "images": report.images,
                                "computed": report.computed, "reused": report.reused})
             del run
     for mode, measured in runs.items():
-        result[mode] = {key: statistics.median(r[key] for r in measured)
-                        for key in ("samples_per_s", "samples_per_cpu_s")}
+        result[mode] = medians(measured)
         result[mode]["runs"] = measured
     result["cache"]["build_s"] = builds[0]["seconds"]
     result["cache"]["builds"] = builds

@@ -438,7 +438,8 @@ def test_shapes_pairs_and_clips_read_back_with_their_questions(tmp_path, capsys)
     samples = read_llava_json(pairs["train"]["conversations"], pairs["train"]["root"])
     assert all(len(s.images) == 2 for s in samples) and len(samples[0].turns) == 8
     questions = read_vqav2(pairs["test"]["questions"], pairs["test"]["annotations"], pairs["test"]["root"])
-    assert len(questions) == 8 and all(q.turns[0].content.startswith("<image>\n<image>\n") for q in questions)
+    assert len(questions) == 8
+    assert all(q.turns[0].content.startswith("first image: <image>\nsecond image: <image>\n") for q in questions)
     firsts = [json.loads(Path(clips["train"]["conversations"]).read_text())[i]["conversations"][0]["value"]
               for i in range(6)]
     assert len({first.split("\n")[1].split()[0] for first in firsts}) > 1  # the order varies per sample

@@ -410,7 +410,8 @@ def read_vqav2(
     inference-only sample) and no answer fields. ``meta`` always has ``question_id``,
     ``image_id`` and ``question``. Every question must have exactly one annotation and vice versa.
     A question record may name its own ``image`` and / or ``video`` (a path or a list, under
-    ``image_root``) instead: several images or a clip, marked in that order before the question.
+    ``image_root``) instead: several images or a clip, marked in that order before the question
+    (a question whose text places its own ``<image>`` / ``<video>`` markers keeps them as they stand).
     ``answer_types`` (needs annotations) keeps only the questions of those answer types
     (VQAv2's ``yes/no``, ``number``, ``other``), e.g. to up-weight one type in a training mix;
     ``only_answers`` (needs annotations) keeps only those whose ``multiple_choice_answer`` is one of
@@ -519,7 +520,9 @@ def read_vqav2(
     samples = []
     for qid, image_id, text, where in parsed:
         images, videos = own.get(qid) or ([image_pattern.format(subset=subset, image_id=image_id, question_id=qid)], [])
-        markers = f"{image_marker()}\n" * len(images) + f"{VIDEO_TOKEN}\n" * len(videos)
+        # a question that places its own markers (interleaved with text) keeps them as they stand
+        placed = image_marker() in text or VIDEO_TOKEN in text
+        markers = "" if placed else f"{image_marker()}\n" * len(images) + f"{VIDEO_TOKEN}\n" * len(videos)
         turns = [Turn("user", f"{markers}{text}{prompt_suffix}")]
         meta: Dict[str, Any] = {
             "source": where,

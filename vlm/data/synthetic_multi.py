@@ -108,7 +108,8 @@ def _split(out_dir: str, kind: str, split: str, first_id: int, n: int, image_siz
             names = [f"{name}_a.png", f"{name}_b.png"]
             for attrs, file_name in zip((a, b), names):
                 draw_shape(attrs, image_size, rng).save(os.path.join(root, file_name), compress_level=1)
-            visuals, markers = {"image": names}, "<image>\n<image>\n"
+            # each image named in the text, so that "the first image" has something to point at
+            visuals, markers = {"image": names}, "first image: <image>\nsecond image: <image>\n"
             attributes.append({"id": sample_id, "images": names, "first": a, "second": b})
         else:
             plan, asked = _clip_plan(rng, num_frames)
@@ -125,7 +126,9 @@ def _split(out_dir: str, kind: str, split: str, first_id: int, n: int, image_siz
             turns.append({"from": "human", "value": (markers if k == 0 else "") + question + VQA_PROMPT_SUFFIX})
             turns.append({"from": "gpt", "value": answer})
             qid = sample_id * 10 + k
-            questions.append({"question_id": qid, "image_id": sample_id, "question": question, **visuals})
+            # pairs: the question carries the images' names and markers as the conversation does
+            asked_as = markers.rstrip("\n") + "\n" + question if kind == "pairs" else question
+            questions.append({"question_id": qid, "image_id": sample_id, "question": asked_as, **visuals})
             annotations.append({"question_id": qid, "image_id": sample_id, "question_type": question.split()[0],
                                 "answer_type": answer_type, "multiple_choice_answer": answer,
                                 "answers": _annotator_answers(answer, ["unsure"], rng)})

@@ -325,50 +325,45 @@ def _require_registered(registry, name: str, flag: str) -> None:
         raise ConfigError(f"{flag}: {exc.args[0]}") from None
 
 
-def cmd_export_hf_llava(args) -> None:
-    """Write a stage output as a transformers LLaVA folder (LlavaForConditionalGeneration)."""
-    from vlm.interop.hf_llava import LlavaLayoutError, export_hf_llava
+def _export(args, export) -> None:
+    """Run ``export(checkpoint, out, dtype=, overwrite=)`` and print the folder it wrote; a layout
+    the target cannot hold is one line naming the checkpoint."""
+    from vlm.core.errors import LayoutError
 
     try:
-        print(f"exported: {export_hf_llava(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
-    except LlavaLayoutError as exc:
+        out = export(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    except LayoutError as exc:
         raise ConfigError(f"{args.checkpoint}: {exc}") from None
+    print(f"exported: {out}")
+
+
+def cmd_export_hf_llava(args) -> None:
+    """Write a stage output as a transformers LLaVA folder (LlavaForConditionalGeneration)."""
+    from vlm.interop.hf_llava import export_hf_llava
+
+    _export(args, export_hf_llava)
 
 
 def cmd_export_hf_blip2(args) -> None:
     """Write a Q-Former stage output as a transformers BLIP-2 folder (Blip2ForConditionalGeneration)."""
-    from vlm.core.errors import LayoutError
     from vlm.interop.hf_blip2 import export_hf_blip2
 
-    try:
-        print(f"exported: {export_hf_blip2(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
-    except LayoutError as exc:
-        raise ConfigError(f"{args.checkpoint}: {exc}") from None
+    _export(args, export_hf_blip2)
 
 
 def cmd_export_hf_llava_next(args) -> None:
     """Write a tiled (AnyRes) stage output as a transformers LLaVA-NeXT folder (LlavaNextForConditionalGeneration)."""
-    from vlm.core.errors import LayoutError
     from vlm.interop.hf_llava_next import export_hf_llava_next
 
-    try:
-        out = export_hf_llava_next(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
-    except LayoutError as exc:
-        raise ConfigError(f"{args.checkpoint}: {exc}") from None
-    print(f"exported: {out}")
+    _export(args, export_hf_llava_next)
 
 
 def cmd_export_hf_llava_onevision(args) -> None:
     """Write a tiled stage output with OneVision's multi-image and video layout as a transformers
     LLaVA-OneVision folder (LlavaOnevisionForConditionalGeneration)."""
-    from vlm.core.errors import LayoutError
     from vlm.interop.hf_llava_onevision import export_hf_llava_onevision
 
-    try:
-        out = export_hf_llava_onevision(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
-    except LayoutError as exc:
-        raise ConfigError(f"{args.checkpoint}: {exc}") from None
-    print(f"exported: {out}")
+    _export(args, export_hf_llava_onevision)
 
 
 def cmd_import_hf_llava(args) -> None:

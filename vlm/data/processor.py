@@ -200,8 +200,11 @@ class VLMProcessor:
         as ``model.video`` samples them, or ``num_frames`` spread evenly when the budget lowered
         the count (:meth:`frame_counts`); ImageLoadError names the video on any failure."""
         sampling = self.frame_sampling
-        if num_frames is not None and num_frames != len(sampling.indices(*probe(source))):
-            sampling = FrameSampling(num_frames=num_frames)
+        if num_frames is not None:
+            # spread by count, the planned count is the same frames as the model's own sampling
+            # unless that samples by fps: only then does the clip need a look first
+            if sampling.fps is None or num_frames != len(sampling.indices(*probe(source))):
+                sampling = FrameSampling(num_frames=num_frames)
         return read_frames(source, sampling, self.max_image_pixels)
 
     def load_video(self, source, num_frames: Optional[int] = None) -> List[torch.Tensor]:

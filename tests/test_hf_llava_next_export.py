@@ -48,6 +48,7 @@ def stop_early(model, processor, image, max_new_tokens=12):
 @pytest.mark.parametrize("size", [(100, 37), (30, 75)])  # wide (1 x 3 grid), tall (2 x 1): both unpad directions
 def test_auto_processor_and_generate_give_vlm_chats_answer(tmp_path, tokenizer_dir, tokenizer, size, capsys):
     cfg = tiled_config(tokenizer_dir)
+    cfg.image_placement = "first"  # as a single-image training records it
     ours = build_tiny_model(cfg, tokenizer, seed=7)
     image = write_images(tmp_path / "img", sizes=[size])[0]
     stop = stop_early(ours, build_processor(ours, tokenizer, cfg), image)
@@ -66,6 +67,8 @@ def test_auto_processor_and_generate_give_vlm_chats_answer(tmp_path, tokenizer_d
     next_model = LlavaNextForConditionalGeneration.from_pretrained(str(hf_dir)).eval()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     text = hf_processor.apply_chat_template(messages, add_generation_prompt=True)
+    text_first = [{"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]}]
+    assert hf_processor.apply_chat_template(text_first, add_generation_prompt=True) == text  # the model's placement
     with Image.open(image) as img:
         inputs = hf_processor(images=img, text=text, return_tensors="pt")
     ours_ids = processor.encode(Sample(id="s", turns=[Turn("user", f"<image>\n{QUESTION}")], images=[image]),

@@ -177,11 +177,12 @@ def _adds_bos(tokenizer) -> bool:
     return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def build_llava_processor(model: VisionLanguageModel, tokenizer, model_cfg) -> LlavaProcessor:
-    """The ``LlavaProcessor`` of an exported model: vlm's image preprocessing, its chat template
-    as Jinja, and the placeholder count ``(S / patch)^2 (+1 with keep_cls)`` as vlm expands."""
+def export_chat_template(tokenizer, model_cfg, **options) -> str:
+    """vlm's chat template of ``model_cfg`` as Jinja, with the model's image placement
+    (``options``: :func:`~vlm.interop.chat_template.jinja_chat_template`'s others), set on
+    ``tokenizer``, which then leaves the bos to the template."""
     template = jinja_chat_template(model_cfg.template, tokenizer, model_cfg.system_prompt, model_cfg.image_token,
-                                   image_placement=model_cfg.get("image_placement"))
+                                   image_placement=model_cfg.get("image_placement"), **options)
     if "bos_token" in template and _adds_bos(tokenizer):
         # the template writes the bos itself (as vLLM and apply_chat_template(tokenize=True) expect)
         tokenizer.add_bos_token = False
@@ -189,6 +190,13 @@ def build_llava_processor(model: VisionLanguageModel, tokenizer, model_cfg) -> L
             logger.warning("the tokenizer adds a bos token by itself and the chat template writes one: "
                            "tokenize rendered prompts with add_special_tokens=False")
     tokenizer.chat_template = template
+    return template
+
+
+def build_llava_processor(model: VisionLanguageModel, tokenizer, model_cfg) -> LlavaProcessor:
+    """The ``LlavaProcessor`` of an exported model: vlm's image preprocessing, its chat template
+    as Jinja, and the placeholder count ``(S / patch)^2 (+1 with keep_cls)`` as vlm expands."""
+    template = export_chat_template(tokenizer, model_cfg)
     processor = LlavaProcessor(
         image_processor=image_processor(model_cfg.vision.preprocess or model.vision.default_preprocess,
                                         model.vision.image_size, model.vision.mean, model.vision.std),

@@ -8,8 +8,9 @@ our weights; ``export_hf_llava_next`` writes a stage output as a folder that
 cannot express is refused with one line (:func:`llava_next_refusal`): tiling off, pooling per
 tile (``pool_stride`` > 1), no newline token, multi-image samples shown as overviews only.
 The helpers that build the tiled transformers weights and template (:func:`tiling_refusal`,
-:func:`tiled_vision_config`, :func:`tiled_state`, :func:`load_tiled_state`,
-:func:`export_chat_template`) serve ``vlm.interop.hf_llava_onevision`` too.
+:func:`tiled_vision_config`, :func:`tiled_state`, :func:`load_tiled_state`) serve
+``vlm.interop.hf_llava_onevision`` too; the chat template, with the model's image placement, is
+:func:`vlm.interop.hf_llava.export_chat_template`.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ from transformers.models.llava_next.image_processing_pil_llava_next import (
 )
 
 from vlm.core.errors import LayoutError
-from vlm.interop.chat_template import jinja_chat_template
 from vlm.interop.hf_export import load_for_export, write_export
-from vlm.interop.hf_llava import _adds_bos, _check_layout, _renamed
+from vlm.interop.hf_llava import _check_layout, _renamed, export_chat_template
 from vlm.modeling.vlm import VisionLanguageModel
 
 
@@ -117,17 +117,6 @@ def image_processor(model: VisionLanguageModel) -> LlavaNextImageProcessorPil:
         image_grid_pinpoints=[list(p) for p in spec.pinpoints], resample=3, do_resize=True, do_center_crop=True,
         do_rescale=True, do_normalize=True, image_mean=list(spec.mean), image_std=list(spec.std),
         do_convert_rgb=True, do_pad=True)
-
-
-def export_chat_template(tokenizer, model_cfg, **options) -> str:
-    """vlm's chat template of ``model_cfg`` as Jinja (``options``: :func:`jinja_chat_template`'s),
-    set on ``tokenizer``, which then leaves the bos to the template."""
-    template = jinja_chat_template(model_cfg.template, tokenizer, model_cfg.system_prompt, model_cfg.image_token,
-                                   **options)
-    if "bos_token" in template and _adds_bos(tokenizer):
-        tokenizer.add_bos_token = False  # the template writes the bos itself
-    tokenizer.chat_template = template
-    return template
 
 
 def build_llava_next_processor(model: VisionLanguageModel, tokenizer, model_cfg) -> LlavaNextProcessor:

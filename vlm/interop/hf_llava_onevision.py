@@ -33,9 +33,8 @@ from transformers.models.llava_onevision.video_processing_llava_onevision import
 from vlm.core.errors import LayoutError
 from vlm.data.types import VIDEO_TOKEN
 from vlm.interop.hf_export import load_for_export, write_export
-from vlm.interop.hf_llava import _check_layout
+from vlm.interop.hf_llava import _check_layout, export_chat_template
 from vlm.interop.hf_llava_next import (
-    export_chat_template,
     load_tiled_state,
     tiled_state,
     tiled_vision_config,
@@ -127,8 +126,7 @@ def build_llava_onevision_processor(model: VisionLanguageModel, tokenizer, model
     images = LlavaOnevisionImageProcessorPil(image_grid_pinpoints=[list(p) for p in spec.pinpoints],
                                              do_center_crop=False, do_pad=True, **pixels)
     videos = LlavaOnevisionVideoProcessor(do_center_crop=False, do_sample_frames=False, **pixels)
-    template = export_chat_template(tokenizer, model_cfg, image_placement=model_cfg.get("image_placement"),
-                                    video_token=VIDEO_TOKEN)
+    template = export_chat_template(tokenizer, model_cfg, video_token=VIDEO_TOKEN)
     return LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos,
                                    num_image_tokens=spec.grid * spec.grid + 1,  # CLIP's class token, dropped
                                    vision_feature_select_strategy="default", chat_template=template,

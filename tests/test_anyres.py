@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -248,3 +250,26 @@ def test_a_connector_whose_tokens_are_not_a_square_grid_cannot_tile(tokenizer_di
         OmegaConf.update(cfg, key, value, merge=False)
     with pytest.raises(ConfigError, match=r"^model.vision.tiling: tiling lays each tile's tokens out as a square grid"):
         build_tiny_model(cfg, tokenizer)
+
+
+def test_the_anyres_recipe_prepares_large_images_and_the_warm_ups_encoder_size_ones(tmp_path):
+    import json
+
+    from vlm.app.recipes import run_prepare
+    from vlm.config import check_ranges, load_config
+    from vlm.data.anyres import TilingSpec
+
+    recipe = "configs/demo/anyres_shapes.yaml"
+    cfg = load_config(recipe, [f"out_dir={tmp_path}", "prepare.shapes.num_train=2", "prepare.shapes.num_test=1",
+                               "prepare.extra_shapes.0.num_train=3"])
+    run_prepare(cfg)
+    warmup, instruct = cfg.stages.vision_warmup.data[0].args, cfg.stages.instruct.data[0].args
+    sizes = {name: {Image.open(p).size for p in Path(root).glob("*.png")}
+             for name, root in (("warmup", warmup.image_root), ("instruct", instruct.image_root))}
+    assert sizes == {"warmup": {(64, 64)}, "instruct": {(256, 256)}}
+    assert len(json.loads(Path(warmup.path).read_text())["images"]) == 3
+    # a warm-up image is one tile at its own size; a large image a 2 x 2 grid of the encoder's size
+    spec = TilingSpec.from_config(cfg.model.vision.tiling, 64, 4, [0.5] * 3, [0.5] * 3)
+    assert (spec.layout(64, 64).rows, spec.layout(256, 256).rows) == (1, 2)
+    with pytest.raises(ConfigError, match=r"prepare\.extra_shapes\.0\.shape_scale = 3\.0: must be in \[0\.1, 1\.6\]"):
+        check_ranges(load_config(recipe, ["prepare.extra_shapes.0.shape_scale=3"]))

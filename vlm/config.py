@@ -510,6 +510,9 @@ class PrepareConfig:
     """Steps a recipe runs before its stages; each is skipped when left unset."""
 
     shapes: Optional[ShapesDataConfig] = None
+    # further shapes datasets, each under its own ``out`` (e.g. encoder-size images for a vision
+    # warm-up beside large images for AnyRes), written after ``shapes``
+    extra_shapes: List[ShapesDataConfig] = field(default_factory=list)
     tokenizer: Optional[TokenizerTrainConfig] = None
     scenes: Optional[ScenesDataConfig] = None  # written before the tokenizer is trained
     multi: Optional[MultiShapesDataConfig] = None  # written before the tokenizer is trained
@@ -717,12 +720,13 @@ _EVAL_RANGES = [
 ]
 _DATA_RANGES = [("max_samples", _at_least_one, ">= 1 (or null: all)"), ("repeat", _at_least_one, ">= 1"),
                 ("max_visual_tokens", _at_least_one, ">= 1 (or null: the stage's)")]
-_PREPARE_RANGES = [
-    ("prepare.shapes.num_train", _non_negative, ">= 0"), ("prepare.shapes.num_test", _non_negative, ">= 0"),
-    ("prepare.shapes.image_size", _at_least_one, ">= 1"),
+_SHAPES_RANGES = [
+    ("num_train", _non_negative, ">= 0"), ("num_test", _non_negative, ">= 0"), ("image_size", _at_least_one, ">= 1"),
+    ("shape_scale", lambda v: 0.1 <= v <= 1.6, "in [0.1, 1.6]"),
+]
+_PREPARE_RANGES = [(f"prepare.shapes.{key}", test, must) for key, test, must in _SHAPES_RANGES] + [
     ("prepare.scenes.num_train", _non_negative, ">= 0"), ("prepare.scenes.num_test", _non_negative, ">= 0"),
     ("prepare.scenes.image_size", lambda v: v >= 48, ">= 48"),
-    ("prepare.shapes.shape_scale", lambda v: 0.1 <= v <= 1.6, "in [0.1, 1.6]"),
     ("prepare.multi.num_train", _non_negative, ">= 0"), ("prepare.multi.num_test", _non_negative, ">= 0"),
     ("prepare.multi.image_size", lambda v: v >= 32, ">= 32"),
     ("prepare.multi.num_frames", lambda v: v >= 2, ">= 2"),
@@ -756,6 +760,9 @@ def check_ranges(cfg: DictConfig, origin: str = "config") -> None:
     is not auto / true / false. Pure: builds nothing."""
     for key, test, must in _PREPARE_RANGES:
         _check_range(cfg, key, test, must, "", origin)
+    for i, shapes in enumerate(cfg.prepare.extra_shapes):
+        for key, test, must in _SHAPES_RANGES:
+            _check_range(shapes, key, test, must, f"prepare.extra_shapes.{i}.", origin)
     for name, stage in cfg.stages.items():
         _check_levers(stage, f"stages.{name}.", origin)
         for key, test, must in _STAGE_RANGES:

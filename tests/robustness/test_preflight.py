@@ -106,11 +106,12 @@ def test_plans_the_rules_let_through(project, capsys, no_training):
     assert no_training == ["align", "next"]
 
 
-@pytest.mark.parametrize("step", ["shapes", "scenes", "multi"])
+@pytest.mark.parametrize("step", ["shapes", "extra_shapes", "scenes", "multi"])
 def test_data_a_prepare_step_writes_is_not_required_up_front(project, step):
     # vlm run writes it before the stages; vlm train (which prepares nothing) needs it there
     generated = project.root / "generated"
-    project.recipe["prepare"] = {step: {"out": str(generated), "num_train": 4, "num_test": 4}}
+    written = {"out": str(generated), "num_train": 4, "num_test": 4}
+    project.recipe["prepare"] = {step: [written] if step == "extra_shapes" else written}
     project.stage()["data"][0]["args"] = {"path": str(generated / "train" / "captions.json"),
                                           "image_root": str(generated / "train" / "images")}
     cfg = load_run_config(project.write())

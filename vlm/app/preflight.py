@@ -41,8 +41,11 @@ class Plan:
             stage = cfg.stages[name]
             if stage.eval_every:
                 evals += [e for e in stage.evals if e not in evals]
-        # every prepare step (shapes, scenes, multi, tokenizer) writes its files under its ``out``
-        steps = tuple(cfg.prepare[name] for name in cfg.prepare) if whole_recipe else ()
+        # every prepare step (shapes, extra_shapes, scenes, multi, tokenizer) writes its files under its ``out``
+        steps = ()
+        if whole_recipe:
+            steps = tuple(cfg.prepare[name] for name in cfg.prepare if name != "extra_shapes")
+            steps += tuple(cfg.prepare.extra_shapes)
         steps += tuple(cfg.stages[name].generate_pairs for name in stages)  # pairs a stage writes first
         prepared = tuple(Path(step.out).absolute() for step in steps if step is not None)
         return cls(cfg, tuple(stages), tuple(evals), prepared)

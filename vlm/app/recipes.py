@@ -20,8 +20,7 @@ def run_prepare(cfg: DictConfig) -> None:
     from vlm.data.synthetic import ShapesStyle, generate_shapes
     from vlm.data.tokenizer_training import train_tokenizer_from_files
 
-    shapes = cfg.prepare.shapes
-    if shapes is not None:
+    for shapes in ([cfg.prepare.shapes] if cfg.prepare.shapes is not None else []) + list(cfg.prepare.extra_shapes):
         logger.info("prepare: shapes data -> %s", shapes.out)
         generate_shapes(shapes.out, num_train=shapes.num_train, num_test=shapes.num_test,
                         image_size=shapes.image_size, seed=shapes.seed,

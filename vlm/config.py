@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from vlm.core.errors import ConfigError  # noqa: F401  (re-exported: vlm.config.ConfigError)
@@ -635,7 +635,13 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            schema = OmegaConf.merge(schema, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            try:
+                schema = OmegaConf.merge(schema, loaded)
+            except TypeError:  # a mapping where the schema has a list, or the other way round
+                key = _container_mismatch(schema, loaded)
+                raise ConfigError(f"{origin}: {key or 'the file'}: a mapping where a list is expected, "
+                                  "or a list where a mapping is") from None
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' must look like key=value")
@@ -660,6 +666,24 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     for name, stage in schema.stages.items():
         _check_stage_evals(schema, stage, f"stages.{name}")
     return schema
+
+
+def _container_mismatch(schema, loaded, prefix: str = "") -> Optional[str]:
+    """The dotted key of the first value of ``loaded`` that is a list where ``schema`` has a
+    mapping or the other way round; None if there is none."""
+    if not isinstance(loaded, DictConfig) or not isinstance(schema, DictConfig):
+        return None
+    for key in loaded:
+        if key not in schema:
+            continue
+        ours, theirs = schema._get_node(key), loaded._get_node(key)
+        containers = isinstance(ours, (ListConfig, DictConfig)) and isinstance(theirs, (ListConfig, DictConfig))
+        if containers and isinstance(ours, ListConfig) != isinstance(theirs, ListConfig) and not ours._is_none():
+            return f"{prefix}{key}"
+        found = _container_mismatch(ours, theirs, f"{prefix}{key}.")
+        if found:
+            return found
+    return None
 
 
 def _positive(v) -> bool:

@@ -73,6 +73,17 @@ def test_unknown_key_or_value_is_named(project, capsys, override, needle):
     assert not project.out.exists()
 
 
+@pytest.mark.parametrize("key,value", [("plugins", {"a": "b"}), ("prepare", {"extra_shapes": {"out": "x"}})])
+def test_a_mapping_where_a_list_belongs_names_the_key(project, capsys, key, value):
+    project.recipe[key] = value
+    recipe = project.write()
+    code, _, err = run_vlm(["train", recipe, "--out", project.out], capsys)
+    line = error_line(err)
+    named = key if key == "plugins" else "prepare.extra_shapes"
+    assert code == 2 and str(recipe) in line and f"{named}: a mapping where a list is expected" in line
+    assert not project.out.exists()
+
+
 def test_config_that_is_not_utf8_names_the_file_and_byte(project, capsys):
     recipe = project.write()
     data = recipe.read_bytes()

@@ -263,7 +263,9 @@ def test_the_anyres_recipe_prepares_large_images_and_the_warm_ups_encoder_size_o
     cfg = load_config(recipe, [f"out_dir={tmp_path}", "prepare.shapes.num_train=2", "prepare.shapes.num_test=1",
                                "prepare.extra_shapes.0.num_train=3"])
     run_prepare(cfg)
-    warmup, instruct = cfg.stages.vision_warmup.data[0].args, cfg.stages.instruct.data[0].args
+    warmup, instruct = cfg.stages.vision_warmup.data[0].args, cfg.stages.instruct.data[-1].args
+    # instruct reads the warm-up's one-tile images first (the LLM learns to read a tile), then the large ones
+    assert cfg.stages.instruct.data[0].args.image_root == warmup.image_root
     sizes = {name: {Image.open(p).size for p in Path(root).glob("*.png")}
              for name, root in (("warmup", warmup.image_root), ("instruct", instruct.image_root))}
     assert sizes == {"warmup": {(64, 64)}, "instruct": {(256, 256)}}

@@ -242,14 +242,50 @@ def test_serve_counts_a_tiled_images_tokens_against_the_context(tiled):
         _parse(SimpleNamespace(processor=processor, context_length=expected + 3), body, None)
 
 
-@pytest.mark.parametrize("overrides", [{"vision.keep_cls": True}, {"connector.options": {"global_token": True}},
-                                       {"connector.name": "question_aware_mlp"}])
-def test_a_connector_whose_tokens_are_not_a_square_grid_cannot_tile(tokenizer_dir, tokenizer, overrides):
+def test_a_connector_whose_tokens_are_not_a_square_grid_cannot_tile(tokenizer_dir, tokenizer):
+    cfg = tiled_config(tokenizer_dir)
+    OmegaConf.update(cfg, "vision.keep_cls", True, merge=False)
+    with pytest.raises(ConfigError, match=r"^model.vision.tiling: tiling lays each tile's tokens out as a square grid"):
+        build_tiny_model(cfg, tokenizer)
+
+
+@pytest.mark.parametrize("overrides,lead", [({"connector.options": {"global_token": True}}, 1),
+                                            ({"connector.name": "question_aware_mlp"}, 1),
+                                            ({"connector.name": "question_aware_mlp",
+                                              "connector.options": {"global_token": True}}, 2)])
+def test_a_connectors_lead_tokens_go_first_tile_by_tile(tokenizer_dir, tokenizer, overrides, lead):
+    """A global or question token is no grid cell: each tile's go in front of the image's tokens,
+    the grids are packed as without them, and the processor counts them."""
+    from dataclasses import replace
+
+    from vlm.data.batch import Collator
+    from vlm.modeling.tiling import pack_image
+
     cfg = tiled_config(tokenizer_dir)
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
-    with pytest.raises(ConfigError, match=r"^model.vision.tiling: tiling lays each tile's tokens out as a square grid"):
-        build_tiny_model(cfg, tokenizer)
+    model = build_tiny_model(cfg, tokenizer, seed=3)
+    processor = build_processor(model, tokenizer, cfg)
+    question = "what is it?"
+    items = []
+    for width, height in SIZES:
+        items.append(processor.encode(Sample(id="s", turns=[Turn("user", f"<image>\n{question}"), Turn("assistant", "a")],
+                                             images=[image(width, height)])))
+        layout, tiles = items[-1].image_layouts[0], items[-1].images[0]
+        assert layout.lead == lead
+        with torch.no_grad():
+            per_tile = model.encode_images(tiles, [question] * len(tiles))
+            got = model.encode_tiled(tiles, torch.tensor([layout.as_row()]), [question])
+        assert got.shape[0] == layout.num_tokens() == items[-1].input_ids.count(model.image_token_id)
+        torch.testing.assert_close(got[:len(tiles) * lead], per_tile[:, :lead].flatten(0, 1))
+        torch.testing.assert_close(got[len(tiles) * lead:],
+                                   pack_image(per_tile[:, lead:], replace(layout, lead=0), model.connector.image_newline))
+    batch = Collator(tokenizer.pad_token_id)(items)
+    assert batch.image_layouts[:, -1].tolist() == [lead] * len(SIZES)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch.model_inputs()).loss)
+    with pytest.raises(LayoutError, match="^model.connector: "):
+        to_hf_llava_next(model)
 
 
 def test_the_anyres_recipe_prepares_large_images_and_the_warm_ups_encoder_size_ones(tmp_path):

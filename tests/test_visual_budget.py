@@ -10,7 +10,7 @@ import torch
 from conftest import build_tiny_model, tiny_model_config, write_images
 from test_anyres import PINPOINTS, tiled_config
 
-from vlm.data.anyres import TilingSpec
+from vlm.data.anyres import LAYOUT_FIELDS, TilingSpec
 from vlm.data.batch import Collator
 from vlm.data.budget import OverBudget, fit_layouts
 from vlm.data.dataset import ConversationDataset, whole_image_cut
@@ -153,7 +153,7 @@ def test_a_truncated_sample_trains(tiled, tokenizer):
     assert dataset.stats["truncated"] == 1 and len(dataset) == 2
     assert len(dataset[0].images) == 1
     batch = Collator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
-    assert batch.image_layouts.shape == (2, 6)
+    assert batch.image_layouts.shape == (2, len(LAYOUT_FIELDS))
     loss = model(**batch.model_inputs()).loss
     assert torch.isfinite(loss)
 

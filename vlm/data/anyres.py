@@ -29,7 +29,7 @@ from vlm.data.image_transforms import pad_to_square
 from vlm.data.images import to_rgb
 
 # the fields of a layout, in the order of its row in a batch's ``image_layouts`` tensor
-LAYOUT_FIELDS = ("height", "width", "rows", "cols", "side", "newline")
+LAYOUT_FIELDS = ("height", "width", "rows", "cols", "side", "newline", "lead")
 # how a sample with several images lays them out: each tiled, or each its overview alone (OneVision)
 MULTI_IMAGE = ("tiled", "base")
 
@@ -37,8 +37,10 @@ MULTI_IMAGE = ("tiled", "base")
 @dataclass(frozen=True)
 class TileLayout:
     """How one image becomes visual tokens: its size in pixels, its tile grid (``rows x cols``;
-    ``0 x 0``: the overview alone), each tile's token grid side after pooling and whether rows
-    end with a newline token."""
+    ``0 x 0``: the overview alone), each tile's token grid side after pooling, whether rows
+    end with a newline token and ``lead``, each tile's tokens that are not grid cells (a
+    connector's global or question token: :meth:`Connector.lead_tokens`), which go in front of
+    the image's tokens, tile by tile."""
 
     height: int
     width: int
@@ -46,6 +48,7 @@ class TileLayout:
     cols: int
     side: int
     newline: bool
+    lead: int = 0
 
     @property
     def num_tiles(self) -> int:
@@ -57,9 +60,10 @@ class TileLayout:
         return unpadded_shape(self.height, self.width, self.rows * self.side, self.cols * self.side)
 
     def num_tokens(self) -> int:
-        """Visual tokens of the image: the overview's ``side**2``, then the unpadded grid map with
-        one newline per row (the overview alone: one newline after it)."""
-        base = self.side * self.side
+        """Visual tokens of the image: every tile's ``lead`` tokens, the overview's ``side**2``,
+        then the unpadded grid map with one newline per row (the overview alone: one newline
+        after it)."""
+        base = self.num_tiles * self.lead + self.side * self.side
         if not self.rows:
             return base + int(self.newline)
         h, w = self.unpadded()
@@ -67,13 +71,13 @@ class TileLayout:
 
     def as_row(self) -> List[int]:
         """The layout as integers (a row of ``Batch.image_layouts``, fields as :data:`LAYOUT_FIELDS`)."""
-        return [self.height, self.width, self.rows, self.cols, self.side, int(self.newline)]
+        return [self.height, self.width, self.rows, self.cols, self.side, int(self.newline), self.lead]
 
     @classmethod
     def from_row(cls, row: Sequence[int]) -> "TileLayout":
         """The layout of one row of ``Batch.image_layouts``."""
-        height, width, rows, cols, side, newline = (int(v) for v in row)
-        return cls(height, width, rows, cols, side, bool(newline))
+        height, width, rows, cols, side, newline, lead = (int(v) for v in row)
+        return cls(height, width, rows, cols, side, bool(newline), lead)
 
 
 def unpadded_shape(height: int, width: int, map_height: int, map_width: int) -> Tuple[int, int]:
@@ -118,8 +122,9 @@ def pooled_side(grid: int, stride: int) -> int:
 class TilingSpec:
     """What tiling needs of the model: the encoder's input side ``image_size``, the token grid
     side of one tile before pooling ``grid``, the allowed grids ``pinpoints`` (pixel sizes),
-    ``newline``, the default ``pool_stride``, the pixel normalisation and how the images of a
-    multi-image sample are laid out (``multi_image``: ``tiled`` or ``base``, the overview alone)."""
+    ``newline``, the default ``pool_stride``, the pixel normalisation, how the images of a
+    multi-image sample are laid out (``multi_image``: ``tiled`` or ``base``, the overview alone)
+    and ``lead``, each tile's tokens in front of its grid (:class:`TileLayout`)."""
 
     image_size: int
     grid: int
@@ -129,6 +134,7 @@ class TilingSpec:
     mean: Tuple[float, ...] = (0.0, 0.0, 0.0)
     std: Tuple[float, ...] = (1.0, 1.0, 1.0)
     multi_image: str = "tiled"
+    lead: int = 0
 
     @property
     def square_overview(self) -> bool:
@@ -138,15 +144,15 @@ class TilingSpec:
 
     @classmethod
     def from_config(cls, tiling, image_size: int, grid: int, mean: Sequence[float], std: Sequence[float],
-                    where: str = "model.vision.tiling") -> "TilingSpec":
+                    where: str = "model.vision.tiling", lead: int = 0) -> "TilingSpec":
         """The spec of a ``model.vision.tiling`` section for an encoder of input side
-        ``image_size`` whose tiles give ``grid x grid`` tokens; ConfigError naming the field for a
-        grid the encoder cannot take."""
+        ``image_size`` whose tiles give ``lead`` tokens and a ``grid x grid`` map; ConfigError
+        naming the field for a grid the encoder cannot take."""
         check_tiling(tiling, image_size, where)
         pinpoints = tiling.grid_pinpoints if tiling.grid_pinpoints is not None else grids_up_to(
             int(tiling.max_tiles), image_size)
         return cls(image_size, grid, tuple((int(h), int(w)) for h, w in pinpoints), bool(tiling.newline),
-                   int(tiling.pool_stride), tuple(mean), tuple(std), str(tiling.multi_image))
+                   int(tiling.pool_stride), tuple(mean), tuple(std), str(tiling.multi_image), int(lead))
 
     def layout(self, height: int, width: int, max_tiles: Optional[int] = None,
                pool_stride: Optional[int] = None) -> TileLayout:
@@ -157,9 +163,10 @@ class TilingSpec:
         candidates = [p for p in self.pinpoints
                       if max_tiles is None or (p[0] // self.image_size) * (p[1] // self.image_size) <= max_tiles]
         if not candidates:
-            return TileLayout(height, width, 0, 0, side, self.newline)
+            return TileLayout(height, width, 0, 0, side, self.newline, self.lead)
         best_h, best_w = select_best_resolution(height, width, candidates)
-        return TileLayout(height, width, best_h // self.image_size, best_w // self.image_size, side, self.newline)
+        return TileLayout(height, width, best_h // self.image_size, best_w // self.image_size, side, self.newline,
+                          self.lead)
 
 
 def check_tiling(tiling, image_size: int, where: str = "model.vision.tiling") -> None:

@@ -75,8 +75,9 @@ class Batch:
     - ``skipped``: how many samples the collate dropped (unreadable images).
     - ``num_tokens``: the real (non-padding) tokens of the batch (None given: the attention
       mask's ones, or every position when there is none).
-    - ``image_layouts``: AnyRes tiling, ``(n_images, 6)`` long (``vlm.data.anyres.TileLayout``
-      rows); ``images`` then holds every image's tiles, ``(tiles, 3, S, S)``.
+    - ``image_layouts``: AnyRes tiling, ``(n_images, len(LAYOUT_FIELDS))`` long
+      (``vlm.data.anyres.TileLayout`` rows); ``images`` then holds every image's tiles,
+      ``(tiles, 3, S, S)``.
     - ``frames``: ``(n,)`` bool, which images are video frames; None when none is.
     """
 

@@ -168,7 +168,8 @@ class VLMProcessor:
         with the newline when ``video_newline``. ``frame_counts``: each video's planned count."""
         planned, order = iter(layouts), []
         counts = iter(frame_counts) if frame_counts is not None else None
-        side = math.isqrt(self._frame_tokens())
+        lead = self.tiling.lead
+        side = math.isqrt(self._frame_tokens() - lead)
 
         def load_image(path) -> torch.Tensor:
             order.append(next(planned))
@@ -179,7 +180,7 @@ class VLMProcessor:
             tiles = []
             for i, frame in enumerate(frames):
                 last = i == len(frames) - 1
-                order.append(TileLayout(frame.height, frame.width, 0, 0, side, self.video_newline and last))
+                order.append(TileLayout(frame.height, frame.width, 0, 0, side, self.video_newline and last, lead))
                 tiles.append(tile_pixels(frame, order[-1], self.tiling))
             return tiles
 

@@ -3,9 +3,10 @@
 The processor (``vlm.data.anyres``) sends each image as its overview and grid tiles, with its
 :class:`~vlm.data.anyres.TileLayout`. Every tile runs through the same encoder and connector;
 here each image's tokens are put back together as LLaVA-NeXT's ``pack_image_features`` does:
-the overview's tokens, then the tiles' token grids joined into one map, cropped to the image's
-aspect ratio, each row followed by the learned ``image_newline`` (kept on the connector, so it
-trains and saves with it). ``pool_stride`` > 1 first pools every tile's grid bilinearly
+every tile's lead tokens first (a connector's tokens outside its grid, e.g. a question token;
+LLaVA-NeXT has none), the overview's tokens, then the tiles' token grids joined into one map,
+cropped to the image's aspect ratio, each row followed by the learned ``image_newline`` (kept
+on the connector, so it trains and saves with it). ``pool_stride`` > 1 first pools every tile's grid bilinearly
 (LLaVA-OneVision's pooling). A video frame is an overview alone, pooled to the video's tokens
 per frame; the last frame of a video may end with the newline (``model.video.newline``).
 """
@@ -27,12 +28,13 @@ NEWLINE = "image_newline"  # the connector parameter that holds the row-end toke
 
 def tile_grid(vision: nn.Module, connector: nn.Module, where: str = "model.vision.tiling") -> int:
     """The side of one tile's square token grid (what the connector makes of the encoder's
-    patches); ConfigError naming ``where`` when the tokens are not a square spatial grid."""
+    patches, after its lead tokens); ConfigError naming ``where`` when the tokens are not a
+    square spatial grid."""
     side = connector.token_grid(vision.num_patches)
     if side is None:
         raise ConfigError(f"{where}: tiling lays each tile's tokens out as a square grid; connector "
                           f"{type(connector).__name__} gives {connector.num_tokens(vision.num_patches)} tokens that "
-                          "are not one (keep_cls, global_token, a question token or queries)")
+                          "are not one (keep_cls or queries)")
     return side
 
 
@@ -41,7 +43,8 @@ def prepare_tiling(vision: nn.Module, connector: nn.Module, llm_dim: int, tiling
     """Check that the model can tile (:func:`tile_grid`, the grid sizes) and, with ``newline``,
     give the connector its learned row-end token; returns the model's tiling spec."""
     side = tile_grid(vision, connector, where)
-    spec = TilingSpec.from_config(tiling, vision.image_size, side, vision.mean, vision.std, where)
+    spec = TilingSpec.from_config(tiling, vision.image_size, side, vision.mean, vision.std, where,
+                                  lead=connector.lead_tokens(vision.num_patches))
     if tiling.newline and getattr(connector, NEWLINE, None) is None:
         # LLaVA-NeXT's initialisation: a random vector at the scale of the token embeddings
         connector.register_parameter(NEWLINE, nn.Parameter(torch.randn(llm_dim) / math.sqrt(llm_dim)))
@@ -72,15 +75,16 @@ def pool_tiles(tokens: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def pack_image(tokens: torch.Tensor, layout: TileLayout, newline: Optional[torch.Tensor]) -> torch.Tensor:
-    """One image's tile tokens ``(num_tiles, g*g, D)`` (overview first) -> its visual tokens
-    ``(layout.num_tokens(), D)``."""
-    tokens = pool_tiles(tokens, layout.side)
+    """One image's tile tokens ``(num_tiles, lead + g*g, D)`` (overview first) -> its visual
+    tokens ``(layout.num_tokens(), D)``."""
+    lead = tokens[:, :layout.lead].reshape(-1, tokens.shape[-1])
+    tokens = pool_tiles(tokens[:, layout.lead:], layout.side)
     side, dim = layout.side, tokens.shape[-1]
     if layout.newline and newline is None:
         raise ValueError("the layout ends rows with a newline token but the connector has no image_newline")
     base = tokens[0]
     if not layout.rows:
-        parts = [base] + ([newline[None].to(base)] if layout.newline else [])
+        parts = [lead, base] + ([newline[None].to(base)] if layout.newline else [])
         return torch.cat(parts)
     grid = tokens[1:].reshape(layout.rows, layout.cols, side, side, dim)
     grid = grid.permute(4, 0, 2, 1, 3).reshape(dim, layout.rows * side, layout.cols * side)
@@ -90,7 +94,7 @@ def pack_image(tokens: torch.Tensor, layout: TileLayout, newline: Optional[torch
     grid = grid[:, top:top + height, left:left + width]
     if layout.newline:
         grid = torch.cat([grid, newline[:, None, None].to(grid).expand(dim, height, 1)], dim=2)
-    return torch.cat([base, grid.flatten(1).transpose(0, 1)])
+    return torch.cat([lead, base, grid.flatten(1).transpose(0, 1)])
 
 
 def encode_tiled(encode, pixel_values: torch.Tensor, layouts: Sequence[TileLayout],

@@ -109,8 +109,9 @@ class VisionLanguageModel(nn.Module):
 
     def encode_tiled(self, pixel_values: torch.Tensor, image_layouts: torch.Tensor,
                      instructions: Optional[Sequence[str]] = None) -> torch.Tensor:
-        """AnyRes: every image's tiles ``(tiles, 3, S, S)`` and layouts ``(n, 6)`` -> the images'
-        visual tokens, concatenated ``(sum of each image's count, H_llm)`` (``vlm.modeling.tiling``)."""
+        """AnyRes: every image's tiles ``(tiles, 3, S, S)`` and layout rows ``(n, len(LAYOUT_FIELDS))``
+        -> the images' visual tokens, concatenated ``(sum of each image's count, H_llm)``
+        (``vlm.modeling.tiling``)."""
         from vlm.data.anyres import TileLayout
         from vlm.modeling.tiling import encode_tiled, row_end_token
 

@@ -34,7 +34,7 @@ class Connector(nn.Module, ABC):
       text per image) may be ignored.
 
     Optional: ``check_options`` (value checks at config load, called by ``check``),
-    ``requires_vision`` (the encoder class it needs), ``token_grid`` (tiling), ``own_tokenizer`` (a
+    ``requires_vision`` (the encoder class it needs), ``token_grid`` and ``lead_tokens`` (tiling), ``own_tokenizer`` (a
     text tokenizer to carry), ``encode_images`` (a connector that runs inside the encoder) together
     with ``feature_cache_conflict``, ``llm_unused_parameters`` and ``begin_stage``.
     """
@@ -83,10 +83,16 @@ class Connector(nn.Module, ABC):
         return None
 
     def token_grid(self, num_patches: int) -> Optional[int]:
-        """The side of the square spatial grid an image's visual tokens form, row by row, or None
-        (the default: not a grid, e.g. queries). AnyRes tiling (``vlm.modeling.tiling``) lays
-        tiles' grids side by side, so it needs one."""
+        """The side of the square spatial grid an image's visual tokens form, row by row, after
+        its :meth:`lead_tokens`, or None (the default: not a grid, e.g. queries). AnyRes tiling
+        (``vlm.modeling.tiling``) lays tiles' grids side by side, so it needs one."""
         return None
+
+    def lead_tokens(self, num_patches: int) -> int:
+        """How many of an image's visual tokens come before its :meth:`token_grid` and are not
+        grid cells (a summary or question token); tiling puts each tile's in front of the
+        image's tokens. The default: none."""
+        return 0
 
     def llm_unused_parameters(self) -> List[nn.Parameter]:
         """Parameters the LLM path (``forward``) never reads, e.g. the Q-Former's text path and

@@ -51,13 +51,15 @@ class _TokenwiseProjector(Connector):
         return self.image_tokens(num_patches)
 
     def token_grid(self, num_patches: int) -> Optional[int]:
-        """The side of the projected patch grid; None with ``global_token`` (a token outside the
-        grid) or a patch count that is not a square (a CLS token kept)."""
-        if self.global_token:
-            return None
-        tokens = self.image_tokens(num_patches)
+        """The side of the projected patch grid (after the ``global_token``); None for a patch
+        count that is not a square (a CLS token kept)."""
+        tokens = self.image_tokens(num_patches) - int(self.global_token)
         side = math.isqrt(tokens)
         return side if side * side == tokens else None
+
+    def lead_tokens(self, num_patches: int) -> int:
+        """The ``global_token``, when on."""
+        return int(self.global_token)
 
     def image_tokens(self, num_patches: int) -> int:
         """How many tokens the projection of the image's features gives (``num_tokens`` less any

@@ -63,9 +63,9 @@ class QuestionAwareMLPProjector(MLPProjector):
     def num_tokens(self, num_patches: int) -> int:
         return super().num_tokens(num_patches) + 1
 
-    def token_grid(self, num_patches: int) -> Optional[int]:
-        """None: the question token is not a grid cell."""
-        return None
+    def lead_tokens(self, num_patches: int) -> int:
+        """The question token, then ``mlp2x_gelu``'s (its ``global_token``)."""
+        return 1 + super().lead_tokens(num_patches)
 
     def question_parameters(self):
         """The question token's own parameters (what ``answer_words`` trains in a vision warm-up)."""

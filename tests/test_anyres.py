@@ -136,8 +136,8 @@ def test_a_tile_grid_the_encoder_cannot_take_is_one_line(tokenizer_dir, tokenize
 
 
 @pytest.mark.parametrize("stage,message", [
-    ({"objective": "answer_words", "train": {"vision": "full", "connector": "frozen", "llm": "frozen"}},
-     "stages.s.objective: 'answer_words' reads one pixel tensor per image; with model.vision.tiling"),
+    ({"objective": "simpo", "train": {"vision": "frozen", "connector": "frozen", "llm": "full"}},
+     "stages.s.objective: 'simpo' reads one pixel tensor per image; with model.vision.tiling"),
     ({"feature_cache": True, "train": {"vision": "frozen", "connector": "full", "llm": "frozen"}},
      "stages.s.feature_cache: cached features are one encoder pass per image"),
 ])
@@ -180,6 +180,39 @@ def test_caption_bow_reads_the_max_over_each_images_overview_and_tiles(tiled, to
                  images=[image(40, 40), image(50, 30)])
     with pytest.raises(DataFormatError, match="exactly one image per sample"):
         objective(model, Collator(pad_id=tokenizer.pad_token_id)([processor.encode(two)]))
+
+
+def test_answer_words_reads_the_max_over_each_images_tiles_and_their_question_tokens(tokenizer_dir, tokenizer):
+    """answer_words on tiled images: pooled features and the question-aware connector's question
+    tokens (one per tile, each asking the image's question) are maxed over each image's tiles."""
+    from vlm.data.batch import Collator
+    from vlm.data.processor import IGNORE_INDEX
+    from vlm.training.objectives.warmup import AnswerWords
+
+    cfg = tiled_config(tokenizer_dir)
+    OmegaConf.update(cfg, "connector.name", "question_aware_mlp", merge=False)
+    model = build_tiny_model(cfg, tokenizer, seed=3)
+    processor = build_processor(model, tokenizer, cfg)
+    questions = ["is there a circle?", "what colour is it?", "where is it?"]
+    samples = [Sample(id=str(i), turns=[Turn("user", f"<image>\n{q}"), Turn("assistant", "red" if i % 2 else "yes")],
+                      images=[image(w, h)]) for i, ((w, h), q) in enumerate(zip(SIZES, questions * 2))]
+    batch = Collator(pad_id=tokenizer.pad_token_id)([processor.encode(s) for s in samples])
+    objective = AnswerWords(model, tokenizer)
+    assert objective.asks_connector
+    got = objective(model, batch).loss
+    pooled, tokens, start = [], [], 0
+    for layout, question in zip(batch.image_layouts.tolist(), batch.instructions):
+        tiles = TileLayout.from_row(layout).num_tiles
+        features = model.vision(batch.images[start:start + tiles])
+        pooled.append(pool_patch_grid(features, objective.pool).transpose(1, 2).flatten(1).max(dim=0).values)
+        tokens.append(model.connector.question_token(features, [question] * tiles).squeeze(1).max(dim=0).values)
+        start += tiles
+    assert start == batch.images.shape[0] and len(pooled) == len(SIZES)
+    prompt = (batch.labels == IGNORE_INDEX) & (batch.input_ids != model.image_token_id) & batch.attention_mask.bool()
+    answer = objective._bag(batch.labels.clamp(min=0), batch.labels != IGNORE_INDEX)
+    logits = objective.logits(torch.stack(pooled), objective._bag(batch.input_ids, prompt), torch.stack(tokens))
+    want = -(answer / answer.sum(1, keepdim=True) * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_packed_tiled_batch_gives_the_padded_loss(tiled, tokenizer):

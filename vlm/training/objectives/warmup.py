@@ -8,6 +8,8 @@
   LLM's attention. The head is discarded after the stage; only the encoder's weights are kept.
   An AnyRes-tiled image (``model.vision.tiling``) is its overview and tiles: the head reads the
   element-wise max over them of each one's pooled features, so a shape seen in one tile counts.
+- ``answer_words``: from pooled features and the question's words, predict the answer's words
+  (and train a question-aware connector's question token to hold them); tiles as above.
 
 An objective owns any extra parameters it needs (``parameters()``), and its ``loss`` returns a
 ``StepOutput`` whose ``losses`` are logged separately beside ``loss``.
@@ -50,6 +52,12 @@ def _tiles_per_image(model, batch: Batch, objective: str) -> List[int]:
     if len(layouts) != len(tokens_per_row) or any(n != layout.num_tokens() for n, layout in zip(tokens_per_row, layouts)):
         raise DataFormatError(f"objective '{objective}' needs exactly one image per sample")
     return [layout.num_tiles for layout in layouts]
+
+
+def _max_over_tiles(rows: torch.Tensor, tiles: List[int]) -> torch.Tensor:
+    """``(sum(tiles), D)`` rows of every image's overview and tiles -> ``(len(tiles), D)``, each
+    image's element-wise max."""
+    return torch.stack([image.amax(dim=0) for image in rows.split(tiles)])
 
 
 class CaptionBagOfWords(Objective):
@@ -96,7 +104,7 @@ class CaptionBagOfWords(Objective):
         else:
             pooled = features.mean(dim=1)
         if tiles is not None:
-            pooled = torch.stack([image.amax(dim=0) for image in pooled.split(tiles)])
+            pooled = _max_over_tiles(pooled, tiles)
         loss = F.binary_cross_entropy_with_logits(self.head(pooled), self.targets(batch.labels))
         return StepOutput(loss, {"loss_bow": loss.detach()})
 
@@ -114,9 +122,14 @@ class AnswerWords(Objective):
     connector's question token takes the place of the head's image-question interaction: it is
     trained here to hold the answer (its words read off it by a linear layer), so the LLM stages
     start from a token that already answers the comparisons. The connector's other weights stay
-    frozen."""
+    frozen.
+
+    An AnyRes-tiled image is read as ``caption_bow`` reads it: the element-wise max over its
+    overview and tiles of each one's pooled features, and of each one's question token (each
+    tile's token asks the image's question), so a shape seen in one tile answers."""
 
     needs_pixels = True
+    reads_tiles = True
     hidden = 256
 
     def __init__(self, model, tokenizer):
@@ -180,12 +193,19 @@ class AnswerWords(Objective):
         return prior + self.head(torch.cat([image, asked], dim=1))
 
     def forward(self, model, batch: Batch):
-        features = model.vision(_one_image_per_sample(model, batch, "answer_words"))
+        if batch.image_layouts is None:
+            tiles = None
+            features = model.vision(_one_image_per_sample(model, batch, "answer_words"))
+        else:
+            tiles = _tiles_per_image(model, batch, "answer_words")
+            features = model.vision(batch.images)
         ids, labels = batch.input_ids, batch.labels
         if self.pool:
             pooled = pool_patch_grid(features, self.pool).transpose(1, 2).flatten(1)
         else:
             pooled = features.mean(dim=1)
+        if tiles is not None:
+            pooled = _max_over_tiles(pooled, tiles)
         mask = batch.attention_mask
         prompt = (labels == IGNORE_INDEX) & (ids != model.image_token_id)
         if mask is not None:
@@ -198,7 +218,11 @@ class AnswerWords(Objective):
         target = answer[has_answer] / answer[has_answer].sum(1, keepdim=True)
         token = None
         if self.asks_connector:
-            token = model.connector.question_token(features, batch.instructions).squeeze(1)
+            instructions = batch.instructions if tiles is None else [
+                text for text, count in zip(batch.instructions, tiles) for _ in range(count)]
+            token = model.connector.question_token(features, instructions).squeeze(1)
+            if tiles is not None:
+                token = _max_over_tiles(token, tiles)
         logits = self.logits(pooled, question, token)[has_answer]
         loss = -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
         return StepOutput(loss, {"loss_answer": loss.detach()})

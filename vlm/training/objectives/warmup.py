@@ -18,7 +18,7 @@ An objective owns any extra parameters it needs (``parameters()``), and its ``lo
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,14 @@ def _tiles_per_image(model, batch: Batch, objective: str) -> List[int]:
     if len(layouts) != len(tokens_per_row) or any(n != layout.num_tokens() for n, layout in zip(tokens_per_row, layouts)):
         raise DataFormatError(f"objective '{objective}' needs exactly one image per sample")
     return [layout.num_tiles for layout in layouts]
+
+
+def _encode(model, batch: Batch, objective: str) -> Tuple[torch.Tensor, Optional[List[int]]]:
+    """The encoder's features of the batch's one image per sample, and (AnyRes) how many of
+    their rows each image's overview and tiles are; None untiled."""
+    if batch.image_layouts is None:
+        return model.vision(_one_image_per_sample(model, batch, objective)), None
+    return model.vision(batch.images), _tiles_per_image(model, batch, objective)
 
 
 def _max_over_tiles(rows: torch.Tensor, tiles: List[int]) -> torch.Tensor:
@@ -92,12 +100,7 @@ class CaptionBagOfWords(Objective):
         return hot
 
     def forward(self, model, batch: Batch):
-        if batch.image_layouts is None:
-            tiles = None
-            features = model.vision(_one_image_per_sample(model, batch, "caption_bow"))
-        else:
-            tiles = _tiles_per_image(model, batch, "caption_bow")
-            features = model.vision(batch.images)
+        features, tiles = _encode(model, batch, "caption_bow")
         if self.cells == 4:
             # channel-major (D x 4 cells), the head's input layout
             pooled = rearrange(pool_patch_grid(features, 2), "b cells d -> b (d cells)")
@@ -193,12 +196,7 @@ class AnswerWords(Objective):
         return prior + self.head(torch.cat([image, asked], dim=1))
 
     def forward(self, model, batch: Batch):
-        if batch.image_layouts is None:
-            tiles = None
-            features = model.vision(_one_image_per_sample(model, batch, "answer_words"))
-        else:
-            tiles = _tiles_per_image(model, batch, "answer_words")
-            features = model.vision(batch.images)
+        features, tiles = _encode(model, batch, "answer_words")
         ids, labels = batch.input_ids, batch.labels
         if self.pool:
             pooled = pool_patch_grid(features, self.pool).transpose(1, 2).flatten(1)

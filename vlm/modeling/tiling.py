@@ -6,8 +6,8 @@ here each image's tokens are put back together as LLaVA-NeXT's ``pack_image_feat
 every tile's lead tokens first (a connector's tokens outside its grid, e.g. a question token;
 LLaVA-NeXT has none), the overview's tokens, then the tiles' token grids joined into one map,
 cropped to the image's aspect ratio, each row followed by the learned ``image_newline`` (kept
-on the connector, so it trains and saves with it). ``pool_stride`` > 1 first pools every tile's grid bilinearly
-(LLaVA-OneVision's pooling). A video frame is an overview alone, pooled to the video's tokens
+on the connector, so it trains and saves with it). ``pool_stride`` > 1 first pools every
+tile's grid bilinearly (LLaVA-OneVision's pooling). A video frame is an overview alone, pooled to the video's tokens
 per frame; the last frame of a video may end with the newline (``model.video.newline``).
 """
 
@@ -97,6 +97,12 @@ def pack_image(tokens: torch.Tensor, layout: TileLayout, newline: Optional[torch
     return torch.cat([lead, base, grid.flatten(1).transpose(0, 1)])
 
 
+def per_tile(instructions: Sequence[str], tiles: Sequence[int]) -> List[str]:
+    """Each image's instruction repeated for every one of its ``tiles`` (overview included): what
+    a question-aware connector reads for each tile."""
+    return [text for text, count in zip(instructions, tiles) for _ in range(count)]
+
+
 def encode_tiled(encode, pixel_values: torch.Tensor, layouts: Sequence[TileLayout],
                  newline: Optional[torch.Tensor], instructions: Optional[Sequence[str]] = None) -> torch.Tensor:
     """Every image's visual tokens, concatenated in order ``(sum of num_tokens, D)``:
@@ -105,8 +111,7 @@ def encode_tiled(encode, pixel_values: torch.Tensor, layouts: Sequence[TileLayou
     counts = [layout.num_tiles for layout in layouts]
     if sum(counts) != pixel_values.shape[0]:
         raise ValueError(f"the image layouts need {sum(counts)} tiles; the batch has {pixel_values.shape[0]}")
-    per_tile = None if instructions is None else [text for text, n in zip(instructions, counts) for _ in range(n)]
-    tokens = encode(pixel_values, per_tile)
+    tokens = encode(pixel_values, None if instructions is None else per_tile(instructions, counts))
     out: List[torch.Tensor] = [pack_image(chunk, layout, newline)
                                for chunk, layout in zip(torch.split(tokens, counts), layouts)]
     return torch.cat(out)

@@ -34,9 +34,10 @@ class Connector(nn.Module, ABC):
       text per image) may be ignored.
 
     Optional: ``check_options`` (value checks at config load, called by ``check``),
-    ``requires_vision`` (the encoder class it needs), ``token_grid`` and ``lead_tokens`` (tiling), ``own_tokenizer`` (a
-    text tokenizer to carry), ``encode_images`` (a connector that runs inside the encoder) together
-    with ``feature_cache_conflict``, ``llm_unused_parameters`` and ``begin_stage``.
+    ``requires_vision`` (the encoder class it needs), ``token_grid`` and ``lead_tokens``
+    (tiling), ``own_tokenizer`` (a text tokenizer to carry), ``encode_images`` (a connector
+    that runs inside the encoder) together with ``feature_cache_conflict``,
+    ``llm_unused_parameters`` and ``begin_stage``.
     """
 
     Options: ClassVar[Optional[type]] = None

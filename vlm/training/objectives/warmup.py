@@ -30,6 +30,7 @@ from vlm.core.errors import DataFormatError
 from vlm.data.anyres import TileLayout
 from vlm.data.batch import Batch
 from vlm.data.processor import IGNORE_INDEX
+from vlm.modeling.tiling import per_tile
 from vlm.modeling.vision.base import pool_patch_grid
 from vlm.training.objectives.base import Objective, StepOutput
 
@@ -216,8 +217,7 @@ class AnswerWords(Objective):
         target = answer[has_answer] / answer[has_answer].sum(1, keepdim=True)
         token = None
         if self.asks_connector:
-            instructions = batch.instructions if tiles is None else [
-                text for text, count in zip(batch.instructions, tiles) for _ in range(count)]
+            instructions = batch.instructions if tiles is None else per_tile(batch.instructions, tiles)
             token = model.connector.question_token(features, instructions).squeeze(1)
             if tiles is not None:
                 token = _max_over_tiles(token, tiles)
